@@ -1,0 +1,54 @@
+"""
+Loss curves of one or several runs, from their metrics.jsonl.
+
+    python plot.py out/shakespeare_char out/other_run --out=compare.png [--x=time]
+
+`train.py` calls `plot_runs` at every evaluation to refresh <out_dir>/loss.png.
+"""
+import json
+import os
+import sys
+
+
+def read_metrics(run_dir):
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        raise SystemExit(f"no metrics at {path}: is {run_dir} a µLM run folder?")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_runs(run_dirs, out_png, x="step"):
+    """Train (thin) and val (thick) loss against step or train_time for each run, into out_png."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only; no display needed
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, run_dir in enumerate(run_dirs):
+        rows, color, label = read_metrics(run_dir), f"C{i}", os.path.basename(os.path.normpath(run_dir))
+        train = [r for r in rows if "loss" in r]
+        evals = [r for r in rows if "val_loss" in r]
+        ax.plot([r[x] for r in train], [r["loss"] for r in train], color=color, alpha=0.3, lw=0.8)
+        ax.plot([r[x] for r in evals], [r["val_loss"] for r in evals], color=color, lw=2, marker="o",
+                ms=3, label=f"{label} val (best {min((r['val_loss'] for r in evals), default=float('nan')):.4f})")
+    ax.set_xlabel("training seconds" if x == "train_time" else x)
+    ax.set_ylabel("loss (thin: train batches, thick: val)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = out_png + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out_png)
+
+
+if __name__ == "__main__":
+    from configurator import configure
+    runs = [a for a in sys.argv[1:] if not a.startswith("--")]
+    cfg = configure(dict(out="loss.png", x="step"), [a for a in sys.argv[1:] if a.startswith("--")])
+    if not runs:
+        raise SystemExit("usage: python plot.py RUN_DIR [RUN_DIR ...] [--out=loss.png] [--x=step|train_time]")
+    if cfg["x"] not in ("step", "train_time"):
+        raise SystemExit(f"--x must be step or train_time, got {cfg['x']!r}")
+    plot_runs(runs, cfg["out"], cfg["x"])
+    print(f"wrote {cfg['out']}")

@@ -1,0 +1,97 @@
+"""
+Sample from a trained µLM, streaming tokens to stdout as they come.
+
+    python sample.py --out_dir=out/shakespeare_char --start="ROMEO:" --num_samples=2
+    python sample.py --out_dir=out/run --ckpt=best --start=FILE:prompt.txt --temperature=0.7 --top_p=0.9
+"""
+import codecs
+import os
+import sys
+import time
+
+import torch
+
+from checkpoint import load_checkpoint, load_model
+from configurator import configure, print_config
+from model import check_sampling_args
+from tokenizer import tokenizer_from_meta
+from train import resolve_device
+
+DEFAULTS = dict(
+    out_dir="out/run",
+    ckpt="ckpt",            # ckpt (latest) | best (lowest val loss) | a path to a .pt file
+    start="\n",             # the prompt, or FILE:path to read it from a file
+    num_samples=1,
+    max_new_tokens=500,
+    temperature=0.8,        # 0 = greedy
+    top_k=200,              # None to disable
+    top_p=1.0,              # nucleus sampling; 1.0 disables
+    seed=1337,
+    device="auto",
+    use_cache=True,         # the KV cache; False recomputes the whole context each token
+    stop_at_eot=True,       # end a sample at the end-of-text token
+)
+
+
+def checkpoint_path(out_dir, ckpt):
+    if ckpt in ("ckpt", "best"):
+        return os.path.join(out_dir, f"{ckpt}.pt")
+    return ckpt
+
+
+def read_prompt(start):
+    if start.startswith("FILE:"):
+        path = start[len("FILE:"):]
+        if not os.path.exists(path):
+            raise SystemExit(f"prompt file {path} does not exist")
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    return start
+
+
+def stream_sample(model, tokenizer, prompt_ids, cfg, device, out=sys.stdout):
+    """Write one sample to `out` as it is generated; returns (new token ids, seconds)."""
+    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # BPE tokens can split a character
+    new_ids, t0 = [], time.perf_counter()
+    for token in model.generate_stream(idx, cfg["max_new_tokens"], temperature=cfg["temperature"],
+                                       top_k=cfg["top_k"], top_p=cfg["top_p"], seed=cfg["seed"],
+                                       stop_token=tokenizer.eot if cfg["stop_at_eot"] else None,
+                                       use_cache=cfg["use_cache"]):
+        token_id = int(token[0])
+        if cfg["stop_at_eot"] and token_id == tokenizer.eot:
+            break
+        new_ids.append(token_id)
+        out.write(decoder.decode(tokenizer.decode_bytes([token_id])))
+        out.flush()
+    out.write(decoder.decode(b"", final=True))
+    return new_ids, time.perf_counter() - t0
+
+
+def main(argv):
+    cfg = configure(DEFAULTS, argv)
+    try:
+        check_sampling_args(cfg["temperature"], cfg["top_k"], cfg["top_p"])
+    except ValueError as e:
+        raise SystemExit(str(e))
+    if cfg["num_samples"] < 1 or cfg["max_new_tokens"] < 1:
+        raise SystemExit("num_samples and max_new_tokens must be at least 1")
+    device = resolve_device(cfg["device"])
+    state = load_checkpoint(checkpoint_path(cfg["out_dir"], cfg["ckpt"]), map_location=device)
+    model = load_model(state, device)
+    tokenizer = tokenizer_from_meta(state["tokenizer"])
+    try:
+        prompt_ids = tokenizer.encode(read_prompt(cfg["start"]))
+    except ValueError as e:
+        raise SystemExit(f"prompt: {e}")
+    if not prompt_ids:
+        prompt_ids = [tokenizer.eot]  # an empty prompt starts a fresh document
+    print(f"step {state['step']} checkpoint, val loss {state['val_loss']:.4f}", file=sys.stderr)
+    for i in range(cfg["num_samples"]):
+        sys.stdout.write(tokenizer.decode(prompt_ids))
+        new_ids, seconds = stream_sample(model, tokenizer, prompt_ids, {**cfg, "seed": cfg["seed"] + i}, device)
+        print(f"\n---------- {len(new_ids)} tokens, {len(new_ids) / seconds:.1f} tokens/s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

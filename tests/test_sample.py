@@ -1,0 +1,44 @@
+import os
+
+import pytest
+
+import sample
+import train
+
+
+@pytest.fixture
+def trained(tiny_cfg):
+    train.train(tiny_cfg | {"max_iters": 5})
+    return tiny_cfg["out_dir"]
+
+
+def test_sample_streams_text_from_a_fresh_checkpoint(trained, capsys):
+    sample.main([f"--out_dir={trained}", "--start=line", "--max_new_tokens=30", "--num_samples=2", "--device=cpu"])
+    out = capsys.readouterr()
+    assert out.out.count("line") >= 2 and "tokens/s" in out.err
+
+
+def test_sample_reads_the_prompt_from_a_file_and_uses_best(trained, tmp_path, capsys):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("the quick")
+    sample.main([f"--out_dir={trained}", f"--start=FILE:{prompt}", "--ckpt=best", "--max_new_tokens=5",
+                 "--temperature=0", "--device=cpu"])
+    assert capsys.readouterr().out.startswith("the quick")
+
+
+def test_missing_prompt_file_is_a_clear_error(trained, tmp_path):
+    with pytest.raises(SystemExit, match="prompt file .* does not exist"):
+        sample.main([f"--out_dir={trained}", f"--start=FILE:{tmp_path / 'nope.txt'}", "--device=cpu"])
+
+
+@pytest.mark.parametrize("arg", ["--top_k=0", "--top_p=0.0", "--temperature=-0.5"])
+def test_out_of_range_sampling_arguments_are_clear_errors(trained, arg):
+    with pytest.raises(SystemExit, match="must be"):
+        sample.main([f"--out_dir={trained}", arg, "--device=cpu"])
+
+
+def test_missing_checkpoint_and_unknown_characters_are_clear_errors(trained, tmp_path):
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        sample.main([f"--out_dir={tmp_path / 'empty'}", "--device=cpu"])
+    with pytest.raises(SystemExit, match="not in this character vocabulary"):
+        sample.main([f"--out_dir={trained}", "--start=ZZZ~~", "--device=cpu"])

@@ -1,0 +1,111 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train
+from checkpoint import load_checkpoint, save_checkpoint
+from conftest import ROOT, tiny_train_config
+
+
+def metrics(cfg):
+    with open(os.path.join(cfg["out_dir"], "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def losses_by_step(rows):
+    return [(r["step"], r.get("loss"), r.get("val_loss")) for r in rows]
+
+
+def test_training_lowers_the_loss_and_writes_the_run_folder(tiny_cfg):
+    train.train(tiny_cfg)
+    rows = metrics(tiny_cfg)
+    evals = [r for r in rows if "val_loss" in r]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5
+    for name in ("ckpt.pt", "best.pt", "config.json", "loss.png"):
+        assert os.path.exists(os.path.join(tiny_cfg["out_dir"], name))
+    assert load_checkpoint(os.path.join(tiny_cfg["out_dir"], "ckpt.pt"))["step"] == 20
+
+
+def test_resume_continues_exactly(tiny_data):
+    whole = tiny_train_config(tiny_data, out_dir=str(tiny_data / "whole"))
+    train.train(whole)
+    split = tiny_train_config(tiny_data, out_dir=str(tiny_data / "split"), max_iters=10, lr_decay_iters=20)
+    train.train(split)
+    train.train(split | {"max_iters": 20, "init_from": "resume"})
+    a, b = losses_by_step(metrics(whole)), losses_by_step(metrics(split))
+    assert a == b  # same steps, same losses, bit for bit (CPU)
+
+
+def test_lr_schedules_warm_up_then_decay():
+    cfg = dict(learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=100, lr_decay_iters=0, schedule="cosine",
+               decay_frac=0.2)
+    lrs = [train.lr_at(s, cfg) for s in range(101)]
+    assert lrs[0] == 0.1 and lrs[9] == 1.0 and abs(lrs[100] - 0.1) < 1e-9
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    wsd = [train.lr_at(s, cfg | {"schedule": "wsd"}) for s in range(101)]
+    assert wsd[50] == 1.0 and wsd[79] == 1.0 and wsd[90] < 1.0 and abs(wsd[100] - 0.1) < 1e-9
+
+
+def test_missing_dataset_says_which_prepare_command_creates_it(tmp_path):
+    cfg = tiny_train_config(tmp_path, dataset="shakespeare_char")
+    with pytest.raises(SystemExit, match="python prepare.py --dataset=shakespeare_char"):
+        train.train(cfg)
+
+
+def test_corpus_shorter_than_block_size_is_a_clear_error(tiny_data):
+    with pytest.raises(SystemExit, match="too few for block_size=100000"):
+        train.train(tiny_train_config(tiny_data, block_size=100000))
+
+
+def test_resuming_with_a_larger_block_size_is_refused(tiny_cfg):
+    train.train(tiny_cfg | {"max_iters": 2})
+    with pytest.raises(SystemExit, match="larger than the checkpoint model's 16"):
+        train.train(tiny_cfg | {"init_from": "resume", "block_size": 32})
+
+
+def test_missing_truncated_and_foreign_checkpoints_explain_and_keep_files(tiny_cfg, tmp_path):
+    with pytest.raises(SystemExit, match="no checkpoint at"):
+        train.train(tiny_cfg | {"init_from": "resume"})
+    path = os.path.join(tiny_cfg["out_dir"], "ckpt.pt")
+    os.makedirs(tiny_cfg["out_dir"], exist_ok=True)
+    torch.save({"state_dict": {}}, path)
+    with pytest.raises(SystemExit, match="not a µLM checkpoint"):
+        train.train(tiny_cfg | {"init_from": "resume"})
+    save_checkpoint(path, {"x": torch.zeros(1000)})
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    with pytest.raises(SystemExit, match="truncated or corrupt"):
+        train.train(tiny_cfg | {"init_from": "resume"})
+    assert open(path, "rb").read() == data[: len(data) // 2]  # the bad file is reported, not replaced
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_cfg):
+    train.train(tiny_cfg | {"max_iters": 10})
+    path = os.path.join(tiny_cfg["out_dir"], "ckpt.pt")
+    before = open(path, "rb").read()
+    with pytest.raises(SystemExit, match="not finite"):
+        train.train(tiny_cfg | {"init_from": "resume", "learning_rate": 1e30, "min_lr": 1e30, "warmup_iters": 0,
+                                "grad_clip": 0.0, "max_iters": 30})
+    assert open(path, "rb").read() == before
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes(tiny_data):
+    cfg = tiny_train_config(tiny_data, max_iters=100000, eval_interval=100000)
+    args = [f"--{k}={v!r}" if isinstance(v, str) else f"--{k}={v}" for k, v in cfg.items()]
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics_path = os.path.join(cfg["out_dir"], "metrics.jsonl")
+    deadline = time.time() + 60
+    while time.time() < deadline and (not os.path.exists(metrics_path) or len(open(metrics_path).readlines()) < 5):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "resume with --init_from=resume" in out
+    assert load_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"))["step"] > 0

@@ -1,0 +1,383 @@
+"""
+Train a µLM, or resume one.
+
+    python train.py config/shakespeare_char.py --max_iters=2000
+    python train.py config/shakespeare_char.py --init_from=resume
+    torchrun --standalone --nproc_per_node=2 train.py config/gpu_124m.py
+
+The story: config -> data -> model -> optimizer -> loop -> save. Everything lands in out_dir:
+config.json, metrics.jsonl, loss.png, ckpt.pt (latest) and best.pt (lowest val loss).
+"""
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from checkpoint import load_checkpoint, save_checkpoint
+from configurator import configure, print_config
+from model import GPT, GPTConfig
+from plot import plot_runs
+
+MODEL_KEYS = [f.name for f in dataclasses.fields(GPTConfig) if f.name != "vocab_size"]
+DEFAULTS = dict(
+    # run and data
+    out_dir="out/run",
+    dataset="shakespeare_char",   # a folder under data_dir made by prepare.py
+    data_dir="data",
+    init_from="scratch",          # scratch | resume (from out_dir/ckpt.pt)
+    eval_interval=250,
+    eval_iters=100,
+    log_interval=10,
+    # model: every GPTConfig field is a key (vocab_size comes from the dataset)
+    **{k: v for k, v in dataclasses.asdict(GPTConfig()).items() if k in MODEL_KEYS},
+    # optimization
+    batch_size=12,
+    gradient_accumulation_steps=1,  # global; divided among DDP processes
+    max_iters=5000,
+    learning_rate=6e-4,
+    min_lr=6e-5,
+    schedule="cosine",            # cosine | wsd (warmup, stable, then linear decay over decay_frac)
+    warmup_iters=100,
+    decay_frac=0.2,
+    lr_decay_iters=0,             # the schedule's length; 0 means max_iters
+    weight_decay=0.1,
+    beta1=0.9,
+    beta2=0.95,
+    grad_clip=1.0,                # 0 disables clipping
+    # system
+    device="auto",                # auto | cpu | cuda | cuda:N | mps
+    dtype="auto",                 # auto (bfloat16 on CUDA, else float32) | float32 | bfloat16
+    compile=False,
+    seed=1337,
+)
+EVAL_SEED = 1234  # evaluation draws the same batches every time, so evals compare exactly
+
+
+# ----------------------------------------------------------------------------- data
+
+def open_dataset(data_dir, name, block_size):
+    """meta.json of data/<name> after checking both splits exist and hold more than block_size tokens."""
+    folder = os.path.join(data_dir, name)
+    meta_path = os.path.join(folder, "meta.json")
+    if not os.path.exists(meta_path):
+        hint = f"python prepare.py --dataset={name}" if name in ("shakespeare", "shakespeare_char") else \
+            f"python prepare.py --dataset=<your text file or folder> --name={name}"
+        raise SystemExit(f"no dataset at {folder}: create it with {hint}")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    for split in ("train", "val"):
+        path = os.path.join(folder, f"{split}.bin")
+        if not os.path.exists(path):
+            raise SystemExit(f"{path} is missing: rebuild with python prepare.py --force=True")
+        n = os.path.getsize(path) // np.dtype(meta["dtype"]).itemsize
+        if n <= block_size:
+            raise SystemExit(f"{path} holds {n} tokens, too few for block_size={block_size}: "
+                             f"use a smaller --block_size or more text")
+    meta["folder"] = folder
+    return meta
+
+
+def get_batch(meta, split, batch_size, block_size, generator, device):
+    """Random windows x and next-token targets y, each (B, T), drawn with the given generator."""
+    # a fresh memmap per batch avoids a known memory leak of long-lived np.memmap (nanoGPT #232)
+    data = np.memmap(os.path.join(meta["folder"], f"{split}.bin"), dtype=meta["dtype"], mode="r")
+    starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator).tolist()
+    x = torch.from_numpy(np.stack([data[i:i + block_size] for i in starts]).astype(np.int64))
+    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in starts]).astype(np.int64))
+    if device.type == "cuda":  # pinned memory lets the copy run while the GPU computes
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+@torch.no_grad()
+def estimate_loss(model, meta, eval_iters, batch_size, block_size, device, autocast):
+    """Mean loss over eval_iters fixed batches of each split."""
+    was_training = model.training
+    model.eval()
+    losses = {}
+    for split in ("train", "val"):
+        generator = torch.Generator().manual_seed(EVAL_SEED)
+        total = torch.zeros((), device=device)
+        for _ in range(eval_iters):
+            x, y = get_batch(meta, split, batch_size, block_size, generator, device)
+            with autocast:
+                total += model(x, y)[1]
+        losses[split] = (total / eval_iters).item()
+    model.train(was_training)
+    return losses
+
+
+# ----------------------------------------------------------------------------- schedule
+
+def lr_at(step, cfg):
+    """Linear warmup, then cosine decay to min_lr, or (wsd) constant then linear decay at the end."""
+    lr, min_lr, warmup = cfg["learning_rate"], cfg["min_lr"], cfg["warmup_iters"]
+    total = cfg["lr_decay_iters"] or cfg["max_iters"]
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if cfg["schedule"] == "wsd":
+        decay_start = total - int(cfg["decay_frac"] * total)
+        if step < decay_start:
+            return lr
+        return min_lr + (lr - min_lr) * (total - step) / max(1, total - decay_start)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def rng_states(generator):
+    states = {"torch": torch.get_rng_state(), "sampler": generator.get_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states, generator):
+    torch.set_rng_state(states["torch"])
+    generator.set_state(states["sampler"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def truncate_metrics(path, step):
+    """Drop metric rows past a resumed checkpoint's step, so the log continues the curve exactly."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path, "w") as f:
+        f.writelines(rows)
+
+
+# ----------------------------------------------------------------------------- setup
+
+def resolve_device(name):
+    """A torch.device; asking for a device this machine lacks is an error, never a silent fallback."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"device={name} but this torch sees no CUDA GPU; use --device=cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit(f"device={name} but MPS is not available here; use --device=cpu")
+    return device
+
+
+def resolve_dtype(name, device):
+    if name == "auto":
+        name = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    if name not in ("float32", "bfloat16"):
+        raise SystemExit(f"dtype must be auto, float32 or bfloat16, got {name!r}")
+    return name
+
+
+def setup_distributed():
+    """(rank, local_rank, world_size); torchrun sets RANK, and then one process drives one GPU."""
+    if "RANK" not in os.environ:
+        return 0, 0, 1
+    import torch.distributed as dist
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend=backend)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    return dist.get_rank(), local_rank, dist.get_world_size()
+
+
+class StopRequest:
+    """Ctrl-C asks the loop to save and stop at the next step boundary; a second Ctrl-C quits at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+
+    def __enter__(self):
+        try:
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread (e.g. called from a test runner thread)
+            self.previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        tqdm.write("Ctrl-C: saving a checkpoint at the end of this step (Ctrl-C again to quit now)")
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+# ----------------------------------------------------------------------------- the run
+
+def train(cfg):
+    """Run one training job from a resolved config; returns the final {'train', 'val'} losses."""
+    rank, local_rank, world_size = setup_distributed()
+    master = rank == 0
+    device = resolve_device(f"cuda:{local_rank}" if world_size > 1 and torch.cuda.is_available() else cfg["device"])
+    dtype = resolve_dtype(cfg["dtype"], device)
+    if cfg["gradient_accumulation_steps"] % world_size:
+        raise SystemExit(f"gradient_accumulation_steps={cfg['gradient_accumulation_steps']} must be a "
+                         f"multiple of the {world_size} processes")
+    accum = cfg["gradient_accumulation_steps"] // world_size
+    out_dir = cfg["out_dir"]
+    ckpt_path, best_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "best.pt")
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+
+    torch.manual_seed(cfg["seed"] + rank)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # tf32 for any fp32 matmul left outside autocast
+        torch.backends.cudnn.allow_tf32 = True
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
+
+    # data
+    meta = open_dataset(cfg["data_dir"], cfg["dataset"], cfg["block_size"])
+    generator = torch.Generator().manual_seed(cfg["seed"] + rank)
+
+    # model (from the checkpoint's shape when resuming)
+    state = None
+    if cfg["init_from"] == "resume":
+        state = load_checkpoint(ckpt_path)
+        model_args = state["model_args"]
+        if cfg["block_size"] > model_args["block_size"]:
+            raise SystemExit(f"block_size={cfg['block_size']} is larger than the checkpoint model's "
+                             f"{model_args['block_size']}")
+        if model_args["vocab_size"] != meta["vocab_size"]:
+            raise SystemExit(f"dataset {cfg['dataset']} has vocab {meta['vocab_size']} but the checkpoint "
+                             f"model was trained with {model_args['vocab_size']}")
+    elif cfg["init_from"] == "scratch":
+        model_args = {k: cfg[k] for k in MODEL_KEYS} | {"vocab_size": meta["vocab_size"]}
+    else:
+        raise SystemExit(f"init_from must be scratch or resume, got {cfg['init_from']!r}")
+    try:
+        model = GPT(GPTConfig(**model_args)).to(device)
+    except ValueError as e:
+        raise SystemExit(f"bad model shape: {e}")
+    optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"],
+                                           (cfg["beta1"], cfg["beta2"]), device.type)
+    step, best_val, train_time = 0, float("inf"), 0.0
+    logged_step = -1  # the step whose eval is already in metrics.jsonl (a resumed checkpoint's)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, best_val, train_time = state["step"], state["best_val"], state["train_time"]
+        logged_step = step
+        set_rng_states(state["rng"], generator)
+        if master:
+            truncate_metrics(metrics_path, step)
+        del state
+    raw_model = model
+    if cfg["compile"]:
+        model = torch.compile(model)
+    if world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        model = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+
+    tokens_per_step = cfg["batch_size"] * cfg["block_size"] * accum * world_size
+    if master:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump({**cfg, "model_args": model_args, "device": str(device), "dtype": dtype,
+                       "world_size": world_size}, f, indent=1)
+        print(f"device {device} ({dtype}), {raw_model.num_params() / 1e6:.2f}M parameters without embeddings "
+              f"({raw_model.num_params(False) / 1e6:.2f}M with), {tokens_per_step:,} tokens per step")
+
+    def save(path, losses):
+        save_checkpoint(path, {"model_args": model_args, "model": raw_model.state_dict(),
+                               "optimizer": optimizer.state_dict(), "config": cfg, "step": step,
+                               "best_val": best_val, "train_time": train_time, "val_loss": losses["val"],
+                               "rng": rng_states(generator), "tokenizer": {k: meta[k] for k in ("tokenizer", "vocab_size", "eot", "chars") if k in meta}})
+
+    def log(row):
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    losses = {"train": float("nan"), "val": float("nan")}
+    window_steps, window_time = 0, 0.0  # steps and seconds since the last log line, for tokens/s
+    # the bar hides itself when stdout is not a terminal (logs get the eval lines only)
+    bar = tqdm(total=cfg["max_iters"], initial=step, disable=None if master else True, dynamic_ncols=True, unit="step")
+    model.train()
+    with StopRequest() as stop:
+        while True:
+            due = step % cfg["eval_interval"] == 0 or step == cfg["max_iters"] or stop.requested
+            if master and due and step != logged_step:
+                losses = estimate_loss(model, meta, cfg["eval_iters"], cfg["batch_size"], cfg["block_size"],
+                                       device, autocast)
+                if not all(map(math.isfinite, losses.values())):
+                    stop_on_bad_loss(step, losses, ckpt_path)
+                log({"step": step, "train_loss": losses["train"], "val_loss": losses["val"], "train_time": train_time})
+                tqdm.write(f"step {step}: train {losses['train']:.4f}, val {losses['val']:.4f} "
+                           f"({train_time:.1f} s of training)")
+                if losses["val"] < best_val:
+                    best_val = losses["val"]
+                    save(best_path, losses)
+                save(ckpt_path, losses)
+                plot_runs([out_dir], os.path.join(out_dir, "loss.png"))
+            if step >= cfg["max_iters"] or stop.requested:
+                break
+
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for micro in range(accum):
+                x, y = get_batch(meta, "train", cfg["batch_size"], cfg["block_size"], generator, device)
+                if world_size > 1:  # all-reduce gradients only on the last micro-step
+                    model.require_backward_grad_sync = micro == accum - 1
+                with autocast:
+                    loss = model(x, y)[1] / accum
+                loss.backward()
+            if cfg["grad_clip"] > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            # the loss is read (a host sync) only at log steps, so the GPU never waits on Python
+            if step % cfg["log_interval"] == 0 or step == cfg["max_iters"]:
+                loss_value = loss.item() * accum
+                dt = time.perf_counter() - t0  # .item() waited for the GPU: dt closes the window
+                train_time, window_steps, window_time = train_time + dt, window_steps + 1, window_time + dt
+                if not math.isfinite(loss_value):
+                    stop_on_bad_loss(step, {"train batch": loss_value}, ckpt_path)
+                if master:
+                    tok_s = tokens_per_step * window_steps / window_time
+                    log({"step": step, "lr": lr, "loss": loss_value, "tokens_per_s": tok_s, "train_time": train_time})
+                    bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tok_s:,.0f}")
+                window_steps, window_time = 0, 0.0
+            else:
+                dt = time.perf_counter() - t0
+                train_time, window_steps, window_time = train_time + dt, window_steps + 1, window_time + dt
+            bar.update(1)
+    bar.close()
+    if world_size > 1:
+        import torch.distributed as dist
+        dist.destroy_process_group()
+    if stop.requested:
+        print(f"stopped at step {step}; resume with --init_from=resume --out_dir={out_dir}")
+    return losses
+
+
+def stop_on_bad_loss(step, losses, ckpt_path):
+    where = f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint was saved yet"
+    raise SystemExit(f"loss is not finite at step {step} ({losses}); stopping without saving, {where}. "
+                     f"Try a lower learning_rate or grad_clip, then --init_from=resume.")
+
+
+def main(argv):
+    cfg = configure(DEFAULTS, argv)
+    print_config(cfg)
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
