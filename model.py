@@ -47,6 +47,11 @@ class GPTConfig:
         return 64 * math.ceil(self.vocab_size / 64)
 
 
+def norm(x):
+    """RMSNorm without a gain (as in modded-nanogpt): nothing to learn, and bf16 inputs keep the fused kernel."""
+    return F.rms_norm(x, (x.size(-1),))
+
+
 class Rotary(nn.Module):
     """Rotary position embedding (Su et al. 2021): attention then depends only on relative position."""
 
@@ -93,9 +98,6 @@ class CausalSelfAttention(nn.Module):
         self.q_proj = nn.Linear(config.n_embd, config.n_head * self.head_size, bias=False)
         self.kv_proj = nn.Linear(config.n_embd, 2 * self.n_kv_head * self.head_size, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
-        # QK-norm: keeps attention logits bounded at high learning rates (Henry et al. 2020)
-        self.q_norm = nn.RMSNorm(self.head_size)
-        self.k_norm = nn.RMSNorm(self.head_size)
         self.dropout = config.dropout
 
     def forward(self, x, rotary, cache=None):
@@ -103,7 +105,8 @@ class CausalSelfAttention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
         k, v = self.kv_proj(x).view(B, T, 2, self.n_kv_head, self.head_size).permute(2, 0, 3, 1, 4)  # (B, nkv, T, hs)
         pos = cache.pos if cache is not None else 0
-        q, k = rotary(self.q_norm(q), pos), rotary(self.k_norm(k), pos)
+        # QK-norm: keeps attention logits bounded at high learning rates (Henry et al. 2020)
+        q, k = rotary(norm(q), pos), rotary(norm(k), pos)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, pos + T, hs)
         # causal mask: a fresh sequence uses the fast is_causal path; one new token sees everything
@@ -146,15 +149,13 @@ class Block(nn.Module):
 
     def __init__(self, config, layer_idx):
         super().__init__()
-        self.attn_norm = nn.RMSNorm(config.n_embd)
         self.attn = CausalSelfAttention(config, layer_idx)
-        self.ffn_norm = nn.RMSNorm(config.n_embd)
         self.ffn = make_ffn(config, layer_idx)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, rotary, cache=None):
-        x = x + self.dropout(self.attn(self.attn_norm(x), rotary, cache))
-        x = x + self.dropout(self.ffn(self.ffn_norm(x)))
+        x = x + self.dropout(self.attn(norm(x), rotary, cache))
+        x = x + self.dropout(self.ffn(norm(x)))
         return x
 
 
@@ -167,7 +168,6 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.rotary = Rotary(config.n_embd // config.n_head, config.block_size, config.rope_base)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.norm_f = nn.RMSNorm(config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight  # one matrix reads and writes tokens (Press & Wolf 2017)
@@ -200,7 +200,7 @@ class GPT(nn.Module):
             x = block(x, self.rotary, cache)
         if cache is not None:
             cache.pos += T
-        return self.norm_f(x)
+        return norm(x)
 
     def forward(self, idx, targets=None, reduction="mean"):
         """Logits (B, T, V); with targets also the cross-entropy: mean, or per token (B, T) with reduction='none'."""
@@ -255,10 +255,11 @@ class GPT(nn.Module):
         return flops_per_token * tokens_per_iter / dt / peak_flops
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW; weight decay on matrices only (embeddings and linear weights), never on gains."""
+        """AdamW; weight decay on matrices only (embeddings and linear weights), never on vectors."""
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]]
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
 
 

@@ -304,6 +304,7 @@ def train(cfg):
 
     losses = {"train": float("nan"), "val": float("nan")}
     window_steps, window_time = 0, 0.0  # steps and seconds since the last log line, for tokens/s
+    compiling = cfg["compile"]  # the first step compiles; its time is logged apart from training time
     # the bar hides itself when stdout is not a terminal (logs get the eval lines only)
     bar = tqdm(total=cfg["max_iters"], initial=step, disable=None if master else True, dynamic_ncols=True, unit="step")
     model.train()
@@ -343,7 +344,12 @@ def train(cfg):
             optimizer.zero_grad(set_to_none=True)
             step += 1
             # the loss is read (a host sync) only at log steps, so the GPU never waits on Python
-            if step % cfg["log_interval"] == 0 or step == cfg["max_iters"]:
+            if compiling:
+                loss.item()
+                compiling = False
+                if master:
+                    log({"step": step, "compile_time": time.perf_counter() - t0})
+            elif step % cfg["log_interval"] == 0 or step == cfg["max_iters"]:
                 loss_value = loss.item() * accum
                 dt = time.perf_counter() - t0  # .item() waited for the GPU: dt closes the window
                 train_time, window_steps, window_time = train_time + dt, window_steps + 1, window_time + dt

@@ -88,10 +88,10 @@ def test_seeded_sampling_repeats_and_stop_token_ends_generation():
 
 def test_weight_decay_applies_to_matrices_only():
     model = tiny_model()
-    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
-    decayed, plain = opt.param_groups
+    model.extra_gain = torch.nn.Parameter(torch.ones(32))  # stands for any vector parameter
+    decayed, plain = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu").param_groups
     assert decayed["weight_decay"] == 0.1 and all(p.dim() >= 2 for p in decayed["params"])
-    assert plain["weight_decay"] == 0.0 and all(p.dim() < 2 for p in plain["params"])
+    assert plain["weight_decay"] == 0.0 and plain["params"] == [model.extra_gain]
 
 
 def test_tied_embeddings_share_one_matrix_and_counts_follow():
