@@ -11,9 +11,19 @@ EOT_TEXT = "<|endoftext|>"
 
 
 def gpt2_encoding():
-    os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(ASSETS, "gpt2"))
+    """tiktoken's GPT-2 encoding, from the vendored files unless TIKTOKEN_CACHE_DIR is already set."""
+    vendored = os.path.join(ASSETS, "gpt2")
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", vendored)
     import tiktoken
-    return tiktoken.get_encoding("gpt2")
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # a user-set cache without the files, and no network to fill it
+        if os.environ["TIKTOKEN_CACHE_DIR"] == vendored:
+            raise
+        print(f"tiktoken could not load gpt2 from TIKTOKEN_CACHE_DIR={os.environ['TIKTOKEN_CACHE_DIR']} "
+              f"({type(e).__name__}); using the vendored files in {vendored}")
+        os.environ["TIKTOKEN_CACHE_DIR"] = vendored
+        return tiktoken.get_encoding("gpt2")
 
 
 class GPT2Tokenizer:

@@ -88,3 +88,19 @@ def test_hub_dataset_offline_says_it_needs_the_internet(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(SystemExit, match="needs the internet"):
         run_prepare(tmp_path, "tinystories")
+
+
+def test_gpt2_tokenizer_falls_back_to_vendored_files_offline(monkeypatch, tmp_path):
+    import socket
+
+    import tiktoken.registry
+
+    import tokenizer
+    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})  # forget encodings loaded by earlier tests
+
+    def no_network(*args, **kwargs):
+        raise OSError("network disabled in this test")
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))  # a cache without the GPT-2 files
+    tok = tokenizer.GPT2Tokenizer()
+    assert tok.encode("hello world") == [31373, 995] and tok.n_vocab == 50257
