@@ -62,30 +62,34 @@ class Rotary(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def forward(self, x, pos):
-        # x: (B, nh, T, hs); rotate channel pairs (i, i + hs/2) by the angle of each position
-        T = x.size(2)
-        cos = self.cos[pos:pos + T].to(x.dtype)  # (T, hs/2)
-        sin = self.sin[pos:pos + T].to(x.dtype)
+    def forward(self, x, positions):
+        # x: (B, nh, T, hs), positions: (T,); rotate channel pairs (i, i + hs/2) by each position's angle
+        cos = self.cos[positions].to(x.dtype)  # (T, hs/2)
+        sin = self.sin[positions].to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
 class KVCache:
-    """Keys and values of past positions, preallocated for the whole context, one pair per layer."""
+    """Keys and values of every layer, preallocated for the whole context at a fixed shape.
+
+    New entries are written at their positions and attention reads the whole cache through a mask that
+    hides the slots not yet written: every decode step then has the same shapes, which is what lets
+    torch.compile(mode="reduce-overhead") replay it as one CUDA graph.
+    """
 
     def __init__(self, config, batch_size, device, dtype):
         hs = config.n_embd // config.n_head
-        shape = (config.n_layer, batch_size, config.kv_heads, config.block_size, hs)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.pos = 0  # how many positions are filled; advanced by GPT.hidden after every layer ran
+        shape = (batch_size, config.kv_heads, config.block_size, hs)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.slots = torch.arange(config.block_size, device=device)  # the position each slot holds
 
-    def update(self, layer, k, v):
-        T = k.size(2)
-        self.k[layer, :, :, self.pos:self.pos + T] = k
-        self.v[layer, :, :, self.pos:self.pos + T] = v
-        return self.k[layer, :, :, :self.pos + T], self.v[layer, :, :, :self.pos + T]
+    def update(self, layer, k, v, positions):
+        """Write k, v (B, nkv, T, hs) at positions (T,); return the whole cache (B, nkv, block_size, hs)."""
+        self.k[layer].index_copy_(2, positions, k)
+        self.v[layer].index_copy_(2, positions, v)
+        return self.k[layer], self.v[layer]
 
 
 class CausalSelfAttention(nn.Module):
@@ -100,24 +104,17 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.dropout = config.dropout
 
-    def forward(self, x, rotary, cache=None):
+    def forward(self, x, rotary, positions, cache=None):
         B, T, C = x.size()
         q = self.q_proj(x).view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
         k, v = self.kv_proj(x).view(B, T, 2, self.n_kv_head, self.head_size).permute(2, 0, 3, 1, 4)  # (B, nkv, T, hs)
-        pos = cache.pos if cache is not None else 0
         # QK-norm: keeps attention logits bounded at high learning rates (Henry et al. 2020)
-        q, k = rotary(norm(q), pos), rotary(norm(k), pos)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, pos + T, hs)
-        # causal mask: a fresh sequence uses the fast is_causal path; one new token sees everything
-        # cached; a chunk after a filled cache needs the explicit offset mask
-        if pos == 0:
+        q, k = rotary(norm(q), positions), rotary(norm(k), positions)
+        if cache is None:  # training: a fresh sequence, the flash-attention causal path
             mask, is_causal = None, True
-        elif T == 1:
-            mask, is_causal = None, False
-        else:
-            mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
-            is_causal = False
+        else:  # a query sees the cached slots up to its own position; shapes stay static for CUDA graphs
+            k, v = cache.update(self.layer_idx, k, v, positions)  # (B, nkv, block_size, hs)
+            mask, is_causal = cache.slots <= positions[:, None], False  # (T, block_size)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            dropout_p=self.dropout if self.training else 0.0,
                                            enable_gqa=self.n_kv_head != self.n_head)  # (B, nh, T, hs)
@@ -153,8 +150,8 @@ class Block(nn.Module):
         self.ffn = make_ffn(config, layer_idx)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, rotary, cache=None):
-        x = x + self.dropout(self.attn(norm(x), rotary, cache))
+    def forward(self, x, rotary, positions, cache=None):
+        x = x + self.dropout(self.attn(norm(x), rotary, positions, cache))
         x = x + self.dropout(self.ffn(norm(x)))
         return x
 
@@ -189,17 +186,20 @@ class GPT(nn.Module):
                 n -= self.lm_head.weight.numel()
         return n
 
-    def hidden(self, idx, cache=None):
-        """Final normalised hidden states (B, T, C); the cache, if given, grows by T positions."""
+    def hidden(self, idx, cache=None, pos=0):
+        """Final normalised hidden states (B, T, C) of tokens at positions pos..pos+T-1.
+
+        Without a cache pos is 0; with one, the tokens' keys and values are written into it and they
+        attend to every cached position before theirs. pos is an int, or a (1,) tensor in the compiled
+        decode step (a tensor changes without recompiling).
+        """
         B, T = idx.size()
-        pos = cache.pos if cache is not None else 0
-        if pos + T > self.config.block_size:
+        if isinstance(pos, int) and pos + T > self.config.block_size:
             raise ValueError(f"sequence of {pos + T} tokens is longer than block_size={self.config.block_size}")
+        positions = pos + torch.arange(T, device=idx.device)  # (T,)
         x = self.drop(self.wte(idx))  # (B, T, C)
         for block in self.blocks:
-            x = block(x, self.rotary, cache)
-        if cache is not None:
-            cache.pos += T
+            x = block(x, self.rotary, positions, cache)
         return norm(x)
 
     def forward(self, idx, targets=None, reduction="mean"):
@@ -211,27 +211,52 @@ class GPT(nn.Module):
                                ignore_index=-1, reduction=reduction)
         return logits, loss.view(targets.shape) if reduction == "none" else loss
 
+    def decode_step(self, idx, cache, pos):
+        """Logits (B, V) after one new token per row, idx (B, 1), at position pos, a (1,) tensor.
+
+        Shapes never change from step to step, so torch.compile(mode="reduce-overhead") captures this
+        as one CUDA graph and replays it: no Python or kernel-launch overhead per layer.
+        """
+        return self.lm_head(self.hidden(idx, cache, pos)[:, -1, :]).float()[:, :self.config.vocab_size]
+
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                        stop_token=None, seed=None, use_cache=True):
-        """Yield the next token (B,) for each step; temperature 0 is greedy decoding."""
+                        stop_token=None, seed=None, use_cache=True, compile=False):
+        """Yield the next token (B,) for each step; temperature 0 is greedy decoding.
+
+        compile=True compiles the cached decode step with CUDA graphs (worth it on a GPU, for long samples).
+        """
         check_sampling_args(temperature, top_k, top_p)
         generator = None
         if seed is not None:
             generator = torch.Generator(device=idx.device).manual_seed(seed)
-        block_size = self.config.block_size
-        cache, finished = None, torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        block_size, vocab_size = self.config.block_size, self.config.vocab_size
+        decode_step = self.decode_step
+        if compile:
+            decode_step = torch.compile(self.decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+        cache, pos = None, 0  # pos: positions filled in the cache
+        # the decode step's inputs live in fixed buffers, so its input shapes and strides never change
+        last = torch.zeros(idx.size(0), 1, dtype=torch.long, device=idx.device)  # (B, 1) the newest token
+        pos_t = torch.zeros(1, dtype=torch.long, device=idx.device)  # (1,) its position
+        finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
             if not use_cache:
-                h = self.hidden(idx[:, -block_size:])
-            elif cache is None or cache.pos + 1 > block_size:
+                logits = self.lm_head(self.hidden(idx[:, -block_size:])[:, -1, :]).float()[:, :vocab_size]
+            elif cache is None or pos + 1 > block_size:
                 # (re)fill the cache from the last block_size tokens: the same context the no-cache
                 # path sees, so both paths produce identical tokens
                 cache = KVCache(self.config, idx.size(0), idx.device, self.wte.weight.dtype)
-                h = self.hidden(idx[:, -block_size:], cache)
+                if compile:  # the cache's buffers keep their addresses, so the CUDA graph may write them
+                    for t in cache.k + cache.v:
+                        torch._dynamo.mark_static_address(t)
+                context = idx[:, -block_size:]
+                pos = context.size(1)
+                logits = self.lm_head(self.hidden(context, cache)[:, -1, :]).float()[:, :vocab_size]
             else:
-                h = self.hidden(idx[:, -1:], cache)
-            logits = self.lm_head(h[:, -1, :]).float()[:, :self.config.vocab_size]  # (B, V)
+                last.copy_(idx[:, -1:])
+                pos_t.fill_(pos)
+                logits = decode_step(last, cache, pos_t).clone()  # clone: the graph reuses its output
+                pos += 1
             next_token = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B,)
             if stop_token is not None:
                 next_token = torch.where(finished, torch.full_like(next_token, stop_token), next_token)

@@ -24,7 +24,7 @@ def test_rope_scores_depend_only_on_relative_position():
     rotary = Rotary(head_size=16, max_len=64, base=10000.0)
     q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
     def score(m, n):
-        return (rotary(q, m) * rotary(k, n)).sum()
+        return (rotary(q, torch.tensor([m])) * rotary(k, torch.tensor([n]))).sum()
     assert torch.allclose(score(3, 1), score(40, 38), atol=1e-5)
     assert not torch.allclose(score(3, 1), score(3, 2), atol=1e-3)
 
@@ -45,8 +45,19 @@ def test_cached_chunks_match_full_forward():
     idx = torch.randint(0, 50, (2, 12))
     full = model.hidden(idx)
     cache = KVCache(model.config, 2, "cpu", torch.float32)
-    parts = [model.hidden(idx[:, :5], cache), model.hidden(idx[:, 5:9], cache), model.hidden(idx[:, 9:], cache)]
+    parts = [model.hidden(idx[:, :5], cache, 0), model.hidden(idx[:, 5:9], cache, 5),
+             model.hidden(idx[:, 9:], cache, torch.tensor([9]))]
     assert torch.allclose(torch.cat(parts, dim=1), full, atol=1e-5)
+
+
+def test_compiled_decode_step_matches_eager_without_recompiling():
+    torch._dynamo.reset()
+    model = tiny_model()
+    idx = torch.randint(0, 50, (2, 4))
+    eager = model.generate(idx, 12, temperature=0.0)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled = model.generate(idx, 12, temperature=0.0, compile=True)
+    assert torch.equal(compiled, eager)
 
 
 def test_per_token_losses_average_to_the_mean_loss():
