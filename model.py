@@ -279,9 +279,24 @@ class GPT(nn.Module):
         flops_per_token = 6 * self.num_params(non_embedding=False) + 12 * L * H * Q * T
         return flops_per_token * tokens_per_iter / dt / peak_flops
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW; weight decay on matrices only (embeddings and linear weights), never on vectors."""
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer="adamw", muon_lr=0.02):
+        """AdamW; weight decay on matrices only (embeddings and linear weights), never on vectors.
+
+        optimizer="muon": Muon (muon_lr) for the blocks' linear weights, AdamW for the rest.
+        """
         params = [p for p in self.parameters() if p.requires_grad]
+        if optimizer == "muon":
+            from muon import Muon
+            hidden = {id(m.weight) for m in self.blocks.modules() if isinstance(m, nn.Linear)}
+            matrices = [p for p in params if id(p) in hidden]
+            rest = [p for p in params if id(p) not in hidden]
+            # lr_scale: the training loop multiplies the schedule's learning rate by it
+            groups = [{"params": matrices, "muon": True, "lr": muon_lr, "lr_scale": muon_lr / learning_rate},
+                      {"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
+                      {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
+            return Muon([g for g in groups if g["params"]], lr=learning_rate, betas=betas)
+        if optimizer != "adamw":
+            raise ValueError(f"optimizer must be adamw or muon, got {optimizer!r}")
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
         groups = [g for g in groups if g["params"]]

@@ -49,6 +49,8 @@ DEFAULTS = dict(
     decay_frac=0.2,
     lr_decay_iters=0,             # the schedule's length; 0 means max_iters
     weight_decay=0.1,
+    optimizer="adamw",            # adamw | muon (Muon for the blocks' matrices, AdamW for the rest)
+    muon_lr=0.02,                 # Muon's peak learning rate; the schedule scales it like learning_rate
     beta1=0.9,
     beta2=0.95,
     grad_clip=1.0,                # 0 disables clipping
@@ -85,11 +87,16 @@ def open_dataset(data_dir, name, block_size):
     return meta
 
 
-def get_batch(meta, split, batch_size, block_size, generator, device):
-    """Random windows x and next-token targets y, each (B, T), drawn with the given generator."""
+def get_batch(meta, split, batch_size, block_size, generator, device, rank=0, world_size=1):
+    """Random windows x and next-token targets y, each (B, T), drawn with the given generator.
+
+    Under DDP every process draws the windows of all world_size processes from one shared generator
+    and keeps its own share: the run sees the same data as one process with world_size times the batch.
+    """
     # a fresh memmap per batch avoids a known memory leak of long-lived np.memmap (nanoGPT #232)
     data = np.memmap(os.path.join(meta["folder"], f"{split}.bin"), dtype=meta["dtype"], mode="r")
-    starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator).tolist()
+    starts = torch.randint(len(data) - block_size, (world_size * batch_size,), generator=generator)
+    starts = starts[rank * batch_size:(rank + 1) * batch_size].tolist()
     x = torch.from_numpy(np.stack([data[i:i + block_size] for i in starts]).astype(np.int64))
     y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in starts]).astype(np.int64))
     if device.type == "cuda":  # pinned memory lets the copy run while the GPU computes
@@ -134,8 +141,8 @@ def lr_at(step, cfg):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def rng_states(generator):
-    states = {"torch": torch.get_rng_state(), "sampler": generator.get_state()}
+def rng_states(sampler_state):
+    states = {"torch": torch.get_rng_state(), "sampler": sampler_state}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
@@ -242,7 +249,7 @@ def train(cfg):
 
     # data
     meta = open_dataset(cfg["data_dir"], cfg["dataset"], cfg["block_size"])
-    generator = torch.Generator().manual_seed(cfg["seed"] + rank)
+    generator = torch.Generator().manual_seed(cfg["seed"])  # shared by all processes: see get_batch
 
     # model (from the checkpoint's shape when resuming)
     state = None
@@ -263,12 +270,15 @@ def train(cfg):
         model = GPT(GPTConfig(**model_args)).to(device)
     except ValueError as e:
         raise SystemExit(f"bad model shape: {e}")
-    optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"],
-                                           (cfg["beta1"], cfg["beta2"]), device.type)
+    optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]),
+                                           device.type, cfg["optimizer"], cfg["muon_lr"])
     step, best_val, train_time = 0, float("inf"), 0.0
     logged_step = -1  # the step whose eval is already in metrics.jsonl (a resumed checkpoint's)
     if state is not None:
         model.load_state_dict(state["model"])
+        if state["config"].get("optimizer", "adamw") != cfg["optimizer"]:
+            raise SystemExit(f"the checkpoint was trained with optimizer={state['config'].get('optimizer', 'adamw')}; "
+                             f"resume with that (its state cannot move to {cfg['optimizer']})")
         optimizer.load_state_dict(state["optimizer"])
         step, best_val, train_time = state["step"], state["best_val"], state["train_time"]
         logged_step = step
@@ -281,7 +291,9 @@ def train(cfg):
         model = torch.compile(model)
     if world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
-        model = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+        # the only buffers (rotary tables) are constants: no need to broadcast them every forward
+        model = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None,
+                                        broadcast_buffers=False, gradient_as_bucket_view=True)
 
     tokens_per_step = cfg["batch_size"] * cfg["block_size"] * accum * world_size
     if master:
@@ -296,12 +308,19 @@ def train(cfg):
         save_checkpoint(path, {"model_args": model_args, "model": raw_model.state_dict(),
                                "optimizer": optimizer.state_dict(), "config": cfg, "step": step,
                                "best_val": best_val, "train_time": train_time, "val_loss": losses["val"],
-                               "rng": rng_states(generator), "tokenizer": {k: meta[k] for k in ("tokenizer", "vocab_size", "eot", "chars") if k in meta}})
+                               "rng": rng_states(sampler_state), "tokenizer": {k: meta[k] for k in ("tokenizer", "vocab_size", "eot", "chars") if k in meta}})
 
     def log(row):
         with open(metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
+    def fetch():  # the next micro-batch; remembers the sampler state before it, which a checkpoint keeps
+        nonlocal sampler_state
+        sampler_state = generator.get_state()
+        return get_batch(meta, "train", cfg["batch_size"], cfg["block_size"], generator, device, rank, world_size)
+
+    sampler_state = None
+    batch = fetch()
     losses = {"train": float("nan"), "val": float("nan")}
     window_steps, window_time = 0, 0.0  # steps and seconds since the last log line, for tokens/s
     compiling = cfg["compile"]  # the first step compiles; its time is logged apart from training time
@@ -330,39 +349,27 @@ def train(cfg):
             t0 = time.perf_counter()
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
-                group["lr"] = lr
-            for micro in range(accum):
-                x, y = get_batch(meta, "train", cfg["batch_size"], cfg["block_size"], generator, device)
-                if world_size > 1:  # all-reduce gradients only on the last micro-step
-                    model.require_backward_grad_sync = micro == accum - 1
-                with autocast:
-                    loss = model(x, y)[1] / accum
-                loss.backward()
-            if cfg["grad_clip"] > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+                group["lr"] = lr * group.get("lr_scale", 1.0)
+            loss, batch = train_step(model, optimizer, batch, fetch, accum, autocast, cfg["grad_clip"], world_size > 1)
             step += 1
             # the loss is read (a host sync) only at log steps, so the GPU never waits on Python
-            if compiling:
-                loss.item()
+            log_now = step % cfg["log_interval"] == 0 or step == cfg["max_iters"]
+            loss_value = loss.item() if log_now or compiling else None  # .item() waits for the GPU
+            dt = time.perf_counter() - t0  # at a log step this closes the window
+            if compiling:  # the first step compiles: its time is logged apart from training time
                 compiling = False
                 if master:
-                    log({"step": step, "compile_time": time.perf_counter() - t0})
-            elif step % cfg["log_interval"] == 0 or step == cfg["max_iters"]:
-                loss_value = loss.item() * accum
-                dt = time.perf_counter() - t0  # .item() waited for the GPU: dt closes the window
+                    log({"step": step, "compile_time": dt})
+            else:
                 train_time, window_steps, window_time = train_time + dt, window_steps + 1, window_time + dt
+            if log_now:
                 if not math.isfinite(loss_value):
                     stop_on_bad_loss(step, {"train batch": loss_value}, ckpt_path)
-                if master:
+                if master and window_steps:
                     tok_s = tokens_per_step * window_steps / window_time
                     log({"step": step, "lr": lr, "loss": loss_value, "tokens_per_s": tok_s, "train_time": train_time})
                     bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tok_s:,.0f}")
                 window_steps, window_time = 0, 0.0
-            else:
-                dt = time.perf_counter() - t0
-                train_time, window_steps, window_time = train_time + dt, window_steps + 1, window_time + dt
             bar.update(1)
     bar.close()
     if world_size > 1:
@@ -371,6 +378,27 @@ def train(cfg):
     if stop.requested:
         print(f"stopped at step {step}; resume with --init_from=resume --out_dir={out_dir}")
     return losses
+
+
+def train_step(model, optimizer, batch, fetch, accum, autocast, grad_clip, ddp=False):
+    """One optimizer step over accum micro-batches starting with `batch`; returns (loss, next batch).
+
+    fetch() draws each next micro-batch right after the forward is queued, so the CPU gathers and
+    copies it while the GPU computes. The loss (of the last micro-batch) stays a tensor: no host sync.
+    """
+    for micro in range(accum):
+        x, y = batch
+        if ddp:  # all-reduce gradients only on the last micro-step
+            model.require_backward_grad_sync = micro == accum - 1
+        with autocast:
+            loss = model(x, y)[1] / accum
+        batch = fetch()
+        loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach() * accum, batch
 
 
 def stop_on_bad_loss(step, losses, ckpt_path):
