@@ -1,0 +1,426 @@
+"""
+Speed benchmarks: training throughput, time-to-loss, sampling and memory, printed as a table at the
+end and written to JSON.
+
+    python prepare.py && python prepare.py --dataset=shakespeare
+    python bench.py --suite=gpu --profile=True --out=bench.json    # one H100: everything, ~9 min
+    python bench.py --suite=gpu --parts=train,plain,sample         # some of it
+    python bench.py --suite=cpu --out=bench_cpu.json               # cpu_quick vs nanoGPT's CPU recipe
+
+gpu parts: train (gpu_124m: bf16 autocast, torch.compile, fused AdamW, flash attention; with
+--profile=True also the top CUDA kernels of a few steps), plain (the same step eager, fp32 matmuls,
+unfused AdamW: every speed-up is a ratio to it), sample (tokens/s with and without the KV cache), memory (peak memory of a sweep of
+shapes at block 1024), ttl (time-to-loss of the shakespeare_char configs), batch (gpu_124m at a larger
+batch). Each measurement runs on its own: one that fails is recorded with its error and the others still
+run, and the JSON is rewritten after each, so a run cut short keeps what it measured.
+"""
+import contextlib
+import datetime
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+
+import torch
+
+import train
+from configurator import configure
+from model import GPT, GPTConfig
+
+DEFAULTS = dict(
+    suite="gpu",          # gpu | cpu
+    parts="",             # comma-separated parts of the suite; empty = all
+    out="bench.json",
+    out_dir="out/bench",  # training runs of the time-to-loss parts
+    data_dir="data",
+    device="auto",
+    config="config/gpu_124m.py",  # the throughput, profile, sampling and memory model
+    steps=30,             # timed steps of the compiled train step (after warmup_steps)
+    warmup_steps=5,
+    plain_steps=5,
+    best_batch=32,        # the batch of the `batch` part
+    new_tokens=512,       # sampling
+    profile=False,        # the train part also records the top CUDA kernels of a few gpu_124m steps
+    smoke=False,          # tiny shapes and few steps: checks every part runs, e.g. on a CPU; numbers mean nothing
+)
+GPU_PARTS = ["train", "plain", "sample", "memory", "ttl", "batch"]
+CPU_PARTS = ["cpu_quick", "nanogpt_recipe"]
+H100_BF16_PEAK = 989e12
+# shapes of the memory sweep (n_layer, n_head, n_embd), smallest first: GPT-2 small, medium, large, XL
+MEMORY_SWEEP = [(12, 12, 768), (24, 16, 1024), (36, 20, 1280), (48, 25, 1600)]
+# nanoGPT's CPU recipe (its README): 4 layers, 4 heads, 128 wide, block 64, batch 12, 2000 iters, lr 1e-3
+NANOGPT_CPU_RECIPE = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, max_iters=2000,
+                          lr_decay_iters=2000, learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, beta2=0.99,
+                          dropout=0.0, weight_decay=0.1, optimizer="adamw", schedule="cosine", grad_clip=1.0)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_memory(device):
+    gc.collect()
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gb(device):
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def set_matmul_precision(fast):
+    """tf32 tensor cores for fp32 matmuls in fast mode; true fp32 in plain mode."""
+    torch.backends.cuda.matmul.allow_tf32 = fast
+    torch.backends.cudnn.allow_tf32 = fast
+
+
+def model_config(cfg, vocab_size, **shape):
+    return GPTConfig(**{k: cfg[k] for k in train.MODEL_KEYS} | shape, vocab_size=vocab_size)
+
+
+def batch_source(cfg, bench, device, batch_size):
+    """(fetch, vocab_size): real batches of the config's dataset when prepared, else random tokens."""
+    try:
+        meta = train.open_dataset(bench["data_dir"], cfg["dataset"], cfg["block_size"])
+    except SystemExit:
+        meta = None
+    if meta is None:
+        vocab = 50304
+        def fetch():
+            shape = (batch_size, cfg["block_size"])
+            return torch.randint(vocab, shape, device=device), torch.randint(vocab, shape, device=device)
+        return fetch, vocab, "random tokens"
+    generator = torch.Generator().manual_seed(0)
+    def fetch():
+        return train.get_batch(meta, "train", batch_size, cfg["block_size"], generator, device)
+    return fetch, meta["vocab_size"], cfg["dataset"]
+
+
+def build(cfg, bench, device, fast, batch_size=None, compile_model=None, **shape):
+    """Model, optimizer, autocast and batch source for one training measurement."""
+    batch_size = batch_size or cfg["batch_size"]
+    fetch, vocab, data = batch_source(cfg, bench, device, batch_size)
+    torch.manual_seed(0)
+    raw = GPT(model_config(cfg, vocab, **shape)).to(device)
+    # fused AdamW on CUDA in fast mode; device_type="cpu" asks configure_optimizers for the unfused one
+    optimizer = raw.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]),
+                                         device.type if fast else "cpu", cfg["optimizer"], cfg["muon_lr"])
+    use_bf16 = fast and device.type == "cuda"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+    compile_model = fast if compile_model is None else compile_model
+    model = torch.compile(raw) if compile_model else raw
+    return dict(raw=raw, model=model, optimizer=optimizer, autocast=autocast, fetch=fetch, data=data,
+                batch_size=batch_size, tokens_per_step=batch_size * cfg["block_size"])
+
+
+def run_steps(run, n, grad_clip):
+    """n train steps; returns the last loss tensor (read by the caller: one sync at the end)."""
+    batch, loss = run.get("batch") or run["fetch"](), None
+    for _ in range(n):
+        loss, batch = train.train_step(run["model"], run["optimizer"], batch, run["fetch"], 1, run["autocast"], grad_clip)
+    run["batch"] = batch
+    return loss
+
+
+def time_steps(run, n, grad_clip, device):
+    sync(device)
+    t0 = time.perf_counter()
+    loss = run_steps(run, n, grad_clip)
+    loss_value = loss.item()  # waits for the GPU
+    return (time.perf_counter() - t0) / n, loss_value
+
+
+# ----------------------------------------------------------------------------- gpu parts
+
+def measure_training(cfg, bench, device, fast, steps, batch_size=None):
+    """Steady-state tokens/s, ms/step, MFU and peak memory of the config's train step."""
+    reset_memory(device)
+    set_matmul_precision(fast)
+    run = build(cfg, bench, device, fast, batch_size)
+    t0 = time.perf_counter()
+    first_loss = run_steps(run, 1, cfg["grad_clip"]).item()  # compiles, when compiling
+    compile_s = time.perf_counter() - t0
+    run_steps(run, bench["warmup_steps"] if fast else 1, cfg["grad_clip"])
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    dt, loss = time_steps(run, steps, cfg["grad_clip"], device)
+    result = dict(mode="fast" if fast else "plain", batch_size=run["batch_size"], block_size=cfg["block_size"],
+                  data=run["data"], params_M=run["raw"].num_params(False) / 1e6, steps=steps,
+                  ms_per_step=dt * 1e3, tokens_per_s=run["tokens_per_step"] / dt,
+                  mfu=run["raw"].estimate_mfu(run["tokens_per_step"], dt, H100_BF16_PEAK),
+                  peak_memory_gb=peak_memory_gb(device), first_step_s=compile_s, first_loss=first_loss, loss=loss)
+    if bench["profile_run"]:
+        try:
+            result["profile"] = profile_steps(run, cfg, device)
+        except Exception as e:  # the throughput above still counts
+            result["profile"] = error_record(e)
+    return result
+
+
+def profile_steps(run, cfg, device, steps=3):
+    """The kernels (or CPU ops) that take the most time over a few train steps, per step."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    with profile(activities=activities) as prof:
+        run_steps(run, steps, cfg["grad_clip"])
+        sync(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, key, 0) > 0]
+    total = sum(getattr(e, key) for e in events)
+    top = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:25]
+    return dict(timer=key, total_ms_per_step=total / 1e3 / steps,
+                top=[dict(name=e.key[:160], ms_per_step=getattr(e, key) / 1e3 / steps,
+                          share=getattr(e, key) / total, calls_per_step=e.count / steps) for e in top])
+
+
+def part_train(cfg, bench, device):
+    # --profile=True profiles a few more steps of the same compiled model
+    return {"gpu_124m": measure_training(cfg, bench | {"profile_run": bench["profile"]}, device, True, bench["steps"])}
+
+
+def part_plain(cfg, bench, device):
+    return {"gpu_124m_plain": measure_training(cfg, bench | {"profile_run": False}, device, False, bench["plain_steps"])}
+
+
+def part_batch(cfg, bench, device):
+    return {f"gpu_124m_batch{bench['best_batch']}": measure_training(
+        cfg, bench | {"profile_run": False}, device, True, bench["steps"], batch_size=bench["best_batch"])}
+
+
+def part_sample(cfg, bench, device):
+    """Tokens/s of greedy decoding, batch 1 and 16, without the cache, with it, and with the compiled step."""
+    reset_memory(device)
+    torch.manual_seed(0)
+    model = GPT(model_config(cfg, 50304)).to(device).eval()
+    if device.type == "cuda":
+        model = model.to(torch.bfloat16)
+    results, n = {}, bench["new_tokens"]
+    for batch in (1, 16):
+        prompt = torch.randint(50304, (batch, 16), device=device)
+        for name, kw in [("no_cache", dict(use_cache=False)), ("cache", dict(use_cache=True)),
+                         ("cache_compiled", dict(use_cache=True, compile=True))]:
+            key = f"sample_b{batch}_{name}"
+            try:
+                t0 = time.perf_counter()
+                model.generate(prompt, 8 if kw.get("compile") else 2, temperature=0.0, **kw)  # warm up / compile
+                warm_s = time.perf_counter() - t0
+                sync(device)
+                t0 = time.perf_counter()
+                model.generate(prompt, n, temperature=0.0, **kw)
+                sync(device)
+                dt = time.perf_counter() - t0
+                results[key] = dict(batch=batch, new_tokens=n, tokens_per_s=batch * n / dt,
+                                    ms_per_token_step=dt / n * 1e3, warmup_s=warm_s)
+            except Exception as e:  # one sampling mode failing leaves the others
+                results[key] = error_record(e)
+            print(f"  {key}: {results[key]}", flush=True)
+        base = results.get(f"sample_b{batch}_no_cache", {}).get("tokens_per_s")
+        best = max((results[f"sample_b{batch}_{m}"].get("tokens_per_s", 0) for m in ("cache", "cache_compiled")))
+        if base and best:
+            results[f"sample_b{batch}_cache_speedup"] = best / base
+    return results
+
+
+def part_memory(cfg, bench, device):
+    """Peak memory of an eager bf16 train step (fused AdamW) for a sweep of shapes at the config's block
+    and batch; compile lowers it (compare gpu_124m's peak in the train part with the first row here)."""
+    results, largest = {}, None
+    sweep = [(2, 2, 64), (2, 4, 128)] if bench["smoke"] else MEMORY_SWEEP
+    for n_layer, n_head, n_embd in sweep:
+        key = f"memory_{n_layer}x{n_embd}"
+        try:
+            reset_memory(device)
+            set_matmul_precision(True)
+            run = build(cfg, bench, device, True, compile_model=False, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+            params = run["raw"].num_params(False) / 1e6
+            dt, _ = time_steps(run, 3, cfg["grad_clip"], device)
+            peak = peak_memory_gb(device)
+            results[key] = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, params_M=params, ms_per_step=dt * 1e3,
+                                batch_size=run["batch_size"], block_size=cfg["block_size"], peak_memory_gb=peak)
+            if peak is not None and peak <= 32:
+                largest = key
+        except torch.OutOfMemoryError as e:
+            results[key] = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, error=f"out of memory: {str(e)[:200]}")
+        except Exception as e:
+            results[key] = error_record(e)
+        finally:
+            run = None
+        print(f"  {key}: {results[key]}", flush=True)
+    results["memory_largest_within_32gb"] = largest
+    return results
+
+
+def time_to_loss(config_path, bench, device, target, overrides=None, name=None):
+    """Train with train.py's own loop; val loss against training seconds (compile and eval apart)."""
+    name = name or os.path.splitext(os.path.basename(config_path))[0]
+    out_dir = os.path.join(bench["out_dir"], name)
+    if os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
+        os.remove(os.path.join(out_dir, "metrics.jsonl"))  # a fresh curve, not one appended to an old run
+    argv = [config_path, f"--out_dir={out_dir}", f"--data_dir={bench['data_dir']}", f"--device={device}"]
+    if bench["smoke"]:
+        argv += ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--max_iters=20",
+                 "--eval_interval=10", "--eval_iters=2", "--log_interval=5"]
+    cfg = configure(train.DEFAULTS, argv)
+    cfg.update(overrides or {})
+    reset_memory(device)
+    t0 = time.perf_counter()
+    train.train(cfg)
+    wall = time.perf_counter() - t0
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    evals = [(r["step"], round(r["train_time"], 3), round(r["val_loss"], 4)) for r in rows if "val_loss" in r]
+    compile_s = next((r["compile_time"] for r in rows if "compile_time" in r), 0.0)
+    reached = next(((step, t) for step, t, val in evals if val <= target), None)
+    last = [r for r in rows if "tokens_per_s" in r]
+    return {name: dict(config=config_path, overrides=overrides or {}, target_val=target,
+                       time_to_target_s=reached[1] if reached else None, step_at_target=reached[0] if reached else None,
+                       best_val=min(v for _, _, v in evals), train_time_s=evals[-1][1], compile_s=compile_s,
+                       wall_s=wall, tokens_per_s=last[-1]["tokens_per_s"] if last else None,
+                       peak_memory_gb=peak_memory_gb(device), curve=evals)}
+
+
+def part_ttl(cfg, bench, device):
+    results = {}
+    for path, target in [("config/shakespeare_char_fast.py", 1.47), ("config/shakespeare_char_best.py", 1.40)]:
+        try:
+            results.update(time_to_loss(path, bench, device, target))
+        except Exception as e:
+            results[os.path.basename(path)] = error_record(e)
+    return results
+
+
+# ----------------------------------------------------------------------------- cpu parts
+
+def part_cpu_quick(cfg, bench, device):
+    return time_to_loss("config/cpu_quick.py", bench, device, 1.886, dict(eval_interval=100, eval_iters=20))
+
+
+def part_nanogpt_recipe(cfg, bench, device):
+    # our model under nanoGPT's CPU recipe, in the same run: the ratio baseline for cpu_quick
+    return time_to_loss("config/cpu_quick.py", bench, device, 1.886,
+                        NANOGPT_CPU_RECIPE | dict(eval_interval=100, eval_iters=20), name="nanogpt_cpu_recipe")
+
+
+PARTS = dict(train=part_train, plain=part_plain, sample=part_sample, memory=part_memory,
+             ttl=part_ttl, batch=part_batch, cpu_quick=part_cpu_quick, nanogpt_recipe=part_nanogpt_recipe)
+
+
+# ----------------------------------------------------------------------------- the run
+
+def error_record(e):
+    return dict(error=f"{type(e).__name__}: {str(e)[:500]}", traceback=traceback.format_exc()[-3000:])
+
+
+def environment(device):
+    env = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               command=" ".join([sys.executable.split("/")[-1], *sys.argv]), torch=torch.__version__,
+               python=platform.python_version(), device=str(device), cpu_count=os.cpu_count(),
+               torch_threads=torch.get_num_threads())
+    try:
+        env["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                           text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    if device.type == "cuda":
+        env |= dict(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
+    else:
+        env["load_average"] = os.getloadavg()  # the CPU may be shared: timings scale with contention
+    return env
+
+
+def summary_rows(results):
+    """(name, numbers) lines of the final table."""
+    rows = []
+    for name, r in results.items():
+        if not isinstance(r, dict):
+            rows.append((name, str(r)))
+        elif "error" in r:
+            rows.append((name, "FAILED " + r["error"].splitlines()[0][:100]))
+        elif "tokens_per_s" in r and "ms_per_step" in r:
+            mfu = f", MFU {r['mfu']:.1%}" if r.get("mfu") is not None else ""
+            mem = f", peak {r['peak_memory_gb']:.1f} GB" if r.get("peak_memory_gb") is not None else ""
+            rows.append((name, f"{r['tokens_per_s']:,.0f} tok/s, {r['ms_per_step']:.1f} ms/step{mfu}{mem}"))
+        elif "target_val" in r:
+            t = f"{r['time_to_target_s']:.1f} s" if r["time_to_target_s"] is not None else "not reached"
+            rows.append((name, f"val <= {r['target_val']}: {t}; best {r['best_val']:.4f} in {r['train_time_s']:.1f} s "
+                               f"(+{r['compile_s']:.1f} s compile)"))
+        elif "tokens_per_s" in r:
+            rows.append((name, f"{r['tokens_per_s']:,.0f} tok/s"))
+        elif "peak_memory_gb" in r:
+            peak = f"{r['peak_memory_gb']:.1f} GB" if r["peak_memory_gb"] is not None else "n/a on CPU"
+            rows.append((name, f"{r['params_M']:.0f}M params, peak {peak}"))
+        else:
+            rows.append((name, json.dumps(r)[:100]))
+    return rows
+
+
+def main(argv):
+    bench = configure(DEFAULTS, argv)
+    device = train.resolve_device(bench["device"])
+    suite = {"gpu": GPU_PARTS, "cpu": CPU_PARTS}.get(bench["suite"])
+    if suite is None:
+        raise SystemExit(f"suite must be gpu or cpu, got {bench['suite']!r}")
+    parts = [p for p in bench["parts"].split(",") if p] or suite
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        raise SystemExit(f"unknown parts {unknown}; the {bench['suite']} suite has {', '.join(suite)}")
+    if bench["suite"] == "gpu" and device.type != "cuda" and not bench["smoke"]:
+        raise SystemExit("the gpu suite needs a CUDA device (use --suite=cpu, or --smoke=True to check it runs)")
+    cfg = configure(train.DEFAULTS, [bench["config"]])
+    if bench["smoke"]:
+        cfg.update(n_layer=2, n_head=2, n_embd=64, block_size=64, batch_size=4)
+        bench.update(steps=2, warmup_steps=1, plain_steps=1, new_tokens=16, best_batch=8)
+    report = dict(environment=environment(device), bench=bench, results={})
+
+    def save():
+        tmp = f"{bench['out']}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(report, f, indent=1, default=str)
+        os.replace(tmp, bench["out"])
+
+    os.makedirs(os.path.dirname(os.path.abspath(bench["out"])), exist_ok=True)
+    save()
+    for part in parts:
+        print(f"== {part}", flush=True)
+        t0 = time.perf_counter()
+        try:
+            results = PARTS[part](cfg, bench, device)
+        except Exception as e:  # one failure is reported; the other parts still run
+            traceback.print_exc()
+            results = {part: error_record(e)}
+        report["results"].update(results)
+        report.setdefault("part_seconds", {})[part] = time.perf_counter() - t0
+        for name, r in results.items():
+            if isinstance(r, dict) and "error" not in r:
+                print(f"  {name}: " + json.dumps({k: v for k, v in r.items() if k not in ("curve", "profile")}, default=str)[:400])
+            elif isinstance(r, dict):
+                print(f"  {name}: FAILED {r['error'].splitlines()[0]}")
+        save()
+    fast, plain = report["results"].get("gpu_124m", {}), report["results"].get("gpu_124m_plain", {})
+    if fast.get("tokens_per_s") and plain.get("tokens_per_s"):
+        report["results"]["gpu_124m_speedup_over_plain"] = fast["tokens_per_s"] / plain["tokens_per_s"]
+    ours, recipe = report["results"].get("cpu_quick", {}), report["results"].get("nanogpt_cpu_recipe", {})
+    if ours.get("time_to_target_s") and recipe.get("time_to_target_s"):
+        report["results"]["cpu_quick_speedup_over_recipe"] = recipe["time_to_target_s"] / ours["time_to_target_s"]
+    save()
+    env = report["environment"]
+    print(f"\n{env['date']}  {env.get('gpu', env['device'])}  torch {env['torch']}  -> {bench['out']}")
+    rows = summary_rows(report["results"])
+    width = max(len(name) for name, _ in rows) if rows else 0
+    for name, text in rows:
+        print(f"{name:<{width}}  {text}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
