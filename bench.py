@@ -39,15 +39,16 @@ DEFAULTS = dict(
     data_dir="data",
     device="auto",
     config="config/gpu_124m.py",  # the throughput, profile, sampling and memory model
-    steps=30,             # timed steps of the compiled train step (after warmup_steps)
-    warmup_steps=5,
-    plain_steps=5,
+    steps=3,              # timed optimizer steps of the compiled train step (each config's accumulation
+    warmup_steps=1,       # steps of micro-batches: 40 x 12 x 1024 tokens for gpu_124m), after warmup_steps
+    plain_steps=1,
     best_batch=32,        # the batch of the `batch` part
     new_tokens=512,       # sampling
     profile=False,        # the train part also records the top CUDA kernels of a few gpu_124m steps
+    budget_s=0,           # skip the parts not started after this many seconds (0: no limit)
     smoke=False,          # tiny shapes and few steps: checks every part runs, e.g. on a CPU; numbers mean nothing
 )
-GPU_PARTS = ["train", "plain", "sample", "memory", "ttl", "batch"]
+GPU_PARTS = ["train", "plain", "sample", "memory", "ttl", "batch"]  # most wanted first
 CPU_PARTS = ["cpu_quick", "nanogpt_recipe"]
 H100_BF16_PEAK = 989e12
 # shapes of the memory sweep (n_layer, n_head, n_embd), smallest first: GPT-2 small, medium, large, XL
@@ -105,12 +106,13 @@ def batch_source(cfg, bench, device, batch_size):
     return fetch, meta["vocab_size"], cfg["dataset"]
 
 
-def build(cfg, bench, device, fast, batch_size=None, compile_model=None, **shape):
+def build(cfg, bench, device, fast, batch_size=None, accum=1, compile_model=None, **shape):
     """Model, optimizer, autocast and batch source for one training measurement."""
     batch_size = batch_size or cfg["batch_size"]
     fetch, vocab, data = batch_source(cfg, bench, device, batch_size)
     torch.manual_seed(0)
-    raw = GPT(model_config(cfg, vocab, **shape)).to(device)
+    with torch.device(device):  # initialise on the GPU: a 1.5B model takes long on the host
+        raw = GPT(model_config(cfg, vocab, **shape))
     # fused AdamW on CUDA in fast mode; device_type="cpu" asks configure_optimizers for the unfused one
     optimizer = raw.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]),
                                          device.type if fast else "cpu", cfg["optimizer"], cfg["muon_lr"])
@@ -119,14 +121,15 @@ def build(cfg, bench, device, fast, batch_size=None, compile_model=None, **shape
     compile_model = fast if compile_model is None else compile_model
     model = torch.compile(raw) if compile_model else raw
     return dict(raw=raw, model=model, optimizer=optimizer, autocast=autocast, fetch=fetch, data=data,
-                batch_size=batch_size, tokens_per_step=batch_size * cfg["block_size"])
+                batch_size=batch_size, accum=accum, tokens_per_step=batch_size * cfg["block_size"] * accum)
 
 
 def run_steps(run, n, grad_clip):
-    """n train steps; returns the last loss tensor (read by the caller: one sync at the end)."""
+    """n optimizer steps; returns the last loss tensor (read by the caller: one sync at the end)."""
     batch, loss = run.get("batch") or run["fetch"](), None
     for _ in range(n):
-        loss, batch = train.train_step(run["model"], run["optimizer"], batch, run["fetch"], 1, run["autocast"], grad_clip)
+        loss, batch = train.train_step(run["model"], run["optimizer"], batch, run["fetch"], run["accum"],
+                                       run["autocast"], grad_clip)
     run["batch"] = batch
     return loss
 
@@ -142,21 +145,26 @@ def time_steps(run, n, grad_clip, device):
 # ----------------------------------------------------------------------------- gpu parts
 
 def measure_training(cfg, bench, device, fast, steps, batch_size=None):
-    """Steady-state tokens/s, ms/step, MFU and peak memory of the config's train step."""
+    """Steady-state tokens/s, ms per micro-batch, MFU and peak memory of the config's train step, with
+    its gradient accumulation (which spreads the optimizer's cost over the micro-batches)."""
     reset_memory(device)
     set_matmul_precision(fast)
-    run = build(cfg, bench, device, fast, batch_size)
+    batch_size = batch_size or cfg["batch_size"]
+    # the same tokens per optimizer step as the config, whatever the micro-batch
+    accum = max(1, cfg["gradient_accumulation_steps"] * cfg["batch_size"] // batch_size)
+    run = build(cfg, bench, device, fast, batch_size, accum)
     t0 = time.perf_counter()
     first_loss = run_steps(run, 1, cfg["grad_clip"]).item()  # compiles, when compiling
     compile_s = time.perf_counter() - t0
-    run_steps(run, bench["warmup_steps"] if fast else 1, cfg["grad_clip"])
+    run_steps(run, bench["warmup_steps"] if fast else 0, cfg["grad_clip"])
     sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     dt, loss = time_steps(run, steps, cfg["grad_clip"], device)
-    result = dict(mode="fast" if fast else "plain", batch_size=run["batch_size"], block_size=cfg["block_size"],
-                  data=run["data"], params_M=run["raw"].num_params(False) / 1e6, steps=steps,
-                  ms_per_step=dt * 1e3, tokens_per_s=run["tokens_per_step"] / dt,
+    result = dict(mode="fast" if fast else "plain", batch_size=batch_size, block_size=cfg["block_size"],
+                  gradient_accumulation_steps=accum, data=run["data"], params_M=run["raw"].num_params(False) / 1e6,
+                  steps=steps, ms_per_step=dt / accum * 1e3, ms_per_optimizer_step=dt * 1e3,
+                  tokens_per_s=run["tokens_per_step"] / dt,
                   mfu=run["raw"].estimate_mfu(run["tokens_per_step"], dt, H100_BF16_PEAK),
                   peak_memory_gb=peak_memory_gb(device), first_step_s=compile_s, first_loss=first_loss, loss=loss)
     if bench["profile_run"]:
@@ -167,7 +175,7 @@ def measure_training(cfg, bench, device, fast, steps, batch_size=None):
     return result
 
 
-def profile_steps(run, cfg, device, steps=3):
+def profile_steps(run, cfg, device, steps=1):
     """The kernels (or CPU ops) that take the most time over a few train steps, per step."""
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -202,7 +210,8 @@ def part_sample(cfg, bench, device):
     """Tokens/s of greedy decoding, batch 1 and 16, without the cache, with it, and with the compiled step."""
     reset_memory(device)
     torch.manual_seed(0)
-    model = GPT(model_config(cfg, 50304)).to(device).eval()
+    with torch.device(device):
+        model = GPT(model_config(cfg, 50304)).eval()
     if device.type == "cuda":
         model = model.to(torch.bfloat16)
     results, n = {}, bench["new_tokens"]
@@ -350,7 +359,8 @@ def summary_rows(results):
         elif "tokens_per_s" in r and "ms_per_step" in r:
             mfu = f", MFU {r['mfu']:.1%}" if r.get("mfu") is not None else ""
             mem = f", peak {r['peak_memory_gb']:.1f} GB" if r.get("peak_memory_gb") is not None else ""
-            rows.append((name, f"{r['tokens_per_s']:,.0f} tok/s, {r['ms_per_step']:.1f} ms/step{mfu}{mem}"))
+            rows.append((name, f"{r['tokens_per_s']:,.0f} tok/s, {r['ms_per_step']:.1f} ms per "
+                               f"{r['batch_size']}x{r['block_size']} batch{mfu}{mem}"))
         elif "target_val" in r:
             t = f"{r['time_to_target_s']:.1f} s" if r["time_to_target_s"] is not None else "not reached"
             rows.append((name, f"val <= {r['target_val']}: {t}; best {r['best_val']:.4f} in {r['train_time_s']:.1f} s "
@@ -380,6 +390,7 @@ def main(argv):
     cfg = configure(train.DEFAULTS, [bench["config"]])
     if bench["smoke"]:
         cfg.update(n_layer=2, n_head=2, n_embd=64, block_size=64, batch_size=4)
+        cfg.update(gradient_accumulation_steps=2)
         bench.update(steps=2, warmup_steps=1, plain_steps=1, new_tokens=16, best_batch=8)
     report = dict(environment=environment(device), bench=bench, results={})
 
@@ -391,9 +402,14 @@ def main(argv):
 
     os.makedirs(os.path.dirname(os.path.abspath(bench["out"])), exist_ok=True)
     save()
+    start = time.perf_counter()
     for part in parts:
         print(f"== {part}", flush=True)
         t0 = time.perf_counter()
+        if bench["budget_s"] and t0 - start > bench["budget_s"]:
+            report["results"][part] = dict(error=f"skipped: past the {bench['budget_s']} s budget")
+            save()
+            continue
         try:
             results = PARTS[part](cfg, bench, device)
         except Exception as e:  # one failure is reported; the other parts still run

@@ -29,6 +29,7 @@ DEFAULTS = dict(
     seed=1337,
     device="auto",
     use_cache=True,         # the KV cache; False recomputes the whole context each token
+    compile=False,          # compile the cached decode step into a CUDA graph (GPU; pays off for long samples)
     stop_at_eot=True,       # end a sample at the end-of-text token
 )
 
@@ -57,7 +58,7 @@ def stream_sample(model, tokenizer, prompt_ids, cfg, device, out=sys.stdout):
     for token in model.generate_stream(idx, cfg["max_new_tokens"], temperature=cfg["temperature"],
                                        top_k=cfg["top_k"], top_p=cfg["top_p"], seed=cfg["seed"],
                                        stop_token=tokenizer.eot if cfg["stop_at_eot"] else None,
-                                       use_cache=cfg["use_cache"]):
+                                       use_cache=cfg["use_cache"], compile=cfg["compile"]):
         token_id = int(token[0])
         if cfg["stop_at_eot"] and token_id == tokenizer.eot:
             break
