@@ -296,7 +296,8 @@ def time_to_loss(config_path, bench, device, target, overrides=None, name=None):
                        time_to_target_s=reached[1] if reached else None, step_at_target=reached[0] if reached else None,
                        best_val=min(v for _, _, v in evals), train_time_s=evals[-1][1], compile_s=compile_s,
                        wall_s=wall, tokens_per_s=last[-1]["tokens_per_s"] if last else None,
-                       peak_memory_gb=peak_memory_gb(device), curve=evals)}
+                       peak_memory_gb=peak_memory_gb(device), curve=evals,
+                       load_average=os.getloadavg() if device.type == "cpu" else None)}
 
 
 def part_ttl(cfg, bench, device):
@@ -312,13 +313,13 @@ def part_ttl(cfg, bench, device):
 # ----------------------------------------------------------------------------- cpu parts
 
 def part_cpu_quick(cfg, bench, device):
-    return time_to_loss("config/cpu_quick.py", bench, device, 1.886, dict(eval_interval=100, eval_iters=20))
+    return time_to_loss("config/cpu_quick.py", bench, device, 1.886, dict(eval_interval=25, eval_iters=20))
 
 
 def part_nanogpt_recipe(cfg, bench, device):
     # our model under nanoGPT's CPU recipe, in the same run: the ratio baseline for cpu_quick
     return time_to_loss("config/cpu_quick.py", bench, device, 1.886,
-                        NANOGPT_CPU_RECIPE | dict(eval_interval=100, eval_iters=20), name="nanogpt_cpu_recipe")
+                        NANOGPT_CPU_RECIPE | dict(eval_interval=50, eval_iters=20), name="nanogpt_cpu_recipe")
 
 
 PARTS = dict(train=part_train, plain=part_plain, sample=part_sample, memory=part_memory,
