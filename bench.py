@@ -67,15 +67,19 @@ def sync(device):
 
 
 def reset_memory(device):
+    """Free what earlier measurements left; returns the bytes still allocated, which peaks discount."""
     gc.collect()
     torch._dynamo.reset()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+    if device.type != "cuda":
+        return 0
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
 
 
-def peak_memory_gb(device):
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+def peak_memory_gb(device, before=0):
+    """Peak GPU memory allocated since the last reset, less what was there before (None on a CPU)."""
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**30 if device.type == "cuda" else None
 
 
 def set_matmul_precision(fast):
@@ -147,7 +151,7 @@ def time_steps(run, n, grad_clip, device):
 def measure_training(cfg, bench, device, fast, steps, batch_size=None):
     """Steady-state tokens/s, ms per micro-batch, MFU and peak memory of the config's train step, with
     its gradient accumulation (which spreads the optimizer's cost over the micro-batches)."""
-    reset_memory(device)
+    before = reset_memory(device)
     set_matmul_precision(fast)
     batch_size = batch_size or cfg["batch_size"]
     # the same tokens per optimizer step as the config, whatever the micro-batch
@@ -166,7 +170,7 @@ def measure_training(cfg, bench, device, fast, steps, batch_size=None):
                   steps=steps, ms_per_step=dt / accum * 1e3, ms_per_optimizer_step=dt * 1e3,
                   tokens_per_s=run["tokens_per_step"] / dt,
                   mfu=run["raw"].estimate_mfu(run["tokens_per_step"], dt, H100_BF16_PEAK),
-                  peak_memory_gb=peak_memory_gb(device), first_step_s=compile_s, first_loss=first_loss, loss=loss)
+                  peak_memory_gb=peak_memory_gb(device, before), first_step_s=compile_s, first_loss=first_loss, loss=loss)
     if bench["profile_run"]:
         try:
             result["profile"] = profile_steps(run, cfg, device)
@@ -209,6 +213,7 @@ def part_batch(cfg, bench, device):
 def part_sample(cfg, bench, device):
     """Tokens/s of greedy decoding, batch 1 and 16, without the cache, with it, and with the compiled step."""
     reset_memory(device)
+    set_matmul_precision(True)
     torch.manual_seed(0)
     with torch.device(device):
         model = GPT(model_config(cfg, 50304)).eval()
@@ -249,12 +254,12 @@ def part_memory(cfg, bench, device):
     for n_layer, n_head, n_embd in sweep:
         key = f"memory_{n_layer}x{n_embd}"
         try:
-            reset_memory(device)
+            before = reset_memory(device)
             set_matmul_precision(True)
             run = build(cfg, bench, device, True, compile_model=False, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
             params = run["raw"].num_params(False) / 1e6
             dt, _ = time_steps(run, 3, cfg["grad_clip"], device)
-            peak = peak_memory_gb(device)
+            peak = peak_memory_gb(device, before)
             results[key] = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, params_M=params, ms_per_step=dt * 1e3,
                                 batch_size=run["batch_size"], block_size=cfg["block_size"], peak_memory_gb=peak)
             if peak is not None and peak <= 32:
@@ -282,7 +287,7 @@ def time_to_loss(config_path, bench, device, target, overrides=None, name=None):
                  "--eval_interval=10", "--eval_iters=2", "--log_interval=5"]
     cfg = configure(train.DEFAULTS, argv)
     cfg.update(overrides or {})
-    reset_memory(device)
+    before = reset_memory(device)
     t0 = time.perf_counter()
     train.train(cfg)
     wall = time.perf_counter() - t0
@@ -296,7 +301,7 @@ def time_to_loss(config_path, bench, device, target, overrides=None, name=None):
                        time_to_target_s=reached[1] if reached else None, step_at_target=reached[0] if reached else None,
                        best_val=min(v for _, _, v in evals), train_time_s=evals[-1][1], compile_s=compile_s,
                        wall_s=wall, tokens_per_s=last[-1]["tokens_per_s"] if last else None,
-                       peak_memory_gb=peak_memory_gb(device), curve=evals,
+                       peak_memory_gb=peak_memory_gb(device, before), curve=evals,
                        load_average=os.getloadavg() if device.type == "cpu" else None)}
 
 
@@ -383,7 +388,7 @@ def main(argv):
     if suite is None:
         raise SystemExit(f"suite must be gpu or cpu, got {bench['suite']!r}")
     parts = [p for p in bench["parts"].split(",") if p] or suite
-    unknown = [p for p in parts if p not in PARTS]
+    unknown = [p for p in parts if p not in suite]
     if unknown:
         raise SystemExit(f"unknown parts {unknown}; the {bench['suite']} suite has {', '.join(suite)}")
     if bench["suite"] == "gpu" and device.type != "cuda" and not bench["smoke"]:

@@ -69,3 +69,24 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tiny_dat
     assert [s for s, _ in one] == [s for s, _ in two] == [0, 3, 6]
     assert all(abs(a - b) < 1e-4 for (_, a), (_, b) in zip(one, two)), (one, two)
     assert one[-1][1] < one[0][1]
+
+
+def test_a_failing_bench_part_is_recorded_and_the_others_still_run(tmp_path, monkeypatch):
+    import bench
+    def broken(cfg, b, device):
+        raise RuntimeError("CUDA error: something went wrong")
+    monkeypatch.setitem(bench.PARTS, "cpu_quick", broken)
+    monkeypatch.setitem(bench.PARTS, "nanogpt_recipe", lambda cfg, b, device: {"recipe": {"tokens_per_s": 5.0}})
+    out = tmp_path / "bench.json"
+    bench.main(["--suite=cpu", f"--out={out}"])
+    results = json.loads(out.read_text())["results"]
+    assert "CUDA error" in results["cpu_quick"]["error"] and results["recipe"]["tokens_per_s"] == 5.0
+
+
+def test_bench_names_what_it_cannot_do(tmp_path):
+    import bench
+    with pytest.raises(SystemExit, match="unknown parts"):
+        bench.main(["--suite=cpu", "--parts=train", f"--out={tmp_path / 'b.json'}"])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="needs a CUDA device"):
+            bench.main(["--suite=gpu", f"--out={tmp_path / 'b.json'}"])
