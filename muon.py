@@ -50,18 +50,24 @@ class Muon(torch.optim.Optimizer):
 
     def _muon_step(self, params, group):
         lr, momentum = group["lr"], group["momentum"]
+        by_shape = {}
         for p in params:
             state = self.state[p]
             if not state:
                 state["momentum_buffer"] = torch.zeros_like(p)
             buf = state["momentum_buffer"]
             buf.lerp_(p.grad, 1 - momentum)
-            update = orthogonalize(p.grad.lerp(buf, momentum), group["ns_steps"])  # Nesterov momentum
-            if group["weight_decay"]:
-                p.mul_(1 - lr * group["weight_decay"])
+            by_shape.setdefault(p.shape, []).append((p, p.grad.lerp(buf, momentum)))  # Nesterov momentum
+        for (rows, cols), pairs in by_shape.items():
+            # one batched Newton-Schulz per shape: a few large matmuls instead of many small ones
+            updates = orthogonalize(torch.stack([u for _, u in pairs]), group["ns_steps"])
             # an orthogonal update has unit singular values; scaling by sqrt(rows/cols) for tall matrices
             # keeps the per-element step the same across shapes (modded-nanogpt)
-            p.add_(update, alpha=-lr * max(1.0, p.size(0) / p.size(1)) ** 0.5)
+            scale = -lr * max(1.0, rows / cols) ** 0.5
+            for (p, _), update in zip(pairs, updates):
+                if group["weight_decay"]:
+                    p.mul_(1 - lr * group["weight_decay"])
+                p.add_(update, alpha=scale)
 
     def _adamw_step(self, params, group):
         lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
