@@ -211,11 +211,12 @@ class GPT(nn.Module):
                                ignore_index=-1, reduction=reduction)
         return logits, loss.view(targets.shape) if reduction == "none" else loss
 
-    def decode_step(self, idx, cache, pos):
-        """Logits (B, V) after one new token per row, idx (B, 1), at position pos, a (1,) tensor.
+    def next_logits(self, idx, cache=None, pos=0):
+        """Logits (B, V) of the token that follows each row of idx (B, T), whose first token is at pos.
 
-        Shapes never change from step to step, so torch.compile(mode="reduce-overhead") captures this
-        as one CUDA graph and replays it: no Python or kernel-launch overhead per layer.
+        In a cached decode step idx is (B, 1) and pos a (1,) tensor: the shapes never change from step
+        to step, so torch.compile(mode="reduce-overhead") captures the step as one CUDA graph and
+        replays it, with no Python or kernel-launch overhead per layer.
         """
         return self.lm_head(self.hidden(idx, cache, pos)[:, -1, :]).float()[:, :self.config.vocab_size]
 
@@ -230,10 +231,10 @@ class GPT(nn.Module):
         generator = None
         if seed is not None:
             generator = torch.Generator(device=idx.device).manual_seed(seed)
-        block_size, vocab_size = self.config.block_size, self.config.vocab_size
-        decode_step = self.decode_step
+        block_size = self.config.block_size
+        decode_step = self.next_logits
         if compile:
-            decode_step = torch.compile(self.decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+            decode_step = torch.compile(self.next_logits, mode="reduce-overhead", fullgraph=True, dynamic=False)
         cache, pos = None, 0  # pos: positions filled in the cache
         # the decode step's inputs live in fixed buffers, so its input shapes and strides never change
         last = torch.zeros(idx.size(0), 1, dtype=torch.long, device=idx.device)  # (B, 1) the newest token
@@ -241,7 +242,7 @@ class GPT(nn.Module):
         finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
             if not use_cache:
-                logits = self.lm_head(self.hidden(idx[:, -block_size:])[:, -1, :]).float()[:, :vocab_size]
+                logits = self.next_logits(idx[:, -block_size:])
             elif cache is None or pos + 1 > block_size:
                 # (re)fill the cache from the last block_size tokens: the same context the no-cache
                 # path sees, so both paths produce identical tokens
@@ -251,7 +252,7 @@ class GPT(nn.Module):
                         torch._dynamo.mark_static_address(t)
                 context = idx[:, -block_size:]
                 pos = context.size(1)
-                logits = self.lm_head(self.hidden(context, cache)[:, -1, :]).float()[:, :vocab_size]
+                logits = self.next_logits(context, cache)
             else:
                 last.copy_(idx[:, -1:])
                 pos_t.fill_(pos)
