@@ -352,8 +352,9 @@ def train(cfg):
                 group["lr"] = lr * group.get("lr_scale", 1.0)
             loss, batch = train_step(model, optimizer, batch, fetch, accum, autocast, cfg["grad_clip"], world_size > 1)
             step += 1
-            # the loss is read (a host sync) only at log steps, so the GPU never waits on Python
-            log_now = step % cfg["log_interval"] == 0 or step == cfg["max_iters"]
+            # the loss is read (a host sync) only at log steps, so the GPU never waits on Python; a step
+            # before an evaluation logs too, so its GPU work counts as training time, not evaluation
+            log_now = step % cfg["log_interval"] == 0 or step % cfg["eval_interval"] == 0 or step == cfg["max_iters"]
             loss_value = loss.item() if log_now or compiling else None  # .item() waits for the GPU
             dt = time.perf_counter() - t0  # at a log step this closes the window
             if compiling:  # the first step compiles: its time is logged apart from training time
