@@ -1,7 +1,7 @@
 # A character model that learns real Shakespeare in well under a minute on a 2-core laptop CPU.
 # nanoGPT's CPU recipe (same shape, batch 12, AdamW, 2000 iters) reaches val 1.886 in 135 s on such a
 # machine; this reaches it in about a quarter of the tokens: Muon for the matrices, a larger batch and
-# a short warmup-stable-decay schedule. Expect val <= 1.886 within ~45 s of training (BENCHMARKS.md).
+# a 300-step warmup-stable-decay schedule. Expect val <= 1.886 within ~45 s of training (BENCHMARKS.md).
 out_dir = "out/cpu_quick"
 dataset = "shakespeare_char"
 device = "cpu"
@@ -12,7 +12,7 @@ n_embd = 128
 block_size = 64
 dropout = 0.0
 batch_size = 16
-max_iters = 350
+max_iters = 300
 eval_interval = 50
 eval_iters = 20
 log_interval = 50
