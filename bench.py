@@ -8,11 +8,12 @@ end and written to JSON.
     python bench.py --suite=cpu --out=bench_cpu.json               # cpu_quick vs nanoGPT's CPU recipe
 
 gpu parts: train (gpu_124m: bf16 autocast, torch.compile, fused AdamW, flash attention; with
---profile=True also the top CUDA kernels of a few steps), plain (the same step eager, fp32 matmuls,
-unfused AdamW: every speed-up is a ratio to it), sample (tokens/s with and without the KV cache), memory (peak memory of a sweep of
-shapes at block 1024), ttl (time-to-loss of the shakespeare_char configs), batch (gpu_124m at a larger
-batch). Each measurement runs on its own: one that fails is recorded with its error and the others still
-run, and the JSON is rewritten after each, so a run cut short keeps what it measured.
+--profile=True also the top CUDA kernels of a step), plain (the same step eager, fp32 matmuls,
+unfused AdamW: every speed-up is a ratio to it), sample (tokens/s with and without the KV cache),
+memory (peak memory of a sweep of shapes at block 1024), ttl (time-to-loss of the shakespeare_char
+configs), batch (gpu_124m at a larger micro-batch). Each measurement runs on its own: one that fails
+(even with SystemExit, as train.py stops on a NaN loss) is recorded with its error and the others
+still run, and the JSON is rewritten after each, so a run cut short keeps what it measured.
 """
 import contextlib
 import datetime
@@ -174,7 +175,7 @@ def measure_training(cfg, bench, device, fast, steps, batch_size=None):
     if bench["profile_run"]:
         try:
             result["profile"] = profile_steps(run, cfg, device)
-        except Exception as e:  # the throughput above still counts
+        except (Exception, SystemExit) as e:  # the throughput above still counts
             result["profile"] = error_record(e)
     return result
 
@@ -236,7 +237,7 @@ def part_sample(cfg, bench, device):
                 dt = time.perf_counter() - t0
                 results[key] = dict(batch=batch, new_tokens=n, tokens_per_s=batch * n / dt,
                                     ms_per_token_step=dt / n * 1e3, warmup_s=warm_s)
-            except Exception as e:  # one sampling mode failing leaves the others
+            except (Exception, SystemExit) as e:  # one sampling mode failing leaves the others
                 results[key] = error_record(e)
             print(f"  {key}: {results[key]}", flush=True)
         base = results.get(f"sample_b{batch}_no_cache", {}).get("tokens_per_s")
@@ -266,7 +267,7 @@ def part_memory(cfg, bench, device):
                 largest = key
         except torch.OutOfMemoryError as e:
             results[key] = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, error=f"out of memory: {str(e)[:200]}")
-        except Exception as e:
+        except (Exception, SystemExit) as e:
             results[key] = error_record(e)
         finally:
             run = None
@@ -310,7 +311,7 @@ def part_ttl(cfg, bench, device):
     for path, target in [("config/shakespeare_char_fast.py", 1.47), ("config/shakespeare_char_best.py", 1.40)]:
         try:
             results.update(time_to_loss(path, bench, device, target))
-        except Exception as e:
+        except (Exception, SystemExit) as e:  # train.py stops a NaN run with SystemExit
             results[os.path.basename(path)] = error_record(e)
     return results
 
@@ -418,7 +419,7 @@ def main(argv):
             continue
         try:
             results = PARTS[part](cfg, bench, device)
-        except Exception as e:  # one failure is reported; the other parts still run
+        except (Exception, SystemExit) as e:  # one failure is reported; the other parts still run
             traceback.print_exc()
             results = {part: error_record(e)}
         report["results"].update(results)
