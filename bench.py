@@ -133,7 +133,7 @@ def run_steps(run, n, grad_clip):
     """n optimizer steps; returns the last loss tensor (read by the caller: one sync at the end)."""
     batch, loss = run.get("batch") or run["fetch"](), None
     for _ in range(n):
-        loss, batch = train.train_step(run["model"], run["optimizer"], batch, run["fetch"], run["accum"],
+        loss, batch = train.train_step(run["model"], [run["optimizer"]], batch, run["fetch"], run["accum"],
                                        run["autocast"], grad_clip)
     run["batch"] = batch
     return loss

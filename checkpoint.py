@@ -46,9 +46,28 @@ def load_checkpoint(path, map_location="cpu"):
     return state
 
 
-def load_model(state, device="cpu"):
-    """The GPT a checkpoint dict describes, weights loaded, in eval mode."""
+def load_model(state, device="cpu", knn_store=None):
+    """The GPT a checkpoint dict describes, weights loaded, in eval mode; kNN stores from knn_store if given."""
     model = GPT(GPTConfig(**state["model_args"]))
     weights = {k.removeprefix("_orig_mod."): v for k, v in state["model"].items()}
     model.load_state_dict(weights)
+    if knn_store and model.knn_stores():
+        load_knn_stores(model, knn_store)
     return model.to(device).eval()
+
+
+def knn_store_dir(ckpt_path):
+    """The folder beside a checkpoint that holds its kNN stores: out/run/ckpt.pt -> out/run/ckpt_knn/."""
+    return f"{os.path.splitext(ckpt_path)[0]}_knn"
+
+
+def save_knn_stores(model, directory):
+    """Each kNN memory layer's store into directory/layer{i}/ as numpy arrays."""
+    for i, store in model.knn_stores().items():
+        store.save(os.path.join(directory, f"layer{i}"))
+
+
+def load_knn_stores(model, directory):
+    """Replace each kNN memory layer's store by the one saved in directory/layer{i}/ (memory-mapped)."""
+    for i, store in model.knn_stores().items():
+        store.load(os.path.join(directory, f"layer{i}"))

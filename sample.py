@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from checkpoint import load_checkpoint, load_model
+from checkpoint import knn_store_dir, load_checkpoint, load_model
 from configurator import configure, print_config
 from model import check_sampling_args
 from tokenizer import tokenizer_from_meta
@@ -31,6 +31,7 @@ DEFAULTS = dict(
     use_cache=True,         # the KV cache; False recomputes the whole context each token
     compile=False,          # compile the cached decode step into a CUDA graph (GPU; pays off for long samples)
     stop_at_eot=True,       # end a sample at the end-of-text token
+    knn_store="",           # kNN memory models: a store folder to run with; "" uses the one beside the checkpoint
 )
 
 
@@ -78,8 +79,9 @@ def main(argv):
     if cfg["num_samples"] < 1 or cfg["max_new_tokens"] < 1:
         raise SystemExit("num_samples and max_new_tokens must be at least 1")
     device = resolve_device(cfg["device"])
-    state = load_checkpoint(checkpoint_path(cfg["out_dir"], cfg["ckpt"]), map_location=device)
-    model = load_model(state, device)
+    path = checkpoint_path(cfg["out_dir"], cfg["ckpt"])
+    state = load_checkpoint(path, map_location=device)
+    model = load_model(state, device, knn_store=cfg["knn_store"] or knn_store_dir(path))
     tokenizer = tokenizer_from_meta(state["tokenizer"])
     try:
         prompt_ids = tokenizer.encode(read_prompt(cfg["start"]))

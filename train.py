@@ -19,9 +19,10 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoint import load_checkpoint, save_checkpoint
+from checkpoint import knn_store_dir, load_checkpoint, load_knn_stores, load_model, save_checkpoint, save_knn_stores
 from configurator import configure, print_config
 from model import GPT, GPTConfig
 from plot import plot_runs
@@ -53,7 +54,13 @@ DEFAULTS = dict(
     muon_lr=0.02,                 # Muon's peak learning rate; the schedule scales it like learning_rate
     beta1=0.9,
     beta2=0.95,
-    grad_clip=1.0,                # 0 disables clipping
+    grad_clip=1.0,                # 0 disables clipping (sparse memory-value gradients are never clipped)
+    memory_lr_scale=10.0,         # memory value tables train at this multiple of the lr (they see few updates per row)
+    knn_store="",                 # a saved kNN store folder to run with instead of the one beside the checkpoint
+    # distillation: learn from a teacher's logits (KL at a temperature) plus the data loss
+    teacher="",                   # a run folder (its ckpt.pt) or a checkpoint path; "" trains on data only
+    distill_alpha=0.5,            # loss = (1 - alpha) * data loss + alpha * T^2 * KL(teacher || student)
+    distill_temperature=2.0,
     # system
     device="auto",                # auto | cpu | cuda | cuda:N | mps
     dtype="auto",                 # auto (bfloat16 on CUDA, else float32) | float32 | bfloat16
@@ -120,6 +127,29 @@ def estimate_loss(model, meta, eval_iters, batch_size, block_size, device, autoc
         losses[split] = (total / eval_iters).item()
     model.train(was_training)
     return losses
+
+
+# ----------------------------------------------------------------------------- distillation
+
+def load_teacher(path, meta, device):
+    """The teacher GPT (eval mode, frozen) from a run folder or checkpoint path; its vocab must match the data's."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "ckpt.pt")
+    state = load_checkpoint(path, map_location=device)
+    if state["model_args"]["vocab_size"] != meta["vocab_size"]:
+        raise SystemExit(f"teacher {path} has vocab {state['model_args']['vocab_size']} but the dataset has "
+                         f"{meta['vocab_size']}: distill on the data the teacher was trained on")
+    teacher = load_model(state, device, knn_store=knn_store_dir(path))
+    teacher.requires_grad_(False)
+    return teacher
+
+
+def distill_kl(logits, teacher_logits, temperature, vocab_size):
+    """T^2 * KL(teacher || student) per token at temperature T (Hinton et al. 2015), over the real vocab."""
+    s = (logits[..., :vocab_size].float() / temperature).log_softmax(-1).flatten(0, -2)
+    t = (teacher_logits[..., :vocab_size].float() / temperature).log_softmax(-1).flatten(0, -2)
+    # T^2 keeps the soft targets' gradient scale independent of T
+    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature ** 2
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -271,7 +301,24 @@ def train(cfg):
     except ValueError as e:
         raise SystemExit(f"bad model shape: {e}")
     optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]),
-                                           device.type, cfg["optimizer"], cfg["muon_lr"])
+                                           device.type, cfg["optimizer"], cfg["muon_lr"], cfg["memory_lr_scale"])
+    # product-key values with sparse gradients get a SparseAdam beside it (AdamW cannot take sparse gradients)
+    memory_optimizer = model.configure_memory_optimizer(cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]),
+                                                        cfg["memory_lr_scale"])
+    optimizers = [o for o in (optimizer, memory_optimizer) if o is not None]
+    # kNN stores are not weights: they come from a folder beside the checkpoint or from --knn_store
+    store_dir = cfg["knn_store"] or (knn_store_dir(ckpt_path) if state is not None else "")
+    if store_dir and model.knn_stores():
+        load_knn_stores(model, store_dir)
+    distill = None
+    if cfg["teacher"]:
+        teacher = load_teacher(cfg["teacher"], meta, device)
+
+        def distill(x, logits, loss):  # the data loss mixed with the KL to the teacher's logits
+            with torch.no_grad():
+                teacher_logits = teacher(x)[0]
+            kl = distill_kl(logits, teacher_logits, cfg["distill_temperature"], meta["vocab_size"])
+            return (1 - cfg["distill_alpha"]) * loss + cfg["distill_alpha"] * kl
     step, best_val, train_time = 0, float("inf"), 0.0
     logged_step = -1  # the step whose eval is already in metrics.jsonl (a resumed checkpoint's)
     if state is not None:
@@ -280,6 +327,8 @@ def train(cfg):
             raise SystemExit(f"the checkpoint was trained with optimizer={state['config'].get('optimizer', 'adamw')}; "
                              f"resume with that (its state cannot move to {cfg['optimizer']})")
         optimizer.load_state_dict(state["optimizer"])
+        if memory_optimizer is not None:
+            memory_optimizer.load_state_dict(state["memory_optimizer"])
         step, best_val, train_time = state["step"], state["best_val"], state["train_time"]
         logged_step = step
         set_rng_states(state["rng"], generator)
@@ -307,8 +356,11 @@ def train(cfg):
     def save(path, losses):
         save_checkpoint(path, {"model_args": model_args, "model": raw_model.state_dict(),
                                "optimizer": optimizer.state_dict(), "config": cfg, "step": step,
+                               "memory_optimizer": memory_optimizer.state_dict() if memory_optimizer else None,
                                "best_val": best_val, "train_time": train_time, "val_loss": losses["val"],
                                "rng": rng_states(sampler_state), "tokenizer": {k: meta[k] for k in ("tokenizer", "vocab_size", "eot", "chars") if k in meta}})
+        if raw_model.knn_stores():
+            save_knn_stores(raw_model, knn_store_dir(path))
 
     def log(row):
         with open(metrics_path, "a") as f:
@@ -348,9 +400,10 @@ def train(cfg):
 
             t0 = time.perf_counter()
             lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
+            for group in (g for opt in optimizers for g in opt.param_groups):
                 group["lr"] = lr * group.get("lr_scale", 1.0)
-            loss, batch = train_step(model, optimizer, batch, fetch, accum, autocast, cfg["grad_clip"], world_size > 1)
+            loss, batch = train_step(model, optimizers, batch, fetch, accum, autocast, cfg["grad_clip"], world_size > 1,
+                                     distill)
             step += 1
             # the loss is read (a host sync) only at log steps, so the GPU never waits on Python; a step
             # before an evaluation logs too, so its GPU work counts as training time, not evaluation
@@ -381,24 +434,31 @@ def train(cfg):
     return losses
 
 
-def train_step(model, optimizer, batch, fetch, accum, autocast, grad_clip, ddp=False):
-    """One optimizer step over accum micro-batches starting with `batch`; returns (loss, next batch).
+def train_step(model, optimizers, batch, fetch, accum, autocast, grad_clip, ddp=False, distill=None):
+    """One step of every optimizer over accum micro-batches starting with `batch`; returns (loss, next batch).
 
     fetch() draws each next micro-batch right after the forward is queued, so the CPU gathers and
     copies it while the GPU computes. The loss (of the last micro-batch) stays a tensor: no host sync.
+    distill(x, logits, loss), if given, turns the data loss into the distillation loss.
     """
     for micro in range(accum):
         x, y = batch
         if ddp:  # all-reduce gradients only on the last micro-step
             model.require_backward_grad_sync = micro == accum - 1
         with autocast:
-            loss = model(x, y)[1] / accum
+            logits, loss = model(x, y)
+            if distill is not None:
+                loss = distill(x, logits, loss)
+            loss = loss / accum
         batch = fetch()
         loss.backward()
     if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+        # torch cannot take the norm of sparse gradients; those (memory value) rows are left unclipped
+        dense = [p for p in model.parameters() if p.grad is not None and not p.grad.is_sparse]
+        torch.nn.utils.clip_grad_norm_(dense, grad_clip)
+    for opt in optimizers:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
     return loss.detach() * accum, batch
 
 
