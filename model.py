@@ -192,16 +192,17 @@ class ProductKeyMemory(nn.Module):
         scores, best = pair_scores.flatten(2).topk(self.topk, dim=-1)  # (BT, H, k)
         return scores, pair_index.flatten(2).gather(-1, best)
 
-    @torch.compiler.disable  # inductor cannot compile the sparse gradient of an EmbeddingBag (torch 2.13)
-    def sparse_read(self, index, per_sample_weights):
-        return self.values(index, per_sample_weights=per_sample_weights)
-
     def forward(self, x):
         B, T, C = x.size()
         scores, index = self.lookup(x)  # (BT, H, k)
         weights = scores.float().softmax(dim=-1).to(self.values.weight.dtype)
         # one bag per token holding all heads' slots: the heads' reads are summed (Lample et al. 2019)
-        read = self.sparse_read if self.values.sparse and torch.is_grad_enabled() else self.values.forward
+        read = self.values
+        if self.values.sparse and torch.is_grad_enabled():
+            # inductor cannot compile the sparse gradient of an EmbeddingBag (torch 2.13): read eagerly.
+            # Wrapped here, not by a decorator, so importing model.py does not import dynamo (which made
+            # two-process gloo DDP runs hang now and then)
+            read = torch.compiler.disable(self.values)
         y = read(index.view(B * T, -1), per_sample_weights=weights.view(B * T, -1))  # (BT, C)
         y = y.view(B, T, C).to(x.dtype)
         if self.gate is not None:
@@ -333,8 +334,11 @@ class KNNMemory(nn.Module):
         self.store = KNNStore(config.knn_capacity, config.knn_key_dim, C, config.knn_threshold)
         self.writing = False
 
-    @torch.compiler.disable  # the store changes size every call; compiled code would recompile each time
     def forward(self, x):
+        # the store changes size every call, so compiled code would recompile each time: run eagerly
+        return torch.compiler.disable(self.read_and_write)(x)
+
+    def read_and_write(self, x):
         B, T, C = x.size()
         q = F.normalize(self.q_proj(x).float(), dim=-1).view(B * T, -1)  # (BT, dk)
         y = torch.zeros(B * T, C, device=x.device, dtype=torch.float32)
