@@ -573,6 +573,16 @@ def imitate(cfg):
     the policy copy an expression into a tool call (measured: train.py alone, 800 steps, never copied)."""
     import prepare
     import train
+    recipe_keys = ["tasks", "seed", "device", "imitation_episodes", "teacher_noise", "imitation_iters", "clone_iters",
+                   "imitation_batch_size", "imitation_lr", "n_layer", "n_head", "n_embd", "block_size", "grad_clip"]
+    recipe = {k: cfg[k] for k in recipe_keys}
+    recipe_path = os.path.join(cfg["out_dir"], "imitation", "recipe.json")
+    if os.path.exists(recipe_path):
+        with open(recipe_path) as f:
+            done = json.load(f)
+        if done["recipe"] == json.loads(json.dumps(recipe)) and os.path.exists(done["checkpoint"]):
+            print(f"reusing the imitation policy {done['checkpoint']} (same recipe); delete {recipe_path} to redo it")
+            return done["checkpoint"]
     episodes = teacher_episodes(cfg["tasks"], cfg["imitation_episodes"], cfg["teacher_noise"], cfg["seed"])
     corpus = os.path.join(cfg["out_dir"], "teacher", "transcripts.jsonl")
     write_transcripts(corpus, episodes)
@@ -603,6 +613,8 @@ def imitate(cfg):
         path = os.path.join(cfg["out_dir"], "imitation", "cloned.pt")
         save_checkpoint(path, {**state, "model": policy.model.state_dict(), "optimizer": None,
                                "clone_iters": cfg["clone_iters"]})
+    with open(recipe_path, "w") as f:
+        json.dump({"recipe": recipe, "checkpoint": path}, f)
     return path
 
 
@@ -792,6 +804,10 @@ def run(cfg):
         rng.setstate(state["rng"])
         torch.set_rng_state(state["torch_rng"])
         truncate_rows(metrics_path, episode)
+    else:
+        for stale in (metrics_path, policy_path):  # a fresh run starts a fresh log
+            if os.path.exists(stale):
+                os.remove(stale)
     del state
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as f:

@@ -119,7 +119,11 @@ def test_noisy_teacher_sometimes_acts_at_random():
 
 # ----------------------------------------------------------------------------- policy and learning
 
+import dataclasses  # noqa: E402
+
 import torch  # noqa: E402
+
+from checkpoint import save_checkpoint  # noqa: E402
 
 from configurator import configure  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
@@ -214,10 +218,19 @@ def test_world_run_writes_metrics_plot_and_a_loadable_policy(tmp_path):
     assert isinstance(world.play_episode(world.make_env("arith"), policy.act, 1)["success"], bool)
 
 
+def save_tiny_policy(path):
+    policy = tiny_policy()
+    tok = policy.tokenizer
+    save_checkpoint(str(path), {"model_args": dataclasses.asdict(policy.model.config), "model": policy.model.state_dict(),
+                                "tokenizer": {**tok.meta(), "vocab_size": tok.n_vocab, "eot": tok.eot}})
+    return str(path)
+
+
 def test_resume_continues_like_an_uninterrupted_run(tmp_path):
-    whole = tiny_run_config(tmp_path, out_dir=str(tmp_path / "whole"))
+    start = save_tiny_policy(tmp_path / "start.pt")
+    whole = tiny_run_config(tmp_path, out_dir=str(tmp_path / "whole"), init_from=start)
     world.run(whole)
-    split = tiny_run_config(tmp_path, out_dir=str(tmp_path / "split"), episodes=4)
+    split = tiny_run_config(tmp_path, out_dir=str(tmp_path / "split"), episodes=4, init_from=start)
     world.run(split)
     world.run(split | {"episodes": 8, "init_from": "resume"})
 
@@ -240,3 +253,5 @@ def test_bad_mode_or_task_option_in_config_is_a_clear_error(tmp_path):
         world.run(tiny_run_config(tmp_path, mode="dream"))
     with pytest.raises(SystemExit, match="bad options"):
         world.run(tiny_run_config(tmp_path, changes=[(4, "arith", {"colour": "red"})]))
+    with pytest.raises(SystemExit, match="unknown config key 'episode'; did you mean 'episodes'"):
+        configure(world.DEFAULTS, ["--episode=3"])
