@@ -125,9 +125,12 @@ class Arith(Env):
 
     def __init__(self, tool="calc", terms=(2, 3), max_steps=None):
         super().__init__(max_steps)
-        self.tool, self.terms = tool, tuple(terms)  # tool "" means no calculator: answer from memory
+        # tool "" means no calculator (answer from memory); a list names the tool differently per episode,
+        # so a policy must read the name from the observation rather than remember it
+        self.tools, self.terms = [tool] if isinstance(tool, str) else list(tool), tuple(terms)
 
     def _reset(self):
+        self.tool = self.rng.choice(self.tools)
         n = self.rng.randint(*self.terms)
         numbers = [self.rng.randint(10, 999) if i == 0 else self.rng.randint(10, 99) for i in range(n)]
         ops = [self.rng.choice("+-**") for _ in range(n - 1)]  # '*' twice as likely: it is the hard part

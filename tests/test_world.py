@@ -255,3 +255,10 @@ def test_bad_mode_or_task_option_in_config_is_a_clear_error(tmp_path):
         world.run(tiny_run_config(tmp_path, changes=[(4, "arith", {"colour": "red"})]))
     with pytest.raises(SystemExit, match="unknown config key 'episode'; did you mean 'episodes'"):
         configure(world.DEFAULTS, ["--episode=3"])
+
+
+def test_arith_tool_name_can_vary_per_episode():
+    env = world.make_env("arith", tool=["calc", "math", "abacus"])
+    names = {env.reset(seed).split("Tools: ")[1] for seed in range(30)}
+    assert names == {"calc.", "math.", "abacus."}
+    assert world.play_episode(env, world.teacher_act(env), 4)["success"]
