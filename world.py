@@ -514,14 +514,17 @@ def episode_item(episode, number):
 
 
 def teacher_items(episode, number):
-    """Teacher help: in each state where the policy's action differed from the teacher's, the teacher's
-    action is shown after the same context (DAgger, Ross et al. 2011)."""
-    items = []
+    """Teacher help: at the first state where the policy's action differed from the teacher's, the
+    teacher's action is shown after the same context (DAgger, Ross et al. 2011, first step only).
+
+    Only the first: later states of a failed episode are far from what the policy will meet once it
+    learns, and in a long episode their context no longer fits the window, so the teacher's choice
+    looks arbitrary there (measured on rooms: labelling every step collapsed success to 0%)."""
     for (start, _), mine, right in zip(episode["action_spans"], episode["actions"], episode["teacher_actions"]):
         if mine != right:
             text = episode["transcript"][:start] + right + "\n"
-            items.append({"text": text, "spans": [[start, len(text)]], "task": episode["task"], "episode": number})
-    return items
+            return [{"text": text, "spans": [[start, len(text)]], "task": episode["task"], "episode": number}]
+    return []
 
 
 class Replay:

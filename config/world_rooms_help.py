@@ -1,5 +1,5 @@
 # rooms, as world_rooms.py (the same imitation policy: 200 noisy teacher transcripts), then expert
-# iteration with teacher help: failed episodes add the teacher's action in each state the policy went wrong.
+# iteration with teacher help: a failed episode adds the teacher's action at the first state the policy went wrong.
 out_dir = "out/world_rooms"
 tasks = {"rooms": {}}
 init_from = "imitate"
@@ -15,11 +15,11 @@ n_layer = 3
 n_head = 4
 n_embd = 96
 block_size = 256
-episodes = 480
+episodes = 320
 episodes_per_update = 32
 updates_per_batch = 4
 update_batch_size = 16
-learning_rate = 3e-4
+learning_rate = 2e-4
 temperature_start = 1.0
 temperature_end = 0.5
 eval_interval = 160
