@@ -1,7 +1,7 @@
 # Continual learning: a policy that does arith (calc tool) and lookup learns by expert iteration with
 # teacher help; at episode 128 the world renames the calculator from calc to compute.
-# Expect arith to fall, then recover to >= 90% of its earlier level within a few hundred episodes while
-# lookup stays >= 90% of its level (the replay buffer keeps old lookup episodes in every batch).
+# Measured (BENCHMARKS.md): a negative result. The policy learnt positional copying for one tool name,
+# so the longer name breaks the copy too; arith stayed at 0% and lookup fell. See world_continual_names.py.
 out_dir = "out/world_continual"
 tasks = {"arith": {}, "lookup": {}}
 changes = [(128, "arith", {"tool": "compute"})]

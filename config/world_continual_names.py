@@ -1,6 +1,8 @@
 # Continual learning, second design: during imitation the calculator has a different name in every
 # episode (calc, math, abacus, tally, sum), so the policy must read the name from "Tools: ..." and copy
 # it. At episode 128 the world renames it to compute, a name never seen; lookup is the old task.
+# Expect arith 0% right after the change, back to >= 90% of its last pre-change level ~200 episodes
+# later, lookup >= 90% of its level throughout (replay keeps old lookup episodes in every batch).
 out_dir = "out/world_continual_names"
 tasks = {"arith": {"tool": ["calc", "math", "abacus", "tally", "sum"]}, "lookup": {}}
 changes = [(128, "arith", {"tool": "compute"})]
