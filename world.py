@@ -2,9 +2,9 @@
 A text world where a µLM acts with tools, gets feedback and keeps learning.
 
     python world.py config/world_arith.py                 # imitate the teacher, then evaluate
-    python world.py config/world_rooms.py                 # imitation, then expert iteration
-    python world.py config/world_continual.py             # the tool is renamed mid-run
-    python world.py config/world_rooms.py --init_from=resume
+    python world.py config/world_rooms_help.py            # imitation, then expert iteration + teacher help
+    python world.py config/world_continual_names.py       # the tool is renamed mid-run
+    python world.py config/world_rooms_help.py --init_from=resume
 
 The story: tasks (small gym-style environments, each with a scripted teacher) -> transcripts (one
 plain text format for every task) -> a policy (a character-level GPT that writes one action line per
@@ -587,8 +587,12 @@ def imitate(cfg):
         with open(recipe_path) as f:
             done = json.load(f)
         if done["recipe"] == json.loads(json.dumps(recipe)) and os.path.exists(done["checkpoint"]):
-            print(f"reusing the imitation policy {done['checkpoint']} (same recipe); delete {recipe_path} to redo it")
-            return done["checkpoint"]
+            try:
+                load_model(load_checkpoint(done["checkpoint"]))
+                print(f"reusing the imitation policy {done['checkpoint']} (same recipe); delete {recipe_path} to redo it")
+                return done["checkpoint"]
+            except RuntimeError as e:  # the model code changed since: its weights no longer fit
+                print(f"cannot reuse {done['checkpoint']} ({str(e).splitlines()[0]}); imitating again")
     episodes = teacher_episodes(cfg["tasks"], cfg["imitation_episodes"], cfg["teacher_noise"], cfg["seed"])
     corpus = os.path.join(cfg["out_dir"], "teacher", "transcripts.jsonl")
     write_transcripts(corpus, episodes)
