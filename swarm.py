@@ -145,16 +145,12 @@ class ModelAgent:
     def __init__(self, hello):
         import torch
         import world
-        from checkpoint import load_checkpoint, load_model
-        from tokenizer import tokenizer_from_meta
         from train import resolve_device
         if hello["threads"]:
-            torch.set_num_threads(hello["threads"])
+            torch.set_num_threads(hello["threads"])  # N workers share the cores instead of each taking all
         self.device = resolve_device(hello["device"])
         self.seed, self.temperature = hello["seed"], hello["temperature"]
         self.policy = world.load_policy(hello["checkpoint"], device=str(self.device))
-        state = load_checkpoint(hello["checkpoint"], map_location=self.device)
-        self.model, self.tokenizer = load_model(state, self.device), tokenizer_from_meta(state["tokenizer"])
 
     def propose(self, goal):
         step = 0
@@ -169,7 +165,8 @@ class ModelAgent:
         return {"answer": episode["actions"][-1] if episode["actions"] else "", "actions": episode["actions"]}
 
     def score(self, goal, proposals):
-        return [score_actions(self.model, self.tokenizer, goal, p["actions"], self.device) for p in proposals]
+        return [score_actions(self.policy.model, self.policy.tokenizer, goal, p["actions"], self.device)
+                for p in proposals]
 
     def revise(self, goal, own, proposals):
         """Keep the own proposal or adopt the peer's that this model finds most likely."""

@@ -220,3 +220,37 @@ def test_workers_spread_over_the_named_gpus():
     assert swarm.worker_devices("cpu", 2) == ["cpu", "cpu"]
     assert swarm.worker_devices("cuda", 2) == ["cuda:0", "cuda:0"]
     assert swarm.worker_devices("cuda:1,3", 3) == ["cuda:1", "cuda:3", "cuda:1"]
+
+
+# ----------------------------------------------------------------------------- a real swarm
+
+@pytest.fixture
+def tiny_policy(tmp_path):
+    """A policy checkpoint trained for a few steps on teacher transcripts: real, tiny, mostly wrong."""
+    import prepare
+    import train
+    from conftest import tiny_train_config
+    env = world.make_env("arith")
+    corpus = tmp_path / "teacher.jsonl"
+    rows = [world.ALPHABET] + [world.play_episode(env, world.teacher_act(env), s)["transcript"] for s in range(50)]
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
+    prepare.prepare(configure(prepare.DEFAULTS, [f"--dataset={corpus}", "--name=teacher", "--tokenizer=char",
+                                                 f"--data_dir={tmp_path / 'data'}"]))
+    cfg = tiny_train_config(tmp_path, dataset="teacher", block_size=128, max_iters=5, eval_interval=5)
+    train.train(cfg)
+    return os.path.join(cfg["out_dir"], "ckpt.pt")
+
+
+def test_a_tiny_swarm_of_real_policies_with_debate_and_a_guide_runs_end_to_end(tmp_path, tiny_policy):
+    if not hasattr(world, "load_policy"):
+        pytest.skip("world.py has no policies yet")
+    cfg = swarm_config(tmp_path, checkpoints=[tiny_policy], temperatures=[0.5, 1.0], workers=2, num_goals=2,
+                       guide=tiny_policy, aggregators=["guide", "majority", "verifier"], debate_rounds=1,
+                       reply_timeout=60.0, threads=1)
+    summary = swarm.run(cfg)
+    assert summary["goals"] == 2 and 0.0 <= summary["decision_success"] <= 1.0
+    proposals = [e for e in events(cfg) if e["event"] == "proposals"]
+    assert all(len(p["proposals"]) == 2 for p in proposals)
+    scores = [q["guide_score"] for p in proposals for q in p["proposals"]]
+    assert all(s < 0 for s in scores)  # log-probabilities of an untrained model's actions
+    assert not any(e["event"] in ("restart", "drop") for e in events(cfg))
