@@ -198,6 +198,17 @@ def test_human_accepts_edits_rejects_and_stops_from_stdin(tmp_path):
     assert "aggregate: 'ECHO'" in shown.getvalue() and "please answer one of" in shown.getvalue()
 
 
+def test_human_flag_reads_decisions_from_the_terminal_of_the_command(tmp_path):
+    out = subprocess.run([sys.executable, SWARM, "--human", "--workers=2", "--checkpoints=['fake:teacher']",
+                          f"--out_dir={tmp_path}", "--num_goals=3"], input="a\nr\n", capture_output=True,
+                         text=True, cwd=ROOT, timeout=60)
+    summary = json.loads(out.stdout.splitlines()[-1])
+    # two answers, then end of input: nobody is left to decide, so the run stops at the third goal
+    assert out.returncode == 0 and summary["goals"] == 3 and summary["rejected"] == 1
+    assert summary["decision_success"] == pytest.approx(1 / 3, abs=1e-3)
+    assert out.stderr.count("aggregate: 'ANSWER") == 3
+
+
 # ----------------------------------------------------------------------------- configuration
 
 @pytest.mark.parametrize("overrides, message", [
