@@ -34,6 +34,13 @@ import string
 import sys
 import time
 
+import torch
+from tqdm import tqdm
+
+from checkpoint import load_checkpoint, load_model, save_checkpoint
+from configurator import configure, print_config
+from tokenizer import tokenizer_from_meta
+
 SUCCESS_REWARD = 1.0
 BAD_ACTION_PENALTY = -0.1  # small: a malformed action costs a little, so trying things stays cheap
 MAX_ACTION_CHARS = 48      # an action is one short line; anything longer is cut
@@ -413,3 +420,403 @@ def teacher_act(env, noise=0.0, rng=None):
             return env.random_action(rng)
         return env.teacher_action()
     return act
+
+
+# ----------------------------------------------------------------------------- the policy
+
+class Policy:
+    """A character-level GPT that writes one action line per turn (KV cache, stops at the newline)."""
+
+    def __init__(self, model, tokenizer, device="cpu"):
+        if tokenizer.name != "char":
+            raise SystemExit(f"world policies use a character tokenizer, this checkpoint has {tokenizer.name!r}")
+        self.model, self.tokenizer, self.device = model, tokenizer, torch.device(device)
+        self.newline = tokenizer.stoi["\n"]
+
+    @torch.no_grad()
+    def act(self, transcript, temperature=0.0, seed=None):
+        """The next action for a transcript that ends after an observation line."""
+        was_training = self.model.training
+        self.model.eval()
+        prompt = self.tokenizer.encode(transcript + ACTION_PREFIX)
+        keep = self.model.config.block_size - MAX_ACTION_CHARS - 1  # room for the action in the context
+        idx = torch.tensor([prompt[-keep:]], dtype=torch.long, device=self.device)
+        ids = []
+        for token in self.model.generate_stream(idx, MAX_ACTION_CHARS + 1, temperature=temperature,
+                                                stop_token=self.newline, seed=seed):
+            token = token.item()
+            if token == self.newline:
+                break
+            if token < len(self.tokenizer.chars):  # EOT is no character of an action
+                ids.append(token)
+        self.model.train(was_training)
+        return self.tokenizer.decode(ids)
+
+
+def load_policy(path_or_run_dir, device="cpu"):
+    """A Policy from a checkpoint file, or from a run folder (its policy.pt, else its ckpt.pt)."""
+    path = path_or_run_dir
+    if os.path.isdir(path):
+        candidates = [os.path.join(path, name) for name in ("policy.pt", "ckpt.pt", "imitation/ckpt.pt")]
+        path = next((p for p in candidates if os.path.exists(p)), candidates[0])
+    state = load_checkpoint(path)
+    if "tokenizer" not in state:
+        raise SystemExit(f"{path} has no tokenizer: it was not trained by train.py or world.py")
+    return Policy(load_model(state, device), tokenizer_from_meta(state["tokenizer"]), device)
+
+
+# ----------------------------------------------------------------------------- learning from episodes
+
+def action_batch(policy, items):
+    """Inputs x and targets y (B, T): targets only on the items' action spans, -1 elsewhere.
+
+    A text longer than the context keeps its end, where the latest actions are."""
+    block = policy.model.config.block_size
+    rows = []
+    for item in items:
+        ids = policy.tokenizer.encode(item["text"])  # one token per character: spans index tokens
+        trained = [False] * len(ids)
+        for start, end in item["spans"]:
+            trained[start:end] = [True] * (end - start)
+        ids, trained = ids[-(block + 1):], trained[-(block + 1):]
+        rows.append((ids[:-1], [t if keep else -1 for t, keep in zip(ids[1:], trained[1:])]))
+    T = max(len(x) for x, _ in rows)
+    x = torch.tensor([x + [0] * (T - len(x)) for x, _ in rows], dtype=torch.long)
+    y = torch.tensor([y + [-1] * (T - len(y)) for _, y in rows], dtype=torch.long)
+    return x.to(policy.device), y.to(policy.device)
+
+
+def update(policy, optimizer, items, weights, grad_clip=1.0):
+    """One gradient step on weight * (mean negative log-likelihood of each item's action tokens).
+
+    Weight 1 is imitation of a good episode or a teacher label (expert iteration, teacher help);
+    weight = reward - baseline is REINFORCE (Williams 1992) with a running-mean baseline."""
+    policy.model.train()
+    x, y = action_batch(policy, items)
+    _, nll = policy.model(x, y, reduction="none")  # (B, T), 0 where the target is -1
+    per_item = nll.sum(1) / (y != -1).sum(1).clamp(min=1)
+    loss = (torch.tensor(weights, dtype=per_item.dtype, device=per_item.device) * per_item).mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(policy.model.parameters(), grad_clip)
+    optimizer.step()
+    return loss.item()
+
+
+def episode_item(episode, number):
+    """A replay item that trains every action of an episode."""
+    return {"text": episode["transcript"], "spans": [list(s) for s in episode["action_spans"]],
+            "task": episode["task"], "episode": number}
+
+
+def teacher_items(episode, number):
+    """Teacher help: in each state where the policy's action differed from the teacher's, the teacher's
+    action is shown after the same context (DAgger, Ross et al. 2011)."""
+    items = []
+    for (start, _), mine, right in zip(episode["action_spans"], episode["actions"], episode["teacher_actions"]):
+        if mine != right:
+            text = episode["transcript"][:start] + right + "\n"
+            items.append({"text": text, "spans": [[start, len(text)]], "task": episode["task"], "episode": number})
+    return items
+
+
+class Replay:
+    """Episodes worth learning from. A batch mixes the most recent items with items from the whole
+    history, so a new task or a changed rule is learnt without erasing older skills."""
+
+    def __init__(self, size, recent_window, recent_fraction, items=None):
+        self.size, self.recent_window, self.recent_fraction = size, recent_window, recent_fraction
+        self.items = list(items or [])
+
+    def add(self, item, rng):
+        self.items.append(item)
+        if len(self.items) > self.size:  # forget a random old item, never a recent one
+            del self.items[rng.randrange(len(self.items) - self.recent_window)]
+
+    def sample(self, n, rng):
+        if not self.items:
+            return []
+        n_recent = round(n * self.recent_fraction)
+        recent = self.items[-self.recent_window:]
+        return [rng.choice(recent) for _ in range(n_recent)] + [rng.choice(self.items) for _ in range(n - n_recent)]
+
+
+# ----------------------------------------------------------------------------- imitation (prepare.py + train.py)
+
+def write_teacher_transcripts(path, tasks, episodes_per_task, noise, seed):
+    """Teacher episodes as a .jsonl corpus for prepare.py (one transcript per row), plus one row that
+    holds the whole ALPHABET so the character vocabulary covers every character the world can show."""
+    rng = random.Random(seed)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    successes = 0
+    with open(path, "w") as f:
+        f.write(json.dumps({"text": ALPHABET}) + "\n")
+        for name, options in tasks.items():
+            env = make_env(name, **options)
+            for _ in range(episodes_per_task):
+                episode = play_episode(env, teacher_act(env, noise, rng), rng.randrange(EVAL_SEED_BASE))
+                successes += episode["success"]
+                f.write(json.dumps({"text": episode["transcript"]}) + "\n")
+    return successes / max(1, episodes_per_task * len(tasks))
+
+
+def imitate(cfg):
+    """Pretrain a policy on teacher transcripts with prepare.py and train.py; returns its checkpoint path."""
+    import prepare
+    import train
+    corpus = os.path.join(cfg["out_dir"], "teacher", "transcripts.jsonl")
+    rate = write_teacher_transcripts(corpus, cfg["tasks"], cfg["imitation_episodes"], cfg["teacher_noise"], cfg["seed"])
+    print(f"wrote {cfg['imitation_episodes']} teacher transcripts per task to {corpus} "
+          f"(noise {cfg['teacher_noise']}: {rate:.0%} of them succeed)")
+    prepare.prepare(configure(prepare.DEFAULTS, []) | {
+        "dataset": corpus, "name": "teacher", "tokenizer": "char", "data_dir": cfg["out_dir"], "force": True})
+    run = configure(train.DEFAULTS, []) | {k: cfg[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "device", "seed")}
+    run |= {"out_dir": os.path.join(cfg["out_dir"], "imitation"), "data_dir": cfg["out_dir"], "dataset": "teacher",
+            "max_iters": cfg["imitation_iters"], "batch_size": cfg["imitation_batch_size"],
+            "learning_rate": cfg["imitation_lr"], "min_lr": cfg["imitation_lr"] / 10, "warmup_iters": 50,
+            "eval_interval": max(1, cfg["imitation_iters"] // 4), "eval_iters": 10, "log_interval": 25,
+            "dropout": 0.0, "beta2": 0.99, "compile": False}
+    train.train(run)
+    return os.path.join(run["out_dir"], "ckpt.pt")
+
+
+# ----------------------------------------------------------------------------- the learning loop
+
+DEFAULTS = dict(
+    out_dir="out/world",
+    tasks={"arith": {}},       # task name -> make_env options: the tasks the run starts with
+    changes=[],                # [(episode, task, options)]: the world changes a rule, or adds a task, mid-run
+    init_from="imitate",       # imitate (teacher transcripts -> prepare.py -> train.py) | resume | a checkpoint path
+    mode="expert_iteration",   # imitate (evaluate only) | expert_iteration | reinforce
+    teacher_help=False,        # on a failed episode, the teacher's actions are shown and replayed
+    seed=1337,
+    device="cpu",
+    # imitation: the policy's first weights
+    imitation_episodes=1000,   # teacher transcripts per task
+    teacher_noise=0.0,         # chance of a random action in a teacher transcript (noisy demonstrations)
+    imitation_iters=1000,
+    imitation_batch_size=16,
+    imitation_lr=2e-3,
+    n_layer=3,
+    n_head=4,
+    n_embd=128,
+    block_size=384,
+    # learning from the policy's own episodes
+    episodes=1000,             # training episodes in the whole run, all tasks together
+    episodes_per_update=16,
+    updates_per_batch=2,       # gradient steps after each batch of episodes
+    update_batch_size=16,      # replay items per gradient step
+    learning_rate=3e-4,
+    grad_clip=1.0,
+    temperature_start=1.0,     # sampling temperature, linear from start to end over the run: exploration
+    temperature_end=0.5,
+    baseline_decay=0.9,        # running-mean reward baseline per task (reinforce)
+    replay_size=4000,
+    replay_recent_window=256,  # the newest items ...
+    replay_recent_fraction=0.5,  # ... make up this share of every replay batch; the rest is drawn from all
+    eval_interval=160,         # episodes between held-out evaluations (and checkpoints)
+    eval_episodes=100,         # held-out seeds per task, played greedily
+)
+MODES = ("imitate", "expert_iteration", "reinforce")
+
+
+def temperature_at(episode, cfg):
+    progress = min(1.0, episode / max(1, cfg["episodes"]))
+    return cfg["temperature_start"] + (cfg["temperature_end"] - cfg["temperature_start"]) * progress
+
+
+def task_options_at(episode, cfg):
+    """The tasks and their options after every change due by this episode."""
+    tasks = {name: dict(options) for name, options in cfg["tasks"].items()}
+    for when, name, options in sorted(cfg["changes"], key=lambda c: c[0]):
+        if when <= episode:
+            tasks[name] = dict(options)
+    return tasks
+
+
+def evaluate(policy, tasks, n):
+    """Greedy play on the held-out seeds of each task: {task: {success, reward}}."""
+    result = {}
+    for name, options in tasks.items():
+        env = make_env(name, **options)
+        episodes = [play_episode(env, policy.act, EVAL_SEED_BASE + i) for i in range(n)]
+        result[name] = {"success": sum(e["success"] for e in episodes) / n,
+                        "reward": sum(e["reward"] for e in episodes) / n}
+    return result
+
+
+def learn(policy, optimizer, episodes, replay, baselines, cfg, rng):
+    """The gradient steps after a batch of episodes; returns the mean loss."""
+    losses = []
+    if cfg["mode"] == "reinforce":
+        weights = []
+        for e in episodes:
+            weights.append(e["reward"] - baselines.get(e["task"], 0.0))
+            baselines[e["task"]] = cfg["baseline_decay"] * baselines.get(e["task"], e["reward"]) + \
+                (1 - cfg["baseline_decay"]) * e["reward"]
+        items = [episode_item(e, 0) for e in episodes]
+        extra = replay.sample(cfg["update_batch_size"], rng)
+        losses.append(update(policy, optimizer, items + extra, weights + [1.0] * len(extra), cfg["grad_clip"]))
+    else:
+        for _ in range(cfg["updates_per_batch"]):
+            items = replay.sample(cfg["update_batch_size"], rng)
+            if items:
+                losses.append(update(policy, optimizer, items, [1.0] * len(items), cfg["grad_clip"]))
+    return sum(losses) / len(losses) if losses else float("nan")
+
+
+def plot_world(out_dir, changes=()):
+    """Success rate and reward per task over episodes (thick: held-out evals, thin: training) into world.png."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = read_rows(os.path.join(out_dir, "metrics.jsonl"))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    tasks = sorted({t for r in rows for t in r.get("eval", r.get("train", {}))})
+    for i, task in enumerate(tasks):
+        for key, ax in zip(("success", "reward"), axes):
+            train_rows = [r for r in rows if task in r.get("train", {})]
+            eval_rows = [r for r in rows if task in r.get("eval", {})]
+            ax.plot([r["episode"] for r in train_rows], [r["train"][task][key] for r in train_rows],
+                    color=f"C{i}", alpha=0.25, lw=0.8)
+            ax.plot([r["episode"] for r in eval_rows], [r["eval"][task][key] for r in eval_rows],
+                    color=f"C{i}", lw=2, marker="o", ms=3, label=task)
+    for ax, label in zip(axes, ("success rate", "reward per episode")):
+        for when, name, _ in changes:
+            ax.axvline(when, color="gray", ls="--", lw=1)
+        ax.set_xlabel("training episodes")
+        ax.set_ylabel(f"{label} (thick: held-out, thin: training)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    tmp = os.path.join(out_dir, "world.tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, os.path.join(out_dir, "world.png"))
+
+
+def read_rows(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def truncate_rows(path, episode):
+    """Drop metric rows past a resumed checkpoint's episode, so the log continues where it stopped."""
+    rows = [r for r in read_rows(path) if r["episode"] <= episode]
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def check_config(cfg):
+    if cfg["mode"] not in MODES:
+        raise SystemExit(f"mode must be one of {', '.join(MODES)}, got {cfg['mode']!r}")
+    for name, options in task_options_at(float("inf"), cfg).items():
+        try:
+            make_env(name, **options)
+        except ValueError as e:
+            raise SystemExit(f"tasks/changes: {e}")
+
+
+def run(cfg):
+    """A whole run from a resolved config; returns the last held-out evaluation."""
+    import train  # for its StopRequest (Ctrl-C saves, then stops)
+    check_config(cfg)
+    out_dir = cfg["out_dir"]
+    policy_path, metrics_path = os.path.join(out_dir, "policy.pt"), os.path.join(out_dir, "metrics.jsonl")
+    torch.manual_seed(cfg["seed"])
+    rng = random.Random(cfg["seed"])
+    replay = Replay(cfg["replay_size"], cfg["replay_recent_window"], cfg["replay_recent_fraction"])
+    episode, baselines, state = 0, {}, None
+    if cfg["init_from"] == "resume":
+        state = load_checkpoint(policy_path)
+        policy = Policy(load_model(state, cfg["device"]), tokenizer_from_meta(state["tokenizer"]), cfg["device"])
+    else:
+        path = imitate(cfg) if cfg["init_from"] == "imitate" else cfg["init_from"]
+        policy = load_policy(path, cfg["device"])
+        state = load_checkpoint(path)
+    model_args, tokenizer_meta = state["model_args"], state["tokenizer"]
+    optimizer = torch.optim.AdamW(policy.model.parameters(), lr=cfg["learning_rate"], betas=(0.9, 0.99),
+                                  weight_decay=0.0)
+    if cfg["init_from"] == "resume":
+        optimizer.load_state_dict(state["optimizer"])
+        episode, baselines = state["episode"], state["baselines"]
+        replay.items = state["replay"]
+        rng.setstate(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        truncate_rows(metrics_path, episode)
+    del state
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=1)
+
+    def log(row):
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def save():
+        save_checkpoint(policy_path, {"model_args": model_args, "model": policy.model.state_dict(),
+                                      "optimizer": optimizer.state_dict(), "config": cfg, "episode": episode,
+                                      "baselines": baselines, "replay": replay.items, "rng": rng.getstate(),
+                                      "torch_rng": torch.get_rng_state(), "tokenizer": tokenizer_meta})
+
+    def evaluate_and_save():
+        result = evaluate(policy, task_options_at(episode, cfg), cfg["eval_episodes"])
+        log({"episode": episode, "eval": result})
+        tqdm.write(f"episode {episode}: held-out success " +
+                   ", ".join(f"{t} {r['success']:.0%}" for t, r in result.items()))
+        save()
+        plot_world(out_dir, cfg["changes"])
+        return result
+
+    total = cfg["episodes"] if cfg["mode"] != "imitate" else 0
+    result = None
+    if not read_rows(metrics_path) or cfg["init_from"] != "resume":
+        result = evaluate_and_save()
+    bar = tqdm(total=total, initial=episode, unit="episode", dynamic_ncols=True, disable=None)
+    with train.StopRequest() as stop:
+        while episode < total and not stop.requested:
+            tasks = task_options_at(episode, cfg)
+            envs = {name: make_env(name, **options) for name, options in tasks.items()}
+            temperature = temperature_at(episode, cfg)
+            batch, labels, t0 = [], 0, time.perf_counter()
+            for _ in range(cfg["episodes_per_update"]):
+                env = envs[rng.choice(sorted(envs))]
+                act_seed = rng.randrange(2 ** 31)
+                # each turn gets its own sampling seed, drawn from the run's rng: resumed runs replay exactly
+                turn_seeds = random.Random(act_seed)
+                e = play_episode(env, lambda t: policy.act(t, temperature, turn_seeds.randrange(2 ** 31)),
+                                 rng.randrange(EVAL_SEED_BASE))
+                batch.append(e)
+                if e["success"]:
+                    replay.add(episode_item(e, episode), rng)
+                elif cfg["teacher_help"]:
+                    for item in teacher_items(e, episode):
+                        replay.add(item, rng)
+                        labels += 1
+                episode += 1
+            loss = learn(policy, optimizer, batch, replay, baselines, cfg, rng)
+            per_task = {}
+            for name in sorted({e["task"] for e in batch}):
+                mine = [e for e in batch if e["task"] == name]
+                per_task[name] = {"success": sum(e["success"] for e in mine) / len(mine),
+                                  "reward": sum(e["reward"] for e in mine) / len(mine)}
+            log({"episode": episode, "train": per_task, "loss": loss, "temperature": temperature,
+                 "teacher_labels": labels, "replay": len(replay.items), "seconds": time.perf_counter() - t0})
+            bar.update(len(batch))
+            bar.set_postfix(loss=f"{loss:.3f}", success=f"{sum(e['success'] for e in batch) / len(batch):.0%}")
+            crossed = episode // cfg["eval_interval"] > (episode - len(batch)) // cfg["eval_interval"]
+            if crossed or episode >= total or stop.requested:
+                result = evaluate_and_save()
+    bar.close()
+    if stop.requested:
+        print(f"stopped at episode {episode}; resume with --init_from=resume --out_dir={out_dir}")
+    return result
+
+
+if __name__ == "__main__":
+    config = configure(DEFAULTS, sys.argv[1:])
+    print_config(config)
+    run(config)
