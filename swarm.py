@@ -53,6 +53,8 @@ from tqdm import tqdm
 
 from configurator import ConfigError, configure, print_config
 
+# world.py (and with it torch) is imported where it is used: a fake test worker starts without torch
+
 PROTOCOL = 1
 FAKE_MODES = ("echo", "teacher", "crash", "hang", "garbage")  # "fake:MODE" checkpoints, for tests
 
@@ -205,7 +207,9 @@ class FakeAgent:
         self.mode = hello["checkpoint"].removeprefix("fake:")
         if self.mode not in FAKE_MODES:
             raise ValueError(f"unknown fake worker {hello['checkpoint']!r}; known: {', '.join(FAKE_MODES)}")
-        self.worker = hello["worker"]
+        if self.mode == "teacher":
+            import world  # now, not at the first goal: importing torch can take longer than a reply timeout
+            self.world = world
 
     def propose(self, goal):
         if self.mode == "crash":
@@ -218,9 +222,8 @@ class FakeAgent:
             sys.stdout.flush()
             return {"answer": "unreachable", "actions": []}
         if self.mode == "teacher":
-            import world
-            env = world.make_env(goal["task"], **goal.get("options", {}))
-            episode = world.play_episode(env, world.teacher_act(env), goal["seed"])
+            env = self.world.make_env(goal["task"], **goal.get("options", {}))
+            episode = self.world.play_episode(env, self.world.teacher_act(env), goal["seed"])
             return {"answer": episode["actions"][-1], "actions": episode["actions"]}
         return {"answer": "ECHO", "actions": ["ECHO"]}
 

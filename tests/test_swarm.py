@@ -253,8 +253,6 @@ def tiny_policy(tmp_path):
 
 
 def test_a_tiny_swarm_of_real_policies_with_debate_and_a_guide_runs_end_to_end(tmp_path, tiny_policy):
-    if not hasattr(world, "load_policy"):
-        pytest.skip("world.py has no policies yet")
     cfg = swarm_config(tmp_path, checkpoints=[tiny_policy], temperatures=[0.5, 1.0], workers=2, num_goals=2,
                        guide=tiny_policy, aggregators=["guide", "majority", "verifier"], debate_rounds=1,
                        reply_timeout=60.0, threads=1)
