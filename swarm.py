@@ -437,19 +437,18 @@ def kill(proc, grace=0.0):
 # ----------------------------------------------------------------------------- one goal
 
 def solve(pool, goal, cfg, log):
-    """Proposals, debate, verification, guide scores and every aggregator's choice for one goal."""
+    """One goal: (first proposals, final proposals after debate, each aggregator's choice among the final)."""
     replies = pool.ask([(w, {"type": "goal", "goal": goal}) for w in pool.alive()], "proposal")
-    proposals = [proposal_of(i, r) for i, r in sorted(replies.items())]
-    for _ in range(cfg["debate_rounds"]):
+    first = proposals = verified(goal, [proposal_of(i, r) for i, r in sorted(replies.items())])
+    log("proposals", goal=goal, debate_round=0, proposals=first)
+    for debate_round in range(1, cfg["debate_rounds"] + 1):
         by_worker = {p["worker"]: p for p in proposals}
         requests = [(w, {"type": "message", "goal": goal, "own": by_worker[w.index],
                          "proposals": [p for p in proposals if p["worker"] != w.index]})
                     for w in pool.alive() if w.index in by_worker]
         revised = pool.ask(requests, "proposal")
-        proposals = [proposal_of(i, r) for i, r in sorted(revised.items())]
-    for p in proposals:
-        episode = replay(goal, p["actions"])
-        p["reward"], p["success"] = episode["reward"], bool(episode["success"])
+        proposals = verified(goal, [proposal_of(i, r) for i, r in sorted(revised.items())])
+        log("proposals", goal=goal, debate_round=debate_round, proposals=proposals)
     guides = pool.alive("guide")
     if guides and proposals:
         scored = pool.ask([(guides[0], {"type": "score", "goal": goal, "proposals": proposals})], "scores")
@@ -458,9 +457,17 @@ def solve(pool, goal, cfg, log):
             for p, s in zip(proposals, scores):
                 p["guide_score"] = s
     choices = {name: AGGREGATORS[name](proposals) for name in cfg["aggregators"]}
-    log("proposals", goal=goal, proposals=proposals)
-    log("aggregate", goal=goal, choices=choices)
-    return proposals, choices
+    log("aggregate", goal=goal, choices=choices,
+        guide_scores=[p.get("guide_score") for p in proposals] if guides else None)
+    return first, proposals, choices
+
+
+def verified(goal, proposals):
+    """The proposals with the reward and success of their actions replayed in a fresh environment."""
+    for p in proposals:
+        episode = replay(goal, p["actions"])
+        p["reward"], p["success"] = episode["reward"], bool(episode["success"])
+    return proposals
 
 
 def proposal_of(worker, reply):
@@ -569,15 +576,16 @@ def make_workers(cfg):
 
 
 def summarize(records, cfg, seconds):
-    """Success rates: the decision, each aggregator, one worker on its own (mean), any worker (oracle)."""
+    """Success rates: the decision, each aggregator, one worker alone (the mean over workers of their
+    first proposals, before any debate) and any worker (the oracle: some first proposal succeeds)."""
     n = len(records)
     rate = lambda hits: round(sum(hits) / n, 4) if n else None  # noqa: E731
     summary = {"goals": n, "workers": cfg["workers"], "seconds": round(seconds, 2),
                "goals_per_minute": round(60 * n / seconds, 2) if seconds else None,
                "decision_success": rate([r["decision"]["success"] for r in records]),
-               "single_worker_success": rate([sum(p["success"] for p in r["proposals"]) / len(r["proposals"])
-                                              if r["proposals"] else 0 for r in records]),
-               "any_worker_success": rate([any(p["success"] for p in r["proposals"]) for r in records])}
+               "single_worker_success": rate([sum(p["success"] for p in r["first"]) / len(r["first"])
+                                              if r["first"] else 0 for r in records]),
+               "any_worker_success": rate([any(p["success"] for p in r["first"]) for r in records])}
     for name in cfg["aggregators"]:
         summary[f"{name}_success"] = rate([r["choices"][name] is not None and r["proposals"][r["choices"][name]]["success"]
                                            for r in records])
@@ -604,9 +612,10 @@ def run(cfg, inp=sys.stdin, out=sys.stderr):
             if not pool.alive():
                 raise SystemExit(f"every worker was dropped; see the worker logs in {cfg['out_dir']}")
             log("goal", goal=goal)
-            proposals, choices = solve(pool, goal, cfg, log)
+            first, proposals, choices = solve(pool, goal, cfg, log)
             decision = decide(goal, proposals, choices, cfg, log, inp, out)
-            records.append({"goal": goal, "proposals": proposals, "choices": choices, "decision": decision})
+            records.append({"goal": goal, "first": first, "proposals": proposals, "choices": choices,
+                            "decision": decision})
             if decision["verdict"] == "stop":
                 break
         summary = {**summarize(records, cfg, time.perf_counter() - t0), "startup_seconds": round(startup, 2)}

@@ -237,19 +237,21 @@ def test_workers_spread_over_the_named_gpus():
 
 @pytest.fixture
 def tiny_policy(tmp_path):
-    """A policy checkpoint trained for a few steps on teacher transcripts: real, tiny, mostly wrong."""
-    import prepare
-    import train
-    from conftest import tiny_train_config
-    env = world.make_env("arith")
-    corpus = tmp_path / "teacher.jsonl"
-    rows = [world.ALPHABET] + [world.play_episode(env, world.teacher_act(env), s)["transcript"] for s in range(50)]
-    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
-    prepare.prepare(configure(prepare.DEFAULTS, [f"--dataset={corpus}", "--name=teacher", "--tokenizer=char",
-                                                 f"--data_dir={tmp_path / 'data'}"]))
-    cfg = tiny_train_config(tmp_path, dataset="teacher", block_size=128, max_iters=5, eval_interval=5)
-    train.train(cfg)
-    return os.path.join(cfg["out_dir"], "ckpt.pt")
+    """A real policy checkpoint, untrained and tiny: its actions are nonsense, but every path runs."""
+    import dataclasses
+
+    import torch
+
+    from checkpoint import save_checkpoint
+    from model import GPT, GPTConfig
+    from tokenizer import CharTokenizer
+    torch.manual_seed(0)
+    tokenizer = CharTokenizer(world.ALPHABET)
+    config = GPTConfig(vocab_size=tokenizer.n_vocab, block_size=128, n_layer=1, n_head=2, n_embd=16)
+    path = str(tmp_path / "policy.pt")
+    save_checkpoint(path, {"model_args": dataclasses.asdict(config), "model": GPT(config).state_dict(),
+                           "tokenizer": tokenizer.meta()})
+    return path
 
 
 def test_a_tiny_swarm_of_real_policies_with_debate_and_a_guide_runs_end_to_end(tmp_path, tiny_policy):
@@ -259,7 +261,8 @@ def test_a_tiny_swarm_of_real_policies_with_debate_and_a_guide_runs_end_to_end(t
     summary = swarm.run(cfg)
     assert summary["goals"] == 2 and 0.0 <= summary["decision_success"] <= 1.0
     proposals = [e for e in events(cfg) if e["event"] == "proposals"]
+    assert [p["debate_round"] for p in proposals] == [0, 1, 0, 1]
     assert all(len(p["proposals"]) == 2 for p in proposals)
-    scores = [q["guide_score"] for p in proposals for q in p["proposals"]]
-    assert all(s < 0 for s in scores)  # log-probabilities of an untrained model's actions
+    scores = [s for e in events(cfg) if e["event"] == "aggregate" for s in e["guide_scores"]]
+    assert len(scores) == 4 and all(s < 0 for s in scores)  # log-probabilities of an untrained model's actions
     assert not any(e["event"] in ("restart", "drop") for e in events(cfg))
