@@ -73,7 +73,8 @@ DEFAULTS = dict(
     debate_rounds=0,              # message rounds: each worker sees the others' proposals and may revise
     human=False,                  # pause after each goal: accept / edit / reject / stop from the terminal
     device="cpu",                 # cpu | cuda (GPU 0) | cuda:0,1 (workers spread over these GPUs)
-    threads=0,                    # torch threads per worker; 0 = the machine's cores / workers, at least 1
+    threads=1,                    # torch threads per worker: micro models gain nothing from more, and on a
+                                  # busy 2-core CPU one worker with 2 threads ran 28x slower than with 1
     reply_timeout=60.0,           # seconds a worker may take for one reply before it counts as hung
     start_timeout=120.0,          # seconds for a worker to load its checkpoint and answer the hello
 )
@@ -148,8 +149,7 @@ class ModelAgent:
         import torch
         import world
         from train import resolve_device
-        if hello["threads"]:
-            torch.set_num_threads(hello["threads"])  # N workers share the cores instead of each taking all
+        torch.set_num_threads(hello["threads"])  # N workers share the cores instead of each taking all
         self.device = resolve_device(hello["device"])
         self.seed, self.temperature = hello["seed"], hello["temperature"]
         self.policy = world.load_policy(hello["checkpoint"], device=str(self.device))
@@ -550,6 +550,12 @@ def check_config(cfg):
         raise ConfigError("reply_timeout and start_timeout must be positive")
     if not (cfg["device"] == "cpu" or cfg["device"].startswith("cuda")):
         raise ConfigError(f"device must be cpu, cuda or cuda:0,1,..., got {cfg['device']!r}")
+    if cfg["device"].startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={cfg['device']} but this torch sees no CUDA GPU; use --device=cpu")
+    if cfg["threads"] < 1:
+        raise ConfigError(f"threads must be at least 1, got {cfg['threads']}")
     import world
     if cfg["task"] not in world.TASKS:
         raise ConfigError(f"unknown task {cfg['task']!r}; world.py has {', '.join(world.TASKS)}")
@@ -565,7 +571,7 @@ def worker_devices(device, n):
 
 def make_workers(cfg):
     n = cfg["workers"]
-    threads = cfg["threads"] or max(1, (os.cpu_count() or 1) // n)
+    threads = cfg["threads"]
     devices = worker_devices(cfg["device"], n + 1)
     workers = [Worker(i, cfg["checkpoints"][i % len(cfg["checkpoints"])], cfg["seed"] + i,
                       float(cfg["temperatures"][i % len(cfg["temperatures"])]), devices[i], threads)

@@ -219,6 +219,7 @@ def test_human_flag_reads_decisions_from_the_terminal_of_the_command(tmp_path):
     ({"checkpoints": ["fake:sleepy"]}, "unknown fake worker"),
     ({"task": "chess"}, "unknown task 'chess'"),
     ({"device": "tpu"}, "device must be"),
+    ({"threads": 0}, "threads must be at least 1"),
 ])
 def test_bad_config_is_a_clear_error_before_any_worker_starts(tmp_path, overrides, message):
     cfg = swarm_config(tmp_path, **overrides)
@@ -231,6 +232,14 @@ def test_workers_spread_over_the_named_gpus():
     assert swarm.worker_devices("cpu", 2) == ["cpu", "cpu"]
     assert swarm.worker_devices("cuda", 2) == ["cuda:0", "cuda:0"]
     assert swarm.worker_devices("cuda:1,3", 3) == ["cuda:1", "cuda:3", "cuda:1"]
+
+
+def test_asking_for_cuda_without_a_gpu_is_a_clear_error(tmp_path):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ConfigError, match="sees no CUDA GPU"):
+        swarm.run(swarm_config(tmp_path, device="cuda"))
 
 
 # ----------------------------------------------------------------------------- a real swarm
