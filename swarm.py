@@ -203,8 +203,8 @@ class FakeAgent:
     """Test stand-ins: echo proposes a fixed answer, teacher the world's teacher actions; crash, hang
     and garbage misbehave on their first goal."""
 
-    def __init__(self, hello):
-        self.mode = hello["checkpoint"].removeprefix("fake:")
+    def __init__(self, hello, out):
+        self.mode, self.out = hello["checkpoint"].removeprefix("fake:"), out
         if self.mode not in FAKE_MODES:
             raise ValueError(f"unknown fake worker {hello['checkpoint']!r}; known: {', '.join(FAKE_MODES)}")
         if self.mode == "teacher":
@@ -218,9 +218,9 @@ class FakeAgent:
             while True:
                 time.sleep(60)
         if self.mode == "garbage":
-            sys.stdout.write("Traceback? no: this line is not JSON\n")
-            sys.stdout.flush()
-            return {"answer": "unreachable", "actions": []}
+            self.out.write("Traceback? no: this line is not JSON\n")
+            self.out.flush()
+            return {"answer": "too late", "actions": []}
         if self.mode == "teacher":
             env = self.world.make_env(goal["task"], **goal.get("options", {}))
             episode = self.world.play_episode(env, self.world.teacher_act(env), goal["seed"])
@@ -241,7 +241,7 @@ def worker_main(stdin=sys.stdin, stdout=sys.stdout):
         send(stdout, {"type": "error", "message": f"expected a protocol {PROTOCOL} hello, got {hello!r}"})
         return 2
     fake = hello["checkpoint"].startswith("fake:")
-    agent = FakeAgent(hello) if fake else ModelAgent(hello)
+    agent = FakeAgent(hello, stdout) if fake else ModelAgent(hello)
     send(stdout, {"type": "ready", "protocol": PROTOCOL, "worker": hello["worker"], "pid": os.getpid()})
     for line in stdin:
         msg = json.loads(line)
@@ -641,7 +641,10 @@ def run(cfg, inp=sys.stdin, out=sys.stderr):
 
 def main(argv):
     if argv and argv[0] == "--worker":
-        sys.exit(worker_main())
+        protocol_out = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
+        os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # a stray print lands in the log, not the protocol
+        sys.stdout = sys.stderr
+        sys.exit(worker_main(sys.stdin, protocol_out))
     argv = ["--human=True" if a == "--human" else a for a in argv]  # a bare --human reads naturally
     cfg = configure(DEFAULTS, argv)
     print_config(cfg)
