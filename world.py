@@ -439,8 +439,8 @@ class Policy:
         was_training = self.model.training
         self.model.eval()
         prompt = self.tokenizer.encode(transcript + ACTION_PREFIX)
-        keep = self.model.config.block_size - MAX_ACTION_CHARS - 1  # room for the action in the context
-        idx = torch.tensor([prompt[-keep:]], dtype=torch.long, device=self.device)
+        # a long transcript keeps its end (generate_stream slides the window as the action grows), as in training
+        idx = torch.tensor([prompt[-self.model.config.block_size:]], dtype=torch.long, device=self.device)
         ids = []
         for token in self.model.generate_stream(idx, MAX_ACTION_CHARS + 1, temperature=temperature,
                                                 stop_token=self.newline, seed=seed):
@@ -544,31 +544,40 @@ class Replay:
 
 # ----------------------------------------------------------------------------- imitation (prepare.py + train.py)
 
-def write_teacher_transcripts(path, tasks, episodes_per_task, noise, seed):
-    """Teacher episodes as a .jsonl corpus for prepare.py (one transcript per row), plus one row that
-    holds the whole ALPHABET so the character vocabulary covers every character the world can show."""
+def teacher_episodes(tasks, episodes_per_task, noise, seed):
+    """Teacher episodes on training seeds; with noise > 0 some actions are random (noisy demonstrations)."""
     rng = random.Random(seed)
+    episodes = []
+    for name, options in tasks.items():
+        env = make_env(name, **options)
+        for _ in range(episodes_per_task):
+            episodes.append(play_episode(env, teacher_act(env, noise, rng), rng.randrange(EVAL_SEED_BASE)))
+    return episodes
+
+
+def write_transcripts(path, episodes):
+    """Episodes as a .jsonl corpus for prepare.py (one transcript per row), plus one row that holds
+    the whole ALPHABET so the character vocabulary covers every character the world can show."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    successes = 0
     with open(path, "w") as f:
         f.write(json.dumps({"text": ALPHABET}) + "\n")
-        for name, options in tasks.items():
-            env = make_env(name, **options)
-            for _ in range(episodes_per_task):
-                episode = play_episode(env, teacher_act(env, noise, rng), rng.randrange(EVAL_SEED_BASE))
-                successes += episode["success"]
-                f.write(json.dumps({"text": episode["transcript"]}) + "\n")
-    return successes / max(1, episodes_per_task * len(tasks))
+        for episode in episodes:
+            f.write(json.dumps({"text": episode["transcript"]}) + "\n")
 
 
 def imitate(cfg):
-    """Pretrain a policy on teacher transcripts with prepare.py and train.py; returns its checkpoint path."""
+    """A policy from teacher transcripts; returns its checkpoint path.
+
+    Two stages: train.py learns the language of the world from every token of the transcripts (the
+    observations too), then behaviour cloning trains on the action tokens alone, which is what makes
+    the policy copy an expression into a tool call (measured: train.py alone, 800 steps, never copied)."""
     import prepare
     import train
+    episodes = teacher_episodes(cfg["tasks"], cfg["imitation_episodes"], cfg["teacher_noise"], cfg["seed"])
     corpus = os.path.join(cfg["out_dir"], "teacher", "transcripts.jsonl")
-    rate = write_teacher_transcripts(corpus, cfg["tasks"], cfg["imitation_episodes"], cfg["teacher_noise"], cfg["seed"])
-    print(f"wrote {cfg['imitation_episodes']} teacher transcripts per task to {corpus} "
-          f"(noise {cfg['teacher_noise']}: {rate:.0%} of them succeed)")
+    write_transcripts(corpus, episodes)
+    rate = sum(e["success"] for e in episodes) / len(episodes)
+    print(f"wrote {len(episodes)} teacher transcripts to {corpus} (noise {cfg['teacher_noise']}: {rate:.0%} succeed)")
     prepare.prepare(configure(prepare.DEFAULTS, []) | {
         "dataset": corpus, "name": "teacher", "tokenizer": "char", "data_dir": cfg["out_dir"], "force": True})
     run = configure(train.DEFAULTS, []) | {k: cfg[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "device", "seed")}
@@ -578,7 +587,23 @@ def imitate(cfg):
             "eval_interval": max(1, cfg["imitation_iters"] // 4), "eval_iters": 10, "log_interval": 25,
             "dropout": 0.0, "beta2": 0.99, "compile": False}
     train.train(run)
-    return os.path.join(run["out_dir"], "ckpt.pt")
+    path = os.path.join(run["out_dir"], "ckpt.pt")
+    if cfg["clone_iters"]:
+        state = load_checkpoint(path)
+        policy = Policy(load_model(state, cfg["device"]), tokenizer_from_meta(state["tokenizer"]), cfg["device"])
+        optimizer = torch.optim.AdamW(policy.model.parameters(), lr=cfg["imitation_lr"], betas=(0.9, 0.99),
+                                      weight_decay=0.0)
+        rng = random.Random(cfg["seed"])
+        items = [episode_item(e, 0) for e in episodes]
+        for step in tqdm(range(cfg["clone_iters"]), desc="cloning actions", disable=None):
+            for group in optimizer.param_groups:  # cosine decay to a tenth
+                group["lr"] = cfg["imitation_lr"] * (0.55 + 0.45 * math.cos(math.pi * step / cfg["clone_iters"]))
+            update(policy, optimizer, [rng.choice(items) for _ in range(cfg["imitation_batch_size"])],
+                   [1.0] * cfg["imitation_batch_size"], cfg["grad_clip"])
+        path = os.path.join(cfg["out_dir"], "imitation", "cloned.pt")
+        save_checkpoint(path, {**state, "model": policy.model.state_dict(), "optimizer": None,
+                               "clone_iters": cfg["clone_iters"]})
+    return path
 
 
 # ----------------------------------------------------------------------------- the learning loop
@@ -595,7 +620,8 @@ DEFAULTS = dict(
     # imitation: the policy's first weights
     imitation_episodes=1000,   # teacher transcripts per task
     teacher_noise=0.0,         # chance of a random action in a teacher transcript (noisy demonstrations)
-    imitation_iters=1000,
+    imitation_iters=1000,      # train.py steps on every token of the transcripts
+    clone_iters=500,           # then behaviour-cloning steps on their action tokens only
     imitation_batch_size=16,
     imitation_lr=2e-3,
     n_layer=3,
