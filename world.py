@@ -722,6 +722,25 @@ def plot_world(out_dir, changes=()):
     os.replace(tmp, os.path.join(out_dir, "world.png"))
 
 
+def recovery(rows, when, task, fraction=0.9):
+    """After the change at episode `when` to `task`: the evaluation levels just before it, and the first
+    evaluation after it where the changed task and every old task are back to `fraction` of those levels
+    (None if that never happened)."""
+    evals = [r for r in rows if "eval" in r]
+    before = [r for r in evals if r["episode"] < when]
+    if not before:
+        return None
+    levels = {t: v["success"] for t, v in before[-1]["eval"].items()}
+    for r in evals:
+        if r["episode"] < when:
+            continue
+        ok = all(r["eval"][t]["success"] >= fraction * level for t, level in levels.items() if t in r["eval"])
+        if ok and task in r["eval"] and task in levels:
+            return {"before": levels, "recovered_at": r["episode"], "episodes_after_change": r["episode"] - when,
+                    "after": {t: v["success"] for t, v in r["eval"].items()}}
+    return {"before": levels, "recovered_at": None}
+
+
 def read_rows(path):
     if not os.path.exists(path):
         return []
@@ -837,6 +856,10 @@ def run(cfg):
             if crossed or episode >= total or stop.requested:
                 result = evaluate_and_save()
     bar.close()
+    rows = read_rows(metrics_path)
+    for when, name, options in cfg["changes"]:
+        if when <= episode:
+            print(f"change at episode {when} ({name} {options}): {recovery(rows, when, name)}")
     if stop.requested:
         print(f"stopped at episode {episode}; resume with --init_from=resume --out_dir={out_dir}")
     return result

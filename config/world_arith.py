@@ -1,5 +1,5 @@
-# arith with the calc tool: imitate 1000 teacher transcripts, then evaluate greedily on 200 held-out seeds.
-# Expect held-out success >= 95% (the policy copies the expression into CALL calc and the result into ANSWER).
+# arith with the calc tool: imitate 1000 teacher transcripts (train.py, then cloning the actions),
+# then play 200 held-out seeds greedily. Expect >= 95% success (compare world_arith_notool.py).
 out_dir = "out/world_arith"
 tasks = {"arith": {}}
 init_from = "imitate"

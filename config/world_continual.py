@@ -1,0 +1,30 @@
+# Continual learning: a policy that does arith (calc tool) and lookup learns by expert iteration with
+# teacher help; at episode 192 the world renames the calculator from calc to compute.
+# Expect arith to fall, then recover to >= 90% of its earlier level within a few hundred episodes while
+# lookup stays >= 90% of its level (the replay buffer keeps old lookup episodes in every batch).
+out_dir = "out/world_continual"
+tasks = {"arith": {}, "lookup": {}}
+changes = [(192, "arith", {"tool": "compute"})]
+init_from = "imitate"
+mode = "expert_iteration"
+teacher_help = True
+imitation_episodes = 500
+imitation_iters = 200
+clone_iters = 900
+imitation_batch_size = 16
+imitation_lr = 2e-3
+n_layer = 2
+n_head = 4
+n_embd = 64
+block_size = 192
+episodes = 576
+episodes_per_update = 32
+updates_per_batch = 4
+update_batch_size = 16
+learning_rate = 1e-3
+temperature_start = 0.7
+temperature_end = 0.3
+replay_recent_window = 128
+replay_recent_fraction = 0.5
+eval_interval = 64
+eval_episodes = 50
