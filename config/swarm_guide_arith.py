@@ -1,11 +1,11 @@
-# The guide for the arith swarm: a larger character GPT (4 layers, 192 wide, ~1.8M parameters vs the
+# The guide for the arith swarm: a larger character GPT (4 layers, 160 wide, ~1.2M parameters vs the
 # workers' 0.6M) trained longer on the same teacher transcripts; it scores proposals by likelihood.
 out_dir = "out/guide_arith"
 dataset = "arith_teacher"
 device = "cpu"
 n_layer = 4
-n_head = 6
-n_embd = 192
+n_head = 4
+n_embd = 160
 block_size = 160
 dropout = 0.0
 batch_size = 16
