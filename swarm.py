@@ -74,7 +74,7 @@ DEFAULTS = dict(
     human=False,                  # pause after each goal: accept / edit / reject / stop from the terminal
     device="cpu",                 # cpu | cuda (GPU 0) | cuda:0,1 (workers spread over these GPUs)
     threads=1,                    # torch threads per worker: micro models gain nothing from more, and on a
-                                  # busy 2-core CPU one worker with 2 threads ran 28x slower than with 1
+                                  # busy 2-core CPU one worker with 2 threads ran 30x slower than with 1
     reply_timeout=60.0,           # seconds a worker may take for one reply before it counts as hung
     start_timeout=120.0,          # seconds for a worker to load its checkpoint and answer the hello
 )
