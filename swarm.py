@@ -2,7 +2,7 @@
 A swarm of µLM workers: N worker subprocesses work on one goal at a time, may read each other's
 proposals and revise, and an aggregator (or a human) decides.
 
-    python swarm.py config/swarm_arith.py --workers=8 --aggregators=['majority','verifier']
+    python swarm.py config/swarm_arith.py --workers=8 --aggregators="['verifier','majority']"
     python swarm.py config/swarm_arith.py --human              # accept / edit / reject / stop each goal
     python swarm.py config/swarm_arith.py --device=cuda        # workers on the GPU (cuda:0,1 spreads them)
 
