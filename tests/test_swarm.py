@@ -1,0 +1,277 @@
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import swarm
+import world
+from configurator import ConfigError, configure
+from conftest import ROOT
+
+SWARM = os.path.join(ROOT, "swarm.py")
+
+
+def swarm_config(tmp_path, **overrides):
+    """Fake workers, three goals, timeouts short enough that a hung worker costs a second."""
+    cfg = configure(swarm.DEFAULTS, [])
+    cfg.update(out_dir=str(tmp_path / "swarm"), num_goals=3, workers=3, reply_timeout=1.0, start_timeout=20.0,
+               checkpoints=["fake:teacher", "fake:echo", "fake:teacher"])
+    cfg.update(overrides)
+    return cfg
+
+
+def events(cfg):
+    with open(os.path.join(cfg["out_dir"], "swarm.jsonl")) as f:
+        return [json.loads(line) for line in f]  # every line is whole JSON, even after failures
+
+
+def gone(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+# ----------------------------------------------------------------------------- protocol
+
+def talk(proc, message):
+    proc.stdin.write(json.dumps(message) + "\n")
+    proc.stdin.flush()
+    return json.loads(proc.stdout.readline())
+
+
+def test_protocol_round_trip_with_a_worker_process():
+    proc = subprocess.Popen([sys.executable, SWARM, "--worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, cwd=ROOT)
+    try:
+        hello = {"type": "hello", "protocol": swarm.PROTOCOL, "worker": 5, "checkpoint": "fake:teacher", "seed": 0,
+                 "temperature": 1.0, "device": "cpu", "threads": 1}
+        ready = talk(proc, hello)
+        assert ready == {"type": "ready", "protocol": swarm.PROTOCOL, "worker": 5, "pid": proc.pid}
+        goal = {"task": "arith", "seed": 3}
+        proposal = talk(proc, {"type": "goal", "round": 1, "goal": goal})
+        assert proposal["type"] == "proposal" and proposal["round"] == 1
+        assert swarm.replay(goal, proposal["actions"])["success"]
+        scores = talk(proc, {"type": "score", "round": 2, "goal": goal, "proposals": [proposal]})
+        assert scores["type"] == "scores" and scores["round"] == 2 and len(scores["scores"]) == 1
+        proc.stdin.write(json.dumps({"type": "stop"}) + "\n")
+        proc.stdin.flush()
+        assert proc.wait(timeout=10) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_worker_refuses_a_hello_of_another_protocol_version():
+    out = subprocess.run([sys.executable, SWARM, "--worker"], input=json.dumps({"type": "hello", "protocol": 99}) + "\n",
+                         capture_output=True, text=True, cwd=ROOT, timeout=30)
+    reply = json.loads(out.stdout)
+    assert out.returncode == 2 and reply["type"] == "error" and "protocol 1" in reply["message"]
+
+
+@pytest.mark.parametrize("line, problem", [("not json\n", "garbage"), ('{"type": "scores", "round": 1}\n', "expected"),
+                                           ('{"type": "proposal", "round": 0}\n', "round")])
+def test_replies_that_are_not_protocol_are_named_as_such(line, problem):
+    assert problem in swarm.parse_reply(line, "proposal", 1)
+
+
+# ----------------------------------------------------------------------------- aggregators
+
+def canned(*answers, rewards=None, scores=None):
+    proposals = [{"worker": i, "answer": a, "actions": [a]} for i, a in enumerate(answers)]
+    for key, values in (("reward", rewards), ("guide_score", scores)):
+        for p, v in zip(proposals, values or []):
+            p[key] = v
+    return proposals
+
+
+def test_majority_vote_picks_the_most_common_answer_and_breaks_ties_by_order():
+    assert swarm.majority_vote(canned("ANSWER 3", "ANSWER 5", " ANSWER 5", "ANSWER 3", "ANSWER 5")) == 1
+    assert swarm.majority_vote(canned("ANSWER 7", "ANSWER 8")) == 0
+    assert swarm.majority_vote([]) is None
+
+
+def test_verifier_picks_the_highest_world_reward():
+    assert swarm.best_of_n_verifier(canned("a", "b", "c", rewards=[0.0, 1.0, -0.1])) == 1
+    assert swarm.best_of_n_verifier(canned("a", "b")) is None  # nothing verified: no choice
+
+
+def test_guide_picks_the_proposal_it_finds_most_likely():
+    assert swarm.guide_choice(canned("a", "b", "c", scores=[-2.0, -0.5, -1.0])) == 1
+    assert swarm.guide_choice(canned("a")) is None
+
+
+def test_aggregators_are_a_plain_dict_of_the_three():
+    assert set(swarm.AGGREGATORS) == {"majority", "verifier", "guide"}
+
+
+# ----------------------------------------------------------------------------- runs with fake workers
+
+def test_a_swarm_of_fake_workers_solves_every_goal_and_logs_everything(tmp_path):
+    cfg = swarm_config(tmp_path, debate_rounds=1)
+    summary = swarm.run(cfg)
+    assert summary["goals"] == 3 and summary["decision_success"] == 1.0
+    assert summary["single_worker_success"] == pytest.approx(2 / 3, abs=1e-3)
+    assert summary["majority_success"] == summary["verifier_success"] == 1.0
+    kinds = [e["event"] for e in events(cfg)]
+    assert kinds[0] == "config" and kinds[-1] == "summary"
+    assert kinds.count("goal") == kinds.count("decision") == 3
+    assert kinds.count("receive") == 3 * 3 + 3 * 3 + 3  # ready, proposals, revised proposals
+    assert all("time" in e for e in events(cfg))
+    assert os.path.exists(os.path.join(cfg["out_dir"], "summary.json"))
+
+
+def test_a_guide_worker_scores_proposals_and_the_guide_aggregator_follows_it(tmp_path):
+    # the fake guide prefers ECHO, so guide aggregation picks the echo worker's (wrong) answer
+    cfg = swarm_config(tmp_path, guide="fake:echo", aggregators=["guide", "majority"])
+    summary = swarm.run(cfg)
+    assert summary["guide_success"] == 0.0 and summary["majority_success"] == 1.0
+    decisions = [e for e in events(cfg) if e["event"] == "decision"]
+    assert {d["chosen_worker"] for d in decisions} == {1}
+
+
+@pytest.mark.parametrize("mode", ["crash", "hang", "garbage"])
+def test_a_failing_worker_is_restarted_once_then_dropped_and_the_rounds_complete(tmp_path, mode):
+    cfg = swarm_config(tmp_path, checkpoints=["fake:teacher", f"fake:{mode}", "fake:teacher"])
+    summary = swarm.run(cfg)
+    assert summary["goals"] == 3 and summary["decision_success"] == 1.0
+    log = events(cfg)
+    assert [e["worker"] for e in log if e["event"] == "restart"] == [1]
+    assert [e["worker"] for e in log if e["event"] == "drop"] == [1]
+    starts = [e for e in log if e["event"] == "start" and e["worker"] == 1]
+    assert len(starts) == 2 and all(gone(e["pid"]) for e in starts)
+    last_goal_proposals = [e for e in log if e["event"] == "proposals"][-1]["proposals"]
+    assert [p["worker"] for p in last_goal_proposals] == [0, 2]
+
+
+def test_when_every_worker_is_dropped_the_run_stops_with_a_message(tmp_path):
+    cfg = swarm_config(tmp_path, workers=1, checkpoints=["fake:crash"])
+    with pytest.raises(SystemExit, match="every worker was dropped"):
+        swarm.run(cfg)
+    assert all(gone(e["pid"]) for e in events(cfg) if e["event"] == "start")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_leaves_no_orphan_workers(tmp_path, sig):
+    out_dir = tmp_path / "swarm"
+    coordinator = subprocess.Popen([sys.executable, SWARM, "--workers=3", "--checkpoints=['fake:hang']",
+                                    f"--out_dir={out_dir}", "--reply_timeout=60.0"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    try:
+        transcript, deadline = out_dir / "swarm.jsonl", time.monotonic() + 30
+        while time.monotonic() < deadline:  # wait until all three are working on the first goal
+            lines = transcript.read_text().splitlines() if transcript.exists() else []
+            if sum('"event": "send"' in line for line in lines) == 3:
+                break
+            time.sleep(0.05)
+        pids = [json.loads(line)["pid"] for line in lines if '"event": "start"' in line]
+        assert len(pids) == 3 and not any(gone(p) for p in pids)
+        coordinator.send_signal(sig)
+        assert coordinator.wait(timeout=20) != 0
+    finally:
+        coordinator.kill()
+        coordinator.wait()
+    assert all(gone(p) for p in pids)
+    assert '"event": "interrupted"' in transcript.read_text() or sig == signal.SIGTERM
+
+
+# ----------------------------------------------------------------------------- human in the loop
+
+def test_human_accepts_edits_rejects_and_stops_from_stdin(tmp_path):
+    cfg = swarm_config(tmp_path, num_goals=5, human=True, checkpoints=["fake:echo"], workers=2)
+    # goal 1 accepted (echo is wrong), goal 2 edited to the right answer, goal 3 rejected, then stop
+    env = world.make_env("arith")
+    env.reset(cfg["first_seed"] + 1)
+    right = f"ANSWER {env.answer}"
+    shown = io.StringIO()
+    summary = swarm.run(cfg, inp=io.StringIO(f"a\nmaybe\ne\n{right}\nr\ns\n"), out=shown)
+    verdicts = [e["verdict"] for e in events(cfg) if e["event"] == "decision"]
+    assert verdicts == ["accept", "edit", "reject", "stop"]
+    assert summary["goals"] == 4 and summary["edited"] == 1 and summary["rejected"] == 1
+    assert summary["decision_success"] == 0.25  # only the edited goal
+    assert "aggregate: 'ECHO'" in shown.getvalue() and "please answer one of" in shown.getvalue()
+
+
+def test_human_flag_reads_decisions_from_the_terminal_of_the_command(tmp_path):
+    out = subprocess.run([sys.executable, SWARM, "--human", "--workers=2", "--checkpoints=['fake:teacher']",
+                          f"--out_dir={tmp_path}", "--num_goals=3"], input="a\nr\n", capture_output=True,
+                         text=True, cwd=ROOT, timeout=60)
+    summary = json.loads(out.stdout.splitlines()[-1])
+    # two answers, then end of input: nobody is left to decide, so the run stops at the third goal
+    assert out.returncode == 0 and summary["goals"] == 3 and summary["rejected"] == 1
+    assert summary["decision_success"] == pytest.approx(1 / 3, abs=1e-3)
+    assert out.stderr.count("aggregate: 'ANSWER") == 3
+
+
+# ----------------------------------------------------------------------------- configuration
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"workers": 0}, "workers must be at least 1"),
+    ({"checkpoints": ["no/such/ckpt.pt"]}, "no checkpoint at no/such/ckpt.pt"),
+    ({"aggregators": ["majority", "vote"]}, "unknown aggregator 'vote'"),
+    ({"aggregators": ["guide"]}, "needs --guide"),
+    ({"checkpoints": ["fake:sleepy"]}, "unknown fake worker"),
+    ({"task": "chess"}, "unknown task 'chess'"),
+    ({"device": "tpu"}, "device must be"),
+    ({"threads": 0}, "threads must be at least 1"),
+])
+def test_bad_config_is_a_clear_error_before_any_worker_starts(tmp_path, overrides, message):
+    cfg = swarm_config(tmp_path, **overrides)
+    with pytest.raises(ConfigError, match=message):
+        swarm.run(cfg)
+    assert not os.path.exists(cfg["out_dir"])
+
+
+def test_workers_spread_over_the_named_gpus():
+    assert swarm.worker_devices("cpu", 2) == ["cpu", "cpu"]
+    assert swarm.worker_devices("cuda", 2) == ["cuda:0", "cuda:0"]
+    assert swarm.worker_devices("cuda:1,3", 3) == ["cuda:1", "cuda:3", "cuda:1"]
+
+
+def test_asking_for_cuda_without_a_gpu_is_a_clear_error(tmp_path):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ConfigError, match="sees no CUDA GPU"):
+        swarm.run(swarm_config(tmp_path, device="cuda"))
+
+
+# ----------------------------------------------------------------------------- a real swarm
+
+@pytest.fixture
+def tiny_policy(tmp_path):
+    """A real policy checkpoint, untrained and tiny: its actions are nonsense, but every path runs."""
+    import dataclasses
+
+    import torch
+
+    from checkpoint import save_checkpoint
+    from model import GPT, GPTConfig
+    from tokenizer import CharTokenizer
+    torch.manual_seed(0)
+    tokenizer = CharTokenizer(world.ALPHABET)
+    config = GPTConfig(vocab_size=tokenizer.n_vocab, block_size=128, n_layer=1, n_head=2, n_embd=16)
+    path = str(tmp_path / "policy.pt")
+    save_checkpoint(path, {"model_args": dataclasses.asdict(config), "model": GPT(config).state_dict(),
+                           "tokenizer": tokenizer.meta()})
+    return path
+
+
+def test_a_tiny_swarm_of_real_policies_with_debate_and_a_guide_runs_end_to_end(tmp_path, tiny_policy):
+    cfg = swarm_config(tmp_path, checkpoints=[tiny_policy], temperatures=[0.5, 1.0], workers=2, num_goals=2,
+                       guide=tiny_policy, aggregators=["guide", "majority", "verifier"], debate_rounds=1,
+                       reply_timeout=60.0, threads=1)
+    summary = swarm.run(cfg)
+    assert summary["goals"] == 2 and 0.0 <= summary["decision_success"] <= 1.0
+    proposals = [e for e in events(cfg) if e["event"] == "proposals"]
+    assert [p["debate_round"] for p in proposals] == [0, 1, 0, 1]
+    assert all(len(p["proposals"]) == 2 for p in proposals)
+    scores = [s for e in events(cfg) if e["event"] == "aggregate" for s in e["guide_scores"]]
+    assert len(scores) == 4 and all(s < 0 for s in scores)  # log-probabilities of an untrained model's actions
+    assert not any(e["event"] in ("restart", "drop") for e in events(cfg))
