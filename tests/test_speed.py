@@ -1,5 +1,6 @@
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -61,10 +62,17 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tiny_dat
     ddp = tiny_train_config(tiny_data, out_dir=str(tiny_data / "two"), **common)
     args = [f"--{k}={v!r}" if isinstance(v, str) else f"--{k}={v}" for k, v in ddp.items()]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           os.path.join(ROOT, "train.py"), *args], cwd=ROOT, env=env | {"OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    # its own session, so a hang kills the launcher and both workers, never leaving orphans behind
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             os.path.join(ROOT, "train.py"), *args], cwd=ROOT, env=env | {"OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail("two-process DDP run hung for 120 s:\n" + out[-2000:] + err[-2000:])
+    assert proc.returncode == 0, out[-2000:] + err[-2000:]
     one, two = val_losses(single), val_losses(ddp)
     assert [s for s, _ in one] == [s for s, _ in two] == [0, 3, 6]
     assert all(abs(a - b) < 1e-4 for (_, a), (_, b) in zip(one, two)), (one, two)
