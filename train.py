@@ -185,12 +185,12 @@ def set_rng_states(states, generator):
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def truncate_metrics(path, step):
-    """Drop metric rows past a resumed checkpoint's step, so the log continues the curve exactly."""
+def truncate_metrics(path, upto, key="step"):
+    """Drop metric rows past a resumed checkpoint's step (or episode), so the log continues exactly."""
     if not os.path.exists(path):
         return
     with open(path) as f:
-        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        rows = [line for line in f if line.strip() and json.loads(line)[key] <= upto]
     with open(path, "w") as f:
         f.writelines(rows)
 

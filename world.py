@@ -770,13 +770,6 @@ def read_rows(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def truncate_rows(path, episode):
-    """Drop metric rows past a resumed checkpoint's episode, so the log continues where it stopped."""
-    rows = [r for r in read_rows(path) if r["episode"] <= episode]
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-
-
 def check_config(cfg):
     if cfg["mode"] not in MODES:
         raise SystemExit(f"mode must be one of {', '.join(MODES)}, got {cfg['mode']!r}")
@@ -813,7 +806,7 @@ def run(cfg):
         replay.items = state["replay"]
         rng.setstate(state["rng"])
         torch.set_rng_state(state["torch_rng"])
-        truncate_rows(metrics_path, episode)
+        train.truncate_metrics(metrics_path, episode, key="episode")
     else:
         for stale in (metrics_path, policy_path):  # a fresh run starts a fresh log
             if os.path.exists(stale):
