@@ -8,6 +8,7 @@ builder. The feed-forward of each block is chosen per layer by `make_ffn`: the M
 import json
 import math
 import os
+import shutil
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -274,25 +275,27 @@ class KNNStore:
         self.last_used = torch.cat((self.last_used, stamp))
 
     def save(self, directory):
-        """keys.npy, values.npy, last_used.npy and meta.json, written to a temp folder then renamed."""
-        tmp = f"{directory}.tmp"
-        os.makedirs(tmp, exist_ok=True)
+        """keys.npy, values.npy, last_used.npy and meta.json, written to a temp folder then swapped in:
+        a save interrupted at any point leaves the previous store or the new one, never a broken one."""
+        tmp, old = f"{directory}.tmp", f"{directory}.old"
+        if not os.path.exists(directory) and os.path.exists(old):
+            os.replace(old, directory)  # an earlier save stopped between its two renames: the old store is whole
+        for leftover in (tmp, old):
+            shutil.rmtree(leftover, ignore_errors=True)
+        os.makedirs(tmp)
         for name in self.FILES:
             np.save(os.path.join(tmp, f"{name}.npy"), getattr(self, name).cpu().numpy())
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump({"clock": self.clock, "capacity": self.capacity, "threshold": self.threshold}, f)
         if os.path.exists(directory):
-            old = f"{directory}.old"
             os.replace(directory, old)
-            os.replace(tmp, directory)
-            for name in os.listdir(old):
-                os.remove(os.path.join(old, name))
-            os.rmdir(old)
-        else:
-            os.replace(tmp, directory)
+        os.replace(tmp, directory)
+        shutil.rmtree(old, ignore_errors=True)
 
     def load(self, directory):
         """Read a saved store; arrays are memory-mapped copy-on-write, so a large store loads lazily."""
+        if not os.path.exists(directory) and os.path.exists(f"{directory}.old"):
+            directory = f"{directory}.old"  # a save stopped between its two renames: this one is whole
         if not os.path.exists(os.path.join(directory, "meta.json")):
             raise SystemExit(f"no kNN store at {directory} (expected keys.npy, values.npy, meta.json)")
         arrays = {name: torch.from_numpy(np.load(os.path.join(directory, f"{name}.npy"), mmap_mode="c"))

@@ -211,3 +211,23 @@ def test_memory_vs_dense_experiment_runs_both_models_and_writes_json(tiny_data):
     result = json.loads(out.read_text())
     assert set(result["results"]) == {"dense", "pkm"} and result["summary"]["param_ratio"] > 1
     assert all(r["steps"] == 6 for r in result["results"].values())
+
+
+def test_missing_knn_store_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="no kNN store at"):
+        KNNStore(10, 8, 32, 0.05).load(str(tmp_path / "nowhere"))
+
+
+def test_a_knn_store_save_interrupted_between_its_renames_loses_nothing(tmp_path):
+    def filled(n):
+        store = KNNStore(512, 16, 32, 0.0)
+        store.write(torch.nn.functional.normalize(torch.randn(n, 16), dim=-1), torch.randn(n, 32))
+        return store
+    path = str(tmp_path / "s")
+    filled(10).save(path)
+    os.replace(path, path + ".old")  # the crash: the old store moved aside, the new one not yet in place
+    os.makedirs(path + ".tmp")
+    assert len(KNNStore(512, 16, 32, 0.0).load(path)) == 10  # loading finds the whole old store
+    filled(20).save(path)  # the next save recovers and replaces it cleanly
+    assert len(KNNStore(512, 16, 32, 0.0).load(path)) == 20
+    assert not os.path.exists(path + ".old") and not os.path.exists(path + ".tmp")
