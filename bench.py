@@ -30,7 +30,9 @@ import torch
 
 import train
 from configurator import configure
+from data import get_batch, open_dataset
 from model import GPT, GPTConfig
+from runtime import resolve_device
 
 DEFAULTS = dict(
     suite="gpu",          # gpu | cpu
@@ -96,7 +98,7 @@ def model_config(cfg, vocab_size, **shape):
 def batch_source(cfg, bench, device, batch_size):
     """(fetch, vocab_size): real batches of the config's dataset when prepared, else random tokens."""
     try:
-        meta = train.open_dataset(bench["data_dir"], cfg["dataset"], cfg["block_size"])
+        meta = open_dataset(bench["data_dir"], cfg["dataset"], cfg["block_size"])
     except SystemExit:
         meta = None
     if meta is None:
@@ -107,7 +109,7 @@ def batch_source(cfg, bench, device, batch_size):
         return fetch, vocab, "random tokens"
     generator = torch.Generator().manual_seed(0)
     def fetch():
-        return train.get_batch(meta, "train", batch_size, cfg["block_size"], generator, device)
+        return get_batch(meta, "train", batch_size, cfg["block_size"], generator, device)
     return fetch, meta["vocab_size"], cfg["dataset"]
 
 
@@ -382,7 +384,7 @@ def summary_rows(results):
 
 def main(argv):
     bench = configure(DEFAULTS, argv)
-    device = train.resolve_device(bench["device"])
+    device = resolve_device(bench["device"])
     suite = {"gpu": GPU_PARTS, "cpu": CPU_PARTS}.get(bench["suite"])
     if suite is None:
         raise SystemExit(f"suite must be gpu or cpu, got {bench['suite']!r}")

@@ -1,38 +1,95 @@
 """
-Checkpoint I/O shared by every script: atomic saves, loads that explain what is wrong.
+Checkpoint I/O shared by every script: one layout for every kind of run, atomic saves, loads that
+explain what is wrong.
 
-A checkpoint is a dict saved with torch.save: {"format", "model_args", "model", "config", ...}.
-Scripts add what they need (optimizer, step, RNG states); `load_model` rebuilds the GPT from any.
+The layout, a dict saved with torch.save (written and read only here):
+    format      "ulm-checkpoint-1"
+    kind        what wrote it: "train" | "world" (a policy) | ... ; sample.py reads any kind
+    model_args  the GPTConfig fields; model  the state dict
+    tokenizer   {"tokenizer": "char" | "gpt2", "vocab_size", "eot", "chars"?}
+    config      the run's resolved config
+    step        optimizer steps (train) or episodes (world) so far
+    val_loss    the last evaluation's val loss, or None where the run measures something else
+Scripts add what their resume needs (optimizer, rng, best_val, episode, ...). A kNN memory model's
+stores are not weights: they live in a folder beside the checkpoint (`knn_store_dir`).
 """
+import errno
+import json
 import os
+import shutil
 
+import numpy as np
 import torch
 
 from model import GPT, GPTConfig
 
 FORMAT = "ulm-checkpoint-1"
+REQUIRED = ("model_args", "model")
 
 
-def save_checkpoint(path, state):
-    """Write to a temp file, fsync, then rename: a crash mid-save never leaves a broken file."""
-    state = {"format": FORMAT, **state}
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _fsync_dir(directory):
     dir_fd = os.open(directory, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)  # make the rename itself durable
+        os.fsync(dir_fd)  # make a rename itself durable
     finally:
         os.close(dir_fd)
 
 
+def _no_space(e):
+    return (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left" in str(e) or \
+        "file write failed" in str(e)
+
+
+def atomic_write(path, write):
+    """write(f) into a temp file beside path, fsync, then rename over path: a crash never leaves a torn file.
+
+    The temp name carries the pid, so two writers never share one. A full disk is a clear error, the
+    temp file is removed and the old file at path is kept.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if _no_space(e):
+            kept = "the previous file is kept" if os.path.exists(path) else "nothing was written"
+            raise SystemExit(f"no space left on device while saving {path}; {kept}. Free some space, "
+                             f"then resume") from None
+        raise
+    _fsync_dir(directory)
+
+
+def write_json_atomic(path, obj):
+    """A JSON file that describes other files: written whole or not at all."""
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=1, default=str) + "\n").encode()))
+
+
+def read_json(path, fix):
+    """A JSON file written by write_json_atomic, or SystemExit naming the file and `fix` (what to do)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"{path} is unreadable ({e}): {fix}")
+
+
+def save_checkpoint(path, state, kind="train"):
+    """Save a checkpoint dict in the layout above (atomically)."""
+    state = {"format": FORMAT, "kind": kind, **state}
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
 def load_checkpoint(path, map_location="cpu"):
     """The checkpoint dict at path, or SystemExit saying why it cannot be used."""
+    if os.path.isdir(path):
+        raise SystemExit(f"{path} is a folder; give a checkpoint file (e.g. {os.path.join(path, 'ckpt.pt')})")
     if not os.path.exists(path):
         raise SystemExit(f"no checkpoint at {path}: train one first with python train.py "
                          f"--out_dir={os.path.dirname(path) or '.'}")
@@ -43,17 +100,28 @@ def load_checkpoint(path, map_location="cpu"):
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise SystemExit(f"{path} is not a µLM checkpoint (format {found!r}, expected {FORMAT!r})")
+    missing = [k for k in REQUIRED if k not in state]
+    if missing:
+        raise SystemExit(f"{path} is a damaged µLM checkpoint: it has no {', '.join(missing)}")
     return state
 
 
 def load_model(state, device="cpu", knn_store=None):
     """The GPT a checkpoint dict describes, weights loaded, in eval mode; kNN stores from knn_store if given."""
-    model = GPT(GPTConfig(**state["model_args"]))
+    try:
+        model = GPT(GPTConfig(**state["model_args"]))
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"the checkpoint's model_args do not make a model this code can build: {e}")
     weights = {k.removeprefix("_orig_mod."): v for k, v in state["model"].items()}
     model.load_state_dict(weights)
     if knn_store and model.knn_stores():
         load_knn_stores(model, knn_store)
     return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------- kNN stores
+
+KNN_FILES = ("keys", "values", "last_used")
 
 
 def knn_store_dir(ckpt_path):
@@ -64,10 +132,51 @@ def knn_store_dir(ckpt_path):
 def save_knn_stores(model, directory):
     """Each kNN memory layer's store into directory/layer{i}/ as numpy arrays."""
     for i, store in model.knn_stores().items():
-        store.save(os.path.join(directory, f"layer{i}"))
+        save_knn_store(store, os.path.join(directory, f"layer{i}"))
 
 
 def load_knn_stores(model, directory):
     """Replace each kNN memory layer's store by the one saved in directory/layer{i}/ (memory-mapped)."""
     for i, store in model.knn_stores().items():
-        store.load(os.path.join(directory, f"layer{i}"))
+        load_knn_store(store, os.path.join(directory, f"layer{i}"))
+
+
+def save_knn_store(store, directory):
+    """keys.npy, values.npy, last_used.npy and meta.json, written to a temp folder then swapped in:
+    a save interrupted at any point leaves the previous store or the new one, never a broken one."""
+    tmp, old = f"{directory}.tmp", f"{directory}.old"
+    if not os.path.exists(directory) and os.path.exists(old):
+        os.replace(old, directory)  # an earlier save stopped between its two renames: the old store is whole
+    for leftover in (tmp, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    os.makedirs(tmp)
+    for name in KNN_FILES:
+        np.save(os.path.join(tmp, f"{name}.npy"), getattr(store, name).cpu().numpy())
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump({"clock": store.clock, "capacity": store.capacity, "threshold": store.threshold}, f)
+    if os.path.exists(directory):
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_knn_store(store, directory):
+    """Read a saved store into `store`; arrays are memory-mapped copy-on-write, so a large store loads lazily."""
+    if not os.path.exists(directory) and os.path.exists(f"{directory}.old"):
+        directory = f"{directory}.old"  # a save stopped between its two renames: this one is whole
+    if not os.path.exists(os.path.join(directory, "meta.json")):
+        raise SystemExit(f"no kNN store at {directory} (expected keys.npy, values.npy, meta.json)")
+    arrays = {name: torch.from_numpy(np.load(os.path.join(directory, f"{name}.npy"), mmap_mode="c"))
+              for name in KNN_FILES}
+    if arrays["keys"].size(1) != store.keys.size(1) or arrays["values"].size(1) != store.values.size(1):
+        raise SystemExit(f"kNN store at {directory} has keys of size {arrays['keys'].size(1)} and values of "
+                         f"size {arrays['values'].size(1)}; this model needs {store.keys.size(1)} and "
+                         f"{store.values.size(1)}")
+    if arrays["keys"].size(0) > store.capacity:
+        raise SystemExit(f"kNN store at {directory} holds {arrays['keys'].size(0)} pairs, more than "
+                         f"knn_capacity={store.capacity}")
+    device = store.keys.device
+    store.keys, store.values, store.last_used = arrays["keys"], arrays["values"], arrays["last_used"]
+    with open(os.path.join(directory, "meta.json")) as f:
+        store.clock = json.load(f)["clock"]
+    return store.to(device)

@@ -1,17 +1,13 @@
 """
 µLM: one GPT, read top to bottom.
 
-Small pieces first (rotary, attention, MLP, the two memory layers and the kNN store), then the Block
-that wires them, then the GPT with its forward pass, generation with a KV cache, and the optimizer
-builder. The feed-forward of each block is chosen per layer by `make_ffn`: the MLP, or a memory layer.
+Small pieces first (norm, rotary, KV cache, attention, MLP), then the Block that wires them, then the
+GPT with its forward pass, generation with a KV cache, and the optimizer builder. After the GPT come the
+optional memory layers (product keys, a kNN store): `make_ffn` puts one in place of a layer's MLP.
+Sampling helpers close the file. No disk I/O here: checkpoint.py saves and loads.
 """
-import json
 import math
-import os
-import shutil
 from dataclasses import dataclass, field
-
-import numpy as np
 
 import torch
 import torch.nn as nn
@@ -159,218 +155,6 @@ class MLP(nn.Module):
         return self.c_proj(F.relu(self.c_fc(x)).square())
 
 
-class ProductKeyMemory(nn.Module):
-    """Product-key memory (Lample et al. 2019; Berges et al. 2024, "Memory Layers at Scale").
-
-    A feed-forward is a key-value memory with few slots, all read (Geva et al. 2021). This one holds
-    N = n_keys**2 value rows and reads only top-k per head: each query half scores n_keys sub-keys,
-    and the best k of the k*k sums of the two halves' top-k are exactly the best k of all N slots.
-    Compute grows with sqrt(N), parameters with N.
-    """
-
-    def __init__(self, config):
-        super().__init__()
-        C, H, D = config.n_embd, config.memory_heads, config.memory_key_dim
-        self.n_keys, self.heads, self.topk = math.isqrt(config.memory_slots), H, config.memory_topk
-        self.query = nn.Linear(C, H * D, bias=False)
-        self.keys = nn.Parameter(torch.randn(H, 2, self.n_keys, D // 2) / math.sqrt(D // 2))
-        # the value table: EmbeddingBag sums the k weighted rows of each token without materialising them
-        self.values = nn.EmbeddingBag(config.memory_slots, C, mode="sum", sparse=config.memory_sparse)
-        nn.init.normal_(self.values.weight, std=C ** -0.5)  # Lample et al.'s value init
-        self.values.weight.is_memory_value = True  # configure_optimizers gives it its own learning rate
-        self.gate = nn.Linear(C, C, bias=False) if config.memory_gate else None
-        self.c_proj = nn.Linear(C, C, bias=False) if config.memory_gate else None
-
-    def lookup(self, x):
-        """Scores and slot indices (BT, heads, topk) of the best slots for each token of x (B, T, C)."""
-        q = self.query(x).view(-1, self.heads, 2, self.keys.size(-1))  # (BT, H, 2, D/2)
-        q = norm(q)  # normalised halves keep the scores' scale fixed while keys and queries train (Berges et al. 2024)
-        half_scores = torch.einsum("bhsd,hsnd->bhsn", q, self.keys)  # (BT, H, 2, n_keys)
-        s, i = half_scores.topk(self.topk, dim=-1)  # (BT, H, 2, k) per half
-        # all k*k pairs of one candidate from each half; their score is the sum of the halves'
-        pair_scores = s[:, :, 0, :, None] + s[:, :, 1, None, :]  # (BT, H, k, k)
-        pair_index = i[:, :, 0, :, None] * self.n_keys + i[:, :, 1, None, :]  # (BT, H, k, k)
-        scores, best = pair_scores.flatten(2).topk(self.topk, dim=-1)  # (BT, H, k)
-        return scores, pair_index.flatten(2).gather(-1, best)
-
-    def forward(self, x):
-        B, T, C = x.size()
-        scores, index = self.lookup(x)  # (BT, H, k)
-        weights = scores.float().softmax(dim=-1).to(self.values.weight.dtype)
-        # one bag per token holding all heads' slots: the heads' reads are summed (Lample et al. 2019)
-        read = self.values
-        if self.values.sparse and torch.is_grad_enabled():
-            # inductor cannot compile the sparse gradient of an EmbeddingBag (torch 2.13): read eagerly.
-            # Wrapped here, not by a decorator, so importing model.py does not import dynamo (which made
-            # two-process gloo DDP runs hang now and then)
-            read = torch.compiler.disable(self.values)
-        y = read(index.view(B * T, -1), per_sample_weights=weights.view(B * T, -1))  # (BT, C)
-        y = y.view(B, T, C).to(x.dtype)
-        if self.gate is not None:
-            y = self.c_proj(y * F.silu(self.gate(x)))
-        return y
-
-
-class KNNStore:
-    """(key, value) pairs kept outside the weights: exact top-k search, novelty-gated writes, LRU eviction.
-
-    Not a parameter and not in the state dict: it is saved beside a checkpoint as numpy arrays and
-    memory-mapped on load, so a trained model can run with another store.
-    """
-
-    FILES = ("keys", "values", "last_used")
-
-    def __init__(self, capacity, key_dim, value_dim, threshold, chunk=65536):
-        self.capacity, self.threshold, self.chunk = capacity, threshold, chunk
-        self.keys = torch.zeros(0, key_dim)
-        self.values = torch.zeros(0, value_dim)
-        self.last_used = torch.zeros(0, dtype=torch.long)  # the clock tick of each pair's last write or read
-        self.clock = 0
-
-    def __len__(self):
-        return self.keys.size(0)
-
-    def to(self, device):
-        if self.keys.device != torch.device(device):
-            self.keys, self.values, self.last_used = (t.to(device) for t in (self.keys, self.values, self.last_used))
-        return self
-
-    def clear(self):
-        self.keys, self.values, self.last_used = self.keys[:0], self.values[:0], self.last_used[:0]
-
-    def search(self, queries, k):
-        """Scores (n, k') and indices (n, k') of the stored keys with the largest dot product, k' = min(k, size)."""
-        best_s = queries.new_full((queries.size(0), 0), float("-inf"))
-        best_i = torch.zeros(queries.size(0), 0, dtype=torch.long, device=queries.device)
-        # chunked over the store, so memory stays (n, chunk) however large the store grows
-        for start in range(0, len(self), self.chunk):
-            s = queries @ self.keys[start:start + self.chunk].to(queries.dtype).T  # (n, chunk)
-            s, i = s.topk(min(k, s.size(1)), dim=-1)
-            best_s, order = torch.cat((best_s, s), 1).topk(min(k, best_s.size(1) + s.size(1)), dim=-1)
-            best_i = torch.cat((best_i, i + start), 1).gather(1, order)
-        return best_s, best_i
-
-    def touch(self, index):
-        self.clock += 1
-        self.last_used[index.flatten()] = self.clock
-
-    def write(self, keys, values):
-        """Insert the pairs whose key is farther than threshold from the store and from earlier keys here."""
-        keys, values = keys.detach().float(), values.detach().float()
-        # keys are unit vectors, so squared distance is 2 - 2 * dot product
-        far = torch.ones(keys.size(0), dtype=torch.bool, device=keys.device)
-        if len(self):
-            far &= 2 - 2 * self.search(keys, 1)[0][:, 0] > self.threshold ** 2
-        near_earlier = (2 - 2 * keys @ keys.T <= self.threshold ** 2).tril(diagonal=-1).any(dim=1)
-        keys, values = keys[far & ~near_earlier], values[far & ~near_earlier]
-        keys, values = keys[-self.capacity:], values[-self.capacity:]
-        self.clock += 1
-        room = self.capacity - len(self)
-        if keys.size(0) > room:  # evict the least recently used pairs to make room
-            keep = self.last_used.topk(len(self) - (keys.size(0) - room)).indices
-            self.keys, self.values, self.last_used = self.keys[keep], self.values[keep], self.last_used[keep]
-        stamp = torch.full((keys.size(0),), self.clock, dtype=torch.long, device=self.last_used.device)
-        self.keys = torch.cat((self.keys, keys.to(self.keys.device)))
-        self.values = torch.cat((self.values, values.to(self.values.device)))
-        self.last_used = torch.cat((self.last_used, stamp))
-
-    def save(self, directory):
-        """keys.npy, values.npy, last_used.npy and meta.json, written to a temp folder then swapped in:
-        a save interrupted at any point leaves the previous store or the new one, never a broken one."""
-        tmp, old = f"{directory}.tmp", f"{directory}.old"
-        if not os.path.exists(directory) and os.path.exists(old):
-            os.replace(old, directory)  # an earlier save stopped between its two renames: the old store is whole
-        for leftover in (tmp, old):
-            shutil.rmtree(leftover, ignore_errors=True)
-        os.makedirs(tmp)
-        for name in self.FILES:
-            np.save(os.path.join(tmp, f"{name}.npy"), getattr(self, name).cpu().numpy())
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump({"clock": self.clock, "capacity": self.capacity, "threshold": self.threshold}, f)
-        if os.path.exists(directory):
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
-
-    def load(self, directory):
-        """Read a saved store; arrays are memory-mapped copy-on-write, so a large store loads lazily."""
-        if not os.path.exists(directory) and os.path.exists(f"{directory}.old"):
-            directory = f"{directory}.old"  # a save stopped between its two renames: this one is whole
-        if not os.path.exists(os.path.join(directory, "meta.json")):
-            raise SystemExit(f"no kNN store at {directory} (expected keys.npy, values.npy, meta.json)")
-        arrays = {name: torch.from_numpy(np.load(os.path.join(directory, f"{name}.npy"), mmap_mode="c"))
-                  for name in self.FILES}
-        if arrays["keys"].size(1) != self.keys.size(1) or arrays["values"].size(1) != self.values.size(1):
-            raise SystemExit(f"kNN store at {directory} has keys of size {arrays['keys'].size(1)} and values of "
-                             f"size {arrays['values'].size(1)}; this model needs {self.keys.size(1)} and "
-                             f"{self.values.size(1)}")
-        device = self.keys.device
-        self.keys, self.values, self.last_used = arrays["keys"], arrays["values"], arrays["last_used"]
-        with open(os.path.join(directory, "meta.json")) as f:
-            self.clock = json.load(f)["clock"]
-        if len(self) > self.capacity:
-            raise SystemExit(f"kNN store at {directory} holds {len(self)} pairs, more than knn_capacity={self.capacity}")
-        return self.to(device)
-
-
-class KNNMemory(nn.Module):
-    """Associative memory over a store outside the weights (Memorizing Transformers, Wu et al. 2022).
-
-    Each position t becomes a pair: key = its normalised query, value = the layer's input at t + 1
-    (what came next, as in kNN-LM, Khandelwal et al. 2020). A query reads its top-k nearest stored
-    keys and attends over them plus an empty slot, so an unmatched query reads nothing. Training
-    forwards write their pairs after reading them (so a batch never reads its own future); eval
-    forwards only read unless `writing` is set (GPT.memorize).
-    """
-
-    def __init__(self, config):
-        super().__init__()
-        C = config.n_embd
-        self.topk = config.memory_topk
-        # keys and queries share one projection: a stored key is the query its context produced
-        self.q_proj = nn.Linear(C, config.knn_key_dim, bias=False)
-        # values are stored raw; this projection applies after the weighted sum (the two commute), so it
-        # trains through retrieved pairs even though the store itself is detached
-        self.c_proj = nn.Linear(C, C, bias=False)
-        self.log_scale = nn.Parameter(torch.tensor(math.log(10.0)))  # learned inverse temperature of the cosine scores
-        self.empty_score = nn.Parameter(torch.zeros(()))  # the logit of reading nothing
-        self.store = KNNStore(config.knn_capacity, config.knn_key_dim, C, config.knn_threshold)
-        self.writing = False
-
-    def forward(self, x):
-        # the store changes size every call, so compiled code would recompile each time: run eagerly
-        return torch.compiler.disable(self.read_and_write)(x)
-
-    def read_and_write(self, x):
-        B, T, C = x.size()
-        q = F.normalize(self.q_proj(x).float(), dim=-1).view(B * T, -1)  # (BT, dk)
-        y = torch.zeros(B * T, C, device=x.device, dtype=torch.float32)
-        self.store.to(x.device)
-        if len(self.store):
-            with torch.no_grad():
-                _, index = self.store.search(q, self.topk)  # (BT, k)
-                self.store.touch(index)
-            keys, values = self.store.keys[index], self.store.values[index]  # (BT, k, dk), (BT, k, C)
-            # straight-through: for a good match the stored key is about the query, so the key's gradient
-            # flows into the query as if the key had been recomputed (the store itself stays detached)
-            keys = keys + (q - q.detach())[:, None, :]
-            scores = torch.einsum("nd,nkd->nk", q, keys) * self.log_scale.exp()  # (BT, k)
-            scores = torch.cat((scores, self.empty_score.expand(B * T, 1)), dim=1)  # (BT, k + 1)
-            weights = scores.softmax(dim=-1)[:, :-1]  # the empty slot's value is zero
-            y = torch.einsum("nk,nkc->nc", weights, values)  # (BT, C)
-        if self.training or self.writing:
-            # pair (key at t, input at t + 1); the last position has no successor yet
-            self.store.write(q.view(B, T, -1)[:, :-1].reshape(-1, q.size(-1)), x[:, 1:].reshape(-1, C))
-        return self.c_proj(y.to(x.dtype).view(B, T, C))
-
-
-def make_ffn(config, layer_idx):
-    """The feed-forward for one layer: the seam where a memory layer replaces the MLP."""
-    if layer_idx in config.memory_layers:
-        return ProductKeyMemory(config) if config.memory == "pkm" else KNNMemory(config)
-    return MLP(config)
-
-
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + ffn(norm(x))."""
 
@@ -433,13 +217,15 @@ class GPT(nn.Module):
         return norm(x)
 
     def forward(self, idx, targets=None, reduction="mean"):
-        """Logits (B, T, V); with targets also the cross-entropy: mean, or per token (B, T) with reduction='none'."""
+        """Logits (B, T, V) over the real vocabulary; with targets also the cross-entropy: mean, or per
+        token (B, T) with reduction='none'."""
         logits = self.lm_head(self.hidden(idx))  # (B, T, padded V)
-        if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1),
-                               ignore_index=-1, reduction=reduction)
-        return logits, loss.view(targets.shape) if reduction == "none" else loss
+        loss = None
+        if targets is not None:  # the padding columns never appear as targets, so training pushes them down
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1),
+                                   ignore_index=-1, reduction=reduction)
+            loss = loss.view(targets.shape) if reduction == "none" else loss
+        return logits[..., :self.config.vocab_size], loss  # a view: callers never see the padding
 
     def next_logits(self, idx, cache=None, pos=0):
         """Logits (B, V) of the token that follows each row of idx (B, T), whose first token is at pos.
@@ -567,6 +353,183 @@ class GPT(nn.Module):
             return None
         return torch.optim.SparseAdam([{"params": values, "lr_scale": memory_lr_scale}], lr=learning_rate, betas=betas)
 
+
+# ----------------------------------------------------------------------------- optional memory layers
+# make_ffn (above, in Block) puts one of these in place of a layer's MLP when config.memory_layers names it.
+
+class ProductKeyMemory(nn.Module):
+    """Product-key memory (Lample et al. 2019; Berges et al. 2024, "Memory Layers at Scale").
+
+    A feed-forward is a key-value memory with few slots, all read (Geva et al. 2021). This one holds
+    N = n_keys**2 value rows and reads only top-k per head: each query half scores n_keys sub-keys,
+    and the best k of the k*k sums of the two halves' top-k are exactly the best k of all N slots.
+    Compute grows with sqrt(N), parameters with N.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        C, H, D = config.n_embd, config.memory_heads, config.memory_key_dim
+        self.n_keys, self.heads, self.topk = math.isqrt(config.memory_slots), H, config.memory_topk
+        self.query = nn.Linear(C, H * D, bias=False)
+        self.keys = nn.Parameter(torch.randn(H, 2, self.n_keys, D // 2) / math.sqrt(D // 2))
+        # the value table: EmbeddingBag sums the k weighted rows of each token without materialising them
+        self.values = nn.EmbeddingBag(config.memory_slots, C, mode="sum", sparse=config.memory_sparse)
+        nn.init.normal_(self.values.weight, std=C ** -0.5)  # Lample et al.'s value init
+        self.values.weight.is_memory_value = True  # configure_optimizers gives it its own learning rate
+        self.gate = nn.Linear(C, C, bias=False) if config.memory_gate else None
+        self.c_proj = nn.Linear(C, C, bias=False) if config.memory_gate else None
+
+    def lookup(self, x):
+        """Scores and slot indices (BT, heads, topk) of the best slots for each token of x (B, T, C)."""
+        q = self.query(x).view(-1, self.heads, 2, self.keys.size(-1))  # (BT, H, 2, D/2)
+        q = norm(q)  # normalised halves keep the scores' scale fixed while keys and queries train (Berges et al. 2024)
+        half_scores = torch.einsum("bhsd,hsnd->bhsn", q, self.keys)  # (BT, H, 2, n_keys)
+        s, i = half_scores.topk(self.topk, dim=-1)  # (BT, H, 2, k) per half
+        # all k*k pairs of one candidate from each half; their score is the sum of the halves'
+        pair_scores = s[:, :, 0, :, None] + s[:, :, 1, None, :]  # (BT, H, k, k)
+        pair_index = i[:, :, 0, :, None] * self.n_keys + i[:, :, 1, None, :]  # (BT, H, k, k)
+        scores, best = pair_scores.flatten(2).topk(self.topk, dim=-1)  # (BT, H, k)
+        return scores, pair_index.flatten(2).gather(-1, best)
+
+    def forward(self, x):
+        B, T, C = x.size()
+        scores, index = self.lookup(x)  # (BT, H, k)
+        weights = scores.float().softmax(dim=-1).to(self.values.weight.dtype)
+        # one bag per token holding all heads' slots: the heads' reads are summed (Lample et al. 2019)
+        read = self.values
+        if self.values.sparse and torch.is_grad_enabled():
+            # inductor cannot compile the sparse gradient of an EmbeddingBag (torch 2.13): read eagerly.
+            # Wrapped here, not by a decorator, so importing model.py does not import dynamo (which made
+            # two-process gloo DDP runs hang now and then)
+            read = torch.compiler.disable(self.values)
+        y = read(index.view(B * T, -1), per_sample_weights=weights.view(B * T, -1))  # (BT, C)
+        y = y.view(B, T, C).to(x.dtype)
+        if self.gate is not None:
+            y = self.c_proj(y * F.silu(self.gate(x)))
+        return y
+
+
+class KNNStore:
+    """(key, value) pairs kept outside the weights: exact top-k search, novelty-gated writes, LRU eviction.
+
+    Not a parameter and not in the state dict: checkpoint.py saves it beside a checkpoint as numpy
+    arrays and memory-maps it on load, so a trained model can run with another store.
+    """
+
+    def __init__(self, capacity, key_dim, value_dim, threshold, chunk=65536):
+        self.capacity, self.threshold, self.chunk = capacity, threshold, chunk
+        self.keys = torch.zeros(0, key_dim)
+        self.values = torch.zeros(0, value_dim)
+        self.last_used = torch.zeros(0, dtype=torch.long)  # the clock tick of each pair's last write or read
+        self.clock = 0
+
+    def __len__(self):
+        return self.keys.size(0)
+
+    def to(self, device):
+        if self.keys.device != torch.device(device):
+            self.keys, self.values, self.last_used = (t.to(device) for t in (self.keys, self.values, self.last_used))
+        return self
+
+    def clear(self):
+        self.keys, self.values, self.last_used = self.keys[:0], self.values[:0], self.last_used[:0]
+
+    def search(self, queries, k):
+        """Scores (n, k') and indices (n, k') of the stored keys with the largest dot product, k' = min(k, size)."""
+        best_s = queries.new_full((queries.size(0), 0), float("-inf"))
+        best_i = torch.zeros(queries.size(0), 0, dtype=torch.long, device=queries.device)
+        # chunked over the store, so memory stays (n, chunk) however large the store grows
+        for start in range(0, len(self), self.chunk):
+            s = queries @ self.keys[start:start + self.chunk].to(queries.dtype).T  # (n, chunk)
+            s, i = s.topk(min(k, s.size(1)), dim=-1)
+            best_s, order = torch.cat((best_s, s), 1).topk(min(k, best_s.size(1) + s.size(1)), dim=-1)
+            best_i = torch.cat((best_i, i + start), 1).gather(1, order)
+        return best_s, best_i
+
+    def touch(self, index):
+        self.clock += 1
+        self.last_used[index.flatten()] = self.clock
+
+    def write(self, keys, values):
+        """Insert the pairs whose key is farther than threshold from the store and from earlier keys here."""
+        keys, values = keys.detach().float(), values.detach().float()
+        # keys are unit vectors, so squared distance is 2 - 2 * dot product
+        far = torch.ones(keys.size(0), dtype=torch.bool, device=keys.device)
+        if len(self):
+            far &= 2 - 2 * self.search(keys, 1)[0][:, 0] > self.threshold ** 2
+        near_earlier = (2 - 2 * keys @ keys.T <= self.threshold ** 2).tril(diagonal=-1).any(dim=1)
+        keys, values = keys[far & ~near_earlier], values[far & ~near_earlier]
+        keys, values = keys[-self.capacity:], values[-self.capacity:]
+        self.clock += 1
+        room = self.capacity - len(self)
+        if keys.size(0) > room:  # evict the least recently used pairs to make room
+            keep = self.last_used.topk(len(self) - (keys.size(0) - room)).indices
+            self.keys, self.values, self.last_used = self.keys[keep], self.values[keep], self.last_used[keep]
+        stamp = torch.full((keys.size(0),), self.clock, dtype=torch.long, device=self.last_used.device)
+        self.keys = torch.cat((self.keys, keys.to(self.keys.device)))
+        self.values = torch.cat((self.values, values.to(self.values.device)))
+        self.last_used = torch.cat((self.last_used, stamp))
+
+
+class KNNMemory(nn.Module):
+    """Associative memory over a store outside the weights (Memorizing Transformers, Wu et al. 2022).
+
+    Each position t becomes a pair: key = its normalised query, value = the layer's input at t + 1
+    (what came next, as in kNN-LM, Khandelwal et al. 2020). A query reads its top-k nearest stored
+    keys and attends over them plus an empty slot, so an unmatched query reads nothing. Training
+    forwards write their pairs after reading them (so a batch never reads its own future); eval
+    forwards only read unless `writing` is set (GPT.memorize).
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        C = config.n_embd
+        self.topk = config.memory_topk
+        # keys and queries share one projection: a stored key is the query its context produced
+        self.q_proj = nn.Linear(C, config.knn_key_dim, bias=False)
+        # values are stored raw; this projection applies after the weighted sum (the two commute), so it
+        # trains through retrieved pairs even though the store itself is detached
+        self.c_proj = nn.Linear(C, C, bias=False)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(10.0)))  # learned inverse temperature of the cosine scores
+        self.empty_score = nn.Parameter(torch.zeros(()))  # the logit of reading nothing
+        self.store = KNNStore(config.knn_capacity, config.knn_key_dim, C, config.knn_threshold)
+        self.writing = False
+
+    def forward(self, x):
+        # the store changes size every call, so compiled code would recompile each time: run eagerly
+        return torch.compiler.disable(self.read_and_write)(x)
+
+    def read_and_write(self, x):
+        B, T, C = x.size()
+        q = F.normalize(self.q_proj(x).float(), dim=-1).view(B * T, -1)  # (BT, dk)
+        y = torch.zeros(B * T, C, device=x.device, dtype=torch.float32)
+        self.store.to(x.device)
+        if len(self.store):
+            with torch.no_grad():
+                _, index = self.store.search(q, self.topk)  # (BT, k)
+                self.store.touch(index)
+            keys, values = self.store.keys[index], self.store.values[index]  # (BT, k, dk), (BT, k, C)
+            # straight-through: for a good match the stored key is about the query, so the key's gradient
+            # flows into the query as if the key had been recomputed (the store itself stays detached)
+            keys = keys + (q - q.detach())[:, None, :]
+            scores = torch.einsum("nd,nkd->nk", q, keys) * self.log_scale.exp()  # (BT, k)
+            scores = torch.cat((scores, self.empty_score.expand(B * T, 1)), dim=1)  # (BT, k + 1)
+            weights = scores.softmax(dim=-1)[:, :-1]  # the empty slot's value is zero
+            y = torch.einsum("nk,nkc->nc", weights, values)  # (BT, C)
+        if self.training or self.writing:
+            # pair (key at t, input at t + 1); the last position has no successor yet
+            self.store.write(q.view(B, T, -1)[:, :-1].reshape(-1, q.size(-1)), x[:, 1:].reshape(-1, C))
+        return self.c_proj(y.to(x.dtype).view(B, T, C))
+
+
+def make_ffn(config, layer_idx):
+    """The feed-forward for one layer: the seam where a memory layer replaces the MLP."""
+    if layer_idx in config.memory_layers:
+        return ProductKeyMemory(config) if config.memory == "pkm" else KNNMemory(config)
+    return MLP(config)
+
+
+# ----------------------------------------------------------------------------- sampling
 
 def check_sampling_args(temperature, top_k, top_p):
     if temperature < 0:

@@ -15,7 +15,7 @@ from checkpoint import knn_store_dir, load_checkpoint, load_model
 from configurator import configure, print_config
 from model import check_sampling_args
 from tokenizer import tokenizer_from_meta
-from train import resolve_device
+from runtime import resolve_device
 
 DEFAULTS = dict(
     out_dir="out/run",

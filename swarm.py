@@ -148,7 +148,7 @@ class ModelAgent:
     def __init__(self, hello):
         import torch
         import world
-        from train import resolve_device
+        from runtime import resolve_device
         torch.set_num_threads(hello["threads"])  # N workers share the cores instead of each taking all
         self.device = resolve_device(hello["device"])
         self.seed, self.temperature = hello["seed"], hello["temperature"]

@@ -13,19 +13,19 @@ import dataclasses
 import json
 import math
 import os
-import signal
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import knn_store_dir, load_checkpoint, load_knn_stores, load_model, save_checkpoint, save_knn_stores
 from configurator import configure, print_config
+from data import get_batch, open_dataset
 from model import GPT, GPTConfig
 from plot import plot_runs
+from runtime import StopRequest, append_jsonl, resolve_device, resolve_dtype, truncate_jsonl
 
 MODEL_KEYS = [f.name for f in dataclasses.fields(GPTConfig) if f.name != "vocab_size"]
 DEFAULTS = dict(
@@ -70,46 +70,7 @@ DEFAULTS = dict(
 EVAL_SEED = 1234  # evaluation draws the same batches every time, so evals compare exactly
 
 
-# ----------------------------------------------------------------------------- data
-
-def open_dataset(data_dir, name, block_size):
-    """meta.json of data/<name> after checking both splits exist and hold more than block_size tokens."""
-    folder = os.path.join(data_dir, name)
-    meta_path = os.path.join(folder, "meta.json")
-    if not os.path.exists(meta_path):
-        hint = f"python prepare.py --dataset={name}" if name in ("shakespeare", "shakespeare_char") else \
-            f"python prepare.py --dataset=<your text file or folder> --name={name}"
-        raise SystemExit(f"no dataset at {folder}: create it with {hint}")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    for split in ("train", "val"):
-        path = os.path.join(folder, f"{split}.bin")
-        if not os.path.exists(path):
-            raise SystemExit(f"{path} is missing: rebuild with python prepare.py --force=True")
-        n = os.path.getsize(path) // np.dtype(meta["dtype"]).itemsize
-        if n <= block_size:
-            raise SystemExit(f"{path} holds {n} tokens, too few for block_size={block_size}: "
-                             f"use a smaller --block_size or more text")
-    meta["folder"] = folder
-    return meta
-
-
-def get_batch(meta, split, batch_size, block_size, generator, device, rank=0, world_size=1):
-    """Random windows x and next-token targets y, each (B, T), drawn with the given generator.
-
-    Under DDP every process draws the windows of all world_size processes from one shared generator
-    and keeps its own share: the run sees the same data as one process with world_size times the batch.
-    """
-    # a fresh memmap per batch avoids a known memory leak of long-lived np.memmap (nanoGPT #232)
-    data = np.memmap(os.path.join(meta["folder"], f"{split}.bin"), dtype=meta["dtype"], mode="r")
-    starts = torch.randint(len(data) - block_size, (world_size * batch_size,), generator=generator)
-    starts = starts[rank * batch_size:(rank + 1) * batch_size].tolist()
-    x = torch.from_numpy(np.stack([data[i:i + block_size] for i in starts]).astype(np.int64))
-    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in starts]).astype(np.int64))
-    if device.type == "cuda":  # pinned memory lets the copy run while the GPU computes
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
-
+# ----------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
 def estimate_loss(model, meta, eval_iters, batch_size, block_size, device, autocast):
@@ -185,37 +146,7 @@ def set_rng_states(states, generator):
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def truncate_metrics(path, upto, key="step"):
-    """Drop metric rows past a resumed checkpoint's step (or episode), so the log continues exactly."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        rows = [line for line in f if line.strip() and json.loads(line)[key] <= upto]
-    with open(path, "w") as f:
-        f.writelines(rows)
-
-
 # ----------------------------------------------------------------------------- setup
-
-def resolve_device(name):
-    """A torch.device; asking for a device this machine lacks is an error, never a silent fallback."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"device={name} but this torch sees no CUDA GPU; use --device=cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise SystemExit(f"device={name} but MPS is not available here; use --device=cpu")
-    return device
-
-
-def resolve_dtype(name, device):
-    if name == "auto":
-        name = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    if name not in ("float32", "bfloat16"):
-        raise SystemExit(f"dtype must be auto, float32 or bfloat16, got {name!r}")
-    return name
-
 
 def setup_distributed():
     """(rank, local_rank, world_size); torchrun sets RANK, and then one process drives one GPU."""
@@ -228,31 +159,6 @@ def setup_distributed():
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
     return dist.get_rank(), local_rank, dist.get_world_size()
-
-
-class StopRequest:
-    """Ctrl-C asks the loop to save and stop at the next step boundary; a second Ctrl-C quits at once."""
-
-    def __init__(self):
-        self.requested = False
-        self.previous = None
-
-    def __enter__(self):
-        try:
-            self.previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread (e.g. called from a test runner thread)
-            self.previous = None
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        tqdm.write("Ctrl-C: saving a checkpoint at the end of this step (Ctrl-C again to quit now)")
-
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -333,7 +239,7 @@ def train(cfg):
         logged_step = step
         set_rng_states(state["rng"], generator)
         if master:
-            truncate_metrics(metrics_path, step)
+            truncate_jsonl(metrics_path, step)
         del state
     raw_model = model
     if cfg["compile"]:
@@ -363,8 +269,7 @@ def train(cfg):
             save_knn_stores(raw_model, knn_store_dir(path))
 
     def log(row):
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_jsonl(metrics_path, row)
 
     def fetch():  # the next micro-batch; remembers the sampler state before it, which a checkpoint keeps
         nonlocal sampler_state
@@ -379,7 +284,7 @@ def train(cfg):
     # the bar hides itself when stdout is not a terminal (logs get the eval lines only)
     bar = tqdm(total=cfg["max_iters"], initial=step, disable=None if master else True, dynamic_ncols=True, unit="step")
     model.train()
-    with StopRequest() as stop:
+    with StopRequest(tqdm.write) as stop:
         while True:
             due = step % cfg["eval_interval"] == 0 or step == cfg["max_iters"] or stop.requested
             if master and due and step != logged_step:

@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from checkpoint import load_checkpoint, load_model, save_checkpoint
 from configurator import configure, print_config
+from runtime import StopRequest, truncate_jsonl
 from tokenizer import tokenizer_from_meta
 
 SUCCESS_REWARD = 1.0
@@ -782,7 +783,6 @@ def check_config(cfg):
 
 def run(cfg):
     """A whole run from a resolved config; returns the last held-out evaluation."""
-    import train  # for its StopRequest (Ctrl-C saves, then stops)
     check_config(cfg)
     out_dir = cfg["out_dir"]
     policy_path, metrics_path = os.path.join(out_dir, "policy.pt"), os.path.join(out_dir, "metrics.jsonl")
@@ -806,7 +806,7 @@ def run(cfg):
         replay.items = state["replay"]
         rng.setstate(state["rng"])
         torch.set_rng_state(state["torch_rng"])
-        train.truncate_metrics(metrics_path, episode, key="episode")
+        truncate_jsonl(metrics_path, episode, key="episode")
     else:
         for stale in (metrics_path, policy_path):  # a fresh run starts a fresh log
             if os.path.exists(stale):
@@ -840,7 +840,7 @@ def run(cfg):
     if not read_rows(metrics_path) or cfg["init_from"] != "resume":
         result = evaluate_and_save()
     bar = tqdm(total=total, initial=episode, unit="episode", dynamic_ncols=True, disable=None)
-    with train.StopRequest() as stop:
+    with StopRequest(tqdm.write) as stop:
         while episode < total and not stop.requested:
             tasks = task_options_at(episode, cfg)
             envs = {name: make_env(name, **options) for name, options in tasks.items()}

@@ -24,7 +24,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import configure, print_config  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from train import estimate_loss, get_batch, open_dataset, resolve_device, resolve_dtype  # noqa: E402
+from data import get_batch, open_dataset  # noqa: E402
+from runtime import resolve_device, resolve_dtype  # noqa: E402
+from train import estimate_loss  # noqa: E402
 
 DEFAULTS = dict(
     out="out/memory_vs_dense.json",

@@ -1,0 +1,157 @@
+"""
+What every run needs from its machine and its out_dir, shared by the scripts:
+
+- the device and dtype to run on (`resolve_device`, `resolve_dtype`), never a silent fallback;
+- one run per out_dir (`claim_out_dir`): a lock that a crashed run does not leave stuck, and a fresh
+  run that refuses to replace a finished one unless told to;
+- Ctrl-C and SIGTERM as a request to save and stop (`StopRequest`);
+- metrics as JSON lines (`append_jsonl`, `read_jsonl`, `truncate_jsonl`).
+"""
+import fcntl
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+
+import torch
+
+
+# ----------------------------------------------------------------------------- device and dtype
+
+def resolve_device(name):
+    """A torch.device; asking for a device this machine lacks is an error, never a silent fallback."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"device must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"device={name} but this torch sees no CUDA GPU; use --device=cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit(f"device={name} but MPS is not available here; use --device=cpu")
+    return device
+
+
+def resolve_dtype(name, device):
+    """'bfloat16' or 'float32': auto picks bfloat16 on a CUDA GPU that has it."""
+    if name == "auto":
+        name = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    if name not in ("float32", "bfloat16"):
+        raise SystemExit(f"dtype must be auto, float32 or bfloat16, got {name!r}")
+    return name
+
+
+# ----------------------------------------------------------------------------- one run per out_dir
+
+def claim_out_dir(out_dir, resuming, overwrite=False, run_files=("ckpt.pt", "metrics.jsonl")):
+    """Lock out_dir for this process and check a fresh run may start there; returns the held lock.
+
+    The lock is an flock on out_dir/.lock: the kernel drops it when the process dies, however it dies,
+    so a crashed run never leaves it stuck. A fresh run (not resuming) into a folder that already holds
+    one of run_files refuses, unless overwrite=True, which moves the old run aside to out_dir/replaced-<time>/.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    lock = open(os.path.join(out_dir, ".lock"), "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise SystemExit(f"{out_dir} is in use by a running job ({holder}): one run per out_dir. "
+                         f"Wait for it, stop it, or choose another --out_dir")
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()}")
+    lock.flush()
+    existing = [name for name in run_files if os.path.exists(os.path.join(out_dir, name))]
+    if existing and not resuming:
+        if not overwrite:
+            lock.close()
+            raise SystemExit(f"{out_dir} already holds a run ({', '.join(existing)}). Resume it with "
+                             f"--init_from=resume, choose another --out_dir, or pass --overwrite=True to move "
+                             f"the old run aside and start fresh")
+        aside = os.path.join(out_dir, time.strftime("replaced-%Y%m%d-%H%M%S"))
+        os.makedirs(aside, exist_ok=True)
+        for name in os.listdir(out_dir):
+            if name != ".lock" and not name.startswith("replaced-"):
+                shutil.move(os.path.join(out_dir, name), os.path.join(aside, name))
+        print(f"overwrite=True: the old run in {out_dir} was moved to {aside}", file=sys.stderr)
+    return lock
+
+
+# ----------------------------------------------------------------------------- stop requests
+
+class StopRequest:
+    """Ctrl-C or SIGTERM asks the loop to save and stop at the next step boundary.
+
+    A second Ctrl-C quits at once, without saving: the last checkpoint on disk is kept as it is.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, say=print):
+        self.requested = False
+        self.say = say
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in self.SIGNALS:
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. called from a test runner thread)
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.requested:
+            self.say(f"{name} again: quitting now without saving; the last checkpoint on disk is kept")
+            raise SystemExit(130)
+        self.requested = True
+        self.say(f"{name}: saving a checkpoint at the end of this step (Ctrl-C again to quit now)")
+
+    def __exit__(self, *exc):
+        for sig, previous in self.previous.items():
+            signal.signal(sig, previous)
+
+
+# ----------------------------------------------------------------------------- JSON lines
+
+def append_jsonl(path, row):
+    """Append one JSON row and flush it: a crash loses at most the row being written."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def read_jsonl(path):
+    """The rows of a JSON-lines file. A torn last line (a crash mid-write) is skipped with a warning;
+    a broken line elsewhere is an error naming the file and line."""
+    with open(path) as f:
+        lines = f.read().split("\n")
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if number == len(lines):  # no newline after it: the write was cut short
+                print(f"warning: {path}:{number}: ignoring a torn last line", file=sys.stderr)
+                continue
+            raise SystemExit(f"{path}:{number}: not a JSON line ({e.msg}); fix or delete that line")
+    return rows
+
+
+def truncate_jsonl(path, upto, key="step"):
+    """Keep the rows whose key is <= upto (a resumed checkpoint's step or episode), atomically."""
+    if not os.path.exists(path):
+        return
+    rows = [row for row in read_jsonl(path) if row.get(key, upto) <= upto]
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    os.replace(tmp, path)
