@@ -32,7 +32,7 @@ import train
 from configurator import configure
 from data import get_batch, open_dataset
 from model import GPT, GPTConfig
-from runtime import resolve_device
+from runtime import float8_training, resolve_device
 
 DEFAULTS = dict(
     suite="gpu",          # gpu | cpu
@@ -50,8 +50,10 @@ DEFAULTS = dict(
     profile=False,        # the train part also records the top CUDA kernels of a few gpu_124m steps
     budget_s=0,           # skip the parts not started after this many seconds (0: no limit)
     smoke=False,          # tiny shapes and few steps: checks every part runs, e.g. on a CPU; numbers mean nothing
+    levers="",            # the levers part: comma-separated names from LEVERS; empty = all
+    nanogpt="",           # the nanogpt part: path to a nanoGPT checkout (kept outside the repo) whose bench.py it runs
 )
-GPU_PARTS = ["train", "plain", "ttl_fast", "sample", "memory", "ttl_best", "batch"]  # most wanted first
+GPU_PARTS = ["train", "plain", "ttl_fast", "sample", "memory", "ttl_best", "batch", "levers", "nanogpt", "gpu_1b"]
 CPU_PARTS = ["cpu_quick", "nanogpt_recipe"]
 H100_BF16_PEAK = 989e12
 # shapes of the memory sweep (n_layer, n_head, n_embd), smallest first: GPT-2 small, medium, large, XL
@@ -113,8 +115,10 @@ def batch_source(cfg, bench, device, batch_size):
     return fetch, meta["vocab_size"], cfg["dataset"]
 
 
-def build(cfg, bench, device, fast, batch_size=None, accum=1, compile_model=None, **shape):
-    """Model, optimizer, autocast and batch source for one training measurement."""
+def build(cfg, bench, device, fast, batch_size=None, accum=1, compile_model=None, lever=None, **shape):
+    """Model, optimizer, autocast and batch source for one training measurement; lever: a dict of the
+    speed options to try (fp8, fp8_head, compile_mode, optimizer), see LEVERS."""
+    lever = lever or {}
     batch_size = batch_size or cfg["batch_size"]
     fetch, vocab, data = batch_source(cfg, bench, device, batch_size)
     torch.manual_seed(0)
@@ -122,11 +126,14 @@ def build(cfg, bench, device, fast, batch_size=None, accum=1, compile_model=None
         raw = GPT(model_config(cfg, vocab, **shape))
     # fused AdamW on CUDA in fast mode; device_type="cpu" asks configure_optimizers for the unfused one
     optimizer = raw.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]),
-                                         device.type if fast else "cpu", cfg["optimizer"], cfg["muon_lr"])
+                                         device.type if fast else "cpu", lever.get("optimizer", cfg["optimizer"]),
+                                         cfg["muon_lr"])
+    if lever.get("fp8"):
+        float8_training(raw, head=lever.get("fp8_head", True))
     use_bf16 = fast and device.type == "cuda"
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
     compile_model = fast if compile_model is None else compile_model
-    model = torch.compile(raw) if compile_model else raw
+    model = torch.compile(raw, mode=lever.get("compile_mode")) if compile_model else raw
     return dict(raw=raw, model=model, optimizer=optimizer, autocast=autocast, fetch=fetch, data=data,
                 batch_size=batch_size, accum=accum, tokens_per_step=batch_size * cfg["block_size"] * accum)
 
@@ -151,7 +158,7 @@ def time_steps(run, n, grad_clip, device):
 
 # ----------------------------------------------------------------------------- gpu parts
 
-def measure_training(cfg, bench, device, fast, steps, batch_size=None):
+def measure_training(cfg, bench, device, fast, steps, batch_size=None, lever=None, **shape):
     """Steady-state tokens/s, ms per micro-batch, MFU and peak memory of the config's train step, with
     its gradient accumulation (which spreads the optimizer's cost over the micro-batches)."""
     before = reset_memory(device)
@@ -159,7 +166,7 @@ def measure_training(cfg, bench, device, fast, steps, batch_size=None):
     batch_size = batch_size or cfg["batch_size"]
     # the same tokens per optimizer step as the config, whatever the micro-batch
     accum = max(1, cfg["gradient_accumulation_steps"] * cfg["batch_size"] // batch_size)
-    run = build(cfg, bench, device, fast, batch_size, accum)
+    run = build(cfg, bench, device, fast, batch_size, accum, lever=lever, **shape)
     t0 = time.perf_counter()
     first_loss = run_steps(run, 1, cfg["grad_clip"]).item()  # compiles, when compiling
     compile_s = time.perf_counter() - t0
@@ -211,6 +218,65 @@ def part_plain(cfg, bench, device):
 def part_batch(cfg, bench, device):
     return {f"gpu_124m_batch{bench['best_batch']}": measure_training(
         cfg, bench | {"profile_run": False}, device, True, bench["steps"], batch_size=bench["best_batch"])}
+
+
+# speed levers for gpu_124m, each measured alone against the default step in the same run (issue 16)
+LEVERS = {
+    "default": {},
+    "batch16": dict(batch_size=16),
+    "batch24": dict(batch_size=24),
+    "fp8_blocks": dict(fp8=True, fp8_head=False),
+    "fp8_all": dict(fp8=True, fp8_head=True),
+    "max_autotune": dict(compile_mode="max-autotune-no-cudagraphs"),
+    "fp8_all_batch24": dict(fp8=True, fp8_head=True, batch_size=24),
+}
+
+
+def part_levers(cfg, bench, device):
+    """gpu_124m's train step with one speed option at a time (--levers=a,b picks some), each a ratio to default."""
+    names = [n for n in bench["levers"].split(",") if n] or list(LEVERS)
+    unknown = [n for n in names if n not in LEVERS]
+    if unknown:
+        raise SystemExit(f"unknown levers {unknown}; known: {', '.join(LEVERS)}")
+    results = {}
+    for name in ["default"] + [n for n in names if n != "default"]:
+        lever = dict(LEVERS[name])
+        try:
+            results[f"lever_{name}"] = measure_training(cfg, bench | {"profile_run": False}, device, True, bench["steps"],
+                                                        batch_size=lever.pop("batch_size", None), lever=lever) | {"lever": LEVERS[name]}
+        except (Exception, SystemExit) as e:
+            results[f"lever_{name}"] = error_record(e)
+        print(f"  lever_{name}: {results[f'lever_{name}'].get('tokens_per_s', results[f'lever_{name}'].get('error'))}", flush=True)
+    base = results["lever_default"].get("tokens_per_s")
+    for name, r in list(results.items()):
+        if base and isinstance(r, dict) and r.get("tokens_per_s"):
+            r["ratio_to_default"] = r["tokens_per_s"] / base
+    return results
+
+
+def part_nanogpt(cfg, bench, device):
+    """nanoGPT's own bench.py (GPT-2 124M, 12x1024, compile, random tokens) run from --nanogpt=PATH in this
+    same run, so the ratio to µLM's train step is measured on the same GPU at the same moment."""
+    if not bench["nanogpt"]:
+        return {"nanogpt": dict(error="skipped: pass --nanogpt=<path to a nanoGPT checkout> to measure it")}
+    proc = subprocess.run([sys.executable, "bench.py", "--real_data=False", "--compile=True"], cwd=bench["nanogpt"],
+                          capture_output=True, text=True, timeout=900)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("time per iteration")), None)
+    if proc.returncode or line is None:
+        return {"nanogpt": dict(error=f"nanoGPT bench.py failed (exit {proc.returncode}): {proc.stderr[-800:]}")}
+    ms = float(line.split(":")[1].split("ms")[0])
+    return {"nanogpt": dict(ms_per_iteration=ms, batch_size=12, block_size=1024, tokens_per_s=12 * 1024 / ms * 1e3,
+                            output=line)}
+
+
+def part_gpu_1b(cfg, bench, device):
+    """config/gpu_1b.py's train step: peak memory (budget 32 GB) and MFU, with its own accumulation."""
+    big = configure(train.DEFAULTS, ["config/gpu_1b.py"])
+    if bench["smoke"]:
+        big.update(n_layer=2, n_head=2, n_embd=64, block_size=64, batch_size=2, gradient_accumulation_steps=2)
+    shape = {k: big[k] for k in ("n_layer", "n_head", "n_embd", "checkpoint_activations")}
+    return {"gpu_1b": measure_training(big, bench | {"profile_run": False}, device, True, 1,
+                                       lever=dict(optimizer=big["optimizer"]), **shape)}
 
 
 def part_sample(cfg, bench, device):
@@ -329,7 +395,8 @@ def part_nanogpt_recipe(cfg, bench, device):
 
 
 PARTS = dict(train=part_train, plain=part_plain, ttl_fast=part_ttl_fast, sample=part_sample, memory=part_memory,
-             ttl_best=part_ttl_best, batch=part_batch, cpu_quick=part_cpu_quick, nanogpt_recipe=part_nanogpt_recipe)
+             ttl_best=part_ttl_best, batch=part_batch, cpu_quick=part_cpu_quick, nanogpt_recipe=part_nanogpt_recipe,
+             levers=part_levers, nanogpt=part_nanogpt, gpu_1b=part_gpu_1b)
 
 
 # ----------------------------------------------------------------------------- the run

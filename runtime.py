@@ -155,3 +155,23 @@ def truncate_jsonl(path, upto, key="step"):
     with open(tmp, "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
     os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- float8 training
+
+def float8_training(model, head=True):
+    """Swap the model's linear layers for torchao's float8 ones (dynamic per-tensor scales): the matmuls
+    run on the H100's fp8 tensor cores, weights and optimizer stay in float32. head=False leaves lm_head
+    (tied to the embedding) in bf16. CUDA with compute capability >= 8.9 only."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
+        raise SystemExit("fp8=True needs a CUDA GPU with fp8 tensor cores (H100, L4, RTX 4090 or newer)")
+    try:
+        from torchao.float8 import convert_to_float8_training
+    except ImportError:
+        raise SystemExit("fp8=True needs torchao: pip install torchao")
+
+    def wanted(module, fqn):  # fp8 matmuls need both dimensions divisible by 16
+        if fqn == "lm_head" and not head:
+            return False
+        return isinstance(module, torch.nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0
+    return convert_to_float8_training(model, module_filter_fn=wanted)

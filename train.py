@@ -25,7 +25,7 @@ from configurator import configure, print_config
 from data import get_batch, open_dataset
 from model import GPT, GPTConfig
 from plot import plot_runs
-from runtime import StopRequest, append_jsonl, resolve_device, resolve_dtype, truncate_jsonl
+from runtime import StopRequest, append_jsonl, float8_training, resolve_device, resolve_dtype, truncate_jsonl
 
 MODEL_KEYS = [f.name for f in dataclasses.fields(GPTConfig) if f.name != "vocab_size"]
 DEFAULTS = dict(
@@ -65,6 +65,8 @@ DEFAULTS = dict(
     device="auto",                # auto | cpu | cuda | cuda:N | mps
     dtype="auto",                 # auto (bfloat16 on CUDA, else float32) | float32 | bfloat16
     compile=False,
+    fp8=False,                    # float8 matmuls through torchao (H100-class GPUs; see BENCHMARKS.md for the gain)
+    fp8_head=True,                # with fp8, the tied head/embedding matmul in fp8 too
     seed=1337,
 )
 EVAL_SEED = 1234  # evaluation draws the same batches every time, so evals compare exactly
@@ -242,6 +244,8 @@ def train(cfg):
             truncate_jsonl(metrics_path, step)
         del state
     raw_model = model
+    if cfg["fp8"]:
+        float8_training(model, head=cfg["fp8_head"])
     if cfg["compile"]:
         model = torch.compile(model)
     if world_size > 1:

@@ -117,3 +117,18 @@ def test_tied_embeddings_share_one_matrix_and_counts_follow():
 def test_impossible_shapes_are_rejected(kw):
     with pytest.raises(ValueError):
         GPTConfig(**(dict(n_layer=2, n_embd=32, n_head=4) | kw))
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32)
+    plain = GPT(config)
+    checkpointed = GPT(GPTConfig(**{**config.__dict__, "checkpoint_activations": True}))
+    checkpointed.load_state_dict(plain.state_dict())
+    x = torch.randint(0, 50, (2, 16))
+    losses = [m(x, x)[1] for m in (plain, checkpointed)]
+    for loss in losses:
+        loss.backward()
+    assert torch.equal(losses[0], losses[1])
+    for p, q in zip(plain.parameters(), checkpointed.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6)
