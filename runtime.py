@@ -15,13 +15,12 @@ import signal
 import sys
 import time
 
-import torch
-
 
 # ----------------------------------------------------------------------------- device and dtype
 
 def resolve_device(name):
     """A torch.device; asking for a device this machine lacks is an error, never a silent fallback."""
+    import torch  # here, not at the top: swarm.py's coordinator uses this module without torch
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     try:
@@ -37,6 +36,7 @@ def resolve_device(name):
 
 def resolve_dtype(name, device):
     """'bfloat16' or 'float32': auto picks bfloat16 on a CUDA GPU that has it."""
+    import torch
     if name == "auto":
         name = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     if name not in ("float32", "bfloat16"):

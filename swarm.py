@@ -6,7 +6,7 @@ proposals and revise, and an aggregator (or a human) decides.
     python swarm.py config/swarm_arith.py --human              # accept / edit / reject / stop each goal
     python swarm.py config/swarm_arith.py --device=cuda        # workers on the GPU (cuda:0,1 spreads them)
 
-A goal is one episode of a world task (world.py): {"task": "arith", "seed": 100007}. Each worker plays
+A goal is one episode of a world task (tasks.py) on a held-out seed: {"task": "arith", "seed": 1000000007}. Each worker plays
 the episode with its own policy checkpoint, seed and temperature and proposes its actions. Optional
 debate rounds send every worker the others' proposals; it keeps its own or adopts the one its model
 finds most likely. Every proposal is then replayed in a fresh environment (the world's reward is the
@@ -19,7 +19,9 @@ worker_<i>.log (each worker's stderr).
 Reliability: a worker that crashes, misses the reply timeout or prints a line that is not protocol is
 logged, killed, restarted once, then dropped; the goal completes with the others. Workers run in their
 own sessions (process groups) and are killed on exit, Ctrl-C, SIGTERM or error, so none outlives the
-coordinator; a worker whose stdin closes exits by itself too.
+coordinator. A worker also watches for its coordinator's death, even inside a hung model call: on
+Linux the kernel kills it when its parent dies (PR_SET_PDEATHSIG), and anywhere, the end of its input
+with a new parent process makes it exit at once.
 
 Protocol (version 1): one JSON object per line over the worker's stdin/stdout; every object has a
 "type". stderr is free text (logs, tracebacks). The coordinator speaks first:
@@ -36,7 +38,8 @@ Protocol (version 1): one JSON object per line over the worker's stdin/stdout; e
     -> {"type": "stop"}                                                  (the worker exits 0)
 
 A reply must carry the round of its request; anything else (not JSON, no such type, wrong round) is
-garbage and counts as a failure of that worker.
+garbage and counts as a failure of that worker. A worker answers a line it cannot read with
+{"type": "error", "message": ...} and keeps serving.
 """
 import atexit
 import json
@@ -51,19 +54,22 @@ from collections import Counter
 
 from tqdm import tqdm
 
+import tasks
 from configurator import ConfigError, configure, print_config
+from runtime import append_jsonl, claim_out_dir
 
-# world.py (and with it torch) is imported where it is used: a fake test worker starts without torch
+# torch (through world.py's Policy) is imported by the model-backed worker only: the coordinator and the
+# fake test workers start without it
 
 PROTOCOL = 1
 FAKE_MODES = ("echo", "teacher", "crash", "hang", "garbage")  # "fake:MODE" checkpoints, for tests
 
 DEFAULTS = dict(
     out_dir="out/swarm",
-    task="arith",                 # a world.TASKS name; each goal is one episode of it
-    task_options={},              # passed to world.make_env, e.g. {"tool": ""} for arithmetic from memory
-    num_goals=50,
-    first_seed=10 ** 9,           # goal seeds first_seed + i; world.py keeps training seeds below 10**9
+    overwrite=False,              # a run into an out_dir that holds one moves the old run aside (else it refuses)
+    task="arith",                 # a tasks.py task name; each goal is one episode of it
+    task_options={},              # passed to tasks.make_env, e.g. {"tool": ""} for arithmetic from memory
+    num_goals=50,                 # goal i is the held-out episode tasks.EVAL_SEED_BASE + i (world.py evaluates on them too)
     workers=8,
     checkpoints=["out/policy_arith/ckpt.pt"],  # cycled over the workers; "fake:echo" etc. in tests
     temperatures=[1.0],           # cycled over the workers
@@ -110,28 +116,17 @@ AGGREGATORS = {"majority": majority_vote, "verifier": best_of_n_verifier, "guide
 
 # ----------------------------------------------------------------------------- world glue
 
-def play(goal, act):
-    """One episode of the goal's task (with its options) and seed, acting with act(transcript) -> action."""
-    import world
-    return world.play_episode(world.make_env(goal["task"], **goal.get("options", {})), act, goal["seed"])
+def goal_env(goal):
+    return tasks.make_env(goal["task"], **goal.get("options", {}))
 
 
-def replay(goal, actions):
-    """The episode a proposal's actions make in a fresh environment: the world's reward is the verifier.
-
-    Missing actions are empty (an invalid move that costs a step); extra ones are never used."""
-    step = 0
-
-    def act(transcript):
-        nonlocal step
-        step += 1
-        return actions[step - 1] if step <= len(actions) else ""
-
-    return play(goal, act)
+def play_proposal(goal, actions):
+    """The episode a proposal's actions make in a fresh environment: the world's reward is the verifier."""
+    return tasks.play_actions(goal_env(goal), actions, goal["seed"])
 
 
 def goals_for(cfg):
-    return [{"task": cfg["task"], "options": cfg["task_options"], "seed": cfg["first_seed"] + i}
+    return [{"task": cfg["task"], "options": cfg["task_options"], "seed": tasks.EVAL_SEED_BASE + i}
             for i in range(cfg["num_goals"])]
 
 
@@ -147,28 +142,37 @@ class ModelAgent:
 
     def __init__(self, hello):
         import torch
+
         import world
         from runtime import resolve_device
         torch.set_num_threads(hello["threads"])  # N workers share the cores instead of each taking all
+        self.torch = torch
         self.device = resolve_device(hello["device"])
         self.seed, self.temperature = hello["seed"], hello["temperature"]
         self.policy = world.load_policy(hello["checkpoint"], device=str(self.device))
 
     def propose(self, goal):
-        step = 0
-
-        def act(transcript):
-            nonlocal step
-            step += 1  # a distinct, reproducible sampling seed per (worker, goal, step)
-            return self.policy.act(transcript, temperature=self.temperature,
-                                   seed=(self.seed * 1_000_003 + goal["seed"]) * 1009 + step)
-
-        episode = play(goal, act)
+        # a distinct, reproducible sampling seed per (worker, goal, turn)
+        act = self.policy.actor(self.temperature, self.seed * 1_000_003 + goal["seed"])
+        episode = tasks.play_episode(goal_env(goal), act, goal["seed"])
         return {"answer": episode["actions"][-1] if episode["actions"] else "", "actions": episode["actions"]}
 
     def score(self, goal, proposals):
-        return [score_actions(self.policy.model, self.policy.tokenizer, goal, p["actions"], self.device)
-                for p in proposals]
+        """Each proposal's mean log-prob per action token, each action given the transcript before it
+        (as the policy saw it when it acted)."""
+        scores = []
+        for p in proposals:
+            episode = play_proposal(goal, p["actions"])
+            items = [{"text": episode["transcript"][:end], "spans": [[start, end]]}
+                     for start, end in episode["action_spans"]]
+            try:
+                with self.torch.no_grad():
+                    log_likelihood, count = self.policy.action_log_likelihood(items)
+            except ValueError:  # a character this model cannot write: it would never propose this
+                scores.append(float("-inf"))
+                continue
+            scores.append(float(log_likelihood.sum() / count.sum()) if count.sum() else float("-inf"))
+        return scores
 
     def revise(self, goal, own, proposals):
         """Keep the own proposal or adopt the peer's that this model finds most likely."""
@@ -180,25 +184,6 @@ class ModelAgent:
         return chosen
 
 
-def score_actions(model, tokenizer, goal, actions, device):
-    """Mean log-prob per token of the actions, each given the transcript before it (as the policy saw it)."""
-    import torch
-    episode = replay(goal, actions)
-    text, total, count = episode["transcript"], 0.0, 0
-    for start, end in episode["action_spans"]:  # each action line, newline included
-        try:
-            prompt_ids, target_ids = tokenizer.encode(text[:start]), tokenizer.encode(text[start:end])
-        except ValueError:
-            return float("-inf")  # a character this model cannot write: it would never propose this
-        ids = (prompt_ids + target_ids)[-model.config.block_size - 1:]  # the window the policy would see
-        n = min(len(target_ids), len(ids) - 1)
-        x, y = torch.tensor([ids[:-1]], device=device), torch.tensor([ids[1:]], device=device)
-        with torch.no_grad():
-            nll = model(x, y, reduction="none")[1][0, -n:]  # (n,) the action's tokens only
-        total, count = total - float(nll.sum()), count + n
-    return total / count if count else float("-inf")
-
-
 class FakeAgent:
     """Test stand-ins: echo proposes a fixed answer, teacher the world's teacher actions; crash, hang
     and garbage misbehave on their first goal."""
@@ -206,10 +191,7 @@ class FakeAgent:
     def __init__(self, hello, out):
         self.mode, self.out = hello["checkpoint"].removeprefix("fake:"), out
         if self.mode not in FAKE_MODES:
-            raise ValueError(f"unknown fake worker {hello['checkpoint']!r}; known: {', '.join(FAKE_MODES)}")
-        if self.mode == "teacher":
-            import world  # now, not at the first goal: importing torch can take longer than a reply timeout
-            self.world = world
+            raise SystemExit(f"unknown fake worker {hello['checkpoint']!r}; known: {', '.join(FAKE_MODES)}")
 
     def propose(self, goal):
         if self.mode == "crash":
@@ -222,8 +204,8 @@ class FakeAgent:
             self.out.flush()
             return {"answer": "too late", "actions": []}
         if self.mode == "teacher":
-            env = self.world.make_env(goal["task"], **goal.get("options", {}))
-            episode = self.world.play_episode(env, self.world.teacher_act(env), goal["seed"])
+            env = goal_env(goal)
+            episode = tasks.play_episode(env, tasks.teacher_act(env), goal["seed"])
             return {"answer": episode["actions"][-1], "actions": episode["actions"]}
         return {"answer": "ECHO", "actions": ["ECHO"]}
 
@@ -234,47 +216,102 @@ class FakeAgent:
         return dict(own, adopted_from=None)
 
 
-def worker_main(stdin=sys.stdin, stdout=sys.stdout):
-    """Serve the protocol until stop or end of input (the coordinator is gone)."""
-    hello = json.loads(stdin.readline() or "null")
-    if not isinstance(hello, dict) or hello.get("type") != "hello" or hello.get("protocol") != PROTOCOL:
-        send(stdout, {"type": "error", "message": f"expected a protocol {PROTOCOL} hello, got {hello!r}"})
-        return 2
-    fake = hello["checkpoint"].startswith("fake:")
-    agent = FakeAgent(hello, stdout) if fake else ModelAgent(hello)
-    send(stdout, {"type": "ready", "protocol": PROTOCOL, "worker": hello["worker"], "pid": os.getpid()})
-    for line in stdin:
+# what each message to a worker must carry besides its type
+MESSAGE_FIELDS = {"hello": ("protocol", "worker", "checkpoint", "seed", "temperature", "device", "threads"),
+                  "goal": ("goal",), "message": ("goal", "own", "proposals"), "score": ("goal", "proposals"),
+                  "stop": ()}
+
+
+def read_message(line, expect=None):
+    """The message on one line of a worker's input, or a string saying why it is not one."""
+    try:
         msg = json.loads(line)
+    except json.JSONDecodeError:
+        return f"not a JSON line: {line[:80]!r}"
+    kinds = [expect] if expect else [k for k in MESSAGE_FIELDS if k != "hello"]
+    if not isinstance(msg, dict) or msg.get("type") not in kinds:
+        return f"expected a message of type {' or '.join(kinds)}, got {line[:80]!r}"
+    missing = [k for k in MESSAGE_FIELDS[msg["type"]] if k not in msg]
+    if missing:
+        return f"a {msg['type']} message needs {', '.join(missing)}; got {line[:80]!r}"
+    if "goal" in msg:
+        goal = msg["goal"]
+        if not isinstance(goal, dict) or not isinstance(goal.get("seed"), int):
+            return f"a goal is {{\"task\": NAME, \"seed\": INT, \"options\": {{...}}}}, got {goal!r}"
+        try:
+            goal_env(goal)
+        except (ValueError, TypeError) as e:
+            return f"goal {goal!r}: {e}"
+    return msg
+
+
+def die_with_parent():
+    """Linux: the kernel kills this process when its parent dies (PR_SET_PDEATHSIG), even inside a hung call."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def read_lines(stream, lines, parent):
+    """Feed the worker's input into the queue `lines`, then None at its end. At the end, a new parent
+    process means the coordinator is gone: exit at once, whatever the main thread is stuck in."""
+    for line in stream:
+        lines.put(line)
+    lines.put(None)
+    while True:  # a daemon thread: it ends with the process when the main thread finishes normally
+        if os.getppid() != parent:
+            os._exit(1)
+        time.sleep(0.2)
+
+
+def worker_main(stdin=sys.stdin, stdout=sys.stdout):
+    """Serve the protocol until stop, or until the end of input once every request is answered."""
+    parent = os.getppid()
+    die_with_parent()
+    hello = read_message(stdin.readline() or "null", expect="hello")
+    if isinstance(hello, str) or hello["protocol"] != PROTOCOL:
+        problem = hello if isinstance(hello, str) else f"speaks protocol {hello['protocol']}"
+        print(f"worker: expected a protocol {PROTOCOL} hello: {problem}", file=sys.stderr)
+        send(stdout, {"type": "error", "message": f"expected a protocol {PROTOCOL} hello: {problem}"})
+        return 2
+    try:
+        agent = FakeAgent(hello, stdout) if str(hello["checkpoint"]).startswith("fake:") else ModelAgent(hello)
+    except SystemExit as e:  # a checkpoint that cannot be a policy: the coordinator logs why
+        print(f"worker {hello['worker']}: {e}", file=sys.stderr)
+        send(stdout, {"type": "error", "message": str(e)})
+        return 2
+    send(stdout, {"type": "ready", "protocol": PROTOCOL, "worker": hello["worker"], "pid": os.getpid()})
+    lines = queue.Queue()
+    threading.Thread(target=read_lines, args=(stdin, lines, parent), daemon=True).start()
+    for line in iter(lines.get, None):
+        msg = read_message(line)
+        if isinstance(msg, str):
+            print(f"worker {hello['worker']}: {msg}", file=sys.stderr)
+            send(stdout, {"type": "error", "message": msg})
+            continue
         kind, rnd = msg["type"], msg.get("round")
         if kind == "stop":
             return 0
         if kind == "goal":
             send(stdout, {"type": "proposal", "round": rnd, **agent.propose(msg["goal"])})
         elif kind == "message":
-            own = msg["own"]
-            send(stdout, {"type": "proposal", "round": rnd, **agent.revise(msg["goal"], own, msg["proposals"])})
-        elif kind == "score":
-            send(stdout, {"type": "scores", "round": rnd, "scores": agent.score(msg["goal"], msg["proposals"])})
+            send(stdout, {"type": "proposal", "round": rnd, **agent.revise(msg["goal"], msg["own"], msg["proposals"])})
         else:
-            send(stdout, {"type": "error", "round": rnd, "message": f"unknown message type {kind!r}"})
+            send(stdout, {"type": "scores", "round": rnd, "scores": agent.score(msg["goal"], msg["proposals"])})
     return 0
 
 
 # ----------------------------------------------------------------------------- the coordinator
 
-class Transcript:
+class EventLog:
     """swarm.jsonl: one timestamped JSON event per line, flushed as written, so a crash loses nothing."""
 
     def __init__(self, path):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.file = open(path, "a", encoding="utf-8")
+        self.path = path
 
     def log(self, event, **fields):
-        self.file.write(json.dumps({"time": round(time.time(), 3), "event": event, **fields}) + "\n")
-        self.file.flush()
-
-    def close(self):
-        self.file.close()
+        append_jsonl(self.path, {"time": round(time.time(), 3), "event": event, **fields})
 
 
 class Worker:
@@ -294,8 +331,8 @@ class Worker:
 class Pool:
     """Starts worker processes, talks to them, and restarts or drops the ones that fail."""
 
-    def __init__(self, workers, out_dir, transcript, reply_timeout, start_timeout):
-        self.workers, self.out_dir, self.log = workers, out_dir, transcript.log
+    def __init__(self, workers, out_dir, log, reply_timeout, start_timeout):
+        self.workers, self.out_dir, self.log = workers, out_dir, log
         self.reply_timeout, self.start_timeout = reply_timeout, start_timeout
         self.replies = queue.Queue()  # (worker index, generation, line or None at end of output)
         self.round = 0
@@ -437,7 +474,9 @@ def kill(proc, grace=0.0):
 # ----------------------------------------------------------------------------- one goal
 
 def solve(pool, goal, cfg, log):
-    """One goal: (first proposals, final proposals after debate, each aggregator's choice among the final)."""
+    """One goal: (workers asked, their first proposals, the final proposals after debate, each
+    aggregator's choice among the final). A worker that fails to answer has no proposal."""
+    asked = len(pool.alive())
     replies = pool.ask([(w, {"type": "goal", "goal": goal}) for w in pool.alive()], "proposal")
     first = proposals = verified(goal, [proposal_of(i, r) for i, r in sorted(replies.items())])
     log("proposals", goal=goal, debate_round=0, proposals=first)
@@ -454,20 +493,17 @@ def solve(pool, goal, cfg, log):
         scored = pool.ask([(guides[0], {"type": "score", "goal": goal, "proposals": proposals})], "scores")
         scores = scored.get(guides[0].index, {}).get("scores")
         if scores is not None and len(scores) == len(proposals):
-            for p, s in zip(proposals, scores):
-                p["guide_score"] = s
+            proposals = [dict(p, guide_score=s) for p, s in zip(proposals, scores)]
     choices = {name: AGGREGATORS[name](proposals) for name in cfg["aggregators"]}
     log("aggregate", goal=goal, choices=choices,
         guide_scores=[p.get("guide_score") for p in proposals] if guides else None)
-    return first, proposals, choices
+    return asked, first, proposals, choices
 
 
 def verified(goal, proposals):
-    """The proposals with the reward and success of their actions replayed in a fresh environment."""
-    for p in proposals:
-        episode = replay(goal, p["actions"])
-        p["reward"], p["success"] = episode["reward"], bool(episode["success"])
-    return proposals
+    """Copies of the proposals with the reward and success of their actions replayed in a fresh environment."""
+    episodes = [play_proposal(goal, p["actions"]) for p in proposals]
+    return [dict(p, reward=e["reward"], success=bool(e["success"])) for p, e in zip(proposals, episodes)]
 
 
 def proposal_of(worker, reply):
@@ -516,7 +552,7 @@ def decide(goal, proposals, choices, cfg, log, inp, out):
     if verdict in ("reject", "stop") or not actions:
         success = False
     else:
-        success = bool(replay(goal, actions)["success"])
+        success = bool(play_proposal(goal, actions)["success"])
     decision = {"goal": goal, "verdict": verdict, "chosen_worker": proposals[chosen]["worker"] if chosen is not None else None,
                 "actions": actions, "success": success}
     log("decision", **decision)
@@ -531,6 +567,9 @@ def check_config(cfg):
         raise ConfigError(f"workers must be at least 1, got {cfg['workers']}")
     if not cfg["checkpoints"] or not cfg["temperatures"]:
         raise ConfigError("checkpoints and temperatures need at least one entry each")
+    for t in cfg["temperatures"]:
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or t < 0:
+            raise ConfigError(f"temperatures must be numbers >= 0 (0 is greedy), got {t!r} in {cfg['temperatures']}")
     if not cfg["aggregators"]:
         raise ConfigError(f"aggregators must name at least one of {', '.join(AGGREGATORS)}")
     for name in cfg["aggregators"]:
@@ -556,9 +595,10 @@ def check_config(cfg):
             raise ConfigError(f"device={cfg['device']} but this torch sees no CUDA GPU; use --device=cpu")
     if cfg["threads"] < 1:
         raise ConfigError(f"threads must be at least 1, got {cfg['threads']}")
-    import world
-    if cfg["task"] not in world.TASKS:
-        raise ConfigError(f"unknown task {cfg['task']!r}; world.py has {', '.join(world.TASKS)}")
+    try:
+        tasks.make_env(cfg["task"], **cfg["task_options"])
+    except ValueError as e:
+        raise ConfigError(f"task/task_options: {e}")
 
 
 def worker_devices(device, n):
@@ -581,16 +621,18 @@ def make_workers(cfg):
     return workers
 
 
-def summarize(records, cfg, seconds):
-    """Success rates: the decision, each aggregator, one worker alone (the mean over workers of their
-    first proposals, before any debate) and any worker (the oracle: some first proposal succeeds)."""
+def summarize(records, cfg, seconds, worker_failures):
+    """Success rates: the decision, each aggregator, one worker alone (the mean over the workers asked of
+    their first proposals, before any debate; a worker that failed to answer counts as a failure) and
+    any worker (the oracle: some first proposal succeeds)."""
     n = len(records)
     rate = lambda hits: round(sum(hits) / n, 4) if n else None  # noqa: E731
     summary = {"goals": n, "workers": cfg["workers"], "seconds": round(seconds, 2),
                "goals_per_minute": round(60 * n / seconds, 2) if seconds else None,
+               "worker_failures": worker_failures,
                "decision_success": rate([r["decision"]["success"] for r in records]),
-               "single_worker_success": rate([sum(p["success"] for p in r["first"]) / len(r["first"])
-                                              if r["first"] else 0 for r in records]),
+               "single_worker_success": rate([sum(p["success"] for p in r["first"]) / r["asked"]
+                                              if r["asked"] else 0 for r in records]),
                "any_worker_success": rate([any(p["success"] for p in r["first"]) for r in records])}
     for name in cfg["aggregators"]:
         summary[f"{name}_success"] = rate([r["choices"][name] is not None and r["proposals"][r["choices"][name]]["success"]
@@ -603,10 +645,13 @@ def summarize(records, cfg, seconds):
 def run(cfg, inp=sys.stdin, out=sys.stderr):
     """The whole swarm run; returns the summary. Every child is gone when this returns or raises."""
     check_config(cfg)
-    os.makedirs(cfg["out_dir"], exist_ok=True)
-    transcript = Transcript(os.path.join(cfg["out_dir"], "swarm.jsonl"))
-    log = transcript.log
-    pool = Pool(make_workers(cfg), cfg["out_dir"], transcript, cfg["reply_timeout"], cfg["start_timeout"])
+    events = os.path.join(cfg["out_dir"], "swarm.jsonl")
+    if os.path.exists(events) and not cfg["overwrite"]:
+        raise ConfigError(f"{cfg['out_dir']} already holds a swarm run (swarm.jsonl): choose another --out_dir, "
+                          f"or pass --overwrite=True to move the old run aside")
+    lock = claim_out_dir(cfg["out_dir"], False, cfg["overwrite"], run_files=("swarm.jsonl",))
+    log = EventLog(events).log
+    pool = Pool(make_workers(cfg), cfg["out_dir"], log, cfg["reply_timeout"], cfg["start_timeout"])
     atexit.register(pool.close)  # also on an exception that escapes main
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # SIGTERM unwinds like Ctrl-C
     records, t0 = [], time.perf_counter()
@@ -615,28 +660,34 @@ def run(cfg, inp=sys.stdin, out=sys.stderr):
         pool.start_all()
         startup, t0 = time.perf_counter() - t0, time.perf_counter()  # goals per minute leave out loading
         for goal in tqdm(goals_for(cfg), desc="goals", unit="goal", file=sys.stderr, disable=None):
-            if not pool.alive():
-                raise SystemExit(f"every worker was dropped; see the worker logs in {cfg['out_dir']}")
+            if not pool.alive():  # checked before every goal and after the last: a dead swarm never exits 0
+                break
             log("goal", goal=goal)
-            first, proposals, choices = solve(pool, goal, cfg, log)
+            asked, first, proposals, choices = solve(pool, goal, cfg, log)
             decision = decide(goal, proposals, choices, cfg, log, inp, out)
-            records.append({"goal": goal, "first": first, "proposals": proposals, "choices": choices,
-                            "decision": decision})
+            records.append({"goal": goal, "asked": asked, "first": first, "proposals": proposals,
+                            "choices": choices, "decision": decision})
             if decision["verdict"] == "stop":
                 break
-        summary = {**summarize(records, cfg, time.perf_counter() - t0), "startup_seconds": round(startup, 2)}
+        failures = sum(w.failures for w in pool.workers)
+        summary = {**summarize(records, cfg, time.perf_counter() - t0, failures), "startup_seconds": round(startup, 2)}
         log("summary", **summary)
-        with open(os.path.join(cfg["out_dir"], "summary.json"), "w") as f:
+        tmp = os.path.join(cfg["out_dir"], "summary.json.tmp")
+        with open(tmp, "w") as f:  # renamed when whole (checkpoint.write_json_atomic would import torch here)
             json.dump(summary, f, indent=1)
+        os.replace(tmp, os.path.join(cfg["out_dir"], "summary.json"))
+        if not pool.alive():
+            raise SystemExit(f"every worker was dropped after {len(records)} goals (summary: {cfg['out_dir']}/"
+                             f"summary.json); see why in the worker logs {cfg['out_dir']}/worker_*.log")
         return summary
     except KeyboardInterrupt:
         log("interrupted", goals_done=len(records))
-        raise SystemExit("interrupted: every worker stopped; the transcript so far is in "
+        raise SystemExit("interrupted: every worker stopped; the event log so far is in "
                          f"{cfg['out_dir']}/swarm.jsonl")
     finally:
         pool.close()
         signal.signal(signal.SIGTERM, previous)
-        transcript.close()
+        lock.close()
 
 
 def main(argv):

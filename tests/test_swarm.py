@@ -9,7 +9,7 @@ import time
 import pytest
 
 import swarm
-import world
+import tasks
 from configurator import ConfigError, configure
 from conftest import ROOT
 
@@ -31,11 +31,29 @@ def events(cfg):
 
 
 def gone(pid):
+    """The process has exited (a zombie left unreaped by a PID 1 that does not reap counts as gone)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
         return True
-    return False
+    except OSError:  # no /proc (macOS)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+
+def wait_for_events(path, event, count, timeout=60):
+    """The lines of swarm.jsonl once it holds `count` events of a kind (a coordinator run as a subprocess)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = path.read_text().splitlines() if path.exists() else []
+        if sum(f'"event": "{event}"' in line for line in lines) >= count:
+            return lines
+        time.sleep(0.05)
+    raise AssertionError(f"no {count} {event} events in {path} within {timeout} s")
 
 
 # ----------------------------------------------------------------------------- protocol
@@ -57,7 +75,7 @@ def test_protocol_round_trip_with_a_worker_process():
         goal = {"task": "arith", "seed": 3}
         proposal = talk(proc, {"type": "goal", "round": 1, "goal": goal})
         assert proposal["type"] == "proposal" and proposal["round"] == 1
-        assert swarm.replay(goal, proposal["actions"])["success"]
+        assert swarm.play_proposal(goal, proposal["actions"])["success"]
         scores = talk(proc, {"type": "score", "round": 2, "goal": goal, "proposals": [proposal]})
         assert scores["type"] == "scores" and scores["round"] == 2 and len(scores["scores"]) == 1
         proc.stdin.write(json.dumps({"type": "stop"}) + "\n")
@@ -164,12 +182,8 @@ def test_ctrl_c_or_sigterm_leaves_no_orphan_workers(tmp_path, sig):
                                     f"--out_dir={out_dir}", "--reply_timeout=60.0"],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
     try:
-        transcript, deadline = out_dir / "swarm.jsonl", time.monotonic() + 30
-        while time.monotonic() < deadline:  # wait until all three are working on the first goal
-            lines = transcript.read_text().splitlines() if transcript.exists() else []
-            if sum('"event": "send"' in line for line in lines) == 3:
-                break
-            time.sleep(0.05)
+        transcript = out_dir / "swarm.jsonl"
+        lines = wait_for_events(transcript, "send", 3)  # all three are working on the first goal
         pids = [json.loads(line)["pid"] for line in lines if '"event": "start"' in line]
         assert len(pids) == 3 and not any(gone(p) for p in pids)
         coordinator.send_signal(sig)
@@ -181,13 +195,91 @@ def test_ctrl_c_or_sigterm_leaves_no_orphan_workers(tmp_path, sig):
     assert '"event": "interrupted"' in transcript.read_text() or sig == signal.SIGTERM
 
 
+def test_workers_of_a_coordinator_killed_with_sigkill_exit_by_themselves(tmp_path):
+    out_dir = tmp_path / "swarm"
+    coordinator = subprocess.Popen([sys.executable, SWARM, "--workers=2", "--checkpoints=['fake:hang']",
+                                    f"--out_dir={out_dir}", "--reply_timeout=60.0"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    try:
+        lines = wait_for_events(out_dir / "swarm.jsonl", "send", 2)  # both are stuck in a "model call"
+        pids = [json.loads(line)["pid"] for line in lines if '"event": "start"' in line]
+        assert len(pids) == 2 and not any(gone(p) for p in pids)
+        coordinator.send_signal(signal.SIGKILL)  # no cleanup code runs in the coordinator
+        coordinator.wait(timeout=20)
+        deadline = time.monotonic() + 20
+        while not all(gone(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert all(gone(p) for p in pids)
+    finally:
+        coordinator.kill()
+        coordinator.wait()
+        for p in pids if "pids" in locals() else []:
+            if not gone(p):
+                os.killpg(p, signal.SIGKILL)
+
+
+def test_garbage_on_a_worker_stdin_gets_an_error_reply_and_the_worker_keeps_serving():
+    hello = {"type": "hello", "protocol": swarm.PROTOCOL, "worker": 0, "checkpoint": "fake:echo", "seed": 0,
+             "temperature": 1.0, "device": "cpu", "threads": 1}
+    lines = [json.dumps(hello), "hello there", "[1, 2]", '{"type": "goal", "round": 1}',
+             '{"type": "goal", "round": 2, "goal": {"task": "chess", "seed": 1}}',
+             '{"type": "goal", "round": 3, "goal": {"task": "arith", "seed": 1}}', '{"type": "stop"}']
+    out = subprocess.run([sys.executable, SWARM, "--worker"], input="\n".join(lines) + "\n", capture_output=True,
+                         text=True, cwd=ROOT, timeout=60)
+    replies = [json.loads(line) for line in out.stdout.splitlines()]
+    assert out.returncode == 0 and "Traceback" not in out.stderr
+    assert [r["type"] for r in replies] == ["ready", "error", "error", "error", "error", "proposal"]
+    assert "not a JSON line" in replies[1]["message"] and "needs goal" in replies[3]["message"]
+    assert "unknown task 'chess'" in replies[4]["message"] and replies[5]["round"] == 3
+    assert "not a JSON line" in out.stderr
+
+
+def test_a_garbage_hello_is_refused_without_a_traceback():
+    out = subprocess.run([sys.executable, SWARM, "--worker"], input="{oops\n", capture_output=True, text=True,
+                         cwd=ROOT, timeout=30)
+    assert out.returncode == 2 and json.loads(out.stdout)["type"] == "error" and "Traceback" not in out.stderr
+
+
+def test_a_swarm_whose_workers_all_crash_does_not_exit_0_and_its_summary_counts_them(tmp_path):
+    cfg = swarm_config(tmp_path, workers=2, checkpoints=["fake:crash"], num_goals=2)
+    with pytest.raises(SystemExit, match="every worker was dropped after 2 goals"):
+        swarm.run(cfg)
+    summary = json.loads((tmp_path / "swarm" / "summary.json").read_text())
+    assert summary["worker_failures"] == 4 and summary["single_worker_success"] == 0.0
+
+
+def test_single_worker_success_counts_a_crashed_worker_as_a_failure():
+    first = [{"success": True}, {"success": True}]  # two of three workers answered, both right
+    records = [{"asked": 3, "first": first, "proposals": first, "choices": {"majority": 0},
+                "decision": {"success": True, "verdict": "accept"}}]
+    summary = swarm.summarize(records, {"workers": 3, "aggregators": ["majority"]}, 1.0, 1)
+    assert summary["single_worker_success"] == pytest.approx(2 / 3, abs=1e-3) and summary["worker_failures"] == 1
+
+
+def test_verified_returns_copies_and_leaves_its_input_alone():
+    proposals = [{"worker": 0, "answer": "ANSWER 1", "actions": ["ANSWER 1"]}]
+    checked = swarm.verified({"task": "arith", "seed": 1}, proposals)
+    assert proposals == [{"worker": 0, "answer": "ANSWER 1", "actions": ["ANSWER 1"]}]
+    assert checked[0]["success"] is False and "reward" in checked[0]
+
+
+def test_a_second_run_into_the_same_out_dir_refuses_unless_told_to_overwrite(tmp_path):
+    cfg = swarm_config(tmp_path, num_goals=1, workers=1, checkpoints=["fake:echo"])
+    swarm.run(cfg)
+    with pytest.raises(ConfigError, match="already holds a swarm run"):
+        swarm.run(cfg)
+    swarm.run(cfg | {"overwrite": True})
+    assert any(name.startswith("replaced-") for name in os.listdir(cfg["out_dir"]))
+    assert [e["event"] for e in events(cfg)].count("config") == 1
+
+
 # ----------------------------------------------------------------------------- human in the loop
 
 def test_human_accepts_edits_rejects_and_stops_from_stdin(tmp_path):
     cfg = swarm_config(tmp_path, num_goals=5, human=True, checkpoints=["fake:echo"], workers=2)
     # goal 1 accepted (echo is wrong), goal 2 edited to the right answer, goal 3 rejected, then stop
-    env = world.make_env("arith")
-    env.reset(cfg["first_seed"] + 1)
+    env = tasks.make_env("arith")
+    env.reset(tasks.EVAL_SEED_BASE + 1)
     right = f"ANSWER {env.answer}"
     shown = io.StringIO()
     summary = swarm.run(cfg, inp=io.StringIO(f"a\nmaybe\ne\n{right}\nr\ns\n"), out=shown)
@@ -218,6 +310,9 @@ def test_human_flag_reads_decisions_from_the_terminal_of_the_command(tmp_path):
     ({"aggregators": ["guide"]}, "needs --guide"),
     ({"checkpoints": ["fake:sleepy"]}, "unknown fake worker"),
     ({"task": "chess"}, "unknown task 'chess'"),
+    ({"task_options": {"colour": "red"}}, "bad options"),
+    ({"temperatures": [1.0, -1]}, "temperatures must be numbers >= 0"),
+    ({"temperatures": ["hot"]}, "temperatures must be numbers >= 0"),
     ({"device": "tpu"}, "device must be"),
     ({"threads": 0}, "threads must be at least 1"),
 ])
@@ -255,7 +350,7 @@ def tiny_policy(tmp_path):
     from model import GPT, GPTConfig
     from tokenizer import CharTokenizer
     torch.manual_seed(0)
-    tokenizer = CharTokenizer(world.ALPHABET)
+    tokenizer = CharTokenizer(tasks.ALPHABET)
     config = GPTConfig(vocab_size=tokenizer.n_vocab, block_size=128, n_layer=1, n_head=2, n_embd=16)
     path = str(tmp_path / "policy.pt")
     save_checkpoint(path, {"model_args": dataclasses.asdict(config), "model": GPT(config).state_dict(),
