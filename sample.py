@@ -89,7 +89,8 @@ def main(argv):
         raise SystemExit(f"prompt: {e}")
     if not prompt_ids:
         prompt_ids = [tokenizer.eot]  # an empty prompt starts a fresh document
-    print(f"step {state['step']} checkpoint, val loss {state['val_loss']:.4f}", file=sys.stderr)
+    val = f", val loss {state['val_loss']:.4f}" if state.get("val_loss") is not None else ""  # a world policy has none
+    print(f"step {state['step']} checkpoint{val}", file=sys.stderr)
     for i in range(cfg["num_samples"]):
         sys.stdout.write(tokenizer.decode(prompt_ids))
         new_ids, seconds = stream_sample(model, tokenizer, prompt_ids, {**cfg, "seed": cfg["seed"] + i}, device)

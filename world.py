@@ -507,31 +507,39 @@ def check_config(cfg):
             raise ConfigError(f"tasks/changes: {e}")
 
 
+def load_start(path, cfg):
+    """The checkpoint a run starts from (loaded once) and the Policy it holds."""
+    state = load_policy_checkpoint(path)
+    return state, policy_from_checkpoint(state, cfg["device"], path)
+
+
 def run(cfg):
     """A whole run from a resolved config; returns the last held-out evaluation."""
     check_config(cfg)
     out_dir, resuming = cfg["out_dir"], cfg["init_from"] == "resume"
-    policy_path, metrics_path = os.path.join(out_dir, "policy.pt"), os.path.join(out_dir, "metrics.jsonl")
-    if resuming and not os.path.exists(policy_path):
-        raise SystemExit(f"nothing to resume: {policy_path} does not exist; start the run without --init_from=resume")
+    start = None  # checked before out_dir is touched, unless the policy is yet to be made by imitation
+    if resuming:
+        path = os.path.join(out_dir, "policy.pt")
+        if not os.path.exists(path):
+            raise SystemExit(f"nothing to resume: {path} does not exist; start the run without --init_from=resume")
+        start = load_start(path, cfg)
+    elif cfg["init_from"] != "imitate":
+        start = load_start(policy_file(cfg["init_from"]), cfg)
     lock = claim_out_dir(out_dir, resuming, cfg["overwrite"], run_files=("policy.pt", "metrics.jsonl"))
     try:
         with StopRequest(tqdm.write) as stop:
-            return learning_loop(cfg, stop)
+            state, policy = start or load_start(imitate(cfg, stop), cfg)
+            return learning_loop(cfg, state, policy, stop)
     finally:
         lock.close()
 
 
-def learning_loop(cfg, stop):
+def learning_loop(cfg, state, policy, stop):
+    """Evaluate, then learn from batches of episodes until cfg["episodes"] (or a stop request), from the
+    start checkpoint `state` and its `policy`; returns the last held-out evaluation."""
     out_dir, resuming = cfg["out_dir"], cfg["init_from"] == "resume"
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     torch.manual_seed(cfg["seed"])
-    if resuming:
-        path = os.path.join(out_dir, "policy.pt")
-    else:
-        path = imitate(cfg, stop) if cfg["init_from"] == "imitate" else policy_file(cfg["init_from"])
-    state = load_policy_checkpoint(path)  # the start checkpoint, loaded once
-    policy = policy_from_checkpoint(state, cfg["device"], path)
     optimizer = make_optimizer(policy, cfg["learning_rate"])
     if resuming:
         progress = resume_progress(state, optimizer, cfg)
@@ -539,7 +547,6 @@ def learning_loop(cfg, stop):
     else:
         progress = Progress(0, {}, ReplayBuffer(cfg["replay_size"], cfg["replay_recent_window"],
                                                 cfg["replay_recent_fraction"]), random.Random(cfg["seed"]))
-    del state
     write_json_atomic(os.path.join(out_dir, "config.json"), cfg)
 
     total = cfg["episodes"] if cfg["mode"] != "evaluate" else 0

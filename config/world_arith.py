@@ -3,7 +3,7 @@
 out_dir = "out/world_arith"
 tasks = {"arith": {}}
 init_from = "imitate"
-mode = "imitate"
+mode = "evaluate"
 imitation_episodes = 1000
 imitation_iters = 300
 clone_iters = 900

@@ -1,7 +1,8 @@
-# rooms, as world_rooms.py (the same imitation policy: 200 noisy teacher transcripts), then expert
-# iteration with teacher help: a failed episode adds the teacher's action at the first state the policy went wrong.
+# rooms, as world_rooms.py (the same imitation recipe: 200 noisy teacher transcripts, imitated again in
+# this run's own out_dir), then expert iteration with teacher help: a failed episode adds the teacher's
+# action at the first state the policy went wrong.
 # Expect held-out success 43% after imitation (episode 0), about 80% after 320 episodes.
-out_dir = "out/world_rooms"
+out_dir = "out/world_rooms_help"
 tasks = {"rooms": {}}
 init_from = "imitate"
 mode = "expert_iteration"

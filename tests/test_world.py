@@ -1,4 +1,5 @@
 import dataclasses
+import glob
 import json
 import os
 import random
@@ -13,8 +14,8 @@ import torch
 import sample
 import tasks
 import world
-from checkpoint import load_checkpoint, save_checkpoint
-from configurator import ConfigError, configure
+from checkpoint import load_checkpoint, save_checkpoint, write_json_atomic
+from configurator import ConfigError, configure, read_config_file
 from conftest import ROOT
 from model import GPT, GPTConfig
 from runtime import read_jsonl
@@ -109,6 +110,21 @@ def test_world_run_writes_metrics_plot_and_a_loadable_policy(tmp_path):
     assert (tmp_path / "run" / "world.png").exists()
     policy = world.load_policy(cfg["out_dir"])
     assert isinstance(tasks.play_episode(tasks.make_env("arith"), policy.act, 1)["success"], bool)
+    recipe = json.loads((tmp_path / "run" / "imitation" / "recipe.json").read_text())
+    assert recipe["checkpoint"].endswith("cloned.pt") and recipe["recipe"]["train"]["warmup_iters"] == 50
+
+
+def test_a_world_policy_has_the_one_checkpoint_layout_and_sample_py_reads_it(tmp_path, capsys):
+    cfg = tiny_run_config(tmp_path, init_from=save_tiny_policy(tmp_path / "start.pt"), episodes=4)
+    world.run(cfg)
+    capsys.readouterr()
+    state = load_checkpoint(f"{cfg['out_dir']}/policy.pt")
+    assert state["kind"] == "world" and state["step"] == 4 and state["val_loss"] is None
+    assert state["tokenizer"]["tokenizer"] == "char"
+    sample.main([f"--out_dir={cfg['out_dir']}", f"--ckpt={cfg['out_dir']}/policy.pt", "--start=task arith\n",
+                 "--max_new_tokens=5", "--device=cpu"])
+    out = capsys.readouterr()
+    assert out.out.startswith("task arith\n") and "step 4 checkpoint" in out.err
 
 
 def save_tiny_policy(path):
@@ -141,13 +157,84 @@ def test_world_changes_rename_the_tool_mid_run():
     assert set(world.task_options_at(200, cfg)) == {"arith", "guess"}
 
 
-def test_bad_mode_or_task_option_in_config_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match="mode must be one of"):
-        world.run(tiny_run_config(tmp_path, mode="dream"))
-    with pytest.raises(SystemExit, match="bad options"):
-        world.run(tiny_run_config(tmp_path, changes=[(4, "arith", {"colour": "red"})]))
+def save_checkpoint_with_tokenizer(path, tokenizer_meta, chars=tasks.ALPHABET):
+    """A tiny model checkpoint with any tokenizer record: a stand-in for a train.py run on other text."""
+    tokenizer = CharTokenizer(chars)
+    model = GPT(GPTConfig(vocab_size=tokenizer.n_vocab, block_size=32, n_layer=1, n_head=2, n_embd=16))
+    state = {"model_args": dataclasses.asdict(model.config), "model": model.state_dict()}
+    save_checkpoint(str(path), state | ({"tokenizer": tokenizer_meta} if tokenizer_meta else {}))
+    return str(path)
+
+
+def bad_world_inputs(tmp_path):
+    shakespeare = save_checkpoint_with_tokenizer(tmp_path / "shakespeare.pt", {"tokenizer": "char", "chars": list(
+        " !',-.:;?\nABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")}, chars=" !',-.:;?\nabc")
+    bpe = save_checkpoint_with_tokenizer(tmp_path / "bpe.pt", {"tokenizer": "gpt2"})
+    untagged = save_checkpoint_with_tokenizer(tmp_path / "untagged.pt", None)
+    return [  # (config overrides, what the message must say)
+        ({"mode": "dream"}, "mode must be one of evaluate"),
+        ({"changes": [(4, "arith", {"colour": "red"})]}, "bad options"),
+        ({"tasks": {"chess": {}}}, "unknown task 'chess'"),
+        ({"init_from": "resume"}, "nothing to resume"),
+        ({"init_from": str(tmp_path / "nowhere.pt")}, "no policy at .*python world.py config/world_arith.py"),
+        ({"init_from": shakespeare}, "cannot be a world policy: its characters lack '.*0123"),
+        ({"init_from": bpe}, "uses the 'gpt2' tokenizer"),
+        ({"init_from": untagged}, "has no tokenizer"),
+    ]
+
+
+def test_bad_world_inputs_stop_with_a_message_and_leave_out_dir_alone(tmp_path):
+    for overrides, message in bad_world_inputs(tmp_path):
+        cfg = tiny_run_config(tmp_path, **overrides)
+        with pytest.raises(SystemExit, match=message):
+            world.run(cfg)
+        assert not os.path.exists(cfg["out_dir"]), overrides
     with pytest.raises(SystemExit, match="unknown config key 'episode'; did you mean 'episodes'"):
         configure(world.DEFAULTS, ["--episode=3"])
+
+
+def test_bad_world_config_raises_the_same_error_kind_as_swarm(tmp_path):
+    with pytest.raises(ConfigError, match="mode must be one of"):
+        world.run(tiny_run_config(tmp_path, mode="imitate"))  # the old name of mode="evaluate"
+
+
+def test_a_fresh_run_into_an_out_dir_holding_a_run_refuses_unless_told_to_overwrite(tmp_path):
+    start = save_tiny_policy(tmp_path / "start.pt")
+    cfg = tiny_run_config(tmp_path, init_from=start, mode="evaluate", eval_episodes=1)
+    world.run(cfg)
+    before = {p: os.path.getmtime(p) for p in (f"{cfg['out_dir']}/policy.pt", f"{cfg['out_dir']}/metrics.jsonl")}
+    with pytest.raises(SystemExit, match="already holds a run .*--overwrite=True"):
+        world.run(cfg)
+    assert before == {p: os.path.getmtime(p) for p in before}
+    world.run(cfg | {"overwrite": True})
+    aside = [n for n in os.listdir(cfg["out_dir"]) if n.startswith("replaced-")]
+    assert len(aside) == 1 and os.path.exists(os.path.join(cfg["out_dir"], aside[0], "policy.pt"))
+    assert len(read_jsonl(f"{cfg['out_dir']}/metrics.jsonl")) == 1
+
+
+def test_sigterm_saves_the_policy_and_the_run_resumes(tmp_path):
+    start = save_tiny_policy(tmp_path / "start.pt")
+    out_dir = tmp_path / "run"
+    args = [f"--out_dir={out_dir}", f"--init_from={start}", "--tasks={'arith': {'max_steps': 2}}",
+            "--episodes=100000", "--episodes_per_update=2", "--update_batch_size=2", "--eval_interval=100000",
+            "--eval_episodes=1", "--teacher_help=True"]
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "world.py"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        metrics, deadline = out_dir / "metrics.jsonl", time.monotonic() + 120
+        while time.monotonic() < deadline and '"train"' not in (metrics.read_text() if metrics.exists() else ""):
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and "SIGTERM" in out and "resume with --init_from=resume" in out, out
+    episode = load_checkpoint(str(out_dir / "policy.pt"))["step"]
+    rows = read_jsonl(str(metrics))
+    assert episode > 0 and rows[-1] == {"episode": episode, "eval": rows[-1]["eval"]}
+    resumed = configure(world.DEFAULTS, args + ["--init_from=resume", f"--episodes={episode + 2}"])
+    world.run(resumed)
+    assert load_checkpoint(str(out_dir / "policy.pt"))["step"] == episode + 2
 
 
 def test_arith_tool_name_can_vary_per_episode():
@@ -155,3 +242,21 @@ def test_arith_tool_name_can_vary_per_episode():
     names = {env.reset(seed).split("Tools: ")[1] for seed in range(30)}
     assert names == {"calc.", "math.", "abacus."}
     assert tasks.play_episode(env, tasks.teacher_act(env), 4)["success"]
+
+
+def test_imitation_is_reused_only_when_every_setting_that_shaped_it_matches(tmp_path):
+    recipe = world.json_roundtrip(world.imitation_recipe(tiny_run_config(tmp_path)))
+    assert recipe["train"]["warmup_iters"] == 50 and recipe["train"]["beta2"] == 0.99  # the hard-coded ones too
+    checkpoint, path = save_tiny_policy(tmp_path / "cloned.pt"), str(tmp_path / "recipe.json")
+    write_json_atomic(path, {"recipe": recipe, "checkpoint": checkpoint})
+    assert world.reusable_imitation(path, recipe) == checkpoint
+    for stage, key in [("train", "beta2"), ("train", "warmup_iters"), ("clone", "final_lr_fraction"), ("teacher", "noise")]:
+        changed = world.json_roundtrip(recipe)
+        changed[stage][key] += 0.01
+        assert world.reusable_imitation(path, changed) is None, (stage, key)
+
+
+def test_world_configs_each_write_their_own_out_dir():
+    paths = sorted(glob.glob(os.path.join(ROOT, "config", "world_*.py")))
+    out_dirs = [read_config_file(p)["out_dir"] for p in paths]
+    assert len(paths) >= 6 and len(set(out_dirs)) == len(out_dirs)
