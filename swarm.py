@@ -146,7 +146,7 @@ class ModelAgent:
         import world
         from runtime import resolve_device
         torch.set_num_threads(hello["threads"])  # N workers share the cores instead of each taking all
-        self.torch = torch
+        torch.set_grad_enabled(False)  # a worker never trains
         self.device = resolve_device(hello["device"])
         self.seed, self.temperature = hello["seed"], hello["temperature"]
         self.policy = world.load_policy(hello["checkpoint"], device=str(self.device))
@@ -166,8 +166,7 @@ class ModelAgent:
             items = [{"text": episode["transcript"][:end], "spans": [[start, end]]}
                      for start, end in episode["action_spans"]]
             try:
-                with self.torch.no_grad():
-                    log_likelihood, count = self.policy.action_log_likelihood(items)
+                log_likelihood, count = self.policy.action_log_likelihood(items)
             except ValueError:  # a character this model cannot write: it would never propose this
                 scores.append(float("-inf"))
                 continue

@@ -50,7 +50,7 @@ ALPHABET = string.ascii_letters + string.digits + string.punctuation + " \n"
 # ----------------------------------------------------------------------------- environments
 
 class Env:
-    """The shared contract: reset(seed) -> observation; step(action) -> (observation, reward, done, info).
+    """The base of the scripted tasks, which implement the contract above through it.
 
     A task subclass sets `name` and `max_steps` and writes `_reset`, `_act`, `teacher_action` and
     `random_action`. `_act` returns (kind, observation, reward, done, success) where kind is 'obs',

@@ -241,7 +241,6 @@ class ReplayBuffer:
         return [rng.choice(recent) for _ in range(n_recent)] + [rng.choice(self.items) for _ in range(n - n_recent)]
 
 
-
 # ----------------------------------------------------------------------------- imitation (prepare.py + train.py)
 
 def imitation_recipe(cfg):
@@ -338,7 +337,6 @@ def json_roundtrip(obj):
 
 
 # ----------------------------------------------------------------------------- the learning loop
-
 
 def temperature_at(episode, cfg):
     progress = min(1.0, episode / max(1, cfg["episodes"]))
