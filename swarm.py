@@ -245,7 +245,9 @@ def read_message(line, expect=None):
 
 
 def die_with_parent():
-    """Linux: the kernel kills this process when its parent dies (PR_SET_PDEATHSIG), even inside a hung call."""
+    """Linux: the kernel kills this process when its parent dies (PR_SET_PDEATHSIG), even inside a hung
+    call. Strictly, when the parent's thread that started it ends: the coordinator starts workers from
+    the thread that runs the whole swarm."""
     if sys.platform.startswith("linux"):
         import ctypes
         PR_SET_PDEATHSIG = 1

@@ -323,6 +323,15 @@ def test_bad_config_is_a_clear_error_before_any_worker_starts(tmp_path, override
     assert not os.path.exists(cfg["out_dir"])
 
 
+@pytest.mark.parametrize("arg, key", [("--temperatures=[-1]", "temperatures"), ("--task_options={'tool': 3, 'x': 1}", "task_options"),
+                                      ("--workers=0", "workers")])
+def test_bad_values_on_the_command_line_exit_nonzero_without_a_traceback(tmp_path, arg, key):
+    out = subprocess.run([sys.executable, SWARM, arg, "--checkpoints=['fake:echo']", f"--out_dir={tmp_path / 'swarm'}"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode != 0 and key in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "swarm").exists()
+
+
 def test_workers_spread_over_the_named_gpus():
     assert swarm.worker_devices("cpu", 2) == ["cpu", "cpu"]
     assert swarm.worker_devices("cuda", 2) == ["cuda:0", "cuda:0"]

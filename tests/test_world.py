@@ -193,6 +193,13 @@ def test_bad_world_inputs_stop_with_a_message_and_leave_out_dir_alone(tmp_path):
         configure(world.DEFAULTS, ["--episode=3"])
 
 
+def test_a_bad_value_on_the_command_line_exits_nonzero_without_a_traceback(tmp_path):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "world.py"), "--mode=dream", f"--out_dir={tmp_path / 'run'}"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode != 0 and "mode must be one of" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_bad_world_config_raises_the_same_error_kind_as_swarm(tmp_path):
     with pytest.raises(ConfigError, match="mode must be one of"):
         world.run(tiny_run_config(tmp_path, mode="imitate"))  # the old name of mode="evaluate"
