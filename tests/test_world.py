@@ -124,7 +124,7 @@ def test_a_world_policy_has_the_one_checkpoint_layout_and_sample_py_reads_it(tmp
     sample.main([f"--out_dir={cfg['out_dir']}", f"--ckpt={cfg['out_dir']}/policy.pt", "--start=task arith\n",
                  "--max_new_tokens=5", "--device=cpu"])
     out = capsys.readouterr()
-    assert out.out.startswith("task arith\n") and "step 4 checkpoint" in out.err
+    assert out.out.startswith("task arith\n") and "step 4" in out.err
 
 
 def save_tiny_policy(path):
