@@ -348,9 +348,9 @@ def time_to_loss(config_path, bench, device, target, overrides=None, name=None):
     """Train with train.py's own loop; val loss against training seconds (compile and eval apart)."""
     name = name or os.path.splitext(os.path.basename(config_path))[0]
     out_dir = os.path.join(bench["out_dir"], name)
-    if os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
-        os.remove(os.path.join(out_dir, "metrics.jsonl"))  # a fresh curve, not one appended to an old run
-    argv = [config_path, f"--out_dir={out_dir}", f"--data_dir={bench['data_dir']}", f"--device={device}"]
+    # a fresh curve each time: an earlier run in out_dir is moved aside to out_dir/replaced-<time>/
+    argv = [config_path, f"--out_dir={out_dir}", f"--data_dir={bench['data_dir']}", f"--device={device}",
+            "--overwrite=True"]
     if bench["smoke"]:
         argv += ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--max_iters=20",
                  "--eval_interval=10", "--eval_iters=2", "--log_interval=5"]

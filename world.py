@@ -606,7 +606,7 @@ def imitate(cfg):
             "max_iters": cfg["imitation_iters"], "batch_size": cfg["imitation_batch_size"],
             "learning_rate": cfg["imitation_lr"], "min_lr": cfg["imitation_lr"] / 10, "warmup_iters": 50,
             "eval_interval": max(1, cfg["imitation_iters"] // 4), "eval_iters": 10, "log_interval": 25,
-            "dropout": 0.0, "beta2": 0.99, "compile": False}
+            "dropout": 0.0, "beta2": 0.99, "compile": False, "overwrite": True}  # the recipe changed: redo it
     train.train(run)
     path = os.path.join(run["out_dir"], "ckpt.pt")
     if cfg["clone_iters"]:
