@@ -221,7 +221,11 @@ def prepare(cfg):
     return out_dir
 
 
-if __name__ == "__main__":
-    cfg = configure(DEFAULTS, sys.argv[1:])
+def main(argv):
+    cfg = configure(DEFAULTS, argv)
     print_config(cfg)
     prepare(cfg)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
