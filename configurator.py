@@ -41,12 +41,15 @@ def type_ok(default, value):
     return isinstance(value, type(default))
 
 
-def set_key(config, key, value, source):
+def set_key(config, key, value, source, optional=()):
     if key not in config:
         close = difflib.get_close_matches(key, config.keys(), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise ConfigError(f"{source}: unknown config key '{key}'{hint}")
     default = config[key]
+    if value is None and key in optional:
+        config[key] = None
+        return
     if not type_ok(default, value):
         raise ConfigError(f"{source}: '{key}' expects {type(default).__name__} "
                           f"(default {default!r}), got {type(value).__name__} {value!r}")
@@ -130,9 +133,10 @@ def print_help(defaults, script_globals):
         print(f"  --{f'{key}={value!r}':<{width}}  {comments.get(key, '')}".rstrip())
 
 
-def configure(defaults, argv):
+def configure(defaults, argv, optional=()):
     """Resolve defaults <- config files <- --key=value arguments into a new dict.
 
+    Keys named in `optional` also accept None (e.g. sample.py's top_k=None: no top-k cut).
     --help or -h prints the keys of the calling script and exits."""
     if "--help" in argv or "-h" in argv:
         print_help(defaults, sys._getframe(1).f_globals)
@@ -143,10 +147,10 @@ def configure(defaults, argv):
             key, eq, text = arg[2:].partition("=")
             if not eq:
                 raise ConfigError(f"argument '{arg}' must look like --{key}=value")
-            set_key(config, key.replace("-", "_"), parse_value(text), f"argument {arg}")
+            set_key(config, key.replace("-", "_"), parse_value(text), f"argument {arg}", optional)
         else:
             for key, value in read_config_file(arg).items():
-                set_key(config, key, value, f"config file {arg}")
+                set_key(config, key, value, f"config file {arg}", optional)
     return config
 
 
