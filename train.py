@@ -364,6 +364,8 @@ def run_training(cfg):
         model = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None,
                                         broadcast_buffers=False, gradient_as_bucket_view=True)
 
+    fetch = functools.partial(fetch_batch, loop, meta, cfg, generator, device, rank, world_size)
+    batch = fetch()  # before config.json: a batch too large for memory fails with the out_dir untouched
     tokens_per_step = cfg["batch_size"] * cfg["block_size"] * accum * world_size
     if master:
         write_json_atomic(os.path.join(out_dir, "config.json"),
@@ -374,8 +376,6 @@ def run_training(cfg):
 
     save = functools.partial(save_run, raw_model=raw_model, optimizers=(optimizer, memory_optimizer),
                              model_args=model_args, cfg=cfg, meta=meta, loop=loop)
-    fetch = functools.partial(fetch_batch, loop, meta, cfg, generator, device, rank, world_size)
-    batch = fetch()
     losses = {"train": float("nan"), "val": float("nan")}
     window_steps, window_time = 0, 0.0  # steps and seconds since the last log line, for tokens/s
     compiling = cfg["compile"]  # the first step compiles; its time is logged apart from training time
