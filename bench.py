@@ -32,7 +32,7 @@ import train
 from configurator import configure
 from data import get_batch, open_dataset
 from model import GPT, GPTConfig
-from runtime import float8_training, resolve_device
+from runtime import float8_training, read_jsonl, resolve_device
 
 DEFAULTS = dict(
     suite="gpu",          # gpu | cpu
@@ -360,8 +360,7 @@ def time_to_loss(config_path, bench, device, target, overrides=None, name=None):
     t0 = time.perf_counter()
     train.train(cfg)
     wall = time.perf_counter() - t0
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
+    rows = read_jsonl(os.path.join(out_dir, "metrics.jsonl"))
     evals = [(r["step"], round(r["train_time"], 3), round(r["val_loss"], 4)) for r in rows if "val_loss" in r]
     compile_s = next((r["compile_time"] for r in rows if "compile_time" in r), 0.0)
     reached = next(((step, t) for step, t, val in evals if val <= target), None)

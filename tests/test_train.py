@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+import plot
 import prepare
 import train
 from checkpoint import load_checkpoint, save_checkpoint
@@ -203,3 +204,7 @@ def test_resume_tolerates_a_torn_last_metrics_line(tiny_cfg, capsys):
     train.train(tiny_cfg | {"init_from": "resume"})
     assert "torn last line" in capsys.readouterr().err
     assert [r["step"] for r in metrics(tiny_cfg) if "val_loss" in r] == [0, 10, 20]
+    with open(os.path.join(tiny_cfg["out_dir"], "metrics.jsonl"), "a") as f:
+        f.write('{"step": 21, "lo')
+    plot.main([tiny_cfg["out_dir"], f"--out={tiny_cfg['out_dir']}/again.png"])  # plot.py skips it too
+    assert os.path.exists(os.path.join(tiny_cfg["out_dir"], "again.png"))
