@@ -32,7 +32,7 @@ import train
 from configurator import configure
 from data import get_batch, open_dataset
 from model import GPT, GPTConfig
-from runtime import float8_training, resolve_device
+from runtime import float8_training, read_jsonl, resolve_device
 
 DEFAULTS = dict(
     suite="gpu",          # gpu | cpu
@@ -348,9 +348,9 @@ def time_to_loss(config_path, bench, device, target, overrides=None, name=None):
     """Train with train.py's own loop; val loss against training seconds (compile and eval apart)."""
     name = name or os.path.splitext(os.path.basename(config_path))[0]
     out_dir = os.path.join(bench["out_dir"], name)
-    if os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
-        os.remove(os.path.join(out_dir, "metrics.jsonl"))  # a fresh curve, not one appended to an old run
-    argv = [config_path, f"--out_dir={out_dir}", f"--data_dir={bench['data_dir']}", f"--device={device}"]
+    # a fresh curve each time: an earlier run in out_dir is moved aside to out_dir/replaced-<time>/
+    argv = [config_path, f"--out_dir={out_dir}", f"--data_dir={bench['data_dir']}", f"--device={device}",
+            "--overwrite=True"]
     if bench["smoke"]:
         argv += ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--max_iters=20",
                  "--eval_interval=10", "--eval_iters=2", "--log_interval=5"]
@@ -360,8 +360,7 @@ def time_to_loss(config_path, bench, device, target, overrides=None, name=None):
     t0 = time.perf_counter()
     train.train(cfg)
     wall = time.perf_counter() - t0
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
+    rows = read_jsonl(os.path.join(out_dir, "metrics.jsonl"))
     evals = [(r["step"], round(r["train_time"], 3), round(r["val_loss"], 4)) for r in rows if "val_loss" in r]
     compile_s = next((r["compile_time"] for r in rows if "compile_time" in r), 0.0)
     reached = next(((step, t) for step, t, val in evals if val <= target), None)

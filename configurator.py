@@ -6,10 +6,15 @@ The one configurator every µLM script uses.
 Defaults live in the script as a dict; config files (plain `key = value` Python) override them in
 order, then `--key=value` arguments. Values parse with ast.literal_eval, or stay strings. Unknown
 keys, wrong types and broken config files stop the script with a message that says what to fix.
+`--help` (or `-h`) prints every key with its default and the comment beside it in the script's source.
 """
 import ast
 import difflib
+import io
 import json
+import os
+import sys
+import tokenize
 import traceback
 
 
@@ -36,12 +41,15 @@ def type_ok(default, value):
     return isinstance(value, type(default))
 
 
-def set_key(config, key, value, source):
+def set_key(config, key, value, source, optional=()):
     if key not in config:
         close = difflib.get_close_matches(key, config.keys(), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise ConfigError(f"{source}: unknown config key '{key}'{hint}")
     default = config[key]
+    if value is None and key in optional:
+        config[key] = None
+        return
     if not type_ok(default, value):
         raise ConfigError(f"{source}: '{key}' expects {type(default).__name__} "
                           f"(default {default!r}), got {type(value).__name__} {value!r}")
@@ -72,18 +80,77 @@ def read_config_file(path):
             if not k.startswith("_") and not callable(v) and type(v).__name__ != "module"}
 
 
-def configure(defaults, argv):
-    """Resolve defaults <- config files <- --key=value arguments into a new dict."""
+def line_comment(line):
+    """The `# comment` on one source line, or ''."""
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(line).readline))
+    except (tokenize.TokenError, SyntaxError):
+        tokens = []
+    return next((t.string.lstrip("# ").strip() for t in tokens if t.type == tokenize.COMMENT), "")
+
+
+def key_comments(path):
+    """{key: comment} for each keyword of a dict(...) call and each annotated class field in a source file:
+    the comment on the key's line is its documentation."""
+    with open(path, encoding="utf-8") as f:
+        source = f.read()
+    lines = source.splitlines()
+    comments = {}
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "dict":
+            keys = [(k.arg, k.value.lineno) for k in node.keywords if k.arg]
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            keys = [(node.target.id, node.lineno)]
+        else:
+            continue
+        for key, lineno in keys:
+            comment = line_comment(lines[lineno - 1])
+            while comment and lineno < len(lines) and lines[lineno].strip().startswith("#"):
+                comment += " " + line_comment(lines[lineno])  # a comment carried on below its key
+                lineno += 1
+            if comment and key not in comments:
+                comments[key] = comment
+    return comments
+
+
+def print_help(defaults, script_globals):
+    """The script's docstring, then every key = default with its comment. Comments come from the script's
+    source first, then from the modules beside it that it imported (train.py's model keys: model.py)."""
+    script = os.path.abspath(script_globals["__file__"])
+    folder = os.path.dirname(script)
+    beside = {os.path.abspath(m.__file__) for m in list(sys.modules.values()) if getattr(m, "__file__", None)}
+    sources = [script] + sorted(p for p in beside if os.path.dirname(p) == folder and p.endswith(".py")
+                                and os.path.isfile(p) and p != script)
+    comments = {}
+    for path in sources:
+        comments = key_comments(path) | comments
+    doc = (script_globals.get("__doc__") or "").strip()
+    print(f"{doc}\n\n" if doc else "", end="")
+    print(f"usage: python {os.path.relpath(script)} [config.py ...] [--key=value ...]\n"
+          f"(a value is a Python literal or a bare word; later ones override earlier ones)\n\nkeys and defaults:")
+    width = max(len(f"{k}={v!r}") for k, v in defaults.items())
+    for key, value in defaults.items():
+        print(f"  --{f'{key}={value!r}':<{width}}  {comments.get(key, '')}".rstrip())
+
+
+def configure(defaults, argv, optional=()):
+    """Resolve defaults <- config files <- --key=value arguments into a new dict.
+
+    Keys named in `optional` also accept None (e.g. sample.py's top_k=None: no top-k cut).
+    --help or -h prints the keys of the calling script and exits."""
+    if "--help" in argv or "-h" in argv:
+        print_help(defaults, sys._getframe(1).f_globals)
+        raise SystemExit(0)
     config = dict(defaults)
     for arg in argv:
         if arg.startswith("--"):
             key, eq, text = arg[2:].partition("=")
             if not eq:
                 raise ConfigError(f"argument '{arg}' must look like --{key}=value")
-            set_key(config, key.replace("-", "_"), parse_value(text), f"argument {arg}")
+            set_key(config, key.replace("-", "_"), parse_value(text), f"argument {arg}", optional)
         else:
             for key, value in read_config_file(arg).items():
-                set_key(config, key, value, f"config file {arg}")
+                set_key(config, key, value, f"config file {arg}", optional)
     return config
 
 

@@ -2,28 +2,34 @@
 The token data prepare.py writes, read by every script that trains or evaluates: a folder per dataset
 with train.bin, val.bin (flat token ids) and meta.json (tokenizer, dtype, sizes, source hash).
 """
-import json
 import os
 
 import numpy as np
 import torch
 
+from checkpoint import read_json
+
 
 def open_dataset(data_dir, name, block_size):
-    """meta.json of data/<name> after checking both splits exist and hold more than block_size tokens."""
+    """meta.json of data/<name> after checking it matches both splits and each holds more than block_size tokens."""
     folder = os.path.join(data_dir, name)
     meta_path = os.path.join(folder, "meta.json")
+    hint = f"python prepare.py --dataset={name}" if name in ("shakespeare", "shakespeare_char") else \
+        f"python prepare.py --dataset=<your text file or folder> --name={name}"
     if not os.path.exists(meta_path):
-        hint = f"python prepare.py --dataset={name}" if name in ("shakespeare", "shakespeare_char") else \
-            f"python prepare.py --dataset=<your text file or folder> --name={name}"
+        if os.path.exists(os.path.join(folder, "train.bin")):
+            raise SystemExit(f"{meta_path} is missing (prepare.py was stopped before writing it): rebuild with "
+                             f"{hint} --force=True")
         raise SystemExit(f"no dataset at {folder}: create it with {hint}")
-    with open(meta_path) as f:
-        meta = json.load(f)
+    meta = read_json(meta_path, fix=f"rebuild it with {hint} --force=True")
     for split in ("train", "val"):
         path = os.path.join(folder, f"{split}.bin")
         if not os.path.exists(path):
-            raise SystemExit(f"{path} is missing: rebuild with python prepare.py --force=True")
+            raise SystemExit(f"{path} is missing: rebuild with {hint} --force=True")
         n = os.path.getsize(path) // np.dtype(meta["dtype"]).itemsize
+        if n != meta.get(f"{split}_tokens", n):
+            raise SystemExit(f"{path} holds {n} tokens but {meta_path} says {meta[f'{split}_tokens']}: the two are "
+                             f"from different runs of prepare.py; rebuild with {hint} --force=True")
         if n <= block_size:
             raise SystemExit(f"{path} holds {n} tokens, too few for block_size={block_size}: "
                              f"use a smaller --block_size or more text")

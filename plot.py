@@ -1,21 +1,27 @@
 """
 Loss curves of one or several runs, from their metrics.jsonl.
 
-    python plot.py out/shakespeare_char out/other_run --out=compare.png [--x=time]
+    python plot.py out/shakespeare_char out/other_run --out=compare.png [--x=train_time]
 
 `train.py` calls `plot_runs` at every evaluation to refresh <out_dir>/loss.png.
 """
-import json
 import os
 import sys
+
+from configurator import configure
+from runtime import read_jsonl
+
+DEFAULTS = dict(
+    out="loss.png",  # the PNG to write
+    x="step",        # step | train_time (training seconds, evaluation and compilation left out)
+)
 
 
 def read_metrics(run_dir):
     path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(path):
+    if not os.path.isfile(path):
         raise SystemExit(f"no metrics at {path}: is {run_dir} a µLM run folder?")
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_jsonl(path)  # a torn last line (a run killed mid-write) is skipped
 
 
 def plot_runs(run_dirs, out_png, x="step"):
@@ -42,13 +48,16 @@ def plot_runs(run_dirs, out_png, x="step"):
     os.replace(tmp, out_png)
 
 
-if __name__ == "__main__":
-    from configurator import configure
-    runs = [a for a in sys.argv[1:] if not a.startswith("--")]
-    cfg = configure(dict(out="loss.png", x="step"), [a for a in sys.argv[1:] if a.startswith("--")])
+def main(argv):
+    runs = [a for a in argv if not a.startswith("-")]
+    cfg = configure(DEFAULTS, [a for a in argv if a.startswith("-")])
     if not runs:
         raise SystemExit("usage: python plot.py RUN_DIR [RUN_DIR ...] [--out=loss.png] [--x=step|train_time]")
     if cfg["x"] not in ("step", "train_time"):
-        raise SystemExit(f"--x must be step or train_time, got {cfg['x']!r}")
+        raise SystemExit(f"x must be step or train_time, got {cfg['x']!r}")
     plot_runs(runs, cfg["out"], cfg["x"])
     print(f"wrote {cfg['out']}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -3,25 +3,35 @@ Text -> token bins: data/<name>/train.bin, val.bin (uint16, or uint32 for large 
 
     python prepare.py                                   # shakespeare_char, offline (the default)
     python prepare.py --dataset=shakespeare             # GPT-2 BPE, offline
-    python prepare.py --dataset=path/to/folder --name=mine   # local .txt / .jsonl through `datasets`
+    python prepare.py --dataset=path/to/folder --name=mine   # local .txt / .jsonl files
     python prepare.py --dataset=tinystories             # Hugging Face, needs the internet
 
-Documents are separated by the EOT token. A corpus that is one document (Tiny Shakespeare) is split
-by position, the last val_fraction for validation; otherwise every k-th document goes to validation.
-Bins are written in chunks to temp files and renamed at the end, so memory stays bounded and an
-interrupted run leaves nothing half-written. An up-to-date output is not rebuilt.
+Documents are separated by the EOT token. A named hub dataset with a validation split of its own
+(TinyStories, WikiText) uses it; otherwise validation is carved from the documents: a corpus that is
+one document (Tiny Shakespeare) is split by position, the last val_fraction for validation, and
+else every k-th document goes to validation, k = 1/val_fraction or the number of documents if that
+is smaller, so a folder of 2 documents still has one for validation. WikiText's rows are lines:
+they are grouped into articles (an article opens with a ` = Title = ` line).
+
+Nothing half-written survives: bins are written in chunks to temp files and renamed at the end (memory
+stays bounded), meta.json is removed before the renames and written atomically after them, so new bins
+never pair with old meta. Local files are read directly, not through the `datasets` cache, which keys
+files by name and modification time and could serve old text. An up-to-date output is not rebuilt.
 """
 import datetime
 import glob
 import hashlib
 import json
 import os
+import re
 import sys
 
 import numpy as np
 from tqdm import tqdm
 
+from checkpoint import write_json_atomic
 from configurator import configure, print_config
+from runtime import claim_out_dir
 from tokenizer import ASSETS, CharTokenizer, GPT2Tokenizer
 
 DEFAULTS = dict(
@@ -29,20 +39,21 @@ DEFAULTS = dict(
     name="",                     # folder under data_dir; default: the dataset name (or the path's stem)
     tokenizer="",                # gpt2 | char; default: char for shakespeare_char, else gpt2
     data_dir="data",
-    val_fraction=0.1,
-    max_tokens=0,                # stop after this many tokens (0 = all); the fineweb-edu sample needs a cap
+    val_fraction=0.1,            # in (0, 1); unused where a hub dataset has its own validation split
+    max_tokens=0,                # stop each split after this many tokens (0 = all); the fineweb-edu sample needs a cap
     text_field="text",           # the field holding the text in .jsonl files and HF datasets
     num_threads=8,               # tiktoken encode_ordinary_batch threads
     force=False,                 # rebuild even when the output is up to date
 )
 
 SHAKESPEARE = os.path.join(ASSETS, "tinyshakespeare", "input.txt")
-HF_DATASETS = {  # name -> load_dataset arguments (streamed: the corpora are large)
-    "tinystories": dict(path="roneneldan/TinyStories", split="train"),
-    "wikitext103": dict(path="wikitext", name="wikitext-103-raw-v1", split="train"),
-    "fineweb-edu": dict(path="HuggingFaceFW/fineweb-edu", name="sample-10BT", split="train"),
+HF_DATASETS = {  # name -> load_dataset arguments (streamed: the corpora are large), its validation split, row kind
+    "tinystories": dict(path="roneneldan/TinyStories", val_split="validation"),
+    "wikitext103": dict(path="wikitext", name="wikitext-103-raw-v1", val_split="validation", rows="lines"),
+    "fineweb-edu": dict(path="HuggingFaceFW/fineweb-edu", name="sample-10BT"),
 }
 BATCH_DOCS = 1024  # documents tokenized per batch
+WIKITEXT_TITLE = re.compile(r"^ = [^=].* = $")  # " = Title = " opens an article; " = = Section = = " does not
 
 
 def sha256_of(paths):
@@ -84,35 +95,75 @@ def check_utf8(files):
                              f"e.g. iconv -f latin1 -t utf-8")
 
 
+def jsonl_documents(files, text_field):
+    """Each non-blank line's text_field; a broken line is an error naming its file and line."""
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise SystemExit(f"{path}:{number}: not a JSON line ({e.msg}); fix or remove that line")
+                if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
+                    fields = list(row) if isinstance(row, dict) else type(row).__name__
+                    raise SystemExit(f"{path}:{number}: no text field {text_field!r} (found {fields}); "
+                                     f"set --text_field or fix that line")
+                yield row[text_field]
+
+
 def load_local(files, text_field):
-    """An iterable of document strings from local files, through `datasets`: one .txt file is one
-    document; each .jsonl line is one document."""
-    from datasets import load_dataset
+    """(documents, count) from local files, read directly: one .txt file is one document, each .jsonl line one."""
     if files[0].endswith(".txt"):
-        ds = load_dataset("text", data_files=files, sample_by="document", split="train")
-    else:
-        ds = load_dataset("json", data_files=files, split="train")
-        if text_field not in ds.column_names:
-            raise SystemExit(f"{files[0]}: no field {text_field!r} (fields: {ds.column_names}); set --text_field")
-    return (row[text_field] for row in ds), len(ds)
+        def texts():
+            for path in files:
+                with open(path, encoding="utf-8") as f:
+                    yield f.read()
+        return texts(), len(files)
+    count = 0
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            count += sum(1 for line in f if line.strip())
+    return jsonl_documents(files, text_field), count
+
+
+def wikitext_articles(rows):
+    """WikiText's rows are lines; an article is a ` = Title = ` line and the lines up to the next one."""
+    article = []
+    for row in rows:
+        if WIKITEXT_TITLE.match(row.rstrip("\n")) and any(line.strip() for line in article):
+            yield "".join(article)
+            article = []
+        article.append(row)
+    if any(line.strip() for line in article):
+        yield "".join(article)
 
 
 def load_hub(name, text_field):
+    """[(split or None, documents)] of a named hub dataset, streamed; None: carve val out of these documents."""
     from datasets import load_dataset
-    try:
-        ds = load_dataset(**HF_DATASETS[name], streaming=True)
-        first = next(iter(ds))
-    except Exception as e:
-        raise SystemExit(f"cannot load {HF_DATASETS[name]['path']} from the Hugging Face hub "
-                         f"({type(e).__name__}: {str(e)[:200]}).\nThis needs the internet; offline, use "
-                         f"--dataset=shakespeare or a local file/folder.")
-    if text_field not in first:
-        raise SystemExit(f"{name}: no field {text_field!r} (fields: {list(first)})")
-    return (row[text_field] for row in ds), None
+    spec = HF_DATASETS[name]
+    args = {k: spec[k] for k in ("path", "name") if k in spec}
+    splits = {"train": "train", "val": spec["val_split"]} if "val_split" in spec else {None: "train"}
+    streams = []
+    for split, hub_split in splits.items():
+        try:
+            ds = load_dataset(**args, split=hub_split, streaming=True)
+            first = next(iter(ds))
+        except Exception as e:
+            raise SystemExit(f"cannot load {spec['path']} ({hub_split} split) from the Hugging Face hub "
+                             f"({type(e).__name__}: {str(e)[:200]}).\nThis needs the internet; offline, use "
+                             f"--dataset=shakespeare or a local file/folder.")
+        if text_field not in first:
+            raise SystemExit(f"{name}: no field {text_field!r} (fields: {list(first)}); set --text_field")
+        texts = (row[text_field] for row in ds)
+        streams.append((split, wikitext_articles(texts) if spec.get("rows") == "lines" else texts, None))
+    return streams
 
 
 def resolve_source(cfg):
-    """(documents iterable, document count or None, tokenizer, output name, provenance dict)."""
+    """([(split or None, documents, count or None)], tokenizer, output name, provenance dict)."""
     dataset = cfg["dataset"]
     tok_name = cfg["tokenizer"] or ("char" if dataset == "shakespeare_char" else "gpt2")
     if tok_name not in ("gpt2", "char"):
@@ -122,25 +173,20 @@ def resolve_source(cfg):
     elif dataset in HF_DATASETS:
         if tok_name == "char":
             raise SystemExit("a character tokenizer needs the whole corpus up front; use it with local data")
-        docs, count = load_hub(dataset, cfg["text_field"])
-        return docs, count, GPT2Tokenizer(), cfg["name"] or dataset, {"source": f"hf:{HF_DATASETS[dataset]}"}
+        return (load_hub(dataset, cfg["text_field"]), GPT2Tokenizer(), cfg["name"] or dataset,
+                {"source": f"hf:{HF_DATASETS[dataset]}"})
     else:
         files = local_files(dataset)
         name = cfg["name"] or os.path.splitext(os.path.basename(os.path.normpath(dataset)))[0]
     check_utf8(files)
     provenance = {"source": [os.path.relpath(f) for f in files], "source_sha256": sha256_of(files)}
-    if dataset in ("shakespeare", "shakespeare_char"):
-        with open(SHAKESPEARE, encoding="utf-8") as f:
-            text = f.read()
-        docs, count = [text], 1
-    else:
-        docs, count = load_local(files, cfg["text_field"])
+    docs, count = load_local(files, cfg["text_field"])
     if tok_name == "char":
         docs = list(docs)
         tokenizer = CharTokenizer(sorted(set("".join(docs))))
     else:
         tokenizer = GPT2Tokenizer()
-    return docs, count, tokenizer, cfg["name"] or name, provenance
+    return [(None, docs, count)], tokenizer, cfg["name"] or name, provenance
 
 
 def batches(iterable, n):
@@ -154,74 +200,121 @@ def batches(iterable, n):
         yield batch
 
 
-def write_bins(docs, doc_count, tokenizer, out_dir, val_fraction, max_tokens, num_threads):
-    """Tokenize documents into train.bin/val.bin temp files; return token counts and dtype name."""
+def write_bins(streams, tokenizer, out_dir, val_fraction, max_tokens, num_threads):
+    """Tokenize each stream of documents into train.bin/val.bin temp files; return token counts, dtype name
+    and document count. A stream with split None is carved: by position if it is one document, else
+    every k-th document to val. The temp files are removed if anything goes wrong."""
     dtype = np.uint16 if tokenizer.n_vocab <= 2 ** 16 else np.uint32
     paths = {split: os.path.join(out_dir, f"{split}.bin.tmp") for split in ("train", "val")}
     files = {split: open(p, "wb") for split, p in paths.items()}
     counts = {"train": 0, "val": 0}
-    every = max(2, round(1 / val_fraction)) if val_fraction > 0 else 0
-    doc_index, total = 0, 0
-    bar = tqdm(total=doc_count, unit="doc", desc="tokenizing")
+    n_docs = 0
     try:
-        for batch in batches(docs, BATCH_DOCS):
-            for ids in tokenizer.encode_batch(batch, num_threads=num_threads):
-                ids.append(tokenizer.eot)
-                arr = np.array(ids, dtype=dtype)
-                if doc_count == 1:  # one document: split by position
-                    n_val = int(len(arr) * val_fraction)
-                    parts = {"train": arr[:len(arr) - n_val], "val": arr[len(arr) - n_val:]}
-                else:
-                    parts = {"val" if every and doc_index % every == every - 1 else "train": arr}
-                for split, part in parts.items():
-                    part.tofile(files[split])
-                    counts[split] += len(part)
-                doc_index += 1
-                total += len(arr)
-            bar.update(len(batch))
-            bar.set_postfix(tokens=total)
-            if max_tokens and total >= max_tokens:
-                break
-    finally:
-        bar.close()
+        for split, docs, doc_count in streams:
+            every = max(2, round(1 / val_fraction))
+            if doc_count and doc_count > 1:
+                every = min(every, doc_count)  # at least one validation document
+            doc_index, total = 0, 0
+            with tqdm(total=doc_count, unit="doc", desc=f"tokenizing {split or 'train+val'}", disable=None) as bar:
+                for batch in batches(docs, BATCH_DOCS):
+                    for ids in tokenizer.encode_batch(batch, num_threads=num_threads):
+                        ids.append(tokenizer.eot)
+                        arr = np.array(ids, dtype=dtype)
+                        if split is None and doc_count == 1:  # one document: split by position
+                            n_val = int(len(arr) * val_fraction)
+                            parts = {"train": arr[:len(arr) - n_val], "val": arr[len(arr) - n_val:]}
+                        elif split is None:
+                            parts = {"val" if doc_index % every == every - 1 else "train": arr}
+                        else:
+                            parts = {split: arr}
+                        for part_split, part in parts.items():
+                            part.tofile(files[part_split])
+                            counts[part_split] += len(part)
+                        doc_index += 1
+                        total += len(arr)
+                    bar.update(len(batch))
+                    bar.set_postfix(tokens=total)
+                    if max_tokens and total >= max_tokens:
+                        break
+            n_docs += doc_index
+    except BaseException:
         for f in files.values():
             f.close()
-    return counts, dtype.__name__, doc_index
+        for path in paths.values():
+            os.remove(path)
+        raise
+    for f in files.values():
+        f.close()
+    return counts, dtype.__name__, n_docs
+
+
+def up_to_date(out_dir, recipe):
+    """The old meta.json if out_dir already holds this recipe's output, else None (a broken meta: rebuild)."""
+    meta_path = os.path.join(out_dir, "meta.json")
+    if not os.path.exists(meta_path):
+        return None
+    try:
+        with open(meta_path) as f:
+            old = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        print(f"{meta_path} is unreadable: rebuilding")
+        return None
+    bins = all(os.path.exists(os.path.join(out_dir, f"{s}.bin")) for s in ("train", "val"))
+    return old if old.get("recipe") == recipe and bins else None
 
 
 def prepare(cfg):
     """Build data/<name>/ from cfg (the DEFAULTS keys); returns the output folder."""
-    docs, doc_count, tokenizer, name, provenance = resolve_source(cfg)
+    try:
+        return build(cfg)
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted: prepare.py wrote nothing (an existing output folder is unchanged)") from None
+
+
+def build(cfg):
+    if not 0 < cfg["val_fraction"] < 1:
+        raise SystemExit(f"val_fraction must be between 0 and 1 (exclusive), got {cfg['val_fraction']}")
+    if cfg["max_tokens"] < 0 or cfg["num_threads"] < 1:
+        raise SystemExit(f"max_tokens must be >= 0 and num_threads >= 1, got {cfg['max_tokens']} and "
+                         f"{cfg['num_threads']}")
+    streams, tokenizer, name, provenance = resolve_source(cfg)
     out_dir = os.path.join(cfg["data_dir"], name)
     meta_path = os.path.join(out_dir, "meta.json")
     recipe = {"dataset": cfg["dataset"], "tokenizer": tokenizer.name, "val_fraction": cfg["val_fraction"],
               "max_tokens": cfg["max_tokens"], **provenance}
-    if not cfg["force"] and os.path.exists(meta_path):
-        with open(meta_path) as f:
-            old = json.load(f)
-        if old.get("recipe") == recipe and all(os.path.exists(os.path.join(out_dir, f"{s}.bin")) for s in ("train", "val")):
-            print(f"{out_dir} is up to date ({old['train_tokens']:,} train / {old['val_tokens']:,} val tokens); --force=True rebuilds")
-            return out_dir
-    os.makedirs(out_dir, exist_ok=True)
-    counts, dtype, n_docs = write_bins(docs, doc_count, tokenizer, out_dir, cfg["val_fraction"],
-                                       cfg["max_tokens"], cfg["num_threads"])
-    if counts["train"] <= 1 or (cfg["val_fraction"] > 0 and counts["val"] <= 1):
+    old = None if cfg["force"] else up_to_date(out_dir, recipe)
+    if old:
+        print(f"{out_dir} is up to date ({old['train_tokens']:,} train / {old['val_tokens']:,} val tokens); "
+              f"--force=True rebuilds")
+        return out_dir
+    lock = claim_out_dir(out_dir, resuming=True)  # one prepare per data folder
+    try:
+        counts, dtype, n_docs = write_bins(streams, tokenizer, out_dir, cfg["val_fraction"], cfg["max_tokens"],
+                                           cfg["num_threads"])
+        if counts["train"] <= 1 or counts["val"] <= 1:
+            for split in ("train", "val"):
+                os.remove(os.path.join(out_dir, f"{split}.bin.tmp"))
+            raise SystemExit(f"{cfg['dataset']}: too little text ({counts['train']} train / {counts['val']} val "
+                             f"tokens from {n_docs} documents); is the input empty?")
+        if os.path.exists(meta_path):
+            os.remove(meta_path)  # never let new bins pair with the old meta, even if we are killed below
         for split in ("train", "val"):
-            os.remove(os.path.join(out_dir, f"{split}.bin.tmp"))
-        raise SystemExit(f"{cfg['dataset']}: too little text ({counts['train']} train / {counts['val']} val tokens "
-                         f"from {n_docs} documents); is the input empty?")
-    for split in ("train", "val"):
-        os.replace(os.path.join(out_dir, f"{split}.bin.tmp"), os.path.join(out_dir, f"{split}.bin"))
-    meta = {**tokenizer.meta(), "vocab_size": tokenizer.n_vocab, "eot": tokenizer.eot, "dtype": dtype,
-            "train_tokens": counts["train"], "val_tokens": counts["val"], "documents": n_docs,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "recipe": recipe}
-    with open(meta_path, "w") as f:
-        json.dump(meta, f, indent=1)
+            os.replace(os.path.join(out_dir, f"{split}.bin.tmp"), os.path.join(out_dir, f"{split}.bin"))
+        meta = {**tokenizer.meta(), "vocab_size": tokenizer.n_vocab, "eot": tokenizer.eot, "dtype": dtype,
+                "train_tokens": counts["train"], "val_tokens": counts["val"], "documents": n_docs,
+                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "recipe": recipe}
+        write_json_atomic(meta_path, meta)
+    finally:
+        lock.close()
     print(f"wrote {out_dir}: {counts['train']:,} train / {counts['val']:,} val tokens, vocab {tokenizer.n_vocab}, {dtype}")
     return out_dir
 
 
-if __name__ == "__main__":
-    cfg = configure(DEFAULTS, sys.argv[1:])
+def main(argv):
+    cfg = configure(DEFAULTS, argv)
     print_config(cfg)
     prepare(cfg)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

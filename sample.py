@@ -24,7 +24,7 @@ DEFAULTS = dict(
     num_samples=1,
     max_new_tokens=500,
     temperature=0.8,        # 0 = greedy
-    top_k=200,              # None to disable
+    top_k=200,              # sample from the k likeliest tokens; None disables
     top_p=1.0,              # nucleus sampling; 1.0 disables
     seed=1337,
     device="auto",
@@ -44,11 +44,25 @@ def checkpoint_path(out_dir, ckpt):
 def read_prompt(start):
     if start.startswith("FILE:"):
         path = start[len("FILE:"):]
-        if not os.path.exists(path):
-            raise SystemExit(f"prompt file {path} does not exist")
-        with open(path, encoding="utf-8") as f:
-            return f.read()
+        if not os.path.isfile(path):
+            what = "is a folder, not a file" if os.path.isdir(path) else "does not exist"
+            raise SystemExit(f"prompt file {path} {what}: --start=FILE:path names a text file")
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.read()
+        except UnicodeDecodeError as e:
+            raise SystemExit(f"prompt file {path} is not UTF-8 text (bad byte at offset {e.start})")
     return start
+
+
+def describe(state, path):
+    """One line on what a checkpoint of any kind is: its kind, and its step and val loss where it has them."""
+    parts = [f"{state.get('kind', 'train')} checkpoint {path}"]
+    if state.get("step") is not None:
+        parts.append(f"step {state['step']}")
+    if state.get("val_loss") is not None:
+        parts.append(f"val loss {state['val_loss']:.4f}")
+    return ", ".join(parts)
 
 
 def stream_sample(model, tokenizer, prompt_ids, cfg, device, out=sys.stdout):
@@ -71,28 +85,28 @@ def stream_sample(model, tokenizer, prompt_ids, cfg, device, out=sys.stdout):
 
 
 def main(argv):
-    cfg = configure(DEFAULTS, argv)
+    cfg = configure(DEFAULTS, argv, optional=("top_k",))
     try:
         check_sampling_args(cfg["temperature"], cfg["top_k"], cfg["top_p"])
     except ValueError as e:
         raise SystemExit(str(e))
     if cfg["num_samples"] < 1 or cfg["max_new_tokens"] < 1:
         raise SystemExit("num_samples and max_new_tokens must be at least 1")
+    prompt = read_prompt(cfg["start"])
     device = resolve_device(cfg["device"])
     path = checkpoint_path(cfg["out_dir"], cfg["ckpt"])
     state = load_checkpoint(path, map_location=device)
+    if "tokenizer" not in state:
+        raise SystemExit(f"{path} records no tokenizer, so its token ids cannot be turned into text")
     model = load_model(state, device, knn_store=cfg["knn_store"] or knn_store_dir(path))
     tokenizer = tokenizer_from_meta(state["tokenizer"])
     try:
-        prompt_ids = tokenizer.encode(read_prompt(cfg["start"]))
+        prompt_ids = tokenizer.encode(prompt) or [tokenizer.eot]  # an empty prompt starts a fresh document
     except ValueError as e:
         raise SystemExit(f"prompt: {e}")
-    if not prompt_ids:
-        prompt_ids = [tokenizer.eot]  # an empty prompt starts a fresh document
-    val = f", val loss {state['val_loss']:.4f}" if state.get("val_loss") is not None else ""  # a world policy has none
-    print(f"step {state['step']} checkpoint{val}", file=sys.stderr)
+    print(describe(state, path), file=sys.stderr)
     for i in range(cfg["num_samples"]):
-        sys.stdout.write(tokenizer.decode(prompt_ids))
+        sys.stdout.write(prompt)
         new_ids, seconds = stream_sample(model, tokenizer, prompt_ids, {**cfg, "seed": cfg["seed"] + i}, device)
         print(f"\n---------- {len(new_ids)} tokens, {len(new_ids) / seconds:.1f} tokens/s", file=sys.stderr)
 

@@ -10,7 +10,7 @@ config.json, metrics.jsonl, loss.png, ckpt.pt (latest) and best.pt (lowest val l
 """
 import contextlib
 import dataclasses
-import json
+import functools
 import math
 import os
 import sys
@@ -20,12 +20,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoint import knn_store_dir, load_checkpoint, load_knn_stores, load_model, save_checkpoint, save_knn_stores
+from checkpoint import (knn_store_dir, load_checkpoint, load_knn_stores, load_model, save_checkpoint, save_knn_stores,
+                        write_json_atomic)
 from configurator import configure, print_config
 from data import get_batch, open_dataset
 from model import GPT, GPTConfig
 from plot import plot_runs
-from runtime import StopRequest, append_jsonl, float8_training, resolve_device, resolve_dtype, truncate_jsonl
+from runtime import (StopRequest, append_jsonl, claim_out_dir, float8_training, resolve_device, resolve_dtype,
+                     truncate_jsonl)
 
 MODEL_KEYS = [f.name for f in dataclasses.fields(GPTConfig) if f.name != "vocab_size"]
 DEFAULTS = dict(
@@ -34,6 +36,7 @@ DEFAULTS = dict(
     dataset="shakespeare_char",   # a folder under data_dir made by prepare.py
     data_dir="data",
     init_from="scratch",          # scratch | resume (from out_dir/ckpt.pt)
+    overwrite=False,              # a fresh run into an out_dir holding a run moves the old one aside (else: refused)
     eval_interval=250,
     eval_iters=100,
     log_interval=10,
@@ -115,6 +118,13 @@ def distill_kl(logits, teacher_logits, temperature, vocab_size):
     return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature ** 2
 
 
+def distill_loss(teacher, temperature, alpha, vocab_size, x, logits, loss):
+    """The data loss mixed with the KL to the teacher's logits (train_step's `distill`, with the first four bound)."""
+    with torch.no_grad():
+        teacher_logits = teacher(x)[0]
+    return (1 - alpha) * loss + alpha * distill_kl(logits, teacher_logits, temperature, vocab_size)
+
+
 # ----------------------------------------------------------------------------- schedule
 
 def lr_at(step, cfg):
@@ -132,7 +142,83 @@ def lr_at(step, cfg):
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
-# ----------------------------------------------------------------------------- checkpoints
+# ----------------------------------------------------------------------------- config checks
+
+CHOICES = {"init_from": ("scratch", "resume"), "optimizer": ("adamw", "muon"), "schedule": ("cosine", "wsd")}
+AT_LEAST_ONE = ("batch_size", "eval_interval", "eval_iters", "log_interval", "gradient_accumulation_steps",
+                "n_layer", "n_head", "n_embd", "block_size")
+NOT_NEGATIVE = ("max_iters", "learning_rate", "min_lr", "muon_lr", "warmup_iters", "lr_decay_iters", "weight_decay",
+                "grad_clip", "memory_lr_scale", "n_kv_head")
+FRACTIONS = ("decay_frac", "distill_alpha", "beta1", "beta2")  # each in [0, 1]
+
+
+def check_config(cfg):
+    """Every value the loop relies on, checked before anything is read or written: an error names the key."""
+    for key, allowed in CHOICES.items():
+        if cfg[key] not in allowed:
+            raise SystemExit(f"{key} must be {' or '.join(allowed)}, got {cfg[key]!r}")
+    for key in AT_LEAST_ONE:
+        if cfg[key] < 1:
+            raise SystemExit(f"{key} must be at least 1, got {cfg[key]}")
+    for key in NOT_NEGATIVE:
+        if cfg[key] < 0:
+            raise SystemExit(f"{key} must not be negative, got {cfg[key]}")
+    for key in FRACTIONS:
+        if not 0 <= cfg[key] <= 1:
+            raise SystemExit(f"{key} must be between 0 and 1, got {cfg[key]}")
+    if not 0 <= cfg["dropout"] < 1:
+        raise SystemExit(f"dropout must be in [0, 1), got {cfg['dropout']}")
+    if cfg["distill_temperature"] <= 0:
+        raise SystemExit(f"distill_temperature must be positive, got {cfg['distill_temperature']}")
+
+
+def check_resume(cfg, state, meta):
+    """A resumed run keeps its checkpoint's model and tokenizer: a flag that would change them is an error."""
+    model_args = state["model_args"]
+    if cfg["block_size"] > model_args["block_size"]:
+        raise SystemExit(f"block_size={cfg['block_size']} is larger than the checkpoint model's "
+                         f"{model_args['block_size']}")
+    changed = [k for k in MODEL_KEYS if k != "block_size" and k in model_args
+               and cfg[k] != DEFAULTS[k] and cfg[k] != model_args[k]]
+    if changed:
+        raise SystemExit("resuming keeps the checkpoint's model, but you set " +
+                         ", ".join(f"{k}={cfg[k]!r} (checkpoint: {model_args[k]!r})" for k in changed) +
+                         ": drop those keys, or start a fresh run in another --out_dir")
+    saved = state.get("tokenizer", {})
+    ours = {k: meta[k] for k in ("tokenizer", "vocab_size", "eot", "chars") if k in meta}
+    if saved != ours:
+        what = "a different character vocabulary" if saved.get("tokenizer") == ours["tokenizer"] == "char" else \
+            f"tokenizer {saved.get('tokenizer')!r} with vocab {saved.get('vocab_size')}"
+        raise SystemExit(f"dataset {cfg['dataset']} ({ours['tokenizer']}, vocab {ours['vocab_size']}) does not "
+                         f"match the checkpoint, which was trained with {what}: its token ids would mean other "
+                         f"text. Resume on the dataset the run was trained on")
+    if state["config"].get("optimizer", "adamw") != cfg["optimizer"]:
+        raise SystemExit(f"the checkpoint was trained with optimizer={state['config'].get('optimizer', 'adamw')}; "
+                         f"resume with that (its state cannot move to {cfg['optimizer']})")
+
+
+def out_of_memory(e):
+    return isinstance(e, torch.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and ("out of memory" in str(e) or "can't allocate memory" in str(e)))
+
+
+def memory_advice(cfg):
+    return (f"out of memory with batch_size={cfg['batch_size']}, block_size={cfg['block_size']}: lower --batch_size "
+            f"(raise --gradient_accumulation_steps to keep the tokens per step), or --block_size, or the model "
+            f"(n_layer, n_embd)")
+
+
+# ----------------------------------------------------------------------------- the loop's state and checkpoints
+
+@dataclasses.dataclass
+class LoopState:
+    """What the loop carries from step to step; a checkpoint keeps it, so a resumed run continues exactly."""
+    step: int = 0
+    best_val: float = float("inf")
+    train_time: float = 0.0        # seconds of training steps (not evaluation, not compilation)
+    logged_step: int = -1          # the step whose eval is already in metrics.jsonl (a resumed checkpoint's)
+    sampler_state: torch.Tensor = None  # the batch generator's state before the current batch
+
 
 def rng_states(sampler_state):
     states = {"torch": torch.get_rng_state(), "sampler": sampler_state}
@@ -146,6 +232,25 @@ def set_rng_states(states, generator):
     generator.set_state(states["sampler"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def fetch_batch(loop, meta, cfg, generator, device, rank=0, world_size=1):
+    """The next training micro-batch; remembers in loop the sampler state before it, which a checkpoint keeps."""
+    loop.sampler_state = generator.get_state()
+    return get_batch(meta, "train", cfg["batch_size"], cfg["block_size"], generator, device, rank, world_size)
+
+
+def save_run(path, raw_model, optimizers, model_args, cfg, meta, loop, val_loss):
+    """ckpt.pt or best.pt: the model, both optimizers and the loop state (kNN stores in a folder beside it)."""
+    optimizer, memory_optimizer = optimizers
+    save_checkpoint(path, {"model_args": model_args, "model": raw_model.state_dict(),
+                           "optimizer": optimizer.state_dict(), "config": cfg, "step": loop.step,
+                           "memory_optimizer": memory_optimizer.state_dict() if memory_optimizer else None,
+                           "best_val": loop.best_val, "train_time": loop.train_time, "val_loss": val_loss,
+                           "rng": rng_states(loop.sampler_state),
+                           "tokenizer": {k: meta[k] for k in ("tokenizer", "vocab_size", "eot", "chars") if k in meta}})
+    if raw_model.knn_stores():
+        save_knn_stores(raw_model, knn_store_dir(path))
 
 
 # ----------------------------------------------------------------------------- setup
@@ -166,7 +271,26 @@ def setup_distributed():
 # ----------------------------------------------------------------------------- the run
 
 def train(cfg):
-    """Run one training job from a resolved config; returns the final {'train', 'val'} losses."""
+    """Run one training job from a resolved config; returns the final {'train', 'val'} losses.
+
+    One run per out_dir: the folder is locked while the run lives, and a fresh run refuses to replace
+    one already there (resume it, or pass overwrite=True to move it aside)."""
+    check_config(cfg)
+    rank = int(os.environ.get("RANK", 0))
+    lock = claim_out_dir(cfg["out_dir"], resuming=cfg["init_from"] == "resume", overwrite=cfg["overwrite"]) \
+        if rank == 0 else None
+    try:
+        return run_training(cfg)
+    except BaseException as e:
+        if out_of_memory(e):
+            raise SystemExit(memory_advice(cfg)) from None
+        raise
+    finally:
+        if lock is not None:
+            lock.close()  # releases the out_dir for the next run in this process (a test, world.py's imitation)
+
+
+def run_training(cfg):
     rank, local_rank, world_size = setup_distributed()
     master = rank == 0
     device = resolve_device(f"cuda:{local_rank}" if world_size > 1 and torch.cuda.is_available() else cfg["device"])
@@ -193,17 +317,11 @@ def train(cfg):
     state = None
     if cfg["init_from"] == "resume":
         state = load_checkpoint(ckpt_path)
+        check_resume(cfg, state, meta)
         model_args = state["model_args"]
-        if cfg["block_size"] > model_args["block_size"]:
-            raise SystemExit(f"block_size={cfg['block_size']} is larger than the checkpoint model's "
-                             f"{model_args['block_size']}")
-        if model_args["vocab_size"] != meta["vocab_size"]:
-            raise SystemExit(f"dataset {cfg['dataset']} has vocab {meta['vocab_size']} but the checkpoint "
-                             f"model was trained with {model_args['vocab_size']}")
-    elif cfg["init_from"] == "scratch":
-        model_args = {k: cfg[k] for k in MODEL_KEYS} | {"vocab_size": meta["vocab_size"]}
+        cfg = cfg | {k: model_args[k] for k in MODEL_KEYS if k != "block_size" and k in model_args}  # config.json tells the truth
     else:
-        raise SystemExit(f"init_from must be scratch or resume, got {cfg['init_from']!r}")
+        model_args = {k: cfg[k] for k in MODEL_KEYS} | {"vocab_size": meta["vocab_size"]}
     try:
         model = GPT(GPTConfig(**model_args)).to(device)
     except ValueError as e:
@@ -221,27 +339,19 @@ def train(cfg):
     distill = None
     if cfg["teacher"]:
         teacher = load_teacher(cfg["teacher"], meta, device)
-
-        def distill(x, logits, loss):  # the data loss mixed with the KL to the teacher's logits
-            with torch.no_grad():
-                teacher_logits = teacher(x)[0]
-            kl = distill_kl(logits, teacher_logits, cfg["distill_temperature"], meta["vocab_size"])
-            return (1 - cfg["distill_alpha"]) * loss + cfg["distill_alpha"] * kl
-    step, best_val, train_time = 0, float("inf"), 0.0
-    logged_step = -1  # the step whose eval is already in metrics.jsonl (a resumed checkpoint's)
+        distill = functools.partial(distill_loss, teacher, cfg["distill_temperature"], cfg["distill_alpha"],
+                                    meta["vocab_size"])
+    loop = LoopState()
     if state is not None:
         model.load_state_dict(state["model"])
-        if state["config"].get("optimizer", "adamw") != cfg["optimizer"]:
-            raise SystemExit(f"the checkpoint was trained with optimizer={state['config'].get('optimizer', 'adamw')}; "
-                             f"resume with that (its state cannot move to {cfg['optimizer']})")
         optimizer.load_state_dict(state["optimizer"])
         if memory_optimizer is not None:
             memory_optimizer.load_state_dict(state["memory_optimizer"])
-        step, best_val, train_time = state["step"], state["best_val"], state["train_time"]
-        logged_step = step
+        loop = LoopState(step=state["step"], best_val=state["best_val"], train_time=state["train_time"],
+                         logged_step=state["step"])
         set_rng_states(state["rng"], generator)
         if master:
-            truncate_jsonl(metrics_path, step)
+            truncate_jsonl(metrics_path, loop.step)
         del state
     raw_model = model
     if cfg["fp8"]:
@@ -254,55 +364,42 @@ def train(cfg):
         model = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None,
                                         broadcast_buffers=False, gradient_as_bucket_view=True)
 
+    fetch = functools.partial(fetch_batch, loop, meta, cfg, generator, device, rank, world_size)
+    batch = fetch()  # before config.json: a batch too large for memory fails with the out_dir untouched
     tokens_per_step = cfg["batch_size"] * cfg["block_size"] * accum * world_size
     if master:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump({**cfg, "model_args": model_args, "device": str(device), "dtype": dtype,
-                       "world_size": world_size}, f, indent=1)
+        write_json_atomic(os.path.join(out_dir, "config.json"),
+                          {**cfg, "model_args": model_args, "device": str(device), "dtype": dtype,
+                           "world_size": world_size})
         print(f"device {device} ({dtype}), {raw_model.num_params() / 1e6:.2f}M parameters without embeddings "
               f"({raw_model.num_params(False) / 1e6:.2f}M with), {tokens_per_step:,} tokens per step")
 
-    def save(path, losses):
-        save_checkpoint(path, {"model_args": model_args, "model": raw_model.state_dict(),
-                               "optimizer": optimizer.state_dict(), "config": cfg, "step": step,
-                               "memory_optimizer": memory_optimizer.state_dict() if memory_optimizer else None,
-                               "best_val": best_val, "train_time": train_time, "val_loss": losses["val"],
-                               "rng": rng_states(sampler_state), "tokenizer": {k: meta[k] for k in ("tokenizer", "vocab_size", "eot", "chars") if k in meta}})
-        if raw_model.knn_stores():
-            save_knn_stores(raw_model, knn_store_dir(path))
-
-    def log(row):
-        append_jsonl(metrics_path, row)
-
-    def fetch():  # the next micro-batch; remembers the sampler state before it, which a checkpoint keeps
-        nonlocal sampler_state
-        sampler_state = generator.get_state()
-        return get_batch(meta, "train", cfg["batch_size"], cfg["block_size"], generator, device, rank, world_size)
-
-    sampler_state = None
-    batch = fetch()
+    save = functools.partial(save_run, raw_model=raw_model, optimizers=(optimizer, memory_optimizer),
+                             model_args=model_args, cfg=cfg, meta=meta, loop=loop)
     losses = {"train": float("nan"), "val": float("nan")}
     window_steps, window_time = 0, 0.0  # steps and seconds since the last log line, for tokens/s
     compiling = cfg["compile"]  # the first step compiles; its time is logged apart from training time
     # the bar hides itself when stdout is not a terminal (logs get the eval lines only)
-    bar = tqdm(total=cfg["max_iters"], initial=step, disable=None if master else True, dynamic_ncols=True, unit="step")
+    bar = tqdm(total=cfg["max_iters"], initial=loop.step, disable=None if master else True, dynamic_ncols=True,
+               unit="step")
     model.train()
     with StopRequest(tqdm.write) as stop:
         while True:
+            step = loop.step
             due = step % cfg["eval_interval"] == 0 or step == cfg["max_iters"] or stop.requested
-            if master and due and step != logged_step:
+            if master and due and step != loop.logged_step:
                 losses = estimate_loss(model, meta, cfg["eval_iters"], cfg["batch_size"], cfg["block_size"],
                                        device, autocast)
                 if not all(map(math.isfinite, losses.values())):
                     stop_on_bad_loss(step, losses, ckpt_path)
-                log({"step": step, "train_loss": losses["train"], "val_loss": losses["val"], "train_time": train_time})
+                append_jsonl(metrics_path, {"step": step, "train_loss": losses["train"], "val_loss": losses["val"],
+                                            "train_time": loop.train_time})
                 tqdm.write(f"step {step}: train {losses['train']:.4f}, val {losses['val']:.4f} "
-                           f"({train_time:.1f} s of training)")
-                if losses["val"] < best_val:
-                    best_val = losses["val"]
-                    save(best_path, losses)
-                save(ckpt_path, losses)
+                           f"({loop.train_time:.1f} s of training)")
+                if losses["val"] < loop.best_val:
+                    loop.best_val = losses["val"]
+                    save(best_path, val_loss=losses["val"])
+                save(ckpt_path, val_loss=losses["val"])
                 plot_runs([out_dir], os.path.join(out_dir, "loss.png"))
             if step >= cfg["max_iters"] or stop.requested:
                 break
@@ -313,7 +410,7 @@ def train(cfg):
                 group["lr"] = lr * group.get("lr_scale", 1.0)
             loss, batch = train_step(model, optimizers, batch, fetch, accum, autocast, cfg["grad_clip"], world_size > 1,
                                      distill)
-            step += 1
+            step = loop.step = step + 1
             # the loss is read (a host sync) only at log steps, so the GPU never waits on Python; a step
             # before an evaluation logs too, so its GPU work counts as training time, not evaluation
             log_now = step % cfg["log_interval"] == 0 or step % cfg["eval_interval"] == 0 or step == cfg["max_iters"]
@@ -322,15 +419,16 @@ def train(cfg):
             if compiling:  # the first step compiles: its time is logged apart from training time
                 compiling = False
                 if master:
-                    log({"step": step, "compile_time": dt})
+                    append_jsonl(metrics_path, {"step": step, "compile_time": dt})
             else:
-                train_time, window_steps, window_time = train_time + dt, window_steps + 1, window_time + dt
+                loop.train_time, window_steps, window_time = loop.train_time + dt, window_steps + 1, window_time + dt
             if log_now:
                 if not math.isfinite(loss_value):
                     stop_on_bad_loss(step, {"train batch": loss_value}, ckpt_path)
                 if master and window_steps:
                     tok_s = tokens_per_step * window_steps / window_time
-                    log({"step": step, "lr": lr, "loss": loss_value, "tokens_per_s": tok_s, "train_time": train_time})
+                    append_jsonl(metrics_path, {"step": step, "lr": lr, "loss": loss_value, "tokens_per_s": tok_s,
+                                                "train_time": loop.train_time})
                     bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tok_s:,.0f}")
                 window_steps, window_time = 0, 0.0
             bar.update(1)
@@ -339,7 +437,7 @@ def train(cfg):
         import torch.distributed as dist
         dist.destroy_process_group()
     if stop.requested:
-        print(f"stopped at step {step}; resume with --init_from=resume --out_dir={out_dir}")
+        print(f"stopped at step {loop.step}; resume with --init_from=resume --out_dir={out_dir}")
     return losses
 
 

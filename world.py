@@ -253,7 +253,8 @@ def imitation_recipe(cfg):
             "max_iters": cfg["imitation_iters"], "batch_size": cfg["imitation_batch_size"],
             "learning_rate": cfg["imitation_lr"], "min_lr": cfg["imitation_lr"] / 10, "warmup_iters": 50,
             "eval_interval": max(1, cfg["imitation_iters"] // 4), "eval_iters": 10, "log_interval": 25,
-            "dropout": 0.0, "beta1": BETAS[0], "beta2": BETAS[1], "compile": False}
+            "dropout": 0.0, "beta1": BETAS[0], "beta2": BETAS[1], "compile": False,
+            "overwrite": True}  # reached only when the recipe changed: the old imitation run is moved aside
     return {"teacher": {"tasks": cfg["tasks"], "episodes_per_task": cfg["imitation_episodes"],
                         "noise": cfg["teacher_noise"], "seed": cfg["seed"], "corpus": corpus},
             "prepare": configure(prepare.DEFAULTS, []) | {"dataset": corpus, "name": "teacher", "tokenizer": "char",

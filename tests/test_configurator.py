@@ -64,3 +64,35 @@ def test_shipped_config_files_load_into_train_defaults():
         if "world" in path or "swarm" in path:
             continue
         configure(train.DEFAULTS, [path])
+
+
+def scripts_with_a_config():
+    """Every script a user runs: the root's and experiments/ .py files that call configure()."""
+    import glob
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    paths = sorted(glob.glob(os.path.join(root, "*.py")) + glob.glob(os.path.join(root, "experiments", "*.py")))
+    return [os.path.relpath(p, root) for p in paths
+            if not p.endswith("configurator.py") and "configure(" in open(p, encoding="utf-8").read()]
+
+
+@pytest.mark.parametrize("script", scripts_with_a_config())
+def test_every_script_answers_help_with_its_keys_defaults_and_comments(script, capsys, monkeypatch):
+    import os
+    import runpy
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(root, script)
+    flag = "-h" if "plot" in script else "--help"
+    monkeypatch.setattr("sys.argv", [path, flag])
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(path, run_name="__main__")
+    out = capsys.readouterr().out
+    assert stop.value.code in (0, None), out
+    from configurator import key_comments
+    defaults = runpy.run_path(path)["DEFAULTS"]
+    lines = {line.split("=")[0].strip(): line for line in out.splitlines() if line.startswith("  --")}
+    documented = key_comments(path)
+    assert any(key in documented for key in defaults)
+    for key, value in defaults.items():
+        assert f"--{key}={value!r}" in lines[f"--{key}"]
+        assert documented.get(key, "") in lines[f"--{key}"]

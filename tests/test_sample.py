@@ -3,6 +3,7 @@ import os
 import pytest
 
 import sample
+from checkpoint import load_checkpoint, save_checkpoint
 import train
 
 
@@ -42,3 +43,27 @@ def test_missing_checkpoint_and_unknown_characters_are_clear_errors(trained, tmp
         sample.main([f"--out_dir={tmp_path / 'empty'}", "--device=cpu"])
     with pytest.raises(SystemExit, match="not in this character vocabulary"):
         sample.main([f"--out_dir={trained}", "--start=ZZZ~~", "--device=cpu"])
+
+
+def test_an_empty_prompt_prints_no_end_of_text_token(trained, capsys):
+    sample.main([f"--out_dir={trained}", "--start=", "--max_new_tokens=20", "--device=cpu"])
+    assert "<|endoftext|>" not in capsys.readouterr().out
+
+
+def test_a_folder_as_prompt_file_is_a_clear_error(trained, tmp_path):
+    with pytest.raises(SystemExit, match="is a folder, not a file"):
+        sample.main([f"--out_dir={trained}", f"--start=FILE:{tmp_path}", "--device=cpu"])
+
+
+def test_top_k_none_disables_the_cut_as_documented(trained, capsys):
+    sample.main([f"--out_dir={trained}", "--top_k=None", "--max_new_tokens=5", "--device=cpu"])
+    assert "tokens/s" in capsys.readouterr().err
+
+
+def test_samples_from_any_checkpoint_kind_without_step_or_val_loss(trained, tmp_path, capsys):
+    state = load_checkpoint(os.path.join(trained, "ckpt.pt"))
+    policy = {k: v for k, v in state.items() if k not in ("format", "kind", "step", "optimizer", "rng")}
+    save_checkpoint(str(tmp_path / "policy.pt"), policy | {"val_loss": None, "episode": 7}, kind="world")
+    sample.main([f"--ckpt={tmp_path / 'policy.pt'}", "--start=line", "--max_new_tokens=5", "--device=cpu"])
+    out = capsys.readouterr()
+    assert out.out.startswith("line") and "world checkpoint" in out.err and "val loss" not in out.err

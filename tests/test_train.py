@@ -1,3 +1,4 @@
+import errno
 import json
 import os
 import signal
@@ -8,8 +9,11 @@ import time
 import pytest
 import torch
 
+import plot
+import prepare
 import train
 from checkpoint import load_checkpoint, save_checkpoint
+from configurator import configure
 from conftest import ROOT, tiny_train_config
 
 
@@ -95,17 +99,112 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_cfg):
     assert open(path, "rb").read() == before
 
 
-def test_ctrl_c_saves_a_checkpoint_that_resumes(tiny_data):
-    cfg = tiny_train_config(tiny_data, max_iters=100000, eval_interval=100000)
+def start_training(cfg, lines=5):
+    """train.py in a subprocess, returned once metrics.jsonl has `lines` rows."""
     args = [f"--{k}={v!r}" if isinstance(v, str) else f"--{k}={v}" for k, v in cfg.items()]
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics_path = os.path.join(cfg["out_dir"], "metrics.jsonl")
     deadline = time.time() + 60
-    while time.time() < deadline and (not os.path.exists(metrics_path) or len(open(metrics_path).readlines()) < 5):
+    while time.time() < deadline and (not os.path.exists(metrics_path) or len(open(metrics_path).readlines()) < lines):
+        assert proc.poll() is None, proc.communicate()[0]
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    return proc
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_and_sigterm_save_a_checkpoint_that_resumes(tiny_data, sig):
+    cfg = tiny_train_config(tiny_data, max_iters=100000, eval_interval=100000)
+    proc = start_training(cfg)
+    proc.send_signal(sig)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
     assert "resume with --init_from=resume" in out
     assert load_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"))["step"] > 0
+
+
+def test_a_second_run_in_one_out_dir_is_refused_and_a_killed_run_frees_it(tiny_data):
+    cfg = tiny_train_config(tiny_data, max_iters=100000, eval_interval=100000)
+    proc = start_training(cfg)
+    try:
+        with pytest.raises(SystemExit, match="in use by a running job"):
+            train.train(cfg | {"init_from": "resume"})
+    finally:
+        proc.kill()  # kill -9: the lock dies with the process
+        proc.communicate(timeout=60)
+    assert train.train(cfg | {"init_from": "resume", "max_iters": 2})  # ckpt.pt from step 0 resumes to step 2
+
+
+def test_a_fresh_run_never_replaces_a_trained_one(tiny_cfg):
+    train.train(tiny_cfg | {"max_iters": 10})
+    ckpt, best = (os.path.join(tiny_cfg["out_dir"], n) for n in ("ckpt.pt", "best.pt"))
+    before = open(best, "rb").read(), open(ckpt, "rb").read()
+    with pytest.raises(SystemExit, match="already holds a run.*--init_from=resume.*--overwrite=True"):
+        train.train(tiny_cfg | {"max_iters": 2})
+    assert (open(best, "rb").read(), open(ckpt, "rb").read()) == before
+    train.train(tiny_cfg | {"max_iters": 2, "overwrite": True})  # on purpose: the old run is moved aside
+    [aside] = [d for d in os.listdir(tiny_cfg["out_dir"]) if d.startswith("replaced-")]
+    assert open(os.path.join(tiny_cfg["out_dir"], aside, "best.pt"), "rb").read() == before[0]
+    assert load_checkpoint(ckpt)["step"] == 2 and metrics(tiny_cfg)[0]["step"] == 0
+
+
+def test_disk_full_while_saving_is_clear_and_keeps_the_good_checkpoint(tiny_cfg, monkeypatch):
+    train.train(tiny_cfg | {"max_iters": 10})
+    path = os.path.join(tiny_cfg["out_dir"], "ckpt.pt")
+    before = open(path, "rb").read()
+
+    def disk_full(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(SystemExit, match="no space left on device while saving .*the previous file is kept"):
+        train.train(tiny_cfg | {"init_from": "resume"})
+    monkeypatch.undo()
+    assert not [n for n in os.listdir(tiny_cfg["out_dir"]) if n.endswith(".tmp")]
+    assert open(path, "rb").read() == before
+    assert train.train(tiny_cfg | {"init_from": "resume"})  # the next resume is not blocked
+
+
+def test_resume_refuses_a_remapped_character_vocabulary(tiny_cfg, tiny_data):
+    train.train(tiny_cfg | {"max_iters": 2})
+    path = os.path.join(tiny_cfg["out_dir"], "ckpt.pt")
+    before = open(path, "rb").read()
+    src = tiny_data / "tiny.txt"
+    text = src.read_text()
+    src.write_text(text.translate(str.maketrans("abcdefgh", "ABCDEFGH")))  # same vocabulary size, other characters
+    prepare.prepare(configure(prepare.DEFAULTS, [f"--dataset={src}", "--name=tiny", "--tokenizer=char",
+                                                 f"--data_dir={tiny_data / 'data'}"]))
+    with pytest.raises(SystemExit, match="different character vocabulary"):
+        train.train(tiny_cfg | {"init_from": "resume"})
+    assert open(path, "rb").read() == before
+
+
+def test_resume_flags_that_change_the_model_are_errors_naming_the_key(tiny_cfg):
+    train.train(tiny_cfg | {"max_iters": 2})
+    with pytest.raises(SystemExit, match=r"n_layer=3 \(checkpoint: 2\)"):
+        train.train(tiny_cfg | {"init_from": "resume", "n_layer": 3})
+    # keys left at their defaults take the checkpoint's values, and config.json records those
+    plain = tiny_cfg | {k: train.DEFAULTS[k] for k in train.MODEL_KEYS if k != "block_size"}
+    train.train(plain | {"init_from": "resume", "max_iters": 4})
+    assert json.load(open(os.path.join(tiny_cfg["out_dir"], "config.json")))["n_layer"] == 2
+
+
+def test_out_of_memory_says_which_setting_to_lower(tiny_cfg, monkeypatch):
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+    monkeypatch.setattr(train, "train_step", oom)
+    with pytest.raises(SystemExit, match="out of memory with batch_size=4.*lower --batch_size"):
+        train.train(tiny_cfg)
+
+
+def test_resume_tolerates_a_torn_last_metrics_line(tiny_cfg, capsys):
+    train.train(tiny_cfg | {"max_iters": 10})
+    with open(os.path.join(tiny_cfg["out_dir"], "metrics.jsonl"), "a") as f:
+        f.write('{"step": 11, "lo')  # killed mid-write
+    train.train(tiny_cfg | {"init_from": "resume"})
+    assert "torn last line" in capsys.readouterr().err
+    assert [r["step"] for r in metrics(tiny_cfg) if "val_loss" in r] == [0, 10, 20]
+    with open(os.path.join(tiny_cfg["out_dir"], "metrics.jsonl"), "a") as f:
+        f.write('{"step": 21, "lo')
+    plot.main([tiny_cfg["out_dir"], f"--out={tiny_cfg['out_dir']}/again.png"])  # plot.py skips it too
+    assert os.path.exists(os.path.join(tiny_cfg["out_dir"], "again.png"))
