@@ -1,0 +1,428 @@
+"""serve.py: the OpenAI-compatible completions (through the real `openai` client), jobs, datasets, bad
+input, auth, cancel, restart, path traversal, disconnects, and the web page in headless Chromium."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+import prepare
+import serve
+import train
+from checkpoint import load_checkpoint, load_model
+from configurator import configure
+from tokenizer import tokenizer_from_meta
+
+from conftest import ROOT, tiny_train_config
+
+openai = pytest.importorskip("openai")
+
+TINY_JOB = """# a train job that takes a few seconds on a CPU
+dataset = "tiny"
+device = "cpu"
+n_layer = 2
+n_head = 2
+n_embd = 32
+block_size = 32
+batch_size = 8
+max_iters = 40
+eval_interval = 20
+eval_iters = 2
+log_interval = 5
+warmup_iters = 2
+learning_rate = 1e-2
+out_dir = "out/tiny_job"
+"""
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_root(root, with_model=True):
+    """A working folder for a server: data/tiny, a trained model in out/tiny, config/tiny.py."""
+    text = "".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(200))
+    (root / "tiny.txt").write_text(text)
+    prepare.prepare(configure(prepare.DEFAULTS, [f"--dataset={root / 'tiny.txt'}", "--name=tiny", "--tokenizer=char",
+                                                 f"--data_dir={root / 'data'}"]))
+    if with_model:
+        cfg = tiny_train_config(root, out_dir=str(root / "out" / "tiny"), block_size=32, max_iters=60, dropout=0.0,
+                                learning_rate=1e-2, eval_interval=30, log_interval=10)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # a tiny model on a busy CPU: more threads only wait on each other
+        try:
+            train.train(cfg)
+        finally:
+            torch.set_num_threads(threads)
+    (root / "config").mkdir()
+    (root / "config" / "tiny.py").write_text(TINY_JOB)
+    return root
+
+
+class Server:
+    """serve.py in a subprocess with its working directory at root."""
+
+    def __init__(self, root, *args):
+        self.root, self.port = root, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(root / f"server-{self.port}.log", "w")
+        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), f"--port={self.port}",
+                                      f"--config_root={root / 'config'}", "--device=cpu", "--max_running_jobs=2",
+                                      "--cancel_grace_s=30", "--threads=1", *args], cwd=root, stdout=self.log,
+                                     stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        deadline = time.time() + 60
+        while True:
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code in (200, 401):
+                    break
+            except httpx.TransportError:
+                pass
+            if self.proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"server did not start: {(root / f'server-{self.port}.log').read_text()[-2000:]}")
+            time.sleep(0.2)
+        self.http = httpx.Client(base_url=self.url, timeout=60)
+
+    def stop(self, sig=signal.SIGTERM):
+        self.proc.send_signal(sig)
+        self.proc.wait(timeout=30)
+        self.log.close()
+
+    def wait_job(self, job_id, states=("succeeded", "failed", "cancelled", "interrupted"), timeout=90):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            job = self.http.get(f"/v1/jobs/{job_id}").json()
+            if job["state"] in states:
+                return job
+            time.sleep(0.2)
+        raise AssertionError(f"job {job_id} never reached {states}: {job}")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return make_root(tmp_path_factory.mktemp("serve"))
+
+
+@pytest.fixture(scope="module")
+def server(root):
+    s = Server(root)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def reference(root):
+    """The served model in-process, for the tokens sample.py's generate would give."""
+    state = load_checkpoint(str(root / "out" / "tiny" / "ckpt.pt"))
+    return load_model(state), tokenizer_from_meta(state["tokenizer"])
+
+
+def in_process(reference, prompt, n):
+    model, tok = reference
+    ids = tok.encode(prompt)
+    out = model.generate(torch.tensor([ids]), n, temperature=0)[0, len(ids):].tolist()
+    return tok.decode(out[:out.index(tok.eot)] if tok.eot in out else out)
+
+
+# ----------------------------------------------------------------------------- completions
+
+def test_models_lists_runs_with_step_and_val_loss(server):
+    models = server.http.get("/v1/models").json()["data"]
+    tiny = next(m for m in models if m["id"] == "tiny")
+    assert tiny["step"] == 60 and tiny["val_loss"] > 0 and tiny["model_args"]["block_size"] == 32
+    assert server.http.get("/health").json()["status"] == "ok"
+
+
+def test_openai_client_greedy_completion_equals_in_process_generation(client, reference):
+    out = client.completions.create(model="tiny", prompt="line 1", max_tokens=20, temperature=0)
+    assert out.choices[0].text == in_process(reference, "line 1", 20)
+    assert out.usage.prompt_tokens == 6 and out.usage.completion_tokens == 20 and out.usage.total_tokens == 26
+    assert out.choices[0].finish_reason == "length"
+
+
+def test_openai_client_streams_and_the_stream_ends_with_done(client, server, reference):
+    chunks = list(client.completions.create(model="tiny", prompt="line 2", max_tokens=20, temperature=0, stream=True))
+    assert len(chunks) >= 5 and "".join(c.choices[0].text for c in chunks) == in_process(reference, "line 2", 20)
+    with server.http.stream("POST", "/v1/completions", json={"model": "tiny", "prompt": "li", "max_tokens": 3,
+                                                             "stream": True}) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+
+
+def test_concurrent_requests_share_a_batch_and_each_gets_its_own_tokens(client, reference):
+    prompts = ["line 3", "the quick brown", "l", "fox jumps over the"]  # different lengths join one batch
+    results = {}
+
+    def ask(p):
+        results[p] = client.completions.create(model="tiny", prompt=p, max_tokens=12, temperature=0).choices[0].text
+    threads = [threading.Thread(target=ask, args=(p,)) for p in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == {p: in_process(reference, p, 12) for p in prompts}
+
+
+def test_seed_n_prompt_lists_stop_echo_and_logprobs(client):
+    a = client.completions.create(model="tiny", prompt=["line", "the"], n=2, max_tokens=15, seed=7, temperature=1.0)
+    b = client.completions.create(model="tiny", prompt=["line", "the"], n=2, max_tokens=15, seed=7, temperature=1.0)
+    assert [c.text for c in a.choices] == [c.text for c in b.choices] and len(a.choices) == 4
+    assert [c.index for c in a.choices] == [0, 1, 2, 3]
+    stopped = client.completions.create(model="tiny", prompt="line 1", max_tokens=30, temperature=0, stop=["o"])
+    assert "o" not in stopped.choices[0].text and stopped.choices[0].finish_reason == "stop"
+    echoed = client.completions.create(model="tiny", prompt="line", max_tokens=5, temperature=0, echo=True, logprobs=2)
+    lp = echoed.choices[0].logprobs
+    assert echoed.choices[0].text.startswith("line") and len(lp.tokens) == 4 + 5
+    assert lp.token_logprobs[0] is None and all(v <= 0 for v in lp.token_logprobs[1:])
+    assert len(lp.top_logprobs[-1]) == 2 and "".join(lp.tokens) == echoed.choices[0].text
+
+
+@pytest.mark.parametrize("body, status, field", [
+    ({"model": None}, 422, "model"),
+    ({"max_tokens": 0}, 422, "max_tokens"),
+    ({"max_tokens": 10 ** 6}, 400, "max_tokens"),
+    ({"temperature": -1}, 422, "temperature"),
+    ({"temperature": "hot"}, 422, "temperature"),
+    ({"top_p": 0}, 422, "top_p"),
+    ({"top_p": 1.5}, 422, "top_p"),
+    ({"top_k": 0}, 422, "top_k"),
+    ({"n": 100}, 400, "n"),
+    ({"logprobs": 9}, 422, "logprobs"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({"prompt": "x" * 70000}, 400, "prompt"),
+    ({"prompt": "€uro"}, 400, "prompt"),       # a character the char vocabulary lacks
+    ({"prompt": ["a"] * 40}, 400, "prompt"),
+    ({"frequency_penalty": 1.0}, 400, "frequency_penalty"),
+    ({"max_tokenz": 5}, 422, "max_tokenz"),     # a typo is named, not ignored
+    ({"model": "nope"}, 404, "model"),
+    ({"model": "../out/tiny"}, 404, "model"),
+    ({"model": "/etc"}, 404, "model"),
+])
+def test_bad_completion_inputs_are_errors_naming_the_field(server, body, status, field):
+    r = server.http.post("/v1/completions", json={"model": "tiny", "prompt": "line", **body})
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["param"] == field
+
+
+def test_nan_sampling_values_are_rejected(server):
+    r = server.http.post("/v1/completions", content=b'{"model": "tiny", "temperature": NaN}',
+                         headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "temperature"
+
+
+def test_oversized_body_is_413_and_chat_is_a_clear_400(server):
+    r = server.http.post("/v1/completions", content=b"{" + b" " * (2 * 2 ** 20) + b"}",
+                         headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    r = server.http.post("/v1/chat/completions", json={"model": "tiny", "messages": []})
+    assert r.status_code == 400 and "chat format" in r.json()["error"]["message"]
+
+
+def test_client_disconnect_mid_stream_frees_its_slot(server):
+    with server.http.stream("POST", "/v1/completions", json={"model": "tiny", "prompt": "line", "max_tokens": 1000,
+                                                             "stream": True, "ignore_eos": True}) as r:
+        next(r.iter_lines())
+    deadline = time.time() + 20
+    while server.http.get("/health").json()["generations"] and time.time() < deadline:
+        time.sleep(0.1)
+    assert server.http.get("/health").json()["generations"] == 0
+    assert server.http.post("/v1/completions", json={"model": "tiny", "prompt": "l", "max_tokens": 2}).status_code == 200
+
+
+# ----------------------------------------------------------------------------- jobs and datasets
+
+def test_train_job_runs_the_script_and_reports_progress_metrics_and_log(server, root):
+    r = server.http.post("/v1/jobs", json={"kind": "train", "config": "tiny.py", "overrides": {"max_iters": 30}})
+    assert r.status_code == 202 and r.headers["location"] == f"/v1/jobs/{r.json()['id']}"
+    job_id = r.json()["id"]
+    with server.http.stream("GET", f"/v1/jobs/{job_id}/metrics?follow=true") as stream:
+        events = [line for line in stream.iter_lines() if line.startswith("data: ")]
+    job = server.wait_job(job_id)
+    assert job["state"] == "succeeded" and job["progress"] == {"done": 30, "total": 30, "unit": "step"}
+    assert job["last_metrics"]["step"] == 30 and os.path.exists(root / "out" / "tiny_job" / "ckpt.pt")
+    rows = server.http.get(f"/v1/jobs/{job_id}/metrics").json()["data"]
+    assert any("val_loss" in row for row in rows) and len(events) == len(rows) + 1  # + the end event
+    assert "step 30" in server.http.get(f"/v1/jobs/{job_id}/log").text
+    assert any(j["id"] == job_id for j in server.http.get("/v1/jobs").json()["data"])
+    assert "tiny_job" in [m["id"] for m in server.http.get("/v1/models").json()["data"]]
+
+
+def test_unknown_config_key_fails_at_submission_with_the_configurators_message(server):
+    r = server.http.post("/v1/jobs", json={"kind": "train", "config": "tiny.py", "overrides": {"max_iter": 5}})
+    assert r.status_code == 422 and "did you mean 'max_iters'" in r.json()["error"]["message"]
+    r = server.http.post("/v1/jobs", json={"kind": "train", "overrides": {"batch_size": "big"}})
+    assert r.status_code == 422 and "expects int" in r.json()["error"]["message"]
+    assert server.http.post("/v1/jobs", json={"kind": "rm"}).status_code == 422
+
+
+@pytest.mark.parametrize("request_body", [
+    {"kind": "train", "config": "../tiny.txt"},
+    {"kind": "train", "config": "/etc/passwd"},
+    {"kind": "train", "config": "evil.py"},                                  # a symlink leaving config/
+    {"kind": "train", "config": "tiny.py", "overrides": {"out_dir": "/tmp/elsewhere"}},
+    {"kind": "train", "config": "tiny.py", "overrides": {"out_dir": "out/../../escape"}},
+    {"kind": "train", "config": "tiny.py", "overrides": {"out_dir": "out/link/run"}},  # a symlink leaving out/
+    {"kind": "train", "config": "tiny.py", "overrides": {"data_dir": "/"}},
+    {"kind": "prepare", "overrides": {"dataset": "/etc/hostname"}},
+    {"kind": "bench", "overrides": {"out": "../bench.json"}},
+])
+def test_paths_outside_config_out_and_data_are_refused(server, root, tmp_path_factory, request_body):
+    outside = tmp_path_factory.mktemp("outside")
+    (outside / "evil.py").write_text("max_iters = 1\n")
+    for link, target in ((root / "config" / "evil.py", outside / "evil.py"), (root / "out" / "link", outside)):
+        if not link.is_symlink():
+            link.symlink_to(target)
+    r = server.http.post("/v1/jobs", json=request_body)
+    assert r.status_code == 422, r.text
+    assert not os.path.exists(outside / "run") and not os.path.exists(root.parent / "escape")
+
+
+def test_cancel_stops_a_running_train_job_through_its_save_path(server, root):
+    job = server.http.post("/v1/jobs", json={"kind": "train", "config": "tiny.py", "overrides": {
+        "max_iters": 100000, "out_dir": "out/cancelled", "eval_interval": 1000}}).json()
+    server.wait_job(job["id"], states=("running",))
+    deadline = time.time() + 60
+    while (server.http.get(f"/v1/jobs/{job['id']}").json()["last_metrics"] or {}).get("step", 0) < 5 and \
+            time.time() < deadline:
+        time.sleep(0.2)
+    assert server.http.delete(f"/v1/jobs/{job['id']}").status_code == 200
+    done = server.wait_job(job["id"])
+    assert done["state"] == "cancelled"
+    state = load_checkpoint(str(root / "out" / "cancelled" / "ckpt.pt"))  # saved by the Ctrl-C path
+    assert 0 < state["step"] < 100000
+
+
+def test_a_crashing_job_is_failed_with_its_log_tail_and_the_server_stays_up(server):
+    job = server.http.post("/v1/jobs", json={"kind": "train", "config": "tiny.py", "overrides": {
+        "dataset": "missing", "out_dir": "out/crash"}}).json()
+    done = server.wait_job(job["id"])
+    assert done["state"] == "failed" and done["returncode"] != 0 and "missing" in done["error"]
+    assert server.http.get("/health").status_code == 200
+
+
+def test_upload_a_dataset_then_it_is_prepared_and_listed(server, root):
+    text = "".join(f"upload {i}: some words to learn\n" for i in range(50)).encode()
+    r = server.http.post("/v1/datasets?name=mine", content=text, headers={"content-type": "text/plain"})
+    assert r.status_code == 202
+    assert server.wait_job(r.json()["id"])["state"] == "succeeded"
+    listed = {d["id"]: d["meta"] for d in server.http.get("/v1/datasets").json()["data"]}
+    assert listed["mine"]["tokenizer"] == "char" and "tiny" in listed
+    for bad in ("../x", "a/b", ".hidden", "/abs"):
+        r = server.http.post("/v1/datasets", params={"name": bad}, content=b"text")
+        assert r.status_code == 400 and r.json()["error"]["param"] == "name"
+    assert server.http.post("/v1/datasets?name=empty", content=b" ").status_code == 400
+
+
+def test_killing_the_server_mid_job_then_restarting_resumes_it(tmp_path):
+    root = make_root(tmp_path, with_model=False)
+    first = Server(root)
+    job = first.http.post("/v1/jobs", json={"kind": "train", "config": "tiny.py", "overrides": {
+        "max_iters": 100000, "eval_interval": 25, "out_dir": "out/killed"}}).json()
+    deadline = time.time() + 60
+    while not os.path.exists(root / "out" / "killed" / "ckpt.pt") and time.time() < deadline:
+        time.sleep(0.2)
+    pid = first.http.get(f"/v1/jobs/{job['id']}").json()["pid"]
+    first.stop(signal.SIGKILL)  # no clean shutdown: the trainer gets SIGINT from the kernel, saves, stops
+    deadline = time.time() + 60
+    while serve.process_alive(pid) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not serve.process_alive(pid)
+    saved = load_checkpoint(str(root / "out" / "killed" / "ckpt.pt"))  # whole and loadable
+    second = Server(root)
+    try:
+        assert second.http.get(f"/v1/jobs/{job['id']}").json()["state"] == "interrupted"
+        resumed = second.http.post(f"/v1/jobs/{job['id']}/resume", json={})
+        assert resumed.status_code == 202 and resumed.json()["resumed_from"] == job["id"]
+        second.wait_job(resumed.json()["id"], states=("running",))
+        time.sleep(1)
+        second.http.delete(f"/v1/jobs/{resumed.json()['id']}")
+        assert second.wait_job(resumed.json()["id"])["state"] == "cancelled"
+        assert "resume" in second.http.get(f"/v1/jobs/{resumed.json()['id']}/log").text
+        assert load_checkpoint(str(root / "out" / "killed" / "ckpt.pt"))["step"] >= saved["step"]
+    finally:
+        second.stop()
+
+
+# ----------------------------------------------------------------------------- auth and binding
+
+def test_auth_on_needs_the_bearer_token_and_auth_off_does_not(root):
+    from fastapi.testclient import TestClient
+    cfg = configure(serve.DEFAULTS, ["--token=s3cret", "--device=cpu", f"--out_root={root / 'out'}",
+                                     f"--data_root={root / 'data'}", f"--config_root={root / 'config'}",
+                                     f"--jobs_dir={root / 'jobs-auth'}"])
+    with TestClient(serve.make_app(cfg)) as http:
+        assert http.get("/v1/models").status_code == 401
+        assert http.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert http.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert http.post("/v1/jobs", json={"kind": "train"}).status_code == 401
+        assert http.get("/").status_code == 200  # the page itself asks for the token
+    with TestClient(serve.make_app({**cfg, "token": ""})) as http:
+        assert http.get("/v1/models").status_code == 200
+
+
+def test_another_host_without_a_token_refuses_to_start(monkeypatch):
+    monkeypatch.delenv("ULM_SERVE_TOKEN", raising=False)
+    with pytest.raises(SystemExit, match="token"):
+        serve.check_serve_config(configure(serve.DEFAULTS, ["--host=0.0.0.0"]))
+    serve.check_serve_config(configure(serve.DEFAULTS, ["--host=0.0.0.0", "--token=x"]))
+
+
+# ----------------------------------------------------------------------------- the page in a real browser
+
+def test_web_page_streams_a_completion_and_draws_a_growing_loss_curve(server, tmp_path):
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium or not shutil.which("chromedriver"):
+        pytest.skip("no chromium/chromedriver here (apt-get install chromium chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,1100"):
+        options.add_argument(arg)
+    service = webdriver.ChromeService(executable_path=shutil.which("chromedriver"))
+    browser = webdriver.Chrome(options=options, service=service)
+    try:
+        browser.get(server.url + "/")
+        wait_for(lambda: browser.execute_script("return [...document.querySelectorAll('#model option')]"
+                                                ".some(o => o.value === 'tiny')"))
+        browser.execute_script("document.getElementById('model').value = 'tiny';"
+                               "document.getElementById('prompt').value = 'line';"
+                               "document.getElementById('max_tokens').value = '40';")
+        browser.find_element("id", "generate").click()
+        wait_for(lambda: len(browser.find_element("id", "completion").text) > len("line") + 20)
+        browser.execute_script("document.getElementById('config').value = 'tiny.py';"
+                               "document.getElementById('overrides').value = "
+                               "'{\"max_iters\": 400, \"eval_interval\": 100, \"out_dir\": \"out/page\"}';")
+        browser.find_element("id", "start").click()
+        points = lambda: int(browser.execute_script("return document.getElementById('curve').dataset.points || 0"))
+        wait_for(lambda: points() >= 3, timeout=90)
+        first = points()
+        wait_for(lambda: points() > first, timeout=90)  # the curve grows as the job logs
+        browser.save_screenshot(str(tmp_path / "page.png"))
+        if os.environ.get("ULM_SCREENSHOT"):
+            shutil.copy(tmp_path / "page.png", os.environ["ULM_SCREENSHOT"])
+        assert "running" in browser.find_element("id", "jobs").text or "succeeded" in browser.find_element("id", "jobs").text
+    finally:
+        browser.quit()
+
+
+def wait_for(condition, timeout=30):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    raise AssertionError("condition not met in time")
