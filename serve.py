@@ -237,22 +237,29 @@ class Batcher:
 
     def sample(self, rows, logits):
         """Sample one token per row from logits (B, V): rows with the same settings and no seed in one call."""
-        tokens = torch.empty(len(rows), dtype=torch.long, device=self.device)
         groups = {}
         for i, row in enumerate(rows):
             key = ("seeded", i) if row.generator is not None else (row.temperature, row.top_k, row.top_p)
             groups.setdefault(key, []).append(i)
-        for key, members in groups.items():
-            row = rows[members[0]]
-            index = torch.tensor(members, device=self.device)
-            tokens[index] = sample_next_token(logits[index], row.temperature, row.top_k, row.top_p,
-                                              row.generator or self.generator)
-        logp = torch.log_softmax(logits, dim=-1)  # the model's own distribution, before temperature
-        chosen = logp.gather(1, tokens[:, None])[:, 0]
-        k = max(r.logprobs or 0 for r in rows)
-        top = torch.topk(logp, min(k, logp.size(-1))) if k else None
-        tokens, chosen = tokens.tolist(), chosen.tolist()
-        top_values, top_ids = (top.values.tolist(), top.indices.tolist()) if top else (None, None)
+        if len(groups) == 1:
+            tokens = sample_next_token(logits, rows[0].temperature, rows[0].top_k, rows[0].top_p,
+                                       rows[0].generator or self.generator)
+        else:
+            tokens = torch.empty(len(rows), dtype=torch.long, device=self.device)
+            for members in groups.values():
+                row = rows[members[0]]
+                index = torch.tensor(members, device=self.device)
+                tokens[index] = sample_next_token(logits[index], row.temperature, row.top_k, row.top_p,
+                                                  row.generator or self.generator)
+        chosen, top_values, top_ids = [None] * len(rows), None, None
+        if any(r.logprobs is not None for r in rows):
+            logp = torch.log_softmax(logits, dim=-1)  # the model's own distribution, before temperature
+            chosen = logp.gather(1, tokens[:, None])[:, 0].tolist()
+            k = max(r.logprobs or 0 for r in rows)
+            if k:
+                top = torch.topk(logp, min(k, logp.size(-1)))
+                top_values, top_ids = top.values.tolist(), top.indices.tolist()
+        tokens = tokens.tolist()
         for i, row in enumerate(rows):
             alternatives = None
             if row.logprobs:
@@ -602,6 +609,52 @@ def process_alive(pid):
 
 # ----------------------------------------------------------------------------- the HTTP API
 
+class Guard:
+    """ASGI middleware: the bearer token (compared in constant time) and bounded request bodies.
+
+    Plain ASGI rather than FastAPI's @middleware, which would pass every streamed chunk through a queue.
+    """
+
+    def __init__(self, app, token, body_limit, upload_limit, error):
+        self.app, self.token, self.error = app, token, error
+        self.body_limit, self.upload_limit = body_limit, upload_limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if self.token and scope["path"] != "/":  # the page itself holds no data; it asks for the token
+            if not hmac.compare_digest(headers.get(b"authorization", b""), f"Bearer {self.token}".encode()):
+                return await self.error(401, "missing or wrong bearer token (Authorization: Bearer <token>)")(
+                    scope, receive, send)
+        limit = self.upload_limit if scope["path"] == "/v1/datasets" else self.body_limit
+        length = headers.get(b"content-length")
+        if length is not None:  # the HTTP server delivers no more than this many bytes
+            if not length.isdigit() or int(length) > limit:
+                return await self.error(413, f"request body over {limit} bytes")(scope, receive, send)
+            return await self.app(scope, receive, send)
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        body, more = b"", True  # chunked: read it all here, bounded, then hand it on
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > limit:
+                return await self.error(413, f"request body over {limit} bytes")(scope, receive, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await self.app(scope, replay, send)
+
+
 class ApiError(Exception):
     def __init__(self, status, message, param=None):
         super().__init__(message)
@@ -672,26 +725,8 @@ def make_app(cfg):
         return error(422, f"{field}: {first['msg']}" if field else first["msg"], field or None)
 
     token = cfg["token"] or os.environ.get("ULM_SERVE_TOKEN", "")
-    body_limit = cfg["max_body_kb"] * 1024
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if token and request.url.path != "/":  # the page itself holds no data; it asks for the token
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-                return error(401, "missing or wrong bearer token (Authorization: Bearer <token>)")
-        limit = cfg["max_upload_mb"] * 2 ** 20 if request.url.path == "/v1/datasets" else body_limit
-        length = request.headers.get("content-length")
-        if length and (not length.isdigit() or int(length) > limit):
-            return error(413, f"request body over {limit} bytes")
-        if request.method in ("POST", "PUT") and not length:  # chunked: read it here, bounded
-            body = b""
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > limit:
-                    return error(413, f"request body over {limit} bytes")
-            request._body = body
-        return await call_next(request)
+    app.add_middleware(Guard, token=token, body_limit=cfg["max_body_kb"] * 1024,
+                       upload_limit=cfg["max_upload_mb"] * 2 ** 20, error=error)
 
     @app.get("/")
     async def page():
@@ -807,6 +842,9 @@ def make_app(cfg):
                 for row in rows:
                     row.cancelled = True  # the batcher drops unfinished rows at its next step
 
+        def total_usage():
+            return {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
+
         def chunk(choices):
             return {"id": completion_id, "object": "text_completion", "created": created, "model": req.model,
                     "choices": choices}
@@ -826,9 +864,6 @@ def make_app(cfg):
                     yield "data: " + json.dumps({**chunk([]), "usage": total_usage()}) + "\n\n"
                 yield "data: [DONE]\n\n"
             return StreamingResponse(sse(), media_type="text/event-stream")
-
-        def total_usage():
-            return {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
 
         texts, infos, finish = [""] * len(rows), [[] for _ in rows], [None] * len(rows)
         async for index, event in events():

@@ -158,9 +158,10 @@ def test_openai_client_streams_and_the_stream_ends_with_done(client, server, ref
     chunks = list(client.completions.create(model="tiny", prompt="line 2", max_tokens=20, temperature=0, stream=True))
     assert len(chunks) >= 5 and "".join(c.choices[0].text for c in chunks) == in_process(reference, "line 2", 20)
     with server.http.stream("POST", "/v1/completions", json={"model": "tiny", "prompt": "li", "max_tokens": 3,
-                                                             "stream": True}) as r:
+                                                             "stream": True, "stream_options": {"include_usage": True}}) as r:
         lines = [line for line in r.iter_lines() if line]
     assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+    assert json.loads(lines[-2][6:])["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
 
 
 def test_concurrent_requests_share_a_batch_and_each_gets_its_own_tokens(client, reference):

@@ -1,0 +1,201 @@
+"""
+Load on serve.py: completions from 1, 8 and 32 concurrent streaming clients, against generation in-process.
+
+    python experiments/serve_load.py                                   # CPU: a cpu_quick-shaped model
+    python experiments/serve_load.py --config=config/gpu_124m.py --device=cuda --max_tokens=256 --out_dir=out/serve_load_gpu
+
+A model of the config's shape with random weights is saved as out_dir/model/ckpt.pt (speed does not
+depend on the weights; ignore_eos makes every request generate exactly max_tokens), serve.py is started
+on a free loopback port with out_root=out_dir, and `clients` streaming clients each send `requests`
+completions back to back. Per concurrency level: requests/s, p50/p95 latency, p50/p95 time to first
+token, aggregate completion tokens/s. The same model generates in-process with model.generate_stream
+(what sample.py runs) for the single-stream overhead. Writes out_dir/serve_load.json and .png.
+"""
+import asyncio
+import dataclasses
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import httpx  # noqa: E402
+import torch  # noqa: E402
+
+from checkpoint import save_checkpoint  # noqa: E402
+from configurator import configure, print_config, read_config_file  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+from runtime import resolve_device, resolve_dtype  # noqa: E402
+from tokenizer import ASSETS  # noqa: E402
+
+DEFAULTS = dict(
+    config="config/cpu_quick.py",  # the model shape (and dataset: shakespeare_char means characters, else GPT-2 BPE)
+    out_dir="out/serve_load",
+    device="auto",
+    dtype="auto",                  # the server's and the in-process baseline's
+    concurrency=[1, 8, 32],
+    requests=4,                    # per client at each level
+    max_tokens=64,
+    prompt="ROMEO:\nWhat light through yonder window breaks?",
+    threads=0,                     # server torch threads (0: torch's default)
+    seed=1337,
+)
+
+
+def quantile(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def build_model(cfg, path):
+    """A random-weight checkpoint of the config's shape; returns (model, tokenizer meta)."""
+    shape = read_config_file(os.path.join(ROOT, cfg["config"]) if not os.path.isabs(cfg["config"]) else cfg["config"])
+    if shape.get("dataset", "shakespeare_char") == "shakespeare_char":
+        with open(os.path.join(ASSETS, "tinyshakespeare", "input.txt")) as f:
+            chars = sorted(set(f.read()))
+        meta = {"tokenizer": "char", "chars": chars, "vocab_size": len(chars) + 1, "eot": len(chars)}
+    else:
+        meta = {"tokenizer": "gpt2", "vocab_size": 50257, "eot": 50256}
+    fields = {f.name for f in dataclasses.fields(GPTConfig)}
+    model_args = {k: v for k, v in shape.items() if k in fields} | {"vocab_size": meta["vocab_size"], "dropout": 0.0}
+    torch.manual_seed(cfg["seed"])
+    model = GPT(GPTConfig(**model_args)).eval()
+    save_checkpoint(path, {"model_args": model_args, "model": model.state_dict(), "tokenizer": meta,
+                           "config": {"config": cfg["config"]}, "step": 0, "val_loss": None}, kind="random")
+    return model, meta
+
+
+def in_process_tokens_per_s(model, meta, cfg, device, dtype, repeats=3):
+    """Single-stream tokens/s of model.generate_stream (sample.py's path), best of `repeats`."""
+    from tokenizer import tokenizer_from_meta
+    model = model.to(device, dtype)
+    ids = tokenizer_from_meta(meta).encode(cfg["prompt"])
+    best = 0.0
+    for _ in range(repeats + 1):  # the first run warms up
+        idx = torch.tensor([ids], device=device)
+        t0 = time.perf_counter()
+        for token in model.generate_stream(idx, cfg["max_tokens"], temperature=1.0, seed=cfg["seed"]):
+            int(token[0])  # the host sees each token, as a streaming sampler does
+        best = max(best, cfg["max_tokens"] / (time.perf_counter() - t0))
+    return best
+
+
+async def one_request(http, cfg):
+    """(latency s, time to first token s, completion tokens) of one streamed completion."""
+    t0, first, tokens = time.perf_counter(), None, 0
+    body = {"model": "model", "prompt": cfg["prompt"], "max_tokens": cfg["max_tokens"], "temperature": 1.0,
+            "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+    async with http.stream("POST", "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif first is None:
+                first = time.perf_counter() - t0
+    return time.perf_counter() - t0, first, tokens
+
+
+async def level(url, clients, cfg):
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=clients + 4)) as http:
+        async def client():
+            return [await one_request(http, cfg) for _ in range(cfg["requests"])]
+        t0 = time.perf_counter()
+        results = [r for rs in await asyncio.gather(*[client() for _ in range(clients)]) for r in rs]
+        wall = time.perf_counter() - t0
+    latency, ttft, tokens = zip(*results)
+    return {"clients": clients, "requests": len(results), "wall_s": round(wall, 3),
+            "requests_per_s": round(len(results) / wall, 3),
+            "latency_p50_s": round(quantile(latency, 0.5), 4), "latency_p95_s": round(quantile(latency, 0.95), 4),
+            "ttft_p50_s": round(quantile(ttft, 0.5), 4), "ttft_p95_s": round(quantile(ttft, 0.95), 4),
+            "tokens_per_s": round(sum(tokens) / wall, 1),
+            "stream_tokens_per_s": round(statistics.mean(t / lat for t, lat in zip(tokens, latency)), 1)}
+
+
+def start_server(cfg, port, device):
+    args = [sys.executable, os.path.join(ROOT, "serve.py"), f"--port={port}", f"--out_root={cfg['out_dir']}",
+            f"--jobs_dir={os.path.join(cfg['out_dir'], 'jobs')}", f"--device={device}", f"--dtype={cfg['dtype']}",
+            f"--max_batch={max(cfg['concurrency'])}", f"--max_tokens={cfg['max_tokens']}", f"--threads={cfg['threads']}"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            httpx.get(url + "/health", timeout=1)
+            return proc, url
+        except httpx.TransportError:
+            if proc.poll() is not None:
+                raise SystemExit(f"serve.py exited: {proc.stderr.read().decode()[-2000:]}")
+            time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("serve.py did not answer /health within 2 minutes")
+
+
+def plot(result, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    levels = result["levels"]
+    x = [lv["clients"] for lv in levels]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(x, [lv["tokens_per_s"] for lv in levels], "o-", label="server, aggregate")
+    a.axhline(result["in_process_tokens_per_s"], color="gray", ls="--", label="in-process, one stream")
+    a.set(xscale="log", xlabel="concurrent clients", ylabel="completion tokens/s", xticks=x, xticklabels=x)
+    a.legend()
+    b.plot(x, [lv["latency_p50_s"] for lv in levels], "o-", label="latency p50")
+    b.plot(x, [lv["latency_p95_s"] for lv in levels], "o--", label="latency p95")
+    b.plot(x, [lv["ttft_p50_s"] for lv in levels], "s-", label="time to first token p50")
+    b.set(xscale="log", xlabel="concurrent clients", ylabel="seconds", xticks=x, xticklabels=x)
+    b.legend()
+    fig.suptitle(f"serve.py load: {result['config']} on {result['device']}, {result['max_tokens']} tokens per request")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(argv):
+    cfg = configure(DEFAULTS, argv)
+    print_config(cfg)
+    device = resolve_device(cfg["device"])
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[resolve_dtype(cfg["dtype"], device)]
+    model, meta = build_model(cfg, os.path.join(cfg["out_dir"], "model", "ckpt.pt"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc, url = start_server(cfg, port, str(device))
+    try:
+        asyncio.run(level(url, 1, {**cfg, "requests": 1}))  # loads the model and warms up
+        levels = []
+        for clients in cfg["concurrency"]:
+            levels.append(asyncio.run(level(url, clients, cfg)))
+            print(json.dumps(levels[-1]))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    with torch.no_grad():
+        baseline = in_process_tokens_per_s(model, meta, cfg, device, dtype)
+    single = next((lv for lv in levels if lv["clients"] == 1), None)
+    result = {"config": cfg["config"], "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "dtype": str(dtype).removeprefix("torch."), "max_tokens": cfg["max_tokens"],
+              "params_m": round(model.num_params(False) / 1e6, 2), "levels": levels,
+              "in_process_tokens_per_s": round(baseline, 1), "date": time.strftime("%Y-%m-%d"),
+              "command": "python experiments/serve_load.py " + " ".join(argv)}
+    if single:
+        result["single_stream_overhead"] = round(1 - single["stream_tokens_per_s"] / baseline, 3)
+        result["scaling_vs_single"] = {lv["clients"]: round(lv["tokens_per_s"] / single["tokens_per_s"], 2)
+                                       for lv in levels}
+    with open(os.path.join(cfg["out_dir"], "serve_load.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    plot(result, os.path.join(cfg["out_dir"], "serve_load.png"))
+    print(json.dumps({k: v for k, v in result.items() if k != "levels"}, indent=1))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
