@@ -1,8 +1,10 @@
 """
-Load on serve.py: completions from 1, 8 and 32 concurrent streaming clients, against generation in-process.
+Load on serve.py: completions from 1, 8 and 32 concurrent streaming clients, against generation in-process;
+and a soak: a mix of completions and small jobs for a while, watching errors and the server's memory.
 
     python experiments/serve_load.py                                   # CPU: a cpu_quick-shaped model
     python experiments/serve_load.py --config=config/gpu_124m.py --device=cuda --max_tokens=256 --out_dir=out/serve_load_gpu
+    python experiments/serve_load.py --soak_minutes=30 --out_dir=out/serve_soak    # the soak (CPU, loopback)
 
 A model of the config's shape with random weights is saved as out_dir/model/ckpt.pt (speed does not
 depend on the weights; ignore_eos makes every request generate exactly max_tokens), serve.py is started
@@ -10,11 +12,18 @@ on a free loopback port with out_root=out_dir, and `clients` streaming clients e
 completions back to back. Per concurrency level: requests/s, p50/p95 latency, p50/p95 time to first
 token, aggregate completion tokens/s. The same model generates in-process with model.generate_stream
 (what sample.py runs) for the single-stream overhead. Writes out_dir/serve_load.json and .png.
+
+The soak (`soak_minutes` > 0) uploads a small dataset (a prepare job), then runs `soak_clients` clients
+sending random completions (streamed or not, n, stop, logprobs; some hang up mid-stream and some send
+a bad value on purpose) while tiny train jobs run one after another (every third one cancelled). It
+counts error responses that nobody provoked, job outcomes, and samples the server's RSS; writes
+out_dir/serve_soak.json and .png.
 """
 import asyncio
 import dataclasses
 import json
 import os
+import random
 import socket
 import statistics
 import subprocess
@@ -44,7 +53,23 @@ DEFAULTS = dict(
     prompt="ROMEO:\nWhat light through yonder window breaks?",
     threads=0,                     # server torch threads (0: torch's default)
     seed=1337,
+    soak_minutes=0.0,              # > 0: run the soak instead of the load levels
+    soak_clients=4,
 )
+
+SOAK_JOB = """# a tiny train job for the soak
+dataset = "soak"
+device = "cpu"
+n_layer = 2
+n_head = 2
+n_embd = 32
+block_size = 32
+batch_size = 8
+max_iters = 60
+eval_interval = 20
+eval_iters = 2
+log_interval = 10
+"""
 
 
 def quantile(values, q):
@@ -119,11 +144,12 @@ async def level(url, clients, cfg):
             "stream_tokens_per_s": round(statistics.mean(t / lat for t, lat in zip(tokens, latency)), 1)}
 
 
-def start_server(cfg, port, device):
+def start_server(cfg, port, device, *extra, cwd=None):
     args = [sys.executable, os.path.join(ROOT, "serve.py"), f"--port={port}", f"--out_root={cfg['out_dir']}",
             f"--jobs_dir={os.path.join(cfg['out_dir'], 'jobs')}", f"--device={device}", f"--dtype={cfg['dtype']}",
-            f"--max_batch={max(cfg['concurrency'])}", f"--max_tokens={cfg['max_tokens']}", f"--threads={cfg['threads']}"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            f"--max_batch={max(cfg['concurrency'])}", f"--max_tokens={cfg['max_tokens']}", f"--threads={cfg['threads']}",
+            *extra]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=cwd)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         try:
@@ -158,10 +184,135 @@ def plot(result, path):
     fig.savefig(path, dpi=100)
 
 
+# ----------------------------------------------------------------------------- the soak
+
+def rss_mb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+async def soak_completions(http, rng, stats, deadline):
+    """Random completions until the deadline; provoked errors (bad values, hang-ups) are counted apart."""
+    while time.time() < deadline:
+        body = {"model": "model", "prompt": rng.choice(["ROMEO:", "To be", "", "KING HENRY:\nMy lord"]),
+                "max_tokens": rng.randint(1, 48), "temperature": rng.choice([0.0, 0.7, 1.0]), "n": rng.choice([1, 1, 2]),
+                "stop": rng.choice([None, "\n", ["e", "."]]), "logprobs": rng.choice([None, None, 2]),
+                "seed": rng.choice([None, 7])}
+        kind = rng.choices(["plain", "stream", "hangup", "bad"], [4, 4, 1, 1])[0]
+        if kind == "bad":
+            field, value = rng.choice([("max_tokens", 0), ("top_p", 2.0), ("temperature", -1), ("n", 1000)])
+            body[field] = value
+        try:
+            if kind == "plain" or kind == "bad":
+                r = await http.post("/v1/completions", json=body)
+                ok = r.status_code == 200 if kind == "plain" else r.status_code in (400, 422)
+            else:
+                async with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+                    ok, lines = r.status_code == 200, []
+                    async for line in r.aiter_lines():
+                        lines.append(line)
+                        if kind == "hangup" and len(lines) > 2:
+                            break
+                    ok = ok and (kind == "hangup" or "data: [DONE]" in lines)
+        except httpx.HTTPError as e:
+            ok, r = False, type(e).__name__
+        stats[kind] = stats.get(kind, 0) + 1
+        if not ok:
+            stats["unexpected"].append(f"{kind}: {getattr(r, 'status_code', r)} {getattr(r, 'text', '')[:200]}")
+
+
+async def soak_jobs(http, stats, deadline):
+    """Tiny train jobs one after another; every third is cancelled once it runs."""
+    i = 0
+    while time.time() < deadline:
+        r = await http.post("/v1/jobs", json={"kind": "train", "config": "soak.py",
+                                              "overrides": {"out_dir": f"out/job{i}", "max_iters": 60 if i % 3 else 100000}})
+        if r.status_code != 202:
+            stats["unexpected"].append(f"job submit: {r.status_code} {r.text[:200]}")
+            return
+        job_id, expect = r.json()["id"], "succeeded" if i % 3 else "cancelled"
+        while True:
+            job = (await http.get(f"/v1/jobs/{job_id}")).json()
+            if expect == "cancelled" and job["state"] == "running" and (job["last_metrics"] or {}).get("step", 0) >= 10:
+                await http.delete(f"/v1/jobs/{job_id}")
+            if job["state"] not in ("queued", "running"):
+                break
+            await asyncio.sleep(0.5)
+        stats["jobs"][job["state"]] = stats["jobs"].get(job["state"], 0) + 1
+        if job["state"] != expect:
+            stats["unexpected"].append(f"job {job_id}: {job['state']} (expected {expect}): {job['error']}")
+        i += 1
+
+
+async def soak(url, pid, cfg):
+    rng, stats = random.Random(cfg["seed"]), {"unexpected": [], "jobs": {}}
+    rss = []
+    async with httpx.AsyncClient(base_url=url, timeout=300) as http:
+        with open(os.path.join(ASSETS, "tinyshakespeare", "input.txt"), "rb") as f:
+            r = await http.post("/v1/datasets?name=soak", content=f.read(200_000))
+        job_id = r.json()["id"]
+        while (job := (await http.get(f"/v1/jobs/{job_id}")).json())["state"] in ("queued", "running"):
+            await asyncio.sleep(0.5)
+        if job["state"] != "succeeded":
+            raise SystemExit(f"the soak's prepare job {job['state']}: {job['error']}")
+        await http.post("/v1/completions", json={"model": "model", "max_tokens": 4})  # load the model first
+        start = time.time()
+        deadline = start + cfg["soak_minutes"] * 60
+
+        async def watch():
+            while time.time() < deadline:
+                rss.append((round(time.time() - start, 1), round(rss_mb(pid), 1)))
+                await asyncio.sleep(10)
+        await asyncio.gather(watch(), soak_jobs(http, stats, deadline),
+                             *[soak_completions(http, random.Random(rng.random()), stats, deadline)
+                               for _ in range(cfg["soak_clients"])])
+        rss.append((round(time.time() - start, 1), round(rss_mb(pid), 1)))
+        health = (await http.get("/health")).json()
+    return {"minutes": cfg["soak_minutes"], "requests": {k: v for k, v in stats.items() if k not in ("unexpected", "jobs")},
+            "jobs": stats["jobs"], "unexpected_errors": len(stats["unexpected"]),
+            "unexpected_examples": stats["unexpected"][:10], "rss_mb_start": rss[0][1], "rss_mb_end": rss[-1][1],
+            "rss_mb_max": max(v for _, v in rss), "rss_mb": rss, "health_at_end": health}
+
+
+def run_soak(cfg, device):
+    work = os.path.abspath(cfg["out_dir"])
+    os.makedirs(os.path.join(work, "config"), exist_ok=True)
+    with open(os.path.join(work, "config", "soak.py"), "w") as f:
+        f.write(SOAK_JOB)
+    build_model(cfg, os.path.join(work, "out", "model", "ckpt.pt"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    soak_cfg = {**cfg, "out_dir": "out"}  # relative to the server's working folder, work/
+    proc, url = start_server(soak_cfg, port, str(device), "--data_root=data", "--jobs_dir=jobs",
+                             f"--config_root={os.path.join(work, 'config')}", cwd=work)
+    try:
+        result = asyncio.run(soak(url, proc.pid, cfg))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    result |= {"config": cfg["config"], "date": time.strftime("%Y-%m-%d"), "clients": cfg["soak_clients"],
+               "command": "python experiments/serve_load.py " + " ".join(sys.argv[1:])}
+    with open(os.path.join(work, "serve_soak.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([t / 60 for t, _ in result["rss_mb"]], [v for _, v in result["rss_mb"]], "o-")
+    ax.set(xlabel="minutes", ylabel="server RSS (MB)", ylim=(0, None),
+           title=f"serve.py soak: {sum(result['requests'].values())} requests, {sum(result['jobs'].values())} jobs")
+    fig.tight_layout()
+    fig.savefig(os.path.join(work, "serve_soak.png"), dpi=100)
+    print(json.dumps({k: v for k, v in result.items() if k != "rss_mb"}, indent=1))
+
+
 def main(argv):
     cfg = configure(DEFAULTS, argv)
     print_config(cfg)
     device = resolve_device(cfg["device"])
+    if cfg["soak_minutes"] > 0:
+        return run_soak(cfg, device)
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[resolve_dtype(cfg["dtype"], device)]
     model, meta = build_model(cfg, os.path.join(cfg["out_dir"], "model", "ckpt.pt"))
     with socket.socket() as s:
