@@ -375,6 +375,10 @@ def test_auth_on_needs_the_bearer_token_and_auth_off_does_not(root):
         assert http.get("/v1/models").status_code == 200
 
 
+def test_the_shipped_serve_config_loads():
+    serve.check_serve_config(configure(serve.DEFAULTS, [os.path.join(ROOT, "config", "serve.py")]))
+
+
 def test_another_host_without_a_token_refuses_to_start(monkeypatch):
     monkeypatch.delenv("ULM_SERVE_TOKEN", raising=False)
     with pytest.raises(SystemExit, match="token"):
