@@ -157,19 +157,28 @@ class Batcher:
         self.cache = KVCache(self.config, max_batch, self.device, model.wte.weight.dtype)
         self.slots = torch.full((max_batch, 1, 1, self.config.block_size), NEVER, dtype=torch.long, device=self.device)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
-        self.rows, self.waiting, self.pos = [], [], 0
+        self.rows, self.waiting, self.pos, self.closed = [], [], 0, False
         self.wake = threading.Condition()
         self.error = None
         self.thread = threading.Thread(target=self.run, daemon=True, name="batcher")
         self.thread.start()
 
     def submit(self, rows):
+        """Queue rows for the next step; an error message if they cannot be taken."""
         with self.wake:
+            if self.closed:
+                return "this model was just unloaded to make room; retry"
             if len(self.waiting) + len(rows) > self.max_waiting:
-                return False
+                return f"{self.max_waiting} rows are already waiting for this model (max_waiting); retry shortly"
             self.waiting.extend(rows)
             self.wake.notify()
-        return True
+        return None
+
+    def close(self):
+        """Stop the thread once idle, so an unloaded model's weights and cache are freed."""
+        with self.wake:
+            self.closed = True
+            self.wake.notify()
 
     def busy(self):
         return bool(self.rows or self.waiting)
@@ -282,6 +291,8 @@ class Batcher:
         while True:
             with self.wake:
                 while not self.rows and not self.waiting:
+                    if self.closed:
+                        return
                     self.wake.wait()
                 admitted = self.waiting[:self.max_batch - len(self.rows)]
                 del self.waiting[:len(admitted)]
@@ -360,7 +371,7 @@ class Models:
         with self.lock:
             entry = self.loaded.get(model_id)
             if entry and entry["mtime"] != os.path.getmtime(path) and not entry["batcher"].busy():
-                self.loaded.pop(model_id)  # retrained since it was loaded: load the new weights
+                self.loaded.pop(model_id)["batcher"].close()  # retrained since it was loaded: load the new weights
                 entry = None
             if entry is None:
                 try:
@@ -389,7 +400,7 @@ class Models:
             if sum(e["bytes"] for e in self.loaded.values()) + size <= budget:
                 return
             if not self.loaded[other]["batcher"].busy():
-                self.loaded.pop(other)
+                self.loaded.pop(other)["batcher"].close()
         if sum(e["bytes"] for e in self.loaded.values()) + size > budget:
             raise ApiError(503, "the memory budget is taken by models that are generating; retry shortly", "model")
 
@@ -796,8 +807,9 @@ def make_app(cfg):
                 rows.append(Row(ids, req.max_tokens, req.temperature, req.top_k, req.top_p,
                                 None if req.seed is None else req.seed + j, req.logprobs, stops, req.ignore_eos,
                                 req.echo and req.logprobs is not None, batcher.tokenizer, emit))
-        if not batcher.submit(rows):
-            raise ApiError(429, f"{cfg['max_waiting']} rows are already waiting for this model; retry shortly")
+        refused = batcher.submit(rows)
+        if refused:
+            raise ApiError(429 if "max_waiting" in refused else 503, refused)
         generations["active"] += len(rows)
         created, completion_id = int(time.time()), "cmpl-" + secrets.token_hex(12)
         echoes = [batcher.tokenizer.decode(ids) if req.echo and ids != [batcher.tokenizer.eot] else "" for ids in prompts]

@@ -178,6 +178,21 @@ def test_concurrent_requests_share_a_batch_and_each_gets_its_own_tokens(client, 
     assert results == {p: in_process(reference, p, 12) for p in prompts}
 
 
+def test_generation_past_the_context_slides_the_window(client, reference):
+    long, short = [], []
+    threads = [threading.Thread(target=lambda: long.append(client.completions.create(
+                   model="tiny", prompt="line 1", max_tokens=90, temperature=0, extra_body={"ignore_eos": True}))),
+               threading.Thread(target=lambda: short.append(client.completions.create(
+                   model="tiny", prompt="the", max_tokens=10, temperature=0)))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert long[0].usage.completion_tokens == 90  # 96 tokens in a 32-token context
+    assert long[0].choices[0].text.startswith(in_process(reference, "line 1", 20))
+    assert short[0].choices[0].text == in_process(reference, "the", 10)
+
+
 def test_seed_n_prompt_lists_stop_echo_and_logprobs(client):
     a = client.completions.create(model="tiny", prompt=["line", "the"], n=2, max_tokens=15, seed=7, temperature=1.0)
     b = client.completions.create(model="tiny", prompt=["line", "the"], n=2, max_tokens=15, seed=7, temperature=1.0)
@@ -348,8 +363,10 @@ def test_killing_the_server_mid_job_then_restarting_resumes_it(tmp_path):
         assert second.http.get(f"/v1/jobs/{job['id']}").json()["state"] == "interrupted"
         resumed = second.http.post(f"/v1/jobs/{job['id']}/resume", json={})
         assert resumed.status_code == 202 and resumed.json()["resumed_from"] == job["id"]
-        second.wait_job(resumed.json()["id"], states=("running",))
-        time.sleep(1)
+        deadline = time.time() + 60  # the resumed run logs steps past the saved one
+        while (second.http.get(f"/v1/jobs/{resumed.json()['id']}").json()["last_metrics"] or {}).get("step", 0) \
+                <= saved["step"] and time.time() < deadline:
+            time.sleep(0.2)
         second.http.delete(f"/v1/jobs/{resumed.json()['id']}")
         assert second.wait_job(resumed.json()["id"])["state"] == "cancelled"
         assert "resume" in second.http.get(f"/v1/jobs/{resumed.json()['id']}/log").text
@@ -373,6 +390,26 @@ def test_auth_on_needs_the_bearer_token_and_auth_off_does_not(root):
         assert http.get("/").status_code == 200  # the page itself asks for the token
     with TestClient(serve.make_app({**cfg, "token": ""})) as http:
         assert http.get("/v1/models").status_code == 200
+
+
+def test_models_load_on_first_use_and_the_least_recent_idle_one_leaves_beyond_the_budget(root):
+    from fastapi.testclient import TestClient
+    (root / "out" / "tiny2").mkdir(exist_ok=True)
+    shutil.copy(root / "out" / "tiny" / "ckpt.pt", root / "out" / "tiny2" / "ckpt.pt")
+    cfg = configure(serve.DEFAULTS, ["--device=cpu", "--model_memory_mb=1", f"--out_root={root / 'out'}",
+                                     f"--data_root={root / 'data'}", f"--config_root={root / 'config'}",
+                                     f"--jobs_dir={root / 'jobs-budget'}"])  # one tiny model fits in 1 MB, two do not
+    with TestClient(serve.make_app(cfg)) as http:
+        assert http.get("/health").json()["models_loaded"] == []
+        assert http.post("/v1/completions", json={"model": "tiny", "prompt": "l", "max_tokens": 2}).status_code == 200
+        first = http.app.state.models.loaded["tiny"]["batcher"]
+        assert http.post("/v1/completions", json={"model": "tiny2", "prompt": "l", "max_tokens": 2}).status_code == 200
+        assert http.get("/health").json()["models_loaded"] == ["tiny2"]
+        first.thread.join(timeout=10)
+        assert not first.thread.is_alive()  # its weights and cache are freed
+        r = http.post("/v1/completions", json={"model": "tiny", "prompt": "l", "max_tokens": 2})
+        assert r.status_code == 200 and http.get("/health").json()["models_loaded"] == ["tiny"]
+    shutil.rmtree(root / "out" / "tiny2")
 
 
 def test_the_shipped_serve_config_loads():
