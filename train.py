@@ -172,29 +172,36 @@ def check_config(cfg):
         raise SystemExit(f"distill_temperature must be positive, got {cfg['distill_temperature']}")
 
 
-def check_resume(cfg, state, meta):
-    """A resumed run keeps its checkpoint's model and tokenizer: a flag that would change them is an error."""
+RESUME_MAY_CHANGE = ("dropout", "checkpoint_activations")  # model keys that shape training, not the weights
+
+
+def resume_model_args(cfg, state, meta):
+    """The model_args a resumed run builds: the checkpoint's, with RESUME_MAY_CHANGE keys from cfg where set.
+    A model key is set when it differs from DEFAULTS; a set key that would change the weights' shape, or a
+    dataset with another tokenizer, is an error. block_size may shrink (shorter windows, same weights)."""
     model_args = state["model_args"]
     if cfg["block_size"] > model_args["block_size"]:
         raise SystemExit(f"block_size={cfg['block_size']} is larger than the checkpoint model's "
                          f"{model_args['block_size']}")
-    changed = [k for k in MODEL_KEYS if k != "block_size" and k in model_args
-               and cfg[k] != DEFAULTS[k] and cfg[k] != model_args[k]]
+    saved = {k: model_args.get(k, DEFAULTS[k]) for k in MODEL_KEYS}  # an older checkpoint may lack newer keys
+    set_keys = [k for k in MODEL_KEYS if k != "block_size" and cfg[k] != DEFAULTS[k] and cfg[k] != saved[k]]
+    changed = [k for k in set_keys if k not in RESUME_MAY_CHANGE]
     if changed:
         raise SystemExit("resuming keeps the checkpoint's model, but you set " +
-                         ", ".join(f"{k}={cfg[k]!r} (checkpoint: {model_args[k]!r})" for k in changed) +
+                         ", ".join(f"{k}={cfg[k]!r} (checkpoint: {saved[k]!r})" for k in changed) +
                          ": drop those keys, or start a fresh run in another --out_dir")
-    saved = state.get("tokenizer", {})
+    trained_on = state.get("tokenizer", {})
     ours = {k: meta[k] for k in ("tokenizer", "vocab_size", "eot", "chars") if k in meta}
-    if saved != ours:
-        what = "a different character vocabulary" if saved.get("tokenizer") == ours["tokenizer"] == "char" else \
-            f"tokenizer {saved.get('tokenizer')!r} with vocab {saved.get('vocab_size')}"
+    if trained_on != ours:
+        what = "a different character vocabulary" if trained_on.get("tokenizer") == ours["tokenizer"] == "char" \
+            else f"tokenizer {trained_on.get('tokenizer')!r} with vocab {trained_on.get('vocab_size')}"
         raise SystemExit(f"dataset {cfg['dataset']} ({ours['tokenizer']}, vocab {ours['vocab_size']}) does not "
                          f"match the checkpoint, which was trained with {what}: its token ids would mean other "
                          f"text. Resume on the dataset the run was trained on")
     if state["config"].get("optimizer", "adamw") != cfg["optimizer"]:
         raise SystemExit(f"the checkpoint was trained with optimizer={state['config'].get('optimizer', 'adamw')}; "
                          f"resume with that (its state cannot move to {cfg['optimizer']})")
+    return model_args | {k: cfg[k] for k in set_keys}
 
 
 def out_of_memory(e):
@@ -317,9 +324,9 @@ def run_training(cfg):
     state = None
     if cfg["init_from"] == "resume":
         state = load_checkpoint(ckpt_path)
-        check_resume(cfg, state, meta)
-        model_args = state["model_args"]
-        cfg = cfg | {k: model_args[k] for k in MODEL_KEYS if k != "block_size" and k in model_args}  # config.json tells the truth
+        model_args = resume_model_args(cfg, state, meta)
+        # config.json records the model that runs, not flags the checkpoint overrode
+        cfg = cfg | {k: model_args[k] for k in MODEL_KEYS if k != "block_size" and k in model_args}
     else:
         model_args = {k: cfg[k] for k in MODEL_KEYS} | {"vocab_size": meta["vocab_size"]}
     try:

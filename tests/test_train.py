@@ -186,7 +186,12 @@ def test_resume_flags_that_change_the_model_are_errors_naming_the_key(tiny_cfg):
     # keys left at their defaults take the checkpoint's values, and config.json records those
     plain = tiny_cfg | {k: train.DEFAULTS[k] for k in train.MODEL_KEYS if k != "block_size"}
     train.train(plain | {"init_from": "resume", "max_iters": 4})
-    assert json.load(open(os.path.join(tiny_cfg["out_dir"], "config.json")))["n_layer"] == 2
+    recorded = json.load(open(os.path.join(tiny_cfg["out_dir"], "config.json")))
+    assert recorded["n_layer"] == 2 and recorded["dropout"] == tiny_cfg["dropout"]
+    # dropout and activation checkpointing shape training, not the weights: a resume may change them
+    train.train(tiny_cfg | {"init_from": "resume", "max_iters": 6, "dropout": 0.2, "checkpoint_activations": True})
+    recorded = json.load(open(os.path.join(tiny_cfg["out_dir"], "config.json")))
+    assert recorded["dropout"] == 0.2 and recorded["model_args"]["checkpoint_activations"] is True
 
 
 def test_out_of_memory_says_which_setting_to_lower(tiny_cfg, monkeypatch):
