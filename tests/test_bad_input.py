@@ -15,6 +15,7 @@ import plot
 import prepare
 import sample
 import train
+from checkpoint import save_checkpoint
 from conftest import ROOT, tiny_train_config
 
 TRAIN = ["--data_dir={data}", "--dataset=tiny", "--out_dir={run}", "--device=cpu", "--n_layer=2", "--n_head=2",
@@ -47,6 +48,7 @@ CASES = [
     ("train", [*RESUME, "--optimizer=muon"], "optimizer=adamw"),
     ("train", [*RESUME, f"--batch_size={10 ** 12}"], "out of memory with batch_size=1000000000000"),
     ("train", [*RESUME, "--out_dir={tmp}/empty_run"], "no checkpoint at"),
+    ("train", [*RESUME, "--out_dir={tmp}/damaged_run"], "damaged µLM checkpoint: it has no model_args"),
     # prepare.py
     ("prepare", ["--data_dir={data}", "--dataset={tmp}/ok.txt", "--val_fraction=0.0"], "val_fraction must be"),
     ("prepare", ["--data_dir={data}", "--dataset={tmp}/ok.txt", "--val_fraction=1.5"], "val_fraction must be"),
@@ -69,6 +71,7 @@ CASES = [
     ("sample", ["--out_dir={tmp}/empty_run", "--device=cpu"], "no checkpoint at"),
     ("sample", ["--ckpt={tmp}/garbage.pt", "--device=cpu"], "garbage.pt is unreadable"),
     ("sample", ["--ckpt={run}", "--device=cpu"], "is a folder; give a checkpoint file"),
+    ("sample", ["--ckpt={tmp}/damaged_run/ckpt.pt", "--device=cpu"], "damaged µLM checkpoint: it has no model_args"),
     # plot.py
     ("plot", ["--out={tmp}/x.png"], "usage: python plot.py RUN_DIR"),
     ("plot", ["{tmp}/nope", "--out={tmp}/x.png"], "no metrics at"),
@@ -99,6 +102,7 @@ def folders(tmp_path_factory):
     (tmp / "latin.txt").write_bytes("caf\xe9\n".encode("latin-1"))
     (tmp / "empty.txt").write_text("")
     (tmp / "garbage.pt").write_bytes(b"not a checkpoint at all")
+    save_checkpoint(str(tmp / "damaged_run" / "ckpt.pt"), {"model": {}})  # the format tag, but no model_args
     (tmp / "broken_run").mkdir()
     (tmp / "broken_run" / "metrics.jsonl").write_text('{"step": 0, "val_loss": 3.0}\n{"step": 1,\n{"step": 2}\n')
     return {"run": str(base / "run"), "data": str(base / "data"), "tmp": str(tmp), "base": base}

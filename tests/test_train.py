@@ -213,3 +213,14 @@ def test_resume_tolerates_a_torn_last_metrics_line(tiny_cfg, capsys):
         f.write('{"step": 21, "lo')
     plot.main([tiny_cfg["out_dir"], f"--out={tiny_cfg['out_dir']}/again.png"])  # plot.py skips it too
     assert os.path.exists(os.path.join(tiny_cfg["out_dir"], "again.png"))
+
+
+def test_ctrl_c_twice_quits_at_once_with_a_message():
+    from runtime import StopRequest
+    said = []
+    stop = StopRequest(say=said.append)
+    stop._handle(signal.SIGINT, None)
+    assert stop.requested and "saving a checkpoint" in said[0]
+    with pytest.raises(SystemExit) as quit_now:
+        stop._handle(signal.SIGINT, None)
+    assert quit_now.value.code == 130 and "without saving" in said[1]
