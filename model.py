@@ -39,6 +39,19 @@ class GPTConfig:
     knn_threshold: float = 0.01  # knn writes a pair only if its key is farther than this from every stored key
     checkpoint_activations: bool = False  # training keeps only each block's input and recomputes the rest in
                                           # backward: ~1/3 more compute for a fraction of the activation memory
+    # looped depth (recurrent-depth models: Geiping et al. 2025 "Huginn"; Dehghani et al. 2019 Universal
+    # Transformers): n_prelude distinct layers, then n_core layers applied `loops` times with shared
+    # weights, then n_coda distinct layers. n_core = 0 is the plain stack; n_prelude = n_coda = 0 is ALBERT.
+    n_prelude: int = 0
+    n_core: int = 0
+    n_coda: int = 0
+    loops: int = 1               # loop count r in evaluation, and the training mean
+    loops_sampling: str = "fixed"  # fixed | uniform (loops_min..loops_max per step) | poisson_lognormal (mean loops, Huginn)
+    loops_min: int = 1
+    loops_max: int = 0           # 0 means 2 * loops
+    backprop_loops: int = 0      # k > 0: gradients through the last k loops only, earlier loops run under no_grad
+    inject: str = "add"          # how the core re-reads the prelude's output e each loop: add | concat | none
+    exit_tol: float = 0.0        # > 0: a token stops looping once its state moves less than this (relative), no-cache eval only
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
@@ -60,6 +73,39 @@ class GPTConfig:
             raise ValueError(f"memory_topk={self.memory_topk} must be between 1 and sqrt(memory_slots)")
         if self.memory == "knn" and not 1 <= self.memory_topk <= self.knn_capacity:
             raise ValueError(f"memory_topk={self.memory_topk} must be between 1 and knn_capacity")
+        self.check_loops()
+
+    def check_loops(self):
+        if not self.n_core:
+            if self.n_prelude or self.n_coda or self.loops != 1 or self.backprop_loops or self.exit_tol:
+                raise ValueError("n_prelude, n_coda, loops, backprop_loops and exit_tol need a looped core: set n_core > 0")
+            return
+        if min(self.n_prelude, self.n_coda, self.n_core) < 0 or self.n_prelude + self.n_core + self.n_coda != self.n_layer:
+            raise ValueError(f"n_prelude + n_core + n_coda = {self.n_prelude} + {self.n_core} + {self.n_coda} must "
+                             f"equal n_layer={self.n_layer}")
+        if self.loops < 1 or not 1 <= self.loops_min <= self.loops <= self.max_loops:
+            raise ValueError(f"need 1 <= loops_min ({self.loops_min}) <= loops ({self.loops}) <= loops_max "
+                             f"({self.max_loops})")
+        if self.loops_sampling not in ("fixed", "uniform", "poisson_lognormal"):
+            raise ValueError(f"loops_sampling must be fixed, uniform or poisson_lognormal, got {self.loops_sampling!r}")
+        if self.inject not in ("add", "concat", "none"):
+            raise ValueError(f"inject must be add, concat or none, got {self.inject!r}")
+        if not 0 <= self.backprop_loops <= self.max_loops:
+            raise ValueError(f"backprop_loops={self.backprop_loops} must be between 0 (all loops) and loops_max")
+        if self.exit_tol < 0:
+            raise ValueError(f"exit_tol={self.exit_tol} must be >= 0 (0 disables the adaptive exit)")
+        core = range(self.n_prelude, self.n_prelude + self.n_core)
+        if self.memory == "knn" and any(layer in core for layer in self.memory_layers):
+            raise ValueError("a kNN memory layer cannot sit in the looped core (each loop would write its store "
+                             "again): move it to the prelude or coda")
+
+    @property
+    def max_loops(self):
+        return self.loops_max or 2 * self.loops
+
+    def cache_layers(self, loops):
+        """Attention layers a KV cache needs: every application of a core block has its own keys and values."""
+        return self.n_layer + self.n_core * ((loops or self.loops) - 1)
 
     @property
     def kv_heads(self):
@@ -102,15 +148,18 @@ class KVCache:
     torch.compile(mode="reduce-overhead") replay it as one CUDA graph.
     """
 
-    def __init__(self, config, batch_size, device, dtype):
+    def __init__(self, config, batch_size, device, dtype, loops=None):
         hs = config.n_embd // config.n_head
         shape = (batch_size, config.kv_heads, config.block_size, hs)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        n = config.cache_layers(loops)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)]
         self.slots = torch.arange(config.block_size, device=device)  # the position each slot holds
+        self.shift = 0  # a looped model's loop i writes its core layers shift = i * n_core entries further on
 
     def update(self, layer, k, v, positions):
         """Write k, v (B, nkv, T, hs) at positions (T,); return the whole cache (B, nkv, block_size, hs)."""
+        layer += self.shift
         self.k[layer].index_copy_(2, positions, k)
         self.v[layer].index_copy_(2, positions, v)
         return self.k[layer], self.v[layer]
@@ -185,7 +234,14 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight  # one matrix reads and writes tokens (Press & Wolf 2017)
+        if config.n_core and config.inject == "concat":
+            # input injection by concatenation: [h, e] projected back to C each loop (Geiping et al. 2025)
+            self.inject = nn.Linear(2 * config.n_embd, config.n_embd, bias=False)
+        self.mean_loops = None  # loops per token the last adaptive-exit (exit_tol) forward used
         self.apply(self._init_weights)
+        if config.n_core and config.inject == "concat":
+            with torch.no_grad():  # starts as h + e, so concat begins where add does
+                self.inject.weight.copy_(torch.cat((torch.eye(config.n_embd), torch.eye(config.n_embd)), dim=1))
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 # residual writes scaled by depth so the stream's variance stays put (GPT-2 paper)
@@ -203,29 +259,95 @@ class GPT(nn.Module):
                 n -= self.lm_head.weight.numel()
         return n
 
-    def hidden(self, idx, cache=None, pos=0):
+    def hidden(self, idx, cache=None, pos=0, loops=None):
         """Final normalised hidden states (B, T, C) of tokens at positions pos..pos+T-1.
 
         Without a cache pos is 0; with one, the tokens' keys and values are written into it and they
         attend to every cached position before theirs. pos is an int, or a (1,) tensor in the compiled
-        decode step (a tensor changes without recompiling).
+        decode step (a tensor changes without recompiling). loops: a looped model's loop count (default:
+        sampled in training, config.loops in evaluation); a cache must have been made for the same count.
         """
         B, T = idx.size()
         if isinstance(pos, int) and pos + T > self.config.block_size:
             raise ValueError(f"sequence of {pos + T} tokens is longer than block_size={self.config.block_size}")
         positions = pos + torch.arange(T, device=idx.device)  # (T,)
         x = self.drop(self.wte(idx))  # (B, T, C)
+        if self.config.n_core:
+            return norm(self.looped(x, positions, cache, loops))
+        if loops is not None:
+            raise ValueError(f"loops={loops} needs a looped model (n_core > 0)")
         for block in self.blocks:
-            if self.config.checkpoint_activations and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, self.rotary, positions, cache, use_reentrant=False)
-            else:
-                x = block(x, self.rotary, positions, cache)
+            x = self.run_block(block, x, positions, cache)
         return norm(x)
 
-    def forward(self, idx, targets=None, reduction="mean"):
+    def run_block(self, block, x, positions, cache):
+        """One block; under checkpoint_activations its activations are recomputed in backward, not kept."""
+        if self.config.checkpoint_activations and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, x, self.rotary, positions, cache, use_reentrant=False)
+        return block(x, self.rotary, positions, cache)
+
+    def looped(self, x, positions, cache, loops):
+        """Prelude, the core applied `loops` times re-reading the prelude's output, coda (B, T, C)."""
+        cfg = self.config
+        if loops is None:
+            loops = self.sample_loops() if self.training else cfg.loops
+        if loops < 1:
+            raise ValueError(f"loops={loops} must be >= 1")
+        if cache is not None and len(cache.k) != cfg.cache_layers(loops):
+            raise ValueError(f"the KV cache was made for another loop count than loops={loops}")
+        if cfg.exit_tol and (cache is not None or self.training):
+            raise ValueError("exit_tol (adaptive exit) works in no-cache evaluation only: use use_cache=False "
+                             "or exit_tol=0")
+        prelude, core = self.blocks[:cfg.n_prelude], self.blocks[cfg.n_prelude:cfg.n_prelude + cfg.n_core]
+        coda = self.blocks[cfg.n_prelude + cfg.n_core:]
+        for block in prelude:
+            x = self.run_block(block, x, positions, cache)
+        e = x  # the prelude's output, re-read every loop so a long loop does not drift from its input
+        h = torch.zeros_like(e) if cfg.inject != "none" else e
+        active = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)  # (B, T) tokens still looping
+        used = torch.zeros(x.shape[:2], device=x.device)  # (B, T) loops each token ran
+        # truncated backprop through depth: only the last k loops keep a graph, so memory stays flat in r
+        no_grad_loops = loops - cfg.backprop_loops if cfg.backprop_loops and self.training else 0
+        for i in range(loops):
+            if cache is not None:
+                cache.shift = i * cfg.n_core
+            with torch.set_grad_enabled(torch.is_grad_enabled() and i >= no_grad_loops):
+                u = h + e if cfg.inject == "add" else self.inject(torch.cat((h, e), -1)) if cfg.inject == "concat" else h
+                for block in core:
+                    u = self.run_block(block, u, positions, cache)
+            if cfg.exit_tol:  # per-token exit (a thresholded ACT, Graves 2016): a settled token keeps its state
+                used += active
+                u = torch.where(active[..., None], u, h)
+                active &= (u - h).norm(dim=-1) > cfg.exit_tol * h.norm(dim=-1).clamp_min(1e-6)
+            h = u
+            if cfg.exit_tol and not active.any():
+                break
+        if cfg.exit_tol:
+            self.mean_loops = used.mean().item()
+        if cache is not None:
+            cache.shift = (loops - 1) * cfg.n_core
+        for block in coda:
+            h = self.run_block(block, h, positions, cache)
+        if cache is not None:
+            cache.shift = 0
+        return h
+
+    def sample_loops(self):
+        """A training step's loop count: fixed, uniform in [loops_min, loops_max], or Poisson with a
+        log-normal rate of mean `loops` (Geiping et al. 2025), clipped to [loops_min, loops_max]."""
+        cfg = self.config
+        if cfg.loops_sampling == "uniform":
+            return int(torch.randint(cfg.loops_min, cfg.max_loops + 1, ()))
+        if cfg.loops_sampling == "poisson_lognormal":
+            sigma = 0.5
+            rate = torch.exp(torch.randn(()) * sigma + math.log(cfg.loops) - sigma ** 2 / 2)  # mean loops
+            return int(min(max(torch.poisson(rate).item(), cfg.loops_min), cfg.max_loops))
+        return cfg.loops
+
+    def forward(self, idx, targets=None, reduction="mean", loops=None):
         """Logits (B, T, V) over the real vocabulary; with targets also the cross-entropy: mean, or per
-        token (B, T) with reduction='none'."""
-        logits = self.lm_head(self.hidden(idx))  # (B, T, padded V)
+        token (B, T) with reduction='none'. loops: a looped model's test-time loop count."""
+        logits = self.lm_head(self.hidden(idx, loops=loops))  # (B, T, padded V)
         loss = None
         if targets is not None:  # the padding columns never appear as targets, so training pushes them down
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1),
@@ -233,19 +355,21 @@ class GPT(nn.Module):
             loss = loss.view(targets.shape) if reduction == "none" else loss
         return logits[..., :self.config.vocab_size], loss  # a view: callers never see the padding
 
-    def next_logits(self, idx, cache=None, pos=0):
+    def next_logits(self, idx, cache=None, pos=0, loops=None):
         """Logits (B, V) of the token that follows each row of idx (B, T), whose first token is at pos.
 
         In a cached decode step idx is (B, 1) and pos a (1,) tensor: the shapes never change from step
         to step, so torch.compile(mode="reduce-overhead") captures the step as one CUDA graph and
         replays it, with no Python or kernel-launch overhead per layer.
         """
-        return self.lm_head(self.hidden(idx, cache, pos)[:, -1, :]).float()[:, :self.config.vocab_size]
+        return self.lm_head(self.hidden(idx, cache, pos, loops)[:, -1, :]).float()[:, :self.config.vocab_size]
 
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                        stop_token=None, seed=None, use_cache=True, compile=False):
+                        stop_token=None, seed=None, use_cache=True, compile=False, loops=None):
         """Yield the next token (B,) for each step; temperature 0 is greedy decoding.
+
+        loops: a looped model's test-time loop count (default config.loops): thinking longer per token.
 
         compile=True compiles the cached decode step with CUDA graphs (worth it on a GPU, for long samples).
         """
@@ -264,21 +388,21 @@ class GPT(nn.Module):
         finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
             if not use_cache:
-                logits = self.next_logits(idx[:, -block_size:])
+                logits = self.next_logits(idx[:, -block_size:], loops=loops)
             elif cache is None or pos + 1 > block_size:
                 # (re)fill the cache from the last block_size tokens: the same context the no-cache
                 # path sees, so both paths produce identical tokens
-                cache = KVCache(self.config, idx.size(0), idx.device, self.wte.weight.dtype)
+                cache = KVCache(self.config, idx.size(0), idx.device, self.wte.weight.dtype, loops)
                 if compile:  # the cache's buffers keep their addresses, so the CUDA graph may write them
                     for t in cache.k + cache.v:
                         torch._dynamo.mark_static_address(t)
                 context = idx[:, -block_size:]
                 pos = context.size(1)
-                logits = self.next_logits(context, cache)
+                logits = self.next_logits(context, cache, loops=loops)
             else:
                 last.copy_(idx[:, -1:])
                 pos_t.fill_(pos)
-                logits = decode_step(last, cache, pos_t).clone()  # clone: the graph reuses its output
+                logits = decode_step(last, cache, pos_t, loops).clone()  # clone: the graph reuses its output
                 pos += 1
             next_token = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B,)
             if stop_token is not None:
@@ -297,9 +421,11 @@ class GPT(nn.Module):
     def estimate_mfu(self, tokens_per_iter, dt, peak_flops=989e12):
         """Model FLOPs utilisation: achieved training FLOP/s over peak (H100 bf16 dense by default)."""
         cfg = self.config
-        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
-        # 6 FLOPs per parameter per token (forward + backward) plus attention's score and value matmuls
-        flops_per_token = 6 * self.num_params(non_embedding=False) + 12 * L * H * Q * T
+        L, H, Q, T = cfg.cache_layers(None), cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
+        # 6 FLOPs per parameter per token (forward + backward) plus attention's score and value matmuls;
+        # a looped core's parameters count once per loop
+        core = sum(p.numel() for p in self.blocks[cfg.n_prelude:cfg.n_prelude + cfg.n_core].parameters())
+        flops_per_token = 6 * (self.num_params(non_embedding=False) + core * (cfg.loops - 1)) + 12 * L * H * Q * T
         return flops_per_token * tokens_per_iter / dt / peak_flops
 
     @torch.no_grad()

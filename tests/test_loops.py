@@ -1,0 +1,112 @@
+"""Looped depth (issue 10 part 1): a prelude, a core applied `loops` times with shared weights, a coda."""
+import pytest
+import torch
+
+from model import GPT, GPTConfig, KVCache
+
+SHAPE = dict(vocab_size=50, block_size=32, n_layer=3, n_head=4, n_embd=32)
+
+
+def looped_model(**kw):
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**(SHAPE | dict(n_prelude=1, n_core=1, n_coda=1, loops=3) | kw))).eval()
+
+
+@pytest.mark.parametrize("inject", ["add", "concat", "none"])
+def test_one_loop_equals_the_plain_model_with_the_same_weights(inject):
+    plain = GPT(GPTConfig(**SHAPE)).eval()
+    looped = GPT(GPTConfig(**SHAPE, n_prelude=1, n_core=1, n_coda=1, loops=1, inject=inject)).eval()
+    looped.load_state_dict(plain.state_dict(), strict=False)  # concat's projection starts as h + e
+    idx = torch.randint(0, 50, (2, 16))
+    assert torch.allclose(looped(idx)[0], plain(idx)[0], atol=1e-5)
+    assert not torch.allclose(looped(idx, loops=2)[0], plain(idx)[0], atol=1e-3)
+
+
+def test_albert_sharing_is_a_core_of_every_layer_and_params_do_not_grow_with_loops():
+    shared = GPT(GPTConfig(**SHAPE | dict(n_layer=1, n_core=1, loops=4)))
+    one = GPT(GPTConfig(**SHAPE | dict(n_layer=1)))
+    assert shared.num_params() == one.num_params()
+
+
+def test_gradients_flow_only_through_the_last_k_loops():
+    model = looped_model(loops=4, backprop_loops=1).train()
+    core = model.blocks[1]
+    seen = []  # whether each core application's output is part of the autograd graph
+    core.register_forward_hook(lambda module, args, out: seen.append(out.requires_grad))
+    idx = torch.randint(0, 50, (2, 8))
+    model(idx, idx)[1].backward()
+    assert seen == [False, False, False, True]
+    assert all(p.grad is not None for p in model.parameters())  # the prelude still learns through the injection
+
+
+def test_changing_a_future_token_never_changes_earlier_logits_at_any_loop_count():
+    for kw in (dict(), dict(inject="concat"), dict(exit_tol=0.05)):
+        model = looped_model(**kw)
+        idx = torch.randint(0, 50, (2, 20))
+        changed = idx.clone()
+        changed[:, 12] = (changed[:, 12] + 1) % 50
+        for loops in (1, 5):
+            a, b = model(idx, loops=loops)[0], model(changed, loops=loops)[0]
+            assert torch.allclose(a[:, :12], b[:, :12], atol=1e-5)
+            assert not torch.allclose(a[:, 12:], b[:, 12:])
+
+
+@pytest.mark.parametrize("loops", [1, 2, 5])
+def test_kv_cache_generation_matches_no_cache_at_any_loop_count(loops):
+    model = looped_model(n_layer=4, n_core=2, inject="concat")
+    idx = torch.randint(0, 50, (2, 5))
+    # 36 new tokens run past block_size=32, so the cache refill path is covered too
+    cached = model.generate(idx, 36, temperature=0.0, use_cache=True, loops=loops)
+    plain = model.generate(idx, 36, temperature=0.0, use_cache=False, loops=loops)
+    assert torch.equal(cached, plain)
+
+
+def test_cached_chunks_match_full_forward_with_loops():
+    model = looped_model()
+    idx = torch.randint(0, 50, (2, 12))
+    full = model.hidden(idx, loops=4)
+    cache = KVCache(model.config, 2, "cpu", torch.float32, loops=4)
+    parts = [model.hidden(idx[:, :5], cache, 0, loops=4), model.hidden(idx[:, 5:], cache, 5, loops=4)]
+    assert torch.allclose(torch.cat(parts, dim=1), full, atol=1e-5)
+    with pytest.raises(ValueError, match="loop count"):
+        model.hidden(idx[:, :1], cache, 0, loops=3)
+
+
+def test_adaptive_exit_uses_fewer_loops_at_a_loose_tolerance():
+    idx = torch.randint(0, 50, (2, 16))
+    strict, loose = looped_model(exit_tol=1e-9), looped_model(exit_tol=0.5)
+    strict(idx, loops=8)
+    loose(idx, loops=8)
+    assert strict.mean_loops == 8 and 1 <= loose.mean_loops < 8
+    with pytest.raises(ValueError, match="no-cache"):
+        loose.generate(idx, 2, use_cache=True)
+
+
+def test_training_loop_counts_follow_the_sampling_option():
+    for sampling, lo, hi in (("uniform", 2, 5), ("poisson_lognormal", 1, 8)):
+        model = looped_model(loops=3, loops_sampling=sampling, loops_min=lo if sampling == "uniform" else 1,
+                             loops_max=hi).train()
+        counts = [model.sample_loops() for _ in range(300)]
+        assert lo <= min(counts) and max(counts) <= hi and len(set(counts)) > 2
+    assert looped_model(loops=3).train().sample_loops() == 3
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(n_core=1), "must equal n_layer"),
+    (dict(loops=3), "n_core"),
+    (dict(n_core=3, loops=0), "loops"),
+    (dict(n_core=3, loops=4, loops_max=3), "loops_max"),
+    (dict(n_core=3, loops_sampling="gauss"), "loops_sampling"),
+    (dict(n_core=3, inject="mul"), "inject"),
+    (dict(n_core=3, backprop_loops=-1), "backprop_loops"),
+    (dict(n_core=3, exit_tol=-1.0), "exit_tol"),
+    (dict(n_core=3, memory_layers=[1], memory="knn"), "kNN memory"),
+])
+def test_impossible_loop_settings_are_rejected(kw, match):
+    with pytest.raises(ValueError, match=match):
+        GPTConfig(**(SHAPE | kw))
+
+
+def test_loops_on_a_plain_model_is_a_clear_error():
+    with pytest.raises(ValueError, match="looped model"):
+        GPT(GPTConfig(**SHAPE))(torch.zeros(1, 4, dtype=torch.long), loops=2)
