@@ -32,6 +32,7 @@ DEFAULTS = dict(
     compile=False,          # compile the cached decode step into a CUDA graph (GPU; pays off for long samples)
     stop_at_eot=True,       # end a sample at the end-of-text token
     knn_store="",           # kNN memory models: a store folder to run with; "" uses the one beside the checkpoint
+    loops=0,                # looped models: test-time loop count (think longer per token); 0 = the trained count
 )
 
 
@@ -73,7 +74,8 @@ def stream_sample(model, tokenizer, prompt_ids, cfg, device, out=sys.stdout):
     for token in model.generate_stream(idx, cfg["max_new_tokens"], temperature=cfg["temperature"],
                                        top_k=cfg["top_k"], top_p=cfg["top_p"], seed=cfg["seed"],
                                        stop_token=tokenizer.eot if cfg["stop_at_eot"] else None,
-                                       use_cache=cfg["use_cache"], compile=cfg["compile"]):
+                                       use_cache=cfg["use_cache"], compile=cfg["compile"],
+                                       loops=cfg["loops"] or None):
         token_id = int(token[0])
         if cfg["stop_at_eot"] and token_id == tokenizer.eot:
             break
@@ -100,6 +102,13 @@ def main(argv):
         raise SystemExit(f"{path} records no tokenizer, so its token ids cannot be turned into text")
     model = load_model(state, device, knn_store=cfg["knn_store"] or knn_store_dir(path))
     tokenizer = tokenizer_from_meta(state["tokenizer"])
+    if cfg["loops"] and not model.config.n_core:
+        raise SystemExit(f"--loops={cfg['loops']} needs a looped model; {path} has no looped core (n_core=0)")
+    if cfg["loops"] < 0:
+        raise SystemExit(f"--loops={cfg['loops']} must be >= 1 (or 0 for the trained loop count)")
+    if model.config.exit_tol and cfg["use_cache"]:
+        raise SystemExit("this model exits loops per token (exit_tol), which works without the KV cache only: "
+                         "add --use_cache=False")
     try:
         prompt_ids = tokenizer.encode(prompt) or [tokenizer.eot]  # an empty prompt starts a fresh document
     except ValueError as e:

@@ -40,6 +40,7 @@ DEFAULTS = dict(
     eval_interval=250,
     eval_iters=100,
     log_interval=10,
+    eval_loops=[],                # looped models: also val loss at these test-time loop counts (val_loss_loops{N})
     # model: every GPTConfig field is a key (vocab_size comes from the dataset)
     **{k: v for k, v in dataclasses.asdict(GPTConfig()).items() if k in MODEL_KEYS},
     # optimization
@@ -78,18 +79,19 @@ EVAL_SEED = 1234  # evaluation draws the same batches every time, so evals compa
 # ----------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
-def estimate_loss(model, meta, eval_iters, batch_size, block_size, device, autocast):
-    """Mean loss over eval_iters fixed batches of each split."""
+def estimate_loss(model, meta, eval_iters, batch_size, block_size, device, autocast, loops=None,
+                  splits=("train", "val")):
+    """Mean loss over eval_iters fixed batches of each split (a looped model run at `loops` loops)."""
     was_training = model.training
     model.eval()
     losses = {}
-    for split in ("train", "val"):
+    for split in splits:
         generator = torch.Generator().manual_seed(EVAL_SEED)
         total = torch.zeros((), device=device)
         for _ in range(eval_iters):
             x, y = get_batch(meta, split, batch_size, block_size, generator, device)
             with autocast:
-                total += model(x, y)[1]
+                total += model(x, y, loops=loops)[1]
         losses[split] = (total / eval_iters).item()
     model.train(was_training)
     return losses
@@ -333,6 +335,8 @@ def run_training(cfg):
         model = GPT(GPTConfig(**model_args)).to(device)
     except ValueError as e:
         raise SystemExit(f"bad model shape: {e}")
+    if cfg["eval_loops"] and (not model_args.get("n_core") or min(cfg["eval_loops"]) < 1):
+        raise SystemExit(f"eval_loops={cfg['eval_loops']} needs a looped model (n_core > 0) and loop counts >= 1")
     optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]),
                                            device.type, cfg["optimizer"], cfg["muon_lr"], cfg["memory_lr_scale"])
     # product-key values with sparse gradients get a SparseAdam beside it (AdamW cannot take sparse gradients)
@@ -399,8 +403,12 @@ def run_training(cfg):
                                        device, autocast)
                 if not all(map(math.isfinite, losses.values())):
                     stop_on_bad_loss(step, losses, ckpt_path)
-                append_jsonl(metrics_path, {"step": step, "train_loss": losses["train"], "val_loss": losses["val"],
-                                            "train_time": loop.train_time})
+                row = {"step": step, "train_loss": losses["train"], "val_loss": losses["val"],
+                       "train_time": loop.train_time}
+                for n in cfg["eval_loops"]:  # test-time compute: the same model thinking for n loops
+                    row[f"val_loss_loops{n}"] = estimate_loss(model, meta, cfg["eval_iters"], cfg["batch_size"],
+                                                              cfg["block_size"], device, autocast, n, ("val",))["val"]
+                append_jsonl(metrics_path, row)
                 tqdm.write(f"step {step}: train {losses['train']:.4f}, val {losses['val']:.4f} "
                            f"({loop.train_time:.1f} s of training)")
                 if losses["val"] < loop.best_val:

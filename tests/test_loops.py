@@ -1,4 +1,6 @@
 """Looped depth (issue 10 part 1): a prelude, a core applied `loops` times with shared weights, a coda."""
+import os
+
 import pytest
 import torch
 
@@ -110,3 +112,47 @@ def test_impossible_loop_settings_are_rejected(kw, match):
 def test_loops_on_a_plain_model_is_a_clear_error():
     with pytest.raises(ValueError, match="looped model"):
         GPT(GPTConfig(**SHAPE))(torch.zeros(1, 4, dtype=torch.long), loops=2)
+
+
+LOOPED_RUN = dict(n_layer=3, n_prelude=1, n_core=1, n_coda=1, loops=2, loops_sampling="uniform", loops_max=3,
+                  backprop_loops=1, inject="concat", eval_loops=[1, 3])
+
+
+def test_looped_training_resumes_exactly_and_logs_val_loss_at_each_eval_loop_count(tiny_data):
+    from conftest import tiny_train_config
+    from checkpoint import load_checkpoint
+    from runtime import read_jsonl
+    import train
+    whole = tiny_train_config(tiny_data, out_dir=str(tiny_data / "whole"), **LOOPED_RUN)
+    train.train(whole)
+    split = tiny_train_config(tiny_data, out_dir=str(tiny_data / "split"), max_iters=10, lr_decay_iters=20, **LOOPED_RUN)
+    train.train(split)
+    train.train(split | {"max_iters": 20, "init_from": "resume"})
+    rows = [read_jsonl(os.path.join(c["out_dir"], "metrics.jsonl")) for c in (whole, split)]
+    losses = [[(r["step"], r["loss"]) for r in run if "loss" in r] for run in rows]
+    assert losses[0] == losses[1] != []  # same steps, same losses, bit for bit (CPU), loop counts sampled alike
+    assert [r[k] for r in rows[0] if "val_loss" in r for k in ("val_loss_loops1", "val_loss_loops3")]
+    args = load_checkpoint(os.path.join(whole["out_dir"], "ckpt.pt"))["model_args"]
+    assert {k: args[k] for k in ("n_core", "loops", "loops_sampling", "backprop_loops", "inject")} == \
+        {k: LOOPED_RUN[k] for k in ("n_core", "loops", "loops_sampling", "backprop_loops", "inject")}
+
+
+def test_eval_loops_on_a_plain_model_is_a_clear_error(tiny_cfg):
+    import train
+    with pytest.raises(SystemExit, match="looped model"):
+        train.train(tiny_cfg | {"eval_loops": [2]})
+
+
+def test_sample_thinks_for_the_asked_loop_count(tiny_data, capsys):
+    from conftest import tiny_train_config
+    import sample
+    import train
+    cfg = tiny_train_config(tiny_data, max_iters=3, **LOOPED_RUN)
+    train.train(cfg)
+    capsys.readouterr()
+    sample.main([f"--out_dir={cfg['out_dir']}", "--start=line", "--max_new_tokens=8", "--loops=5", "--device=cpu"])
+    assert capsys.readouterr().out.startswith("line")
+    plain = tiny_train_config(tiny_data, max_iters=3, out_dir=str(tiny_data / "plain"))
+    train.train(plain)
+    with pytest.raises(SystemExit, match="needs a looped model"):
+        sample.main([f"--out_dir={plain['out_dir']}", "--loops=5", "--device=cpu"])
