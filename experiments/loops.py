@@ -152,7 +152,8 @@ def train_chains(name, config, cfg, device, autocast):
     optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], (0.9, 0.95), device.type)
     curve = []
     model.train()
-    for step in tqdm(range(cfg["steps"]), desc=name, dynamic_ncols=True, mininterval=2):
+    bar = tqdm(range(cfg["steps"]), desc=name, dynamic_ncols=True, mininterval=2)
+    for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
         x, y = chain_batch(rng, cfg["batch_size"], (1, cfg["train_hops"]), cfg, device)
@@ -164,6 +165,7 @@ def train_chains(name, config, cfg, device, autocast):
         optimizer.zero_grad(set_to_none=True)
         if step % 100 == 0 or step == cfg["steps"] - 1:
             curve.append({"step": step, "loss": loss.item()})
+            bar.set_postfix(loss=f"{curve[-1]['loss']:.3f}")
     return model.eval(), curve
 
 
@@ -275,7 +277,9 @@ def shakespeare_runs(cfg):
 
 
 def run_shakespeare(cfg):
+    """Train the three shakespeare_char models; their loss curves go to <out_dir>/shakespeare.png."""
     import train
+    from plot import plot_runs
     results = {}
     for name, run_cfg in shakespeare_runs(cfg).items():
         run_cfg = run_cfg | {"out_dir": os.path.join(cfg["out_dir"], f"shakespeare_{name}"), "init_from": "scratch"}
@@ -287,6 +291,8 @@ def run_shakespeare(cfg):
             evals = [row for row in map(json.loads, f) if "val_loss" in row]
         results[name] = {"val_loss": losses["val"], "last_eval": evals[-1], "n_layer": run_cfg["n_layer"],
                          "train_time": evals[-1]["train_time"]}
+    plot_runs([os.path.join(cfg["out_dir"], f"shakespeare_{name}") for name in results],
+              os.path.join(cfg["out_dir"], "shakespeare.png"))
     return results
 
 

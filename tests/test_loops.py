@@ -156,3 +156,34 @@ def test_sample_thinks_for_the_asked_loop_count(tiny_data, capsys):
     train.train(plain)
     with pytest.raises(SystemExit, match="needs a looped model"):
         sample.main([f"--out_dir={plain['out_dir']}", "--loops=5", "--device=cpu"])
+
+
+def test_loops_experiment_writes_its_json_and_plot(tmp_path):
+    import json
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
+    import loops
+    loops.main([f"--out_dir={tmp_path}", "--device=cpu", "--steps=3", "--n_embd=16", "--n_head=2", "--batch_size=4",
+                "--train_hops=2", "--test_hops=3", "--n_chains=2", "--loops=2", "--loops_min=1", "--loops_max=3",
+                "--test_problems=4", "--test_loops=[1,3]"])
+    out = json.loads((tmp_path / "loops.json").read_text())
+    assert set(out["chains"]) == {"looped", "params", "compute"} and (tmp_path / "loops.png").exists()
+    assert set(out["chains"]["looped"]["accuracy"]) == {"1", "2", "3"}  # the training count is always tested
+    assert out["chains"]["compute"]["n_layer"] == 1 + 2 + 1
+
+
+def test_chain_problems_need_the_asked_hops_and_share_one_length():
+    import random
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
+    import loops
+    cfg = loops.DEFAULTS | dict(n_chains=3, train_hops=2, test_hops=5)
+    rng = random.Random(0)
+    for hops in (1, 5):
+        tokens, targets = loops.chain_problem(rng, hops, cfg)
+        assert len(tokens) == 3 * loops.max_statements(cfg) + 2
+        defined = {tokens[i]: tokens[i + 1] for i in range(len(tokens) - 2) if tokens[i + 2] == 10 + cfg["n_vars"]}
+        var, steps = tokens[-2], 0
+        while defined[var] >= 10:  # follow the chain to its digit
+            var, steps = defined[var], steps + 1
+        assert steps == hops and defined[var] == targets[-1]
