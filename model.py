@@ -312,7 +312,9 @@ class GPT(nn.Module):
             if cache is not None:
                 cache.shift = i * cfg.n_core
             with torch.set_grad_enabled(torch.is_grad_enabled() and i >= no_grad_loops):
-                u = h + e if cfg.inject == "add" else self.inject(torch.cat((h, e), -1)) if cfg.inject == "concat" else h
+                # the state re-enters normalised, so its scale cannot grow with the loop count (norm(0) = 0)
+                u = h if cfg.inject == "none" else norm(h) + e if cfg.inject == "add" else \
+                    self.inject(torch.cat((norm(h), e), -1))
                 for block in core:
                     u = self.run_block(block, u, positions, cache)
             if cfg.exit_tol:  # per-token exit (a thresholded ACT, Graves 2016): a settled token keeps its state
