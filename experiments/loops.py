@@ -169,13 +169,17 @@ def train_chains(name, config, cfg, device, autocast):
     return model.eval(), curve
 
 
+def test_sets(cfg, device):
+    """{hops: (x, y)}: the same test problems for every model and loop count."""
+    return {hops: chain_batch(random.Random(10_000 + hops), cfg["test_problems"], hops, cfg, device)
+            for hops in range(1, cfg["test_hops"] + 1)}
+
+
 @torch.no_grad()
-def chain_accuracy(model, cfg, device, autocast, loops=None):
-    """{hops: exact-match accuracy of the query's answer} on fixed test problems."""
+def chain_accuracy(model, tests, autocast, loops=None):
+    """{hops: exact-match accuracy of the query's answer} on the test sets."""
     accuracy = {}
-    for hops in range(1, cfg["test_hops"] + 1):
-        rng = random.Random(10_000 + hops)  # the same test problems for every model and loop count
-        x, y = chain_batch(rng, cfg["test_problems"], hops, cfg, device)
+    for hops, (x, y) in tests.items():
         with autocast:
             logits = model(x, loops=loops)[0][:, -1]  # (B, V) at the '?'
         accuracy[hops] = (logits.argmax(-1) == y[:, -1]).float().mean().item()
@@ -183,12 +187,12 @@ def chain_accuracy(model, cfg, device, autocast, loops=None):
 
 
 def run_chains(cfg, device, autocast):
-    results = {}
+    results, tests = {}, test_sets(cfg, device)
     for name, config in model_configs(cfg).items():
         t0 = time.perf_counter()
         model, curve = train_chains(name, config, cfg, device, autocast)
         loop_counts = cfg["test_loops"] if config.n_core else [None]  # main() adds the training count
-        accuracy = {str(n or "fixed"): chain_accuracy(model, cfg, device, autocast, n) for n in loop_counts}
+        accuracy = {str(n or "fixed"): chain_accuracy(model, tests, autocast, n) for n in loop_counts}
         results[name] = {"params": model.num_params(), "n_layer": config.n_layer, "accuracy": accuracy,
                          "curve": curve, "train_seconds": time.perf_counter() - t0}
         at_train = accuracy[str(cfg["loops"]) if config.n_core else "fixed"]
