@@ -187,3 +187,17 @@ def test_chain_problems_need_the_asked_hops_and_share_one_length():
         while defined[var] >= 10:  # follow the chain to its digit
             var, steps = defined[var], steps + 1
         assert steps == hops and defined[var] == targets[-1]
+
+
+def test_shipped_loop_configs_load():
+    import glob
+    import sys
+    from configurator import configure
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(root, "experiments"))
+    import loops
+    import train
+    for path in glob.glob(os.path.join(root, "config", "loops_chains_*.py")):
+        configure(loops.DEFAULTS, [path])
+    cfg = configure(train.DEFAULTS, [os.path.join(root, "config", "loops_shakespeare_char.py")])
+    assert cfg["n_core"] and cfg["eval_loops"]
