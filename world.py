@@ -496,9 +496,29 @@ def evaluate_and_save(policy, optimizer, cfg, progress):
     return result
 
 
+AT_LEAST_ONE = ("episodes_per_update", "updates_per_batch", "update_batch_size", "eval_interval", "eval_episodes",
+                "replay_size", "replay_recent_window", "imitation_episodes", "imitation_batch_size")
+NOT_NEGATIVE = ("episodes", "imitation_iters", "clone_iters", "learning_rate", "imitation_lr", "grad_clip",
+                "temperature_start", "temperature_end")
+FRACTIONS = ("teacher_noise", "baseline_decay", "replay_recent_fraction")
+
+
 def check_config(cfg):
+    """Stop before anything is read or written when the config cannot work."""
     if cfg["mode"] not in MODES:
         raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {cfg['mode']!r}")
+    for key in AT_LEAST_ONE:
+        if cfg[key] < 1:
+            raise ConfigError(f"{key} must be at least 1, got {cfg[key]}")
+    for key in NOT_NEGATIVE:
+        if cfg[key] < 0:
+            raise ConfigError(f"{key} must not be negative, got {cfg[key]}")
+    for key in FRACTIONS:
+        if not 0 <= cfg[key] <= 1:
+            raise ConfigError(f"{key} must be in [0, 1], got {cfg[key]}")
+    if cfg["replay_recent_window"] > cfg["replay_size"]:
+        raise ConfigError(f"replay_recent_window={cfg['replay_recent_window']} is larger than "
+                          f"replay_size={cfg['replay_size']}")
     for name, options in task_options_at(float("inf"), cfg).items():
         try:
             make_env(name, **options)

@@ -14,7 +14,9 @@ import bench
 import plot
 import prepare
 import sample
+import swarm
 import train
+import world
 from checkpoint import save_checkpoint
 from conftest import ROOT, tiny_train_config
 
@@ -22,6 +24,8 @@ TRAIN = ["--data_dir={data}", "--dataset=tiny", "--out_dir={run}", "--device=cpu
          "--n_embd=32", "--block_size=16", "--batch_size=4", "--eval_iters=2"]
 RESUME = [*TRAIN, "--init_from=resume"]
 FRESH = [*TRAIN, "--out_dir={tmp}/fresh"]  # errors found after the out_dir is claimed
+WORLD = ["--out_dir={tmp}/world", "--device=cpu"]
+SWARM = ["--out_dir={tmp}/swarm", "--checkpoints=['fake:echo']"]
 
 CASES = [
     # train.py
@@ -81,9 +85,35 @@ CASES = [
     ("bench", ["--suite=tpu", "--device=cpu", "--out={tmp}/b.json"], "suite must be gpu or cpu"),
     ("bench", ["--suite=cpu", "--parts=nope", "--device=cpu", "--out={tmp}/b.json"], "unknown parts ['nope']"),
     ("bench", ["--suite=gpu", "--device=cpu", "--out={tmp}/b.json"], "the gpu suite needs a CUDA device"),
-    # world.py and swarm.py: their rows go here
+    # world.py
+    ("world", [*WORLD, "--mode=dream"], "mode must be one of evaluate"),
+    ("world", [*WORLD, "--mode=imitate"], "mode must be one of evaluate"),
+    ("world", [*WORLD, "--eval_interval=0"], "eval_interval must be at least 1"),
+    ("world", [*WORLD, "--episodes_per_update=0"], "episodes_per_update must be at least 1"),
+    ("world", [*WORLD, "--learning_rate=-0.1"], "learning_rate must not be negative"),
+    ("world", [*WORLD, "--teacher_noise=1.5"], "teacher_noise must be in [0, 1]"),
+    ("world", [*WORLD, "--replay_size=10"], "replay_recent_window=256 is larger than replay_size=10"),
+    # ({{ and }} are braces: the arguments go through str.format)
+    ("world", [*WORLD, "--tasks={{'arith': {{'colour': 'red'}}}}"], "bad options"),
+    ("world", [*WORLD, "--tasks={{'chess': {{}}}}"], "unknown task 'chess'"),
+    ("world", [*WORLD, "--changes=[(5, 'guess', {{'low': 1}})]"], "bad options"),
+    ("world", [*WORLD, "--init_from=resume"], "nothing to resume"),
+    ("world", [*WORLD, "--init_from={tmp}/nope.pt"], "no policy at"),
+    ("world", [*WORLD, "--init_from={tmp}/garbage.pt"], "garbage.pt is unreadable"),
+    ("world", [*WORLD, "--init_from={run}"], "cannot be a world policy"),  # a model trained on other text
+    ("world", [*WORLD, "--episods=3"], "did you mean 'episodes'"),
+    # swarm.py
+    ("swarm", [*SWARM, "--temperatures=[1.0, -1]"], "temperatures must be numbers >= 0"),
+    ("swarm", [*SWARM, "--task_options={{'colour': 'red'}}"], "bad options"),
+    ("swarm", [*SWARM, "--task=chess"], "unknown task 'chess'"),
+    ("swarm", [*SWARM, "--workers=0"], "workers must be at least 1"),
+    ("swarm", [*SWARM, "--checkpoints=['{tmp}/nope.pt']"], "no checkpoint at"),
+    ("swarm", [*SWARM, "--aggregators=['vote']"], "unknown aggregator 'vote'"),
+    ("swarm", [*SWARM, "--aggregators=['guide']"], "needs --guide"),
+    ("swarm", [*SWARM, "--reply_timeout=0.0"], "reply_timeout and start_timeout must be positive"),
 ]
-MAINS = {"train": train.main, "prepare": prepare.main, "sample": sample.main, "plot": plot.main, "bench": bench.main}
+MAINS = {"train": train.main, "prepare": prepare.main, "sample": sample.main, "plot": plot.main, "bench": bench.main,
+         "world": world.main, "swarm": swarm.main}
 
 
 @pytest.fixture(scope="module")
