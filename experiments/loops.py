@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from checkpoint import write_json_atomic  # noqa: E402
+from checkpoint import read_json, write_json_atomic  # noqa: E402
 from configurator import configure, print_config  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from runtime import resolve_device, resolve_dtype  # noqa: E402
@@ -62,6 +62,9 @@ DEFAULTS = dict(
     # shakespeare_char: val loss of looped against dense at equal params and equal FLOPs (train.py runs
     # of these arguments; run `python prepare.py` first)
     shakespeare_args=["config/loops_shakespeare_char.py"],
+    # the models can train in parallel processes (--models='["looped"]' ..., each its own out_dir); then
+    # --merge='["a/loops.json", "b/loops.json", ...]' writes their combined summary, JSON and plot to out_dir
+    merge=[],
 )
 
 
@@ -320,6 +323,19 @@ def main(argv):
     if device.type == "cuda":
         out["gpu"] = torch.cuda.get_device_name(device)
     json_path = os.path.join(cfg["out_dir"], "loops.json")
+    if cfg["merge"]:
+        out["merged_from"], out["chains"] = cfg["merge"], {}
+        for path in cfg["merge"]:
+            for name, r in read_json(path, "rerun that part, or leave it out of --merge")["chains"].items():
+                # JSON keeps the hop counts as strings: back to ints, as run_chains makes them
+                r["accuracy"] = {n: {int(h): a for h, a in acc.items()} for n, acc in r["accuracy"].items()}
+                out["chains"][name] = r
+        out["chains_summary"] = summarize_chains(out["chains"], cfg)
+        print(json.dumps(out["chains_summary"], indent=1))
+        plot_chains(out["chains"], cfg, os.path.join(cfg["out_dir"], "loops.png"))
+        write_json_atomic(json_path, out)
+        print(f"wrote {json_path}")
+        return
     if cfg["part"] in ("chains", "both"):
         out["chains"] = run_chains(cfg, device, autocast)
         out["chains_summary"] = summarize_chains(out["chains"], cfg)
