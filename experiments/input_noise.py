@@ -28,6 +28,7 @@ from runtime import resolve_device  # noqa: E402
 DEFAULTS = dict(
     out="out/input_noise",
     train_config="config/cpu_quick.py",
+    overrides=[],           # more --key=value for every run, e.g. ["--n_layer=2", "--n_embd=64"]
     max_iters=300,
     device="cpu",
     seed=1337,
@@ -99,7 +100,8 @@ def main(argv):
         shutil.rmtree(run_dir, ignore_errors=True)  # this experiment's own run folder: always a fresh run
         run = configure(train.DEFAULTS, [cfg["train_config"], f"--out_dir={run_dir}", f"--max_iters={cfg['max_iters']}",
                                          f"--eval_interval={cfg['max_iters']}",
-                                         f"--device={cfg['device']}", f"--seed={cfg['seed']}", f"--noise={probs!r}"])
+                                         f"--device={cfg['device']}", f"--seed={cfg['seed']}", f"--noise={probs!r}",
+                                         *cfg["overrides"]])
         print(f"--- {name}: noise {probs}")
         train.train(run)
         meta = open_dataset(run["data_dir"], run["dataset"], run["block_size"])

@@ -92,3 +92,22 @@ def test_training_with_instruments_logs_them_and_draws_the_plot(tiny_data, capsy
         assert os.path.isdir(os.path.join(cfg["out_dir"], "tensorboard"))
     except ImportError:
         assert "TensorBoard is not installed" in capsys.readouterr().out
+
+
+def test_analyze_plots_prompts_and_rejects_bad_input(tiny_data, tmp_path):
+    import analyze
+    cfg = tiny_train_config(tiny_data, max_iters=2)
+    train.train(cfg)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("line 1: the\nthe quick\\nbrown\n")
+    out = tmp_path / "analyze"
+    analyze.main([f"--out_dir={cfg['out_dir']}", f"--prompts={prompts}", "--continuation= fox", f"--out={out}",
+                  "--device=cpu"])
+    rows = json.loads((out / "analyze.json").read_text())["results"]
+    assert [r["prompt"] for r in rows] == ["line 1: the", "the quick\nbrown"]
+    assert all(len(r["continuation_loss"]) == 4 and 0 < r["entropy_bits"] for r in rows)
+    assert (out / "analyze.png").exists()
+    with pytest.raises(SystemExit, match="does not exist"):
+        analyze.main([f"--out_dir={cfg['out_dir']}", f"--prompts={tmp_path / 'nope.txt'}", "--continuation=x"])
+    with pytest.raises(SystemExit, match="needs targets"):
+        analyze.main([f"--out_dir={cfg['out_dir']}", f"--prompts={prompts}", "--device=cpu"])
