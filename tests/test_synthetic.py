@@ -104,3 +104,34 @@ def test_prepare_writes_a_synthetic_facts_dataset(tmp_path):
     assert out.endswith("synthetic_facts") and meta["tokenizer"] == "char" and meta["documents"] == 50
     with pytest.raises(SystemExit, match="unknown synthetic corpus"):
         prepare.prepare(configure(prepare.DEFAULTS, ["--dataset=synthetic:nope", f"--data_dir={tmp_path}"]))
+
+
+def load_experiment(name):
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_reason_vs_knowledge_runs_tiny(tmp_path):
+    load_experiment("reason_vs_knowledge").main(["--sizes=[[1, 2, 16]]", "--steps=2", "--eval_docs=4", f"--out={tmp_path}"])
+    result = json.loads((tmp_path / "reason_vs_knowledge.json").read_text())
+    assert [r["kind"] for r in result["results"]] == ["context", "weights"]
+    assert set(result["results"][0]["tests"]) == {"held_out_with_facts", "held_out_facts_removed", "world_facts_removed",
+                                                  "world_facts_changed"}
+    assert (tmp_path / "reason_vs_knowledge.png").exists()
+    with pytest.raises(SystemExit, match="n_questions"):
+        load_experiment("reason_vs_knowledge").main(["--n_questions=9", f"--out={tmp_path}"])
+
+
+def test_knowledge_capacity_runs_tiny(tmp_path):
+    load_experiment("knowledge_capacity").main(["--sizes=[[1, 2, 16]]", "--kinds=['dense', 'pkm', 'knn']", "--steps=2",
+                                                "--n_people=10", "--profile_steps=1", f"--out={tmp_path}"])
+    result = json.loads((tmp_path / "knowledge_capacity.json").read_text())
+    assert [r["kind"] for r in result["results"]] == ["dense", "pkm", "knn"]
+    assert all(r["bits_by_loss"] >= 0 and r["train_flops"] > 0 for r in result["results"])
+    assert {t["kind"] for t in result["vs_dense"]} == {"pkm", "knn"} and result["results"][1]["profile"]
+    assert (tmp_path / "knowledge_capacity.png").exists()
