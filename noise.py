@@ -105,8 +105,10 @@ class InputNoise:
     def edit_row(self, clean, rng):
         """Noisy inputs and clean targets (T,) from one clean window clean (T + 1,)."""
         T, p = len(clean) - 1, self.p
-        u = rng.random((7, T))  # one uniform per family and position, so the draws never depend on the text
-        choice = rng.integers(0, 1 << 30, size=(3, T))
+        u = rng.random((7, T)).tolist()  # one uniform per family and position, so the draws never depend on the text
+        choice = rng.integers(0, 1 << 30, size=(3, T)).tolist()
+        ids = clean
+        clean = clean.tolist()  # Python ints: the loop below reads them one at a time, numpy scalars are slower
         out, src = [], []  # noisy tokens and the clean index each one covers
 
         def put(token, j):
@@ -114,33 +116,33 @@ class InputNoise:
             src.append(j)
         j = 0
         while j < T:
-            c = int(clean[j])
+            c = clean[j]
             in_run = c < self.vocab and ((j > 0 and clean[j - 1] == c) or clean[j + 1] == c)
-            if u[0, j] < p["delete"] or (in_run and u[1, j] < p["repeat"] and choice[0, j] % 2):
+            if u[0][j] < p["delete"] or (in_run and u[1][j] < p["repeat"] and choice[0][j] % 2):
                 j += 1
                 continue
-            if u[2, j] < p["transpose"] and j + 1 < T:
-                put(int(clean[j + 1]), j + 1)
+            if u[2][j] < p["transpose"] and j + 1 < T:
+                put(clean[j + 1], j + 1)
                 put(c, j + 1)
                 j += 2
                 continue
-            if c < self.vocab and self.keyboard[c] and u[3, j] < p["keyboard"]:
-                put(self.keyboard[c][choice[1, j] % len(self.keyboard[c])], j)
-            elif c < self.vocab and self.variants[c] and u[4, j] < p["unicode"]:
-                put(self.variants[c][choice[1, j] % len(self.variants[c])], j)
+            if c < self.vocab and self.keyboard[c] and u[3][j] < p["keyboard"]:
+                put(self.keyboard[c][choice[1][j] % len(self.keyboard[c])], j)
+            elif c < self.vocab and self.variants[c] and u[4][j] < p["unicode"]:
+                put(self.variants[c][choice[1][j] % len(self.variants[c])], j)
             else:
                 put(c, j)
-            if in_run and u[1, j] < p["repeat"]:  # the other half of the coin: one more of the run
+            if in_run and u[1][j] < p["repeat"]:  # the other half of the coin: one more of the run
                 put(c, j)
-            if u[5, j] < p["insert"]:
-                put(int(choice[2, j] % self.vocab), j)
+            if u[5][j] < p["insert"]:
+                put(choice[2][j] % self.vocab, j)
             near_space = c == self.space or clean[j + 1] == self.space
-            if u[6, j] < p["whitespace"] * (1 if near_space else 0.25):
+            if u[6][j] < p["whitespace"] * (1 if near_space else 0.25):
                 put(self.space, j)
             j += 1
-        x = np.full(T, self.eot, dtype=clean.dtype)
+        x = np.full(T, self.eot, dtype=ids.dtype)
         y = np.full(T, -1, dtype=np.int64)
         n = min(T, len(out))
         x[:n] = out[:n]
-        y[:n] = clean[np.maximum.accumulate(src[:n]) + 1]  # the clean character after the furthest one read
+        y[:n] = ids[np.maximum.accumulate(src[:n]) + 1]  # the clean character after the furthest one read
         return x, y
