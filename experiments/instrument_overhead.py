@@ -50,7 +50,7 @@ def main(argv):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        train.estimate_loss(*args, inst)
+        train.estimate_loss(*args, instruments=inst)
         if inst is not None:
             inst.summary()  # the metrics are read every evaluation, so their host sync counts
         if device.type == "cuda":
