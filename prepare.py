@@ -172,11 +172,11 @@ def resolve_source(cfg):
         raise SystemExit(f"tokenizer must be gpt2 or char, got {tok_name!r}")
     if dataset.startswith("synthetic:"):  # generated offline; validation documents hold only held-out people
         from synthetic import text_documents
-        every = max(2, round(1 / cfg["val_fraction"])) if cfg["val_fraction"] > 0 else 0  # write_bins' split
-        docs = text_documents(dataset.split(":", 1)[1], cfg["synthetic_docs"], cfg["seed"], every)
-        tokenizer = CharTokenizer(sorted(set("".join(docs)))) if tok_name == "char" else GPT2Tokenizer()
-        return docs, len(docs), tokenizer, cfg["name"] or dataset.replace(":", "_"), \
-            {"source": dataset, "synthetic_docs": cfg["synthetic_docs"], "seed": cfg["seed"]}
+        splits = text_documents(dataset.split(":", 1)[1], cfg["synthetic_docs"], cfg["seed"], cfg["val_fraction"])
+        text = "".join(d for docs in splits.values() for d in docs)
+        tokenizer = CharTokenizer(sorted(set(text))) if tok_name == "char" else GPT2Tokenizer()
+        return [(split, docs, len(docs)) for split, docs in splits.items()], tokenizer, \
+            cfg["name"] or dataset.replace(":", "_"), {"source": dataset, "synthetic_docs": cfg["synthetic_docs"], "seed": cfg["seed"]}
     if dataset in ("shakespeare", "shakespeare_char"):
         files, name = [SHAKESPEARE], dataset
     elif dataset in HF_DATASETS:

@@ -266,19 +266,19 @@ def fit(model, next_batch, steps, learning_rate, device, warmup=50, weight_decay
 
 # ----------------------------------------------------------------------------- text for prepare.py
 
-def text_documents(kind, n_docs, seed, val_every):
-    """Documents as text for prepare.py (--dataset=synthetic:facts or synthetic:bios); every val_every-th
-    document (prepare's validation split) uses held-out people only."""
+def text_documents(kind, n_docs, seed, val_fraction):
+    """{"train": documents, "val": documents} as text for prepare.py (--dataset=synthetic:facts or
+    synthetic:bios). Facts validation documents name held-out people only; bios validation documents
+    are fresh renderings of the same people (knowledge is the point there)."""
     rng = np.random.default_rng(seed)
+    n_val = max(1, round(n_docs * val_fraction))
     if kind == "facts":
         train_names, held_names = split_names(seed)
-        docs = []
-        for i in range(n_docs):
-            names = held_names if val_every and i % val_every == val_every - 1 else train_names
-            words, _ = facts_document(rng, facts_world(rng, names, 4, 2, 8), 4)
-            docs.append(" ".join(words[1:-1]))  # prepare adds the end-of-text token itself
-        return docs
+        make = lambda names: " ".join(facts_document(rng, facts_world(rng, names, 4, 2, 8), 4)[0][1:-1])  # noqa: E731
+        # prepare adds the end-of-text token itself, so <bos> and <eot> are dropped
+        return {"train": [make(train_names) for _ in range(n_docs - n_val)], "val": [make(held_names) for _ in range(n_val)]}
     if kind == "bios":
         names, values = bios_people(max(1, n_docs // 10), seed)
-        return [" ".join(bio_words(rng, names[i % len(names)], values, i % len(names))[1:-1]) for i in range(n_docs)]
+        docs = [" ".join(bio_words(rng, names[i % len(names)], values, i % len(names))[1:-1]) for i in range(n_docs)]
+        return {"train": docs[n_val:], "val": docs[:n_val]}
     raise SystemExit(f"unknown synthetic corpus {kind!r}: use synthetic:facts or synthetic:bios")

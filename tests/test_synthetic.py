@@ -39,11 +39,12 @@ def test_fixed_world_documents_state_the_world_or_changed_facts():
 def test_held_out_people_never_appear_in_training_documents():
     train_names, held = synthetic.split_names(7)
     assert not set(train_names) & set(held) and len(held) > 50
-    docs = synthetic.text_documents("facts", 60, 7, val_every=10)
-    for i, doc in enumerate(docs):
-        words = doc.split()
-        pairs = {" ".join(words[j:j + 2]) for j in range(len(words) - 1)}
-        assert not pairs & set(held if i % 10 != 9 else train_names)
+    docs = synthetic.text_documents("facts", 60, 7, val_fraction=0.1)
+    assert len(docs["train"]) == 54 and len(docs["val"]) == 6
+    for split, others in (("train", held), ("val", train_names)):
+        for doc in docs[split]:
+            words = doc.split()
+            assert not {" ".join(words[j:j + 2]) for j in range(len(words) - 1)} & set(others)
 
 
 @pytest.mark.parametrize("people, bosses, questions, cities, message", [
