@@ -44,6 +44,8 @@ DEFAULTS = dict(
     text_field="text",           # the field holding the text in .jsonl files and HF datasets
     num_threads=8,               # tiktoken encode_ordinary_batch threads
     force=False,                 # rebuild even when the output is up to date
+    synthetic_docs=20000,        # --dataset=synthetic:facts|bios: documents to generate (synthetic.py)
+    seed=1337,                   # the generator's seed
 )
 
 SHAKESPEARE = os.path.join(ASSETS, "tinyshakespeare", "input.txt")
@@ -165,9 +167,16 @@ def load_hub(name, text_field):
 def resolve_source(cfg):
     """([(split or None, documents, count or None)], tokenizer, output name, provenance dict)."""
     dataset = cfg["dataset"]
-    tok_name = cfg["tokenizer"] or ("char" if dataset == "shakespeare_char" else "gpt2")
+    tok_name = cfg["tokenizer"] or ("char" if dataset == "shakespeare_char" or dataset.startswith("synthetic:") else "gpt2")
     if tok_name not in ("gpt2", "char"):
         raise SystemExit(f"tokenizer must be gpt2 or char, got {tok_name!r}")
+    if dataset.startswith("synthetic:"):  # generated offline; validation documents hold only held-out people
+        from synthetic import text_documents
+        splits = text_documents(dataset.split(":", 1)[1], cfg["synthetic_docs"], cfg["seed"], cfg["val_fraction"])
+        text = "".join(d for docs in splits.values() for d in docs)
+        tokenizer = CharTokenizer(sorted(set(text))) if tok_name == "char" else GPT2Tokenizer()
+        return [(split, docs, len(docs)) for split, docs in splits.items()], tokenizer, \
+            cfg["name"] or dataset.replace(":", "_"), {"source": dataset, "synthetic_docs": cfg["synthetic_docs"], "seed": cfg["seed"]}
     if dataset in ("shakespeare", "shakespeare_char"):
         files, name = [SHAKESPEARE], dataset
     elif dataset in HF_DATASETS:

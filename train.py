@@ -24,10 +24,12 @@ from checkpoint import (knn_store_dir, load_checkpoint, load_knn_stores, load_mo
                         write_json_atomic)
 from configurator import configure, print_config
 from data import get_batch, open_dataset
+from instruments import EvalInstruments, log_scalars, open_tensorboard, plot_instruments, unigram
 from model import GPT, GPTConfig
+from noise import InputNoise
 from plot import plot_runs
-from runtime import (StopRequest, append_jsonl, claim_out_dir, float8_training, resolve_device, resolve_dtype,
-                     truncate_jsonl)
+from runtime import (StopRequest, append_jsonl, claim_out_dir, float8_training, read_jsonl, resolve_device,
+                     resolve_dtype, truncate_jsonl)
 
 MODEL_KEYS = [f.name for f in dataclasses.fields(GPTConfig) if f.name != "vocab_size"]
 DEFAULTS = dict(
@@ -65,6 +67,12 @@ DEFAULTS = dict(
     teacher="",                   # a run folder (its ckpt.pt) or a checkpoint path; "" trains on data only
     distill_alpha=0.5,            # loss = (1 - alpha) * data loss + alpha * T^2 * KL(teacher || student)
     distill_temperature=2.0,
+    # analysis (noise.py, instruments.py): all off by default
+    noise={},                     # input-noise family -> probability, e.g. {"mask": 0.1, "delete": 0.02}; training inputs only
+    eval_position_loss=False,     # val loss by position in the context, in position_buckets buckets
+    position_buckets=32,
+    eval_token_watch=False,       # mean predicted distribution vs the val unigram: KL, entropies, p(correct)
+    tensorboard=False,            # also write metrics to out_dir/tensorboard (needs tensorboard installed)
     # system
     device="auto",                # auto | cpu | cuda | cuda:N | mps
     dtype="auto",                 # auto (bfloat16 on CUDA, else float32) | float32 | bfloat16
@@ -80,8 +88,9 @@ EVAL_SEED = 1234  # evaluation draws the same batches every time, so evals compa
 
 @torch.no_grad()
 def estimate_loss(model, meta, eval_iters, batch_size, block_size, device, autocast, loops=None,
-                  splits=("train", "val")):
-    """Mean loss over eval_iters fixed batches of each split (a looped model run at `loops` loops)."""
+                  splits=("train", "val"), instruments=None):
+    """Mean loss over eval_iters fixed batches of each split (a looped model run at `loops` loops);
+    instruments (EvalInstruments) watch val."""
     was_training = model.training
     model.eval()
     losses = {}
@@ -91,7 +100,12 @@ def estimate_loss(model, meta, eval_iters, batch_size, block_size, device, autoc
         for _ in range(eval_iters):
             x, y = get_batch(meta, split, batch_size, block_size, generator, device)
             with autocast:
-                total += model(x, y, loops=loops)[1]
+                if instruments is not None and split == "val":  # per-token losses and logits for the instruments
+                    logits, token_losses = model(x, y, reduction="none", loops=loops)
+                    instruments.update(logits, y, token_losses)
+                    total += token_losses.mean()
+                else:
+                    total += model(x, y, loops=loops)[1]
         losses[split] = (total / eval_iters).item()
     model.train(was_training)
     return losses
@@ -243,10 +257,12 @@ def set_rng_states(states, generator):
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def fetch_batch(loop, meta, cfg, generator, device, rank=0, world_size=1):
-    """The next training micro-batch; remembers in loop the sampler state before it, which a checkpoint keeps."""
+def fetch_batch(loop, meta, cfg, generator, device, rank=0, world_size=1, noise=None):
+    """The next training micro-batch; remembers in loop the sampler state before it, which a checkpoint keeps.
+    noise (InputNoise) corrupts its inputs, keyed by that sampler state, so a resumed run re-draws it exactly."""
     loop.sampler_state = generator.get_state()
-    return get_batch(meta, "train", cfg["batch_size"], cfg["block_size"], generator, device, rank, world_size)
+    x, y = get_batch(meta, "train", cfg["batch_size"], cfg["block_size"], generator, device, rank, world_size)
+    return (x, y) if noise is None else noise(x, y, loop.sampler_state)
 
 
 def save_run(path, raw_model, optimizers, model_args, cfg, meta, loop, val_loss):
@@ -375,7 +391,8 @@ def run_training(cfg):
         model = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None,
                                         broadcast_buffers=False, gradient_as_bucket_view=True)
 
-    fetch = functools.partial(fetch_batch, loop, meta, cfg, generator, device, rank, world_size)
+    noise = InputNoise(cfg["noise"], meta, cfg["seed"] + rank, raw_model.config.padded_vocab_size) if cfg["noise"] else None
+    fetch = functools.partial(fetch_batch, loop, meta, cfg, generator, device, rank, world_size, noise)
     batch = fetch()  # before config.json: a batch too large for memory fails with the out_dir untouched
     tokens_per_step = cfg["batch_size"] * cfg["block_size"] * accum * world_size
     if master:
@@ -387,6 +404,10 @@ def run_training(cfg):
 
     save = functools.partial(save_run, raw_model=raw_model, optimizers=(optimizer, memory_optimizer),
                              model_args=model_args, cfg=cfg, meta=meta, loop=loop)
+    instruments = EvalInstruments(cfg["block_size"], cfg["position_buckets"], cfg["eval_position_loss"], cfg["eval_token_watch"],
+                                  unigram(meta) if cfg["eval_token_watch"] else None) \
+        if cfg["eval_position_loss"] or cfg["eval_token_watch"] else None
+    board = open_tensorboard(out_dir) if cfg["tensorboard"] and master else None
     losses = {"train": float("nan"), "val": float("nan")}
     window_steps, window_time = 0, 0.0  # steps and seconds since the last log line, for tokens/s
     compiling = cfg["compile"]  # the first step compiles; its time is logged apart from training time
@@ -400,15 +421,17 @@ def run_training(cfg):
             due = step % cfg["eval_interval"] == 0 or step == cfg["max_iters"] or stop.requested
             if master and due and step != loop.logged_step:
                 losses = estimate_loss(model, meta, cfg["eval_iters"], cfg["batch_size"], cfg["block_size"],
-                                       device, autocast)
+                                       device, autocast, instruments=instruments)
                 if not all(map(math.isfinite, losses.values())):
                     stop_on_bad_loss(step, losses, ckpt_path)
                 row = {"step": step, "train_loss": losses["train"], "val_loss": losses["val"],
-                       "train_time": loop.train_time}
+                       "train_time": loop.train_time, **(instruments.summary() if instruments else {})}
                 for n in cfg["eval_loops"]:  # test-time compute: the same model thinking for n loops
                     row[f"val_loss_loops{n}"] = estimate_loss(model, meta, cfg["eval_iters"], cfg["batch_size"],
                                                               cfg["block_size"], device, autocast, n, ("val",))["val"]
                 append_jsonl(metrics_path, row)
+                if board is not None:
+                    log_scalars(board, row)
                 tqdm.write(f"step {step}: train {losses['train']:.4f}, val {losses['val']:.4f} "
                            f"({loop.train_time:.1f} s of training)")
                 if losses["val"] < loop.best_val:
@@ -416,6 +439,8 @@ def run_training(cfg):
                     save(best_path, val_loss=losses["val"])
                 save(ckpt_path, val_loss=losses["val"])
                 plot_runs([out_dir], os.path.join(out_dir, "loss.png"))
+                if instruments:
+                    plot_instruments(read_jsonl(metrics_path), os.path.join(out_dir, "instruments.png"))
             if step >= cfg["max_iters"] or stop.requested:
                 break
 
@@ -442,8 +467,10 @@ def run_training(cfg):
                     stop_on_bad_loss(step, {"train batch": loss_value}, ckpt_path)
                 if master and window_steps:
                     tok_s = tokens_per_step * window_steps / window_time
-                    append_jsonl(metrics_path, {"step": step, "lr": lr, "loss": loss_value, "tokens_per_s": tok_s,
-                                                "train_time": loop.train_time})
+                    row = {"step": step, "lr": lr, "loss": loss_value, "tokens_per_s": tok_s, "train_time": loop.train_time}
+                    append_jsonl(metrics_path, row)
+                    if board is not None:
+                        log_scalars(board, row)
                     bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tok_s:,.0f}")
                 window_steps, window_time = 0, 0.0
             bar.update(1)

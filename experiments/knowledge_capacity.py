@@ -1,0 +1,177 @@
+"""
+How many bits of knowledge does a model store per parameter and per training FLOP: dense MLPs against
+a product-key memory layer and a kNN memory layer? (Allen-Zhu & Li 2024, "Physics of Language Models
+3.3": about 2 bits per parameter for dense GPT-2-style models given ~1000 exposures per person.)
+
+    nice -n 10 python experiments/knowledge_capacity.py --out=out/knowledge_capacity        # CPU, tiny
+    python experiments/knowledge_capacity.py --device=cuda --n_people=20000 --steps=8000 --batch_size=256 \\
+        --sizes="[[2, 4, 64], [2, 4, 128], [4, 4, 128], [4, 4, 256]]" --memory_slots=65536 --memory_key_dim=64 \\
+        --memory_topk=16 --knn_capacity=262144 --out=out/knowledge_capacity_gpu
+
+synthetic.py's bios corpus: n_people people x 6 attributes, every exposure a fresh rendering (random
+templates and order). Each model trains the same steps on the same batches; then every person's
+every attribute is recalled after its first template. Bits stored (synthetic.bits_of_knowledge) are
+reported from the value's cross-entropy and from accuracy. Training FLOPs: 6 x active parameters x
+tokens (a PKM counts its query, sub-key scoring and the rows it reads, not its whole table; a kNN layer
+its projections and the store search). The target: PKM >= 2x the dense model's bits at equal FLOPs,
+at >= 0.8x its tokens/s; `profile` lists the slowest ops of each memory model to say why not.
+Writes <out>/knowledge_capacity.json and .png.
+"""
+import os
+import sys
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import synthetic  # noqa: E402
+from checkpoint import write_json_atomic  # noqa: E402
+from configurator import configure, print_config  # noqa: E402
+from model import GPT, GPTConfig, KNNMemory, ProductKeyMemory  # noqa: E402
+from runtime import resolve_device  # noqa: E402
+
+DEFAULTS = dict(
+    out="out/knowledge_capacity",
+    n_people=400,
+    sizes=[[1, 2, 16], [1, 2, 32], [2, 2, 48]],  # [n_layer, n_head, n_embd] of each dense model
+    kinds=["dense", "pkm", "knn"],                # the last layer's MLP becomes a memory layer in pkm / knn
+    steps=400,
+    batch_size=32,
+    learning_rate=3e-3,
+    block_size=64,
+    memory_slots=1024,
+    memory_heads=2,
+    memory_key_dim=16,
+    memory_topk=8,
+    knn_capacity=8192,
+    profile_steps=3,
+    device="cpu",
+    seed=1337,
+)
+
+
+def bio_batches(vocab, names, values, batch_size, block_size, seed):
+    def next_batch(step):
+        rng = np.random.default_rng([seed, step])
+        people = rng.integers(len(names), size=batch_size)
+        return synthetic.pad_batch([vocab.encode(synthetic.bio_words(rng, names[p], values, p)) for p in people],
+                                   block_size, vocab.ids["<eot>"])
+    return next_batch
+
+
+def active_params(model, vocab_size):
+    """Parameters a token's forward touches (the head included): a PKM reads topk rows per head, not all."""
+    n = model.num_params() + vocab_size * model.config.n_embd
+    for m in model.modules():
+        if isinstance(m, ProductKeyMemory):
+            n += m.heads * m.topk * m.values.weight.size(1) - m.values.weight.numel()
+        if isinstance(m, KNNMemory):
+            n += len(m.store) * m.store.keys.size(1)  # the exact search scores every stored key
+    return n
+
+
+def profile(model, next_batch, steps, device):
+    """The ops taking most CPU time over a few training steps (forward and backward)."""
+    from torch.profiler import profile as torch_profile
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model.train()
+    with torch_profile() as prof:
+        for step in range(steps):
+            x, y = (t.to(device) for t in next_batch(step))
+            model(x, y)[1].backward()
+            optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    table = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:8]
+    total = sum(e.self_cpu_time_total for e in prof.key_averages())
+    return [{"op": e.key, "share": e.self_cpu_time_total / total} for e in table]
+
+
+def plot(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for i, kind in enumerate(dict.fromkeys(r["kind"] for r in results)):
+        rows = [r for r in results if r["kind"] == kind]
+        axes[0].plot([r["params"] for r in rows], [r["bits_by_loss"] for r in rows], marker="o", color=f"C{i}", label=kind)
+        axes[1].plot([r["train_flops"] for r in rows], [r["bits_by_loss"] for r in rows], marker="o", color=f"C{i}", label=kind)
+        axes[2].plot([r["params"] for r in rows], [r["tokens_per_s"] for r in rows], marker="o", color=f"C{i}", label=kind)
+    xs = np.array(sorted(r["params"] for r in results))
+    axes[0].plot(xs, 2 * xs, "k--", lw=0.8, label="2 bits/param (Allen-Zhu & Li)")
+    axes[0].axhline(results[0]["bits_available"], color="gray", ls=":", label="all the corpus holds")
+    for ax, xlabel, ylabel in ((axes[0], "parameters (without embeddings; PKM: whole table)", "bits of knowledge stored"),
+                               (axes[1], "training FLOPs (6 x active params x tokens)", "bits of knowledge stored"),
+                               (axes[2], "parameters", "training tokens/s")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_title("capacity")
+    axes[1].set_title("knowledge per compute")
+    axes[2].set_title("speed")
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def main(argv):
+    cfg = configure(DEFAULTS, argv)
+    print_config(cfg)
+    unknown = set(cfg["kinds"]) - {"dense", "pkm", "knn"}
+    if unknown:
+        raise SystemExit(f"kinds must be among dense, pkm, knn; got {sorted(unknown)}")
+    device = resolve_device(cfg["device"])
+    os.makedirs(cfg["out"], exist_ok=True)
+    vocab = synthetic.bios_vocab()
+    names, values = synthetic.bios_people(cfg["n_people"], cfg["seed"])
+    next_batch = bio_batches(vocab, names, values, cfg["batch_size"], cfg["block_size"], cfg["seed"])
+    results = []
+    for n_layer, n_head, n_embd in cfg["sizes"]:
+        for kind in cfg["kinds"]:
+            memory = {} if kind == "dense" else dict(
+                memory_layers=[n_layer - 1], memory=kind, memory_slots=cfg["memory_slots"], memory_heads=cfg["memory_heads"],
+                memory_key_dim=cfg["memory_key_dim"], memory_topk=cfg["memory_topk"], knn_capacity=cfg["knn_capacity"],
+                knn_key_dim=cfg["memory_key_dim"])
+            torch.manual_seed(cfg["seed"])
+            model = GPT(GPTConfig(vocab_size=len(vocab), block_size=cfg["block_size"], n_layer=n_layer, n_head=n_head,
+                                  n_embd=n_embd, **memory)).to(device)
+            loss, tok_s, tokens = synthetic.fit(model, next_batch, cfg["steps"], cfg["learning_rate"], device)
+            accuracy, loss_bits = synthetic.recall(model, vocab, names, values, device)
+            per_attribute = synthetic.bits_of_knowledge(len(names), accuracy, loss_bits)
+            row = {"kind": kind, "size": [n_layer, n_head, n_embd], "params": model.num_params(),
+                   "active_params": active_params(model, len(vocab)), "final_loss": loss, "tokens_per_s": tok_s,
+                   "exposures_per_person": cfg["steps"] * cfg["batch_size"] / len(names),
+                   "bits_by_loss": sum(a["bits_by_loss"] for a in per_attribute.values()),
+                   "bits_by_accuracy": sum(a["bits_by_accuracy"] for a in per_attribute.values()),
+                   "bits_available": len(names) * sum(np.log2(len(v)) for v, _ in synthetic.ATTRIBUTES.values()),
+                   "attributes": per_attribute}
+            row["train_flops"] = 6 * row["active_params"] * tokens
+            row["bits_per_param"] = row["bits_by_loss"] / row["params"]
+            row["bits_per_flop"] = row["bits_by_loss"] / row["train_flops"]
+            if kind != "dense":
+                row["profile"] = profile(model, next_batch, cfg["profile_steps"], device)
+            results.append(row)
+            print(f"{kind} {n_layer}x{n_embd}: {row['params']:,} params, loss {loss:.3f}, {row['bits_by_loss']:,.0f} bits "
+                  f"({row['bits_per_param']:.3f}/param; {row['bits_by_accuracy']:,.0f} by accuracy), {tok_s:,.0f} tok/s")
+            write_json_atomic(os.path.join(cfg["out"], "knowledge_capacity.json"), {"config": cfg, "results": results})
+    targets = []
+    for size in cfg["sizes"]:
+        dense = next((r for r in results if r["size"] == size and r["kind"] == "dense"), None)
+        for r in (r for r in results if r["size"] == size and r["kind"] != "dense" and dense):
+            targets.append({"size": size, "kind": r["kind"],
+                            "bits_ratio_at_equal_steps": r["bits_by_loss"] / max(dense["bits_by_loss"], 1e-9),
+                            "bits_per_flop_ratio": r["bits_per_flop"] / max(dense["bits_per_flop"], 1e-30),
+                            "tokens_per_s_ratio": r["tokens_per_s"] / dense["tokens_per_s"]})
+    write_json_atomic(os.path.join(cfg["out"], "knowledge_capacity.json"), {"config": cfg, "results": results, "vs_dense": targets})
+    for t in targets:
+        print(f"{t['kind']} {t['size']}: {t['bits_ratio_at_equal_steps']:.2f}x the dense bits at equal steps, "
+              f"{t['bits_per_flop_ratio']:.2f}x bits/FLOP, {t['tokens_per_s_ratio']:.2f}x tokens/s")
+    plot(results, os.path.join(cfg["out"], "knowledge_capacity.png"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,185 @@
+"""
+Can a small model reason over facts it is given instead of storing them? (research notes 002)
+
+    nice -n 10 python experiments/reason_vs_knowledge.py --out=out/reason_vs_knowledge            # CPU, ~15 min
+    python experiments/reason_vs_knowledge.py --device=cuda --steps=6000 --batch_size=64 \\
+        --sizes="[[2, 4, 128], [4, 4, 256], [6, 6, 384], [8, 8, 512]]" --out=out/reason_vs_knowledge_gpu
+
+Context models train on synthetic.py's facts corpus (fresh people and facts in every document) and are
+tested on held-out documents whose people no training document names: accuracy of the answer city (the
+argmax over the cities; chance 1/n_cities) for 1-hop and 2-hop questions, with the facts in the context
+and with them removed. A weights model (the largest size) trains on a fixed world (the same people
+always live in the same city) and is tested with the facts removed and with the facts changed in the
+context (does it follow the context or its weights?); the context models take the same tests.
+Writes <out>/reason_vs_knowledge.json and .png.
+"""
+import os
+import sys
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import synthetic  # noqa: E402
+from checkpoint import write_json_atomic  # noqa: E402
+from configurator import configure, print_config  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+from runtime import resolve_device  # noqa: E402
+
+DEFAULTS = dict(
+    out="out/reason_vs_knowledge",
+    sizes=[[1, 2, 32], [2, 2, 64], [3, 4, 96]],  # [n_layer, n_head, n_embd] of each context model
+    steps=1000,
+    batch_size=24,
+    learning_rate=3e-3,
+    n_people=4,
+    n_bosses=2,
+    n_questions=4,
+    n_cities=8,
+    world_people=40,        # the fixed world of the weights model (training names)
+    eval_docs=400,
+    block_size=96,
+    device="cpu",
+    seed=1337,
+)
+
+
+def doc_batches(make_doc, vocab, batch_size, block_size, seed):
+    """next_batch(step) for synthetic.fit: fresh documents drawn with a per-step generator."""
+    def next_batch(step):
+        rng = np.random.default_rng([seed, step])
+        return synthetic.pad_batch([vocab.encode(make_doc(rng)[0]) for _ in range(batch_size)], block_size, 0)
+    return next_batch
+
+
+@torch.no_grad()
+def accuracy(model, vocab, docs, device):
+    """Answer accuracy (argmax over the cities) by hop count, and for answers that a changed fact moved,
+    how often the model gave the old (fixed-world) answer instead: docs are (words, answers, old answers)."""
+    cities = torch.tensor(vocab.encode(synthetic.CITIES), device=device)
+    hits, olds, counts = {1: 0, 2: 0}, {1: 0, 2: 0}, {1: 0, 2: 0}
+    block = model.config.block_size
+    for start in range(0, len(docs), 64):
+        chunk = docs[start:start + 64]
+        x, _ = synthetic.pad_batch([vocab.encode(w) for w, _, _ in chunk], block, 0)
+        logits = model(x.to(device))[0][..., cities]  # (B, T, n_cities)
+        for b, (_, answers, old) in enumerate(chunk):
+            for (pos, answer, hops), old_answer in zip(answers, old):
+                guess = synthetic.CITIES[logits[b, pos - 1].argmax().item()]
+                hits[hops] += guess == answer
+                olds[hops] += old_answer is not None and guess == old_answer
+                counts[hops] += 1
+    return {f"{h}hop": hits[h] / max(1, counts[h]) for h in (1, 2)} | \
+           {f"{h}hop_old_answer": olds[h] / max(1, counts[h]) for h in (1, 2)}
+
+
+def eval_docs(cfg, world, names, seed):
+    """The test sets: held-out people with facts / without; fixed-world people without facts / with changed facts."""
+    rng = np.random.default_rng(seed)
+    P, B, Q, C = cfg["n_people"], cfg["n_bosses"], cfg["n_questions"], cfg["n_cities"]
+    sets = {}
+    for key, with_facts in (("held_out_with_facts", True), ("held_out_facts_removed", False)):
+        docs = []
+        for _ in range(cfg["eval_docs"]):
+            w, a = synthetic.facts_document(rng, synthetic.facts_world(rng, names, P, B, C), Q, with_facts)
+            docs.append((w, a, [None] * len(a)))
+        sets[key] = docs
+    docs_removed, docs_changed = [], []
+    for _ in range(cfg["eval_docs"]):
+        w, a = synthetic.fixed_world_document(rng, world, P, Q, with_facts=False)
+        docs_removed.append((w, a, [None] * len(a)))
+        w, a = synthetic.fixed_world_document(rng, world, P, Q, with_facts=True, move_people=C)
+        old = [world["home"][solve_person(w, pos)] for pos, _, _ in a]
+        docs_changed.append((w, a, old))
+    sets["world_facts_removed"], sets["world_facts_changed"] = docs_removed, docs_changed
+    return sets
+
+
+def solve_person(words, pos):
+    """The person whose home the question ending before pos asks for, in the fixed world (through the boss)."""
+    q = words[:pos]
+    start = len(q) - 1 - q[::-1].index("where")
+    person = " ".join(q[start + 2:start + 4]) if q[start + 2] != "the" else None
+    if person is None:  # where does the boss of X live ?: the boss is stated in the document
+        worker = " ".join(q[start + 5:start + 7])
+        i = next(i for i in range(len(words) - 4) if " ".join(words[i:i + 2]) == worker and words[i + 2] == "works")
+        person = " ".join(words[i + 4:i + 6])
+    return person
+
+
+def plot(results, cfg, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    ax = axes[0]
+    ctx = [r for r in results if r["kind"] == "context"]
+    params = [r["params"] for r in ctx]
+    for key, style, label in (("held_out_with_facts", "-", "facts in context"), ("held_out_facts_removed", ":", "facts removed")):
+        for hop, color in ((1, "C0"), (2, "C1")):
+            ax.plot(params, [r["tests"][key][f"{hop}hop"] for r in ctx], style, color=color, marker="o",
+                    label=f"{hop}-hop, {label}")
+    ax.axhline(1 / cfg["n_cities"], color="gray", lw=0.8, ls="--", label="chance")
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters (without embeddings)")
+    ax.set_ylabel("answer accuracy, held-out people")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("context models: reasoning over given facts")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    chosen = [ctx[-1], next(r for r in results if r["kind"] == "weights")]
+    bars = [("world_facts_removed", "1hop", "facts removed"), ("world_facts_changed", "1hop", "changed: follows context"),
+            ("world_facts_changed", "1hop_old_answer", "changed: gives old fact")]
+    for i, r in enumerate(chosen):
+        ax.bar([j + 0.4 * i for j in range(len(bars))], [r["tests"][k][m] for k, m, _ in bars], width=0.4,
+               label=f"{r['kind']} model ({r['params'] / 1e3:.0f}k)")
+    ax.set_xticks([j + 0.2 for j in range(len(bars))], [b[2] for b in bars])
+    ax.axhline(1 / cfg["n_cities"], color="gray", lw=0.8, ls="--")
+    ax.set_ylabel("1-hop accuracy, fixed-world people")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("knowledge in the weights vs in the context")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def main(argv):
+    cfg = configure(DEFAULTS, argv)
+    print_config(cfg)
+    synthetic.check_facts_settings(cfg["n_people"], cfg["n_bosses"], cfg["n_questions"], cfg["n_cities"])
+    device = resolve_device(cfg["device"])
+    os.makedirs(cfg["out"], exist_ok=True)
+    vocab = synthetic.facts_vocab()
+    train_names, held_names = synthetic.split_names(cfg["seed"])
+    world_rng = np.random.default_rng([cfg["seed"], 1])
+    world = synthetic.facts_world(world_rng, train_names, cfg["world_people"], cfg["world_people"] // 2, cfg["n_cities"])
+    tests = eval_docs(cfg, world, held_names, cfg["seed"] + 2)
+    P, B, Q, C = cfg["n_people"], cfg["n_bosses"], cfg["n_questions"], cfg["n_cities"]
+    runs = [("context", size) for size in cfg["sizes"]] + [("weights", cfg["sizes"][-1])]
+    results = []
+    for kind, (n_layer, n_head, n_embd) in runs:
+        torch.manual_seed(cfg["seed"])
+        model = GPT(GPTConfig(vocab_size=len(vocab), block_size=cfg["block_size"], n_layer=n_layer, n_head=n_head,
+                              n_embd=n_embd)).to(device)
+        if kind == "context":
+            make_doc = lambda rng: synthetic.facts_document(rng, synthetic.facts_world(rng, train_names, P, B, C), Q)  # noqa: E731
+        else:
+            make_doc = lambda rng: synthetic.fixed_world_document(rng, world, P, Q)  # noqa: E731
+        loss, tok_s, _ = synthetic.fit(model, doc_batches(make_doc, vocab, cfg["batch_size"], cfg["block_size"], cfg["seed"]),
+                                    cfg["steps"], cfg["learning_rate"], device)
+        row = {"kind": kind, "size": [n_layer, n_head, n_embd], "params": model.num_params(), "final_loss": loss,
+               "tokens_per_s": tok_s, "tests": {k: accuracy(model, vocab, docs, device) for k, docs in tests.items()}}
+        results.append(row)
+        print(f"{kind} {n_layer}x{n_embd} ({row['params']:,} params): loss {loss:.3f}; " +
+              "; ".join(f"{k} {v['1hop']:.2f}/{v['2hop']:.2f}" for k, v in row["tests"].items()))
+        write_json_atomic(os.path.join(cfg["out"], "reason_vs_knowledge.json"),
+                          {"config": cfg, "chance": 1 / cfg["n_cities"], "results": results})
+    plot(results, cfg, os.path.join(cfg["out"], "reason_vs_knowledge.png"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
