@@ -5,7 +5,7 @@ import sys
 import pytest
 
 import textworld_env
-from textworld_env import TextWorldEnv, game_is_whole, generate_games
+from textworld_env import TextWorld, game_is_whole, generate_games
 
 TINY = {"world_size": 1, "nb_objects": 1, "quest_length": 1}  # the smallest custom game: a second or two each
 SEEDS = [0, 1, 2]
@@ -48,7 +48,7 @@ def play_teacher(env, seed):
 
 
 def test_teacher_solves_every_generated_game(games):
-    env = TextWorldEnv(root=games, **TINY)
+    env = TextWorld(root=games, **TINY)
     for seed in SEEDS:
         info, steps = play_teacher(env, seed)
         assert info["success"] and not info["truncated"] and steps <= env.max_steps
@@ -56,7 +56,7 @@ def test_teacher_solves_every_generated_game(games):
 
 
 def test_env_contract_and_bad_actions(games):
-    env = TextWorldEnv(root=games, max_steps=3, show=("objective", "description", "commands"), **TINY)
+    env = TextWorld(root=games, max_steps=3, show=("objective", "description", "commands"), **TINY)
     obs = env.reset(0)
     assert env.reset(0) == obs and "Commands:" in obs  # a seed fixes the episode
     obs, reward, done, info = env.step("dance wildly")
@@ -71,7 +71,7 @@ def test_env_contract_and_bad_actions(games):
 
 
 def test_cache_returns_the_same_game_for_a_seed_and_another_for_another_seed(games):
-    env = TextWorldEnv(root=games, **TINY)
+    env = TextWorld(root=games, **TINY)
     path = env.game_path(0)
     stamp = os.stat(path).st_mtime_ns
     generate_games("custom", TINY, [0], root=games)  # cached: nothing is rebuilt
@@ -80,13 +80,13 @@ def test_cache_returns_the_same_game_for_a_seed_and_another_for_another_seed(gam
         assert f.read() != g.read()
     first = env.reset(0)
     assert env.reset(1) != first and env.reset(0) == first
-    assert TextWorldEnv(root=games, games=2, **TINY).game_seed(7) == 1  # a training pool of 2 games
-    assert TextWorldEnv(root=games, games=2, **TINY).game_seed(textworld_env.HELD_OUT_BASE + 7) > 2
+    assert TextWorld(root=games, games=2, **TINY).game_seed(7) == 1  # a training pool of 2 games
+    assert TextWorld(root=games, games=2, **TINY).game_seed(textworld_env.HELD_OUT_BASE + 7) > 2
     env.close()
 
 
 def test_half_written_game_is_detected_and_rebuilt(games):
-    env = TextWorldEnv(root=games, **TINY)
+    env = TextWorld(root=games, **TINY)
     path = env.game_path(2)
     with open(path, "rb") as f:
         whole = f.read()
@@ -101,7 +101,7 @@ def test_half_written_game_is_detected_and_rebuilt(games):
 
 
 def test_no_engine_processes_or_libraries_left_over_many_episodes(games):
-    env = TextWorldEnv(root=games, **TINY)
+    env = TextWorld(root=games, **TINY)
     env.reset(0)
     before_children, before_fds, before_libs = children(), len(os.listdir("/proc/self/fd")), engine_libraries()
     for episode in range(60):
@@ -115,16 +115,16 @@ def test_no_engine_processes_or_libraries_left_over_many_episodes(games):
 
 def test_bad_challenge_and_options_say_what_is_wrong(games):
     with pytest.raises(SystemExit, match="unknown TextWorld challenge 'tw-nothing'.*tw-coin_collector"):
-        TextWorldEnv(challenge="tw-nothing", root=games)
+        TextWorld(challenge="tw-nothing", root=games)
     with pytest.raises(SystemExit, match="(?s)tw-make says.*unrecognized arguments: --wrld-size"):
-        TextWorldEnv(root=games, wrld_size=3)
+        TextWorld(root=games, wrld_size=3)
     with pytest.raises(SystemExit, match="(?s)tw-make says.*invalid int value"):
-        TextWorldEnv(root=games, world_size="big")
+        TextWorld(root=games, world_size="big")
     with pytest.raises(ValueError, match="show can hold"):
-        TextWorldEnv(root=games, show=("smell",), **TINY)
+        TextWorld(root=games, show=("smell",), **TINY)
 
 
 def test_missing_textworld_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "textworld", None)  # import textworld now raises ImportError
     with pytest.raises(SystemExit, match="pip install textworld==1.7.0"):
-        TextWorldEnv()
+        TextWorld()
