@@ -27,9 +27,10 @@ from concurrent.futures import ProcessPoolExecutor
 
 from tqdm import tqdm
 
+from tasks import EVAL_SEED_BASE as HELD_OUT_BASE  # held-out games: never reduced to the training pool
+
 INSTALL = "pip install textworld==1.7.0"
 GAMES_DIR = os.path.join("data", "textworld")
-HELD_OUT_BASE = 10 ** 9  # seeds from here on are held-out games, never reduced to the training pool
 Z8_VERSION = 8
 SHOW = ("objective", "description", "look", "inventory", "commands")  # what an observation may carry
 
@@ -219,6 +220,12 @@ class TextWorld:
         self.challenge, self.options, self.games, self.max_steps, self.root = challenge, options, games, max_steps, root
         self.folder = game_dir(challenge, options, root)
         self.state, self.done = None, True
+
+    def prepare(self, held_out):
+        """Generate the training pool and the first `held_out` held-out games, in parallel, before play."""
+        pool = range(self.games) if self.games else []
+        generate_games(self.challenge, self.options, [*pool, *(HELD_OUT_BASE + i for i in range(held_out))],
+                       self.root)
 
     def game_seed(self, seed):
         return seed % self.games if self.games and seed < HELD_OUT_BASE else seed
