@@ -208,8 +208,10 @@ def test_a_bpe_checkpoint_from_train_py_plays_textworld_end_to_end(games, tmp_pa
         log_interval=1, warmup_iters=1, compile=False)
     train.train(run)
     for act in ("generate", "choose"):
+        # an untrained BPE model never ends a line: 3 turns of MAX_ACTION_CHARS tokens each keep this fast
         cfg = world_config(tmp_path, games, init_from=str(tmp_path / "lm"), out_dir=str(tmp_path / act), act=act,
-                           episodes=2, update_batch_size=1, episodes_per_update=1, eval_interval=2)
+                           tasks={"textworld": {"root": games, "games": len(SEEDS), "max_steps": 3, **TINY}},
+                           episodes=1, update_batch_size=1, episodes_per_update=1, eval_interval=1)
         result = world.run(cfg)
         assert 0.0 <= result["textworld"]["success"] <= 1.0
         assert world.load_policy(cfg["out_dir"]).tokenizer.name == "gpt2"
