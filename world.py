@@ -168,7 +168,11 @@ def policy_from_checkpoint(state, device, path):
     meta = state.get("tokenizer")
     if not meta:
         raise SystemExit(f"{path} has no tokenizer: it was not trained by train.py or world.py")
-    return Policy(load_model(state, device), tokenizer_from_meta(meta), device)
+    tokenizer, model = tokenizer_from_meta(meta), load_model(state, device)
+    if tokenizer.n_vocab > model.config.vocab_size:
+        raise SystemExit(f"{path} is broken: its {meta['tokenizer']!r} tokenizer has {tokenizer.n_vocab} tokens, its "
+                         f"model only {model.config.vocab_size}")
+    return Policy(model, tokenizer, device)
 
 
 def check_policy_fits(policy, tasks, path):

@@ -1,7 +1,8 @@
 # Easy TextWorld games (custom, 3 rooms, 4 objects, quests of 2 actions): imitate the walkthroughs of
-# `games` training games, then play 200 unseen games. Issue 11, experiment 1 (EXPERIMENTS.md).
+# `games` training games, then play 100 unseen games. Issue 11, experiment 1 (EXPERIMENTS.md).
 tasks = {"textworld": {"challenge": "custom", "world_size": 3, "nb_objects": 4, "quest_length": 2,
                        "games": 300, "max_steps": 8}}
+out_dir = "out/world_textworld_easy"
 init_from = "imitate"
 mode = "evaluate"
 act = "choose"
