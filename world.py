@@ -107,8 +107,8 @@ class Policy:
 
     @torch.no_grad()
     def choose(self, transcript, commands, temperature=0.0, seed=None):
-        """The command whose line (and its newline) the model finds likeliest after the transcript; with
-        temperature > 0 a sample from softmax(log-likelihood / temperature). Tiny models that cannot yet
+        """The command whose line (and its newline) the model finds likeliest per token after the transcript;
+        with temperature > 0 a sample from softmax(mean log-likelihood / temperature). Tiny models that cannot yet
         spell a 60-character command can still tell which of a game's commands fits (He et al. 2016, DRRN)."""
         if not commands:
             return ""
@@ -116,12 +116,15 @@ class Policy:
         self.model.eval()
         start = len(transcript) + len(ACTION_PREFIX)
         items = [{"text": f"{transcript}{ACTION_PREFIX}{c}\n", "spans": [[start, start + len(c) + 1]]} for c in commands]
-        log_likelihood, _ = self.action_log_likelihood(items)
+        log_likelihood, count = self.action_log_likelihood(items)
+        # per token: the summed log-likelihood favours the shortest command ('look'), measured: 0/100
+        # held-out easy games summed against 5/15 per token, same policy (EXPERIMENTS.md, TextWorld)
+        score = log_likelihood / count.clamp(min=1)
         self.model.train(was_training)
         if temperature <= 0:
-            return commands[int(log_likelihood.argmax())]
+            return commands[int(score.argmax())]
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        probs = torch.softmax(log_likelihood.float().cpu() / temperature, 0)
+        probs = torch.softmax(score.float().cpu() / temperature, 0)
         return commands[int(torch.multinomial(probs, 1, generator=generator))]
 
     def actor(self, temperature, seed, env=None, how="generate"):
