@@ -25,11 +25,13 @@ DEFAULTS = dict(
     games=[100, 300],        # training pool sizes N
     imitation_per_game=2,    # walkthrough episodes per training game
     device="cpu",            # the policy's device (cuda on a GPU machine); games are made on the CPU cores
+    world_args=[],           # more world.py settings, e.g. ["--clone_iters=1000"]
 )
 
 
 def final_success(out_dir):
-    rows = [r for r in read_jsonl(os.path.join(out_dir, "metrics.jsonl")) if "eval" in r]
+    path = os.path.join(out_dir, "metrics.jsonl")
+    rows = [r for r in read_jsonl(path) if "eval" in r] if os.path.exists(path) else []
     return rows[-1]["eval"]["textworld"]["success"] if rows else None
 
 
@@ -62,7 +64,7 @@ def plot(results, path):
 def main(argv):
     cfg = configure(DEFAULTS, argv)
     print_config(cfg)
-    base = configure(world.DEFAULTS, [cfg["config"]]) | {"device": cfg["device"]}
+    base = configure(world.DEFAULTS, [cfg["config"], *cfg["world_args"]]) | {"device": cfg["device"]}
     results = []
     for n in cfg["games"]:
         run = base | {"tasks": {"textworld": {**base["tasks"]["textworld"], "games": n}},
