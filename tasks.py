@@ -39,7 +39,7 @@ import string
 
 SUCCESS_REWARD = 1.0
 BAD_ACTION_PENALTY = -0.1  # small: a malformed action costs a little, so trying things stays cheap
-MAX_ACTION_CHARS = 48      # an action is one short line; anything longer is cut
+MAX_ACTION_CHARS = 96      # an action is one short line; anything longer is cut (TextWorld commands reach ~70)
 ACTION_PREFIX = "act "
 EVAL_SEED_BASE = 10 ** 9   # held-out seeds (world.py's evaluations, swarm.py's goals) are EVAL_SEED_BASE + i;
                            # training seeds stay below it

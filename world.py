@@ -28,8 +28,8 @@ import train
 from checkpoint import load_checkpoint, load_model, read_json, save_checkpoint, write_json_atomic
 from configurator import ConfigError, configure, print_config
 from runtime import StopRequest, append_jsonl, claim_out_dir, read_jsonl, truncate_jsonl
-from tasks import (ACTION_PREFIX, ALPHABET, EVAL_SEED_BASE, MAX_ACTION_CHARS, make_env, play_episode, teacher_episodes,
-                   turn_by_turn, write_transcripts)
+from tasks import (ACTION_PREFIX, ALPHABET, EVAL_SEED_BASE, MAX_ACTION_CHARS, make_env, play_episode, teacher_act,
+                   teacher_episodes, turn_by_turn, write_transcripts)
 from tokenizer import tokenizer_from_meta
 
 DEFAULTS = dict(
@@ -39,6 +39,8 @@ DEFAULTS = dict(
     changes=[],                # [(episode, task, options)]: the world changes a rule, or adds a task, mid-run
     init_from="imitate",       # imitate (teacher transcripts -> prepare.py -> train.py) | resume | a checkpoint path
     mode="expert_iteration",   # evaluate (no learning after init_from) | expert_iteration | reinforce
+    act="generate",            # generate: write each action token by token | choose: score every command the
+                               # task lists (textworld) by its log-likelihood, take the best (sample when warm)
     teacher_help=False,        # on a failed episode, the teacher's actions are shown and replayed
     seed=1337,
     device="cpu",
@@ -70,40 +72,68 @@ DEFAULTS = dict(
     eval_episodes=100,         # held-out seeds per task, played greedily
 )
 MODES = ("evaluate", "expert_iteration", "reinforce")
+ACTS = ("generate", "choose")
 BETAS = (0.9, 0.99)  # the policy's AdamW, in imitation and online learning: few, noisy updates
 
 
 # ----------------------------------------------------------------------------- the policy
 
 class Policy:
-    """A character-level GPT that writes one action line per turn (KV cache, stops at the newline)."""
+    """A GPT that writes one action line per turn, or chooses one of the commands a task lists.
+    Any tokenizer: the transcript is encoded with the model's own (characters or GPT-2 BPE)."""
 
     def __init__(self, model, tokenizer, device="cpu"):
         self.model, self.tokenizer, self.device = model, tokenizer, torch.device(device)
-        self.newline = tokenizer.stoi["\n"]
 
     @torch.no_grad()
     def act(self, transcript, temperature=0.0, seed=None):
-        """The next action for a transcript that ends after an observation line."""
+        """The next action for a transcript that ends after an observation line: tokens until a newline."""
         was_training = self.model.training
         self.model.eval()
         prompt = self.tokenizer.encode(transcript + ACTION_PREFIX)
         # a long transcript keeps its end (generate_stream slides the window as the action grows), as in training
         idx = torch.tensor([prompt[-self.model.config.block_size:]], dtype=torch.long, device=self.device)
-        ids = []
+        ids, text = [], ""
         for token in self.model.generate_stream(idx, MAX_ACTION_CHARS + 1, temperature=temperature,
-                                                stop_token=self.newline, seed=seed):
-            token = token.item()
-            if token == self.newline:
+                                                stop_token=self.tokenizer.eot, seed=seed):
+            if token.item() == self.tokenizer.eot:  # the end of a document is the end of the action
                 break
-            if token < len(self.tokenizer.chars):  # EOT is no character of an action
-                ids.append(token)
+            ids.append(token.item())
+            text = self.tokenizer.decode(ids)  # a BPE token may hold the newline with other characters
+            if "\n" in text:
+                break
         self.model.train(was_training)
-        return self.tokenizer.decode(ids)
+        return text.split("\n", 1)[0]
 
-    def actor(self, temperature, seed):
+    @torch.no_grad()
+    def choose(self, transcript, commands, temperature=0.0, seed=None):
+        """The command whose line (and its newline) the model finds likeliest per token after the transcript;
+        with temperature > 0 a sample from softmax(mean log-likelihood / temperature). Tiny models that cannot yet
+        spell a 60-character command can still tell which of a game's commands fits (He et al. 2016, DRRN)."""
+        if not commands:
+            return ""
+        was_training = self.model.training
+        self.model.eval()
+        start = len(transcript) + len(ACTION_PREFIX)
+        items = [{"text": f"{transcript}{ACTION_PREFIX}{c}\n", "spans": [[start, start + len(c) + 1]]} for c in commands]
+        log_likelihood, count = self.action_log_likelihood(items)
+        # per token: the summed log-likelihood favours the shortest command ('look'), measured: 0/100
+        # held-out easy games summed against 5/15 per token, same policy (EXPERIMENTS.md, TextWorld)
+        score = log_likelihood / count.clamp(min=1)
+        self.model.train(was_training)
+        if temperature <= 0:
+            return commands[int(score.argmax())]
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        probs = torch.softmax(score.float().cpu() / temperature, 0)
+        return commands[int(torch.multinomial(probs, 1, generator=generator))]
+
+    def actor(self, temperature, seed, env=None, how="generate"):
         """An act function for play_episode that samples turn t with seed * 1009 + t + 1: an episode
-        replays exactly from (temperature, seed), in a resumed run or in a swarm worker."""
+        replays exactly from (temperature, seed), in a resumed run or in a swarm worker. how=choose picks
+        among env.admissible_actions()."""
+        if how == "choose":
+            return turn_by_turn(lambda transcript, turn: self.choose(transcript, env.admissible_actions(), temperature,
+                                                                     seed * 1009 + turn + 1))
         return turn_by_turn(lambda transcript, turn: self.act(transcript, temperature, seed * 1009 + turn + 1))
 
     def action_log_likelihood(self, items):
@@ -136,20 +166,36 @@ def load_policy_checkpoint(path):
 
 
 def policy_from_checkpoint(state, device, path):
-    """The Policy a checkpoint dict holds: the one place a Policy is built from a checkpoint. A model
-    that cannot write world transcripts (no tokenizer, BPE, characters missing) is a clear error."""
+    """The Policy a checkpoint dict holds: the one place a Policy is built from a checkpoint. Any model
+    trained by train.py or world.py (characters or GPT-2 BPE); check_policy_fits says if it can play a task."""
     meta = state.get("tokenizer")
     if not meta:
         raise SystemExit(f"{path} has no tokenizer: it was not trained by train.py or world.py")
-    if meta["tokenizer"] != "char":
-        raise SystemExit(f"{path} uses the {meta['tokenizer']!r} tokenizer; a world policy writes characters: "
-                         f"make one with python world.py config/world_arith.py")
-    missing = "".join(sorted(set(ALPHABET) - set(meta["chars"])))
-    if missing:
-        raise SystemExit(f"{path} cannot be a world policy: its characters lack {missing!r}, which world "
-                         f"transcripts use (a model trained on other text?); make one with "
-                         f"python world.py config/world_arith.py")
-    return Policy(load_model(state, device), tokenizer_from_meta(meta), device)
+    tokenizer, model = tokenizer_from_meta(meta), load_model(state, device)
+    if tokenizer.n_vocab > model.config.vocab_size:
+        raise SystemExit(f"{path} is broken: its {meta['tokenizer']!r} tokenizer has {tokenizer.n_vocab} tokens, its "
+                         f"model only {model.config.vocab_size}")
+    return Policy(model, tokenizer, device)
+
+
+def check_policy_fits(policy, tasks, path):
+    """A teacher episode of each task must encode with the policy's tokenizer, and its first turn (the
+    first observation and action) must fit in the policy's block; else a clear error before any play."""
+    for name, options in tasks.items():
+        env = make_env(name, **options)
+        episode = play_episode(env, teacher_act(env), 0)
+        text = episode["transcript"]
+        if policy.tokenizer.name == "char":
+            missing = "".join(sorted(set(text) - set(policy.tokenizer.chars)))
+            if missing:
+                raise SystemExit(f"{path} cannot play {name}: its character vocabulary lacks {missing!r}, which "
+                                 f"{name} transcripts use; start from a model whose data held them, or from "
+                                 f"--init_from=imitate")
+        first_turn = len(policy.tokenizer.encode(text[:episode["action_spans"][0][1]]))
+        if first_turn > policy.model.config.block_size:
+            raise SystemExit(f"{path} cannot play {name}: its block_size {policy.model.config.block_size} is "
+                             f"smaller than one turn ({first_turn} {policy.tokenizer.name} tokens); use a model "
+                             f"with a longer block (--block_size with --init_from=imitate)")
 
 
 def load_policy(path_or_run_dir, device="cpu"):
@@ -164,17 +210,26 @@ def make_optimizer(policy, learning_rate):
 
 # ----------------------------------------------------------------------------- learning from episodes
 
+def encode_item(tokenizer, item):
+    """An item's tokens and which of them are action tokens: the text is encoded piece by piece at the
+    span edges, so a BPE token never straddles an action's start or end (for characters it is the same)."""
+    edges = sorted({0, len(item["text"])} | {i for span in item["spans"] for i in span})
+    ids, trained = [], []
+    for start, end in zip(edges, edges[1:]):
+        piece = tokenizer.encode(item["text"][start:end])
+        ids += piece
+        trained += [any(s <= start and end <= e for s, e in item["spans"])] * len(piece)
+    return ids, trained
+
+
 def action_batch(policy, items):
-    """Inputs x and targets y (B, T): targets only on the items' action spans, -1 elsewhere.
+    """Inputs x and targets y (B, T): targets only on the items' action tokens, -1 elsewhere.
 
     A text longer than the context keeps its end, where the latest actions are."""
     block = policy.model.config.block_size
     rows = []
     for item in items:
-        ids = policy.tokenizer.encode(item["text"])  # one token per character: spans index tokens
-        trained = [False] * len(ids)
-        for start, end in item["spans"]:
-            trained[start:end] = [True] * (end - start)
+        ids, trained = encode_item(policy.tokenizer, item)
         ids, trained = ids[-(block + 1):], trained[-(block + 1):]
         rows.append((ids[:-1], [t if keep else -1 for t, keep in zip(ids[1:], trained[1:])]))
     T = max(len(x) for x, _ in rows)
@@ -353,12 +408,12 @@ def task_options_at(episode, cfg):
     return tasks
 
 
-def evaluate(policy, tasks, n):
+def evaluate(policy, tasks, n, how="generate"):
     """Greedy play on the held-out seeds of each task: {task: {success, reward}}."""
     result = {}
     for name, options in tasks.items():
         env = make_env(name, **options)
-        episodes = [play_episode(env, policy.act, EVAL_SEED_BASE + i) for i in range(n)]
+        episodes = [play_episode(env, policy.actor(0.0, 0, env, how), EVAL_SEED_BASE + i) for i in range(n)]
         result[name] = {"success": sum(e["success"] for e in episodes) / n,
                         "reward": sum(e["reward"] for e in episodes) / n}
     return result
@@ -379,7 +434,7 @@ def play_batch(policy, envs, cfg, progress, temperature):
     batch, labels, rng = [], 0, progress.rng
     for _ in range(cfg["episodes_per_update"]):
         env = envs[rng.choice(sorted(envs))]
-        act = policy.actor(temperature, rng.randrange(2 ** 31))
+        act = policy.actor(temperature, rng.randrange(2 ** 31), env, cfg["act"])
         episode = play_episode(env, act, rng.randrange(EVAL_SEED_BASE))
         batch.append(episode)
         if episode["success"]:
@@ -487,7 +542,7 @@ def resume_progress(state, optimizer, cfg):
 
 def evaluate_and_save(policy, optimizer, cfg, progress):
     """A held-out evaluation into metrics.jsonl, then policy.pt and world.png; returns the evaluation."""
-    result = evaluate(policy, task_options_at(progress.episode, cfg), cfg["eval_episodes"])
+    result = evaluate(policy, task_options_at(progress.episode, cfg), cfg["eval_episodes"], cfg["act"])
     append_jsonl(os.path.join(cfg["out_dir"], "metrics.jsonl"), {"episode": progress.episode, "eval": result})
     tqdm.write(f"episode {progress.episode}: held-out success " +
                ", ".join(f"{t} {r['success']:.0%}" for t, r in result.items()))
@@ -519,17 +574,37 @@ def check_config(cfg):
     if cfg["replay_recent_window"] > cfg["replay_size"]:
         raise ConfigError(f"replay_recent_window={cfg['replay_recent_window']} is larger than "
                           f"replay_size={cfg['replay_size']}")
-    for name, options in task_options_at(float("inf"), cfg).items():
+    if cfg["act"] not in ACTS:
+        raise ConfigError(f"act must be one of {', '.join(ACTS)}, got {cfg['act']!r}")
+    for name, options in run_tasks(cfg):
         try:
-            make_env(name, **options)
+            env = make_env(name, **options)
         except ValueError as e:
             raise ConfigError(f"tasks/changes: {e}")
+        if cfg["act"] == "choose" and not hasattr(env, "admissible_actions"):
+            raise ConfigError(f"act=choose picks among the commands a task lists, and {name} lists none; "
+                              f"use act=generate, or a task that lists them (textworld)")
+
+
+def run_tasks(cfg):
+    """Every (task, options) the run meets: the tasks it starts with, then each change."""
+    return list(cfg["tasks"].items()) + [(name, options) for _, name, options in cfg["changes"]]
 
 
 def load_start(path, cfg):
-    """The checkpoint a run starts from (loaded once) and the Policy it holds."""
+    """The checkpoint a run starts from (loaded once) and the Policy it holds, checked against the run's tasks."""
     state = load_policy_checkpoint(path)
-    return state, policy_from_checkpoint(state, cfg["device"], path)
+    policy = policy_from_checkpoint(state, cfg["device"], path)
+    check_policy_fits(policy, dict(run_tasks(cfg)), path)
+    return state, policy
+
+
+def prepare_tasks(cfg):
+    """A task whose episodes need files (textworld's games) makes them all now, in parallel, before play."""
+    for name, options in run_tasks(cfg):
+        env = make_env(name, **options)
+        if hasattr(env, "prepare"):
+            env.prepare(cfg["eval_episodes"])
 
 
 def run(cfg):
@@ -547,6 +622,7 @@ def run(cfg):
     lock = claim_out_dir(out_dir, resuming, cfg["overwrite"], run_files=("policy.pt", "metrics.jsonl"))
     try:
         with StopRequest(tqdm.write) as stop:
+            prepare_tasks(cfg)
             state, policy = start or load_start(imitate(cfg, stop), cfg)
             return learning_loop(cfg, state, policy, stop)
     finally:
@@ -567,11 +643,13 @@ def learning_loop(cfg, state, policy, stop):
         progress = Progress(0, {}, ReplayBuffer(cfg["replay_size"], cfg["replay_recent_window"],
                                                 cfg["replay_recent_fraction"]), random.Random(cfg["seed"]))
     write_json_atomic(os.path.join(out_dir, "config.json"), cfg)
+    start, first_episode, evaluated = time.perf_counter(), progress.episode, 0
 
     total = cfg["episodes"] if cfg["mode"] != "evaluate" else 0
     result = None
     if not resuming or not os.path.exists(metrics_path):
         result = evaluate_and_save(policy, optimizer, cfg, progress)
+        evaluated += cfg["eval_episodes"] * len(task_options_at(progress.episode, cfg))
     bar = tqdm(total=total, initial=progress.episode, unit="episode", dynamic_ncols=True, disable=None)
     while progress.episode < total and not stop.requested:
         tasks = task_options_at(progress.episode, cfg)
@@ -594,7 +672,11 @@ def learning_loop(cfg, state, policy, stop):
         crossed = episode // cfg["eval_interval"] > (episode - len(batch)) // cfg["eval_interval"]
         if crossed or episode >= total or stop.requested:
             result = evaluate_and_save(policy, optimizer, cfg, progress)
+            evaluated += cfg["eval_episodes"] * len(task_options_at(progress.episode, cfg))
     bar.close()
+    played, seconds = progress.episode - first_episode + evaluated, time.perf_counter() - start
+    print(f"played {played} episodes ({progress.episode - first_episode} training, {evaluated} held-out) in "
+          f"{seconds:.0f} s: {60 * played / max(seconds, 1e-9):.1f} episodes/min with act={cfg['act']}")
     rows = read_jsonl(metrics_path)
     for when, name, options in cfg["changes"]:
         if when <= progress.episode:

@@ -100,7 +100,7 @@ CASES = [
     ("world", [*WORLD, "--init_from=resume"], "nothing to resume"),
     ("world", [*WORLD, "--init_from={tmp}/nope.pt"], "no policy at"),
     ("world", [*WORLD, "--init_from={tmp}/garbage.pt"], "garbage.pt is unreadable"),
-    ("world", [*WORLD, "--init_from={run}"], "cannot be a world policy"),  # a model trained on other text
+    ("world", [*WORLD, "--init_from={run}"], "its character vocabulary lacks"),  # a model trained on other text
     ("world", [*WORLD, "--episods=3"], "did you mean 'episodes'"),
     # swarm.py
     ("swarm", [*SWARM, "--temperatures=[1.0, -1]"], "temperatures must be numbers >= 0"),

@@ -167,8 +167,9 @@ def save_checkpoint_with_tokenizer(path, tokenizer_meta, chars=tasks.ALPHABET):
 
 
 def bad_world_inputs(tmp_path):
-    shakespeare = save_checkpoint_with_tokenizer(tmp_path / "shakespeare.pt", {"tokenizer": "char", "chars": list(
-        " !',-.:;?\nABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")}, chars=" !',-.:;?\nabc")
+    letters = " !',-.:;?\nABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+    shakespeare = save_checkpoint_with_tokenizer(tmp_path / "shakespeare.pt", {"tokenizer": "char", "chars": list(letters)},
+                                                 chars=letters)
     bpe = save_checkpoint_with_tokenizer(tmp_path / "bpe.pt", {"tokenizer": "gpt2"})
     untagged = save_checkpoint_with_tokenizer(tmp_path / "untagged.pt", None)
     return [  # (config overrides, what the message must say)
@@ -177,8 +178,8 @@ def bad_world_inputs(tmp_path):
         ({"tasks": {"chess": {}}}, "unknown task 'chess'"),
         ({"init_from": "resume"}, "nothing to resume"),
         ({"init_from": str(tmp_path / "nowhere.pt")}, "no policy at .*python world.py config/world_arith.py"),
-        ({"init_from": shakespeare}, "cannot be a world policy: its characters lack '.*0123"),
-        ({"init_from": bpe}, "uses the 'gpt2' tokenizer"),
+        ({"init_from": shakespeare}, "cannot play arith: its character vocabulary lacks '.*1345"),
+        ({"init_from": bpe}, "'gpt2' tokenizer has 50257 tokens, its model only"),
         ({"init_from": untagged}, "has no tokenizer"),
     ]
 

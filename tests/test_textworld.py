@@ -1,0 +1,240 @@
+import dataclasses
+import os
+import random
+import sys
+
+import pytest
+
+import torch
+
+import prepare
+import tasks
+import textworld_env
+import train
+import world
+from checkpoint import save_checkpoint
+from configurator import configure
+from model import GPT, GPTConfig
+from runtime import read_jsonl
+from textworld_env import TextWorld, game_is_whole, generate_games
+from tokenizer import CharTokenizer
+
+TINY = {"world_size": 1, "nb_objects": 1, "quest_length": 1}  # the smallest custom game: a second or two each
+SEEDS = [0, 1, 2]
+HELD_OUT = tasks.EVAL_SEED_BASE
+
+
+@pytest.fixture(scope="session")
+def games(tmp_path_factory):
+    """A handful of tiny games (a training pool of three and one held-out game), generated once per test run."""
+    root = str(tmp_path_factory.mktemp("textworld"))
+    generate_games("custom", TINY, SEEDS + [HELD_OUT], root=root, workers=2)
+    return root
+
+
+def children():
+    """Processes whose parent is this one (the game engine must not leave any behind)."""
+    mine = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == os.getpid():
+                    mine.append(pid)
+        except (OSError, IndexError):
+            pass
+    return mine
+
+
+def engine_libraries():
+    with open("/proc/self/maps") as f:
+        return sum("libfrotz" in line for line in f)
+
+
+def play_teacher(env, seed):
+    obs, done, info, steps = env.reset(seed), False, {}, 0
+    assert obs
+    while not done:
+        assert env.teacher_action() in env.admissible_actions()
+        obs, reward, done, info = env.step(env.teacher_action())
+        steps += 1
+    return info, steps
+
+
+def test_teacher_solves_every_generated_game(games):
+    env = TextWorld(root=games, **TINY)
+    for seed in SEEDS:
+        info, steps = play_teacher(env, seed)
+        assert info["success"] and not info["truncated"] and steps <= env.max_steps
+    env.close()
+
+
+def test_env_contract_and_bad_actions(games):
+    env = TextWorld(root=games, max_steps=3, show=("objective", "description", "commands"), **TINY)
+    obs = env.reset(0)
+    assert env.reset(0) == obs and "Commands:" in obs  # a seed fixes the episode
+    obs, reward, done, info = env.step("dance wildly")
+    assert info["kind"] == "error" and reward == 0.0 and not done and obs
+    assert env.random_action(random.Random(0)) in env.admissible_actions()
+    env.step("look")
+    obs, reward, done, info = env.step("look")
+    assert done and info["truncated"] and not info["success"] and obs.endswith("Out of steps.")
+    with pytest.raises(RuntimeError, match="episode is over"):
+        env.step("look")
+    env.close()
+
+
+def test_cache_returns_the_same_game_for_a_seed_and_another_for_another_seed(games):
+    env = TextWorld(root=games, **TINY)
+    path = env.game_path(0)
+    stamp = os.stat(path).st_mtime_ns
+    generate_games("custom", TINY, [0], root=games)  # cached: nothing is rebuilt
+    assert os.stat(path).st_mtime_ns == stamp
+    with open(path, "rb") as f, open(env.game_path(1), "rb") as g:
+        assert f.read() != g.read()
+    first = env.reset(0)
+    assert env.reset(1) != first and env.reset(0) == first
+    assert TextWorld(root=games, games=2, **TINY).game_seed(7) == 1  # a training pool of 2 games
+    assert TextWorld(root=games, games=2, **TINY).game_seed(textworld_env.HELD_OUT_BASE + 7) > 2
+    env.close()
+
+
+def test_half_written_game_is_detected_and_rebuilt(games):
+    env = TextWorld(root=games, **TINY)
+    path = env.game_path(2)
+    with open(path, "rb") as f:
+        whole = f.read()
+    with open(path, "wb") as f:
+        f.write(whole[: len(whole) // 2])
+    assert not game_is_whole(path)
+    info, _ = play_teacher(env, 2)  # rebuilt on the way
+    assert info["success"] and game_is_whole(path)
+    with open(path, "rb") as f:
+        assert f.read() == whole  # the same seed makes the same game
+    env.close()
+
+
+def test_no_engine_processes_or_libraries_left_over_many_episodes(games):
+    env = TextWorld(root=games, **TINY)
+    env.reset(0)
+    before_children, before_fds, before_libs = children(), len(os.listdir("/proc/self/fd")), engine_libraries()
+    for episode in range(60):
+        play_teacher(env, SEEDS[episode % len(SEEDS)])
+    assert children() == before_children
+    assert len(os.listdir("/proc/self/fd")) <= before_fds
+    assert engine_libraries() == before_libs  # one engine reused, not one per episode
+    env.close()
+    assert env.game is None
+
+
+def test_bad_challenge_and_options_say_what_is_wrong(games):
+    with pytest.raises(SystemExit, match="unknown TextWorld challenge 'tw-nothing'.*tw-coin_collector"):
+        TextWorld(challenge="tw-nothing", root=games)
+    with pytest.raises(SystemExit, match="(?s)tw-make says.*unrecognized arguments: --wrld-size"):
+        TextWorld(root=games, wrld_size=3)
+    with pytest.raises(SystemExit, match="(?s)tw-make says.*invalid int value"):
+        TextWorld(root=games, world_size="big")
+    with pytest.raises(ValueError, match="show can hold"):
+        TextWorld(root=games, show=("smell",), **TINY)
+
+
+def test_missing_textworld_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "textworld", None)  # import textworld now raises ImportError
+    with pytest.raises(SystemExit, match="pip install textworld==1.7.0"):
+        TextWorld()
+
+
+# ----------------------------------------------------------------------------- playing with a µLM policy
+
+def tiny_char_policy(block_size=1024):
+    torch.manual_seed(0)
+    tokenizer = CharTokenizer(sorted(set(tasks.ALPHABET)))
+    model = GPT(GPTConfig(vocab_size=tokenizer.n_vocab, block_size=block_size, n_layer=1, n_head=2,
+                                      n_embd=32))
+    return world.Policy(model, tokenizer)
+
+
+def test_choose_takes_the_command_the_policy_scores_highest(games):
+    env = TextWorld(root=games, **TINY)
+    policy = tiny_char_policy()
+
+    def walkthrough_first(items):  # a policy that finds the teacher's command likeliest
+        right = env.teacher_action() + "\n"
+        scores = torch.tensor([0.0 if item["text"].endswith(right) else -10.0 for item in items])
+        return scores, torch.ones(len(items), dtype=torch.long)
+    policy.action_log_likelihood = walkthrough_first
+    for seed in SEEDS:
+        episode = tasks.play_episode(env, policy.actor(0.0, seed, env, "choose"), seed)
+        assert episode["success"] and episode["actions"] == episode["teacher_actions"]
+    env.close()
+
+
+def test_choose_scores_the_real_model_and_samples_when_warm(games):
+    env = TextWorld(root=games, **TINY)
+    policy = tiny_char_policy()
+    transcript = f"task textworld\nobs {env.reset(0)}\n"
+    commands = env.admissible_actions()
+    assert policy.choose(transcript, commands) == policy.choose(transcript, commands)  # greedy is deterministic
+    picks = {policy.choose(transcript, commands, temperature=100.0, seed=s) for s in range(20)}
+    assert len(picks) > 1 and picks <= set(commands)
+    env.close()
+
+
+def world_config(tmp_path, games, **overrides):
+    cfg = configure(world.DEFAULTS, [])
+    cfg.update(out_dir=str(tmp_path / "run"), tasks={"textworld": {"root": games, "games": len(SEEDS), **TINY}},
+               act="choose", imitation_episodes=40, imitation_iters=3, clone_iters=2, imitation_batch_size=2,
+               n_layer=1, n_head=2, n_embd=32, block_size=1024, episodes=4, episodes_per_update=2,
+               update_batch_size=2, eval_interval=4, eval_episodes=1, teacher_help=True)
+    cfg.update(overrides)
+    return cfg
+
+
+def test_world_run_imitates_and_learns_on_textworld_games(games, tmp_path, capsys):
+    world.run(world_config(tmp_path, games))
+    rows = read_jsonl(str(tmp_path / "run" / "metrics.jsonl"))
+    assert [r["episode"] for r in rows if "eval" in r] == [0, 4]
+    assert "episodes/min with act=choose" in capsys.readouterr().out
+    assert children() == []
+
+
+def test_a_bpe_checkpoint_from_train_py_plays_textworld_end_to_end(games, tmp_path):
+    text = "You are in a kitchen. There is a box. You take the key from the box.\n" * 200
+    (tmp_path / "story.txt").write_text(text)
+    prepare.prepare(configure(prepare.DEFAULTS, [f"--dataset={tmp_path / 'story.txt'}", "--name=story",
+                                                 "--tokenizer=gpt2", f"--data_dir={tmp_path / 'data'}"]))
+    run = configure(train.DEFAULTS, []) | dict(
+        out_dir=str(tmp_path / "lm"), data_dir=str(tmp_path / "data"), dataset="story", device="cpu", n_layer=1,
+        n_head=2, n_embd=16, block_size=384, batch_size=2, max_iters=2, eval_interval=2, eval_iters=1,
+        log_interval=1, warmup_iters=1, compile=False)
+    train.train(run)
+    for act in ("generate", "choose"):
+        # an untrained BPE model never ends a line: 3 turns of MAX_ACTION_CHARS tokens each keep this fast
+        cfg = world_config(tmp_path, games, init_from=str(tmp_path / "lm"), out_dir=str(tmp_path / act), act=act,
+                           tasks={"textworld": {"root": games, "games": len(SEEDS), "max_steps": 3, **TINY}},
+                           episodes=1, update_batch_size=1, episodes_per_update=1, eval_interval=1)
+        result = world.run(cfg)
+        assert 0.0 <= result["textworld"]["success"] <= 1.0
+        assert world.load_policy(cfg["out_dir"]).tokenizer.name == "gpt2"
+
+
+def test_a_block_too_small_for_one_turn_or_missing_characters_is_a_clear_error(games, tmp_path):
+    small = str(tmp_path / "small.pt")
+    save_checkpoint(small, world_checkpoint(tiny_char_policy(block_size=32)))
+    with pytest.raises(SystemExit, match="block_size 32 is smaller than one turn"):
+        world.run(world_config(tmp_path, games, init_from=small, out_dir=str(tmp_path / "a")))
+    policy = tiny_char_policy()
+    policy.tokenizer = CharTokenizer([c for c in tasks.ALPHABET if c != "="])
+    lacking = str(tmp_path / "lacking.pt")
+    save_checkpoint(lacking, world_checkpoint(policy))
+    with pytest.raises(SystemExit, match="lacks '='"):
+        world.run(world_config(tmp_path, games, init_from=lacking, out_dir=str(tmp_path / "b")))
+
+
+def test_choose_needs_a_task_that_lists_its_commands(tmp_path, games):
+    with pytest.raises(SystemExit, match="act=choose picks among the commands a task lists, and arith lists none"):
+        world.run(world_config(tmp_path, games, tasks={"arith": {}}))
+
+
+def world_checkpoint(policy):
+    return {"model_args": dataclasses.asdict(policy.model.config), "model": policy.model.state_dict(),
+            "tokenizer": policy.tokenizer_meta()}
