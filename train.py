@@ -249,10 +249,11 @@ def fetch_batch(loop, meta, cfg, generator, device, rank=0, world_size=1):
     return get_batch(meta, "train", cfg["batch_size"], cfg["block_size"], generator, device, rank, world_size)
 
 
-def save_run(path, raw_model, optimizers, model_args, cfg, meta, loop, val_loss):
+def save_run(path, raw_model, optimizers, cfg, meta, loop, val_loss):
     """ckpt.pt or best.pt: the model, both optimizers and the loop state (kNN stores in a folder beside it)."""
     optimizer, memory_optimizer = optimizers
-    save_checkpoint(path, {"model_args": model_args, "model": raw_model.state_dict(),
+    # model_args: the model's shape as it is now (head growth rewrites config.layer_heads)
+    save_checkpoint(path, {"model_args": dataclasses.asdict(raw_model.config), "model": raw_model.state_dict(),
                            "optimizer": optimizer.state_dict(), "config": cfg, "step": loop.step,
                            "memory_optimizer": memory_optimizer.state_dict() if memory_optimizer else None,
                            "best_val": loop.best_val, "train_time": loop.train_time, "val_loss": val_loss,
@@ -365,6 +366,10 @@ def run_training(cfg):
             truncate_jsonl(metrics_path, loop.step)
         del state
     raw_model = model
+    if model.config.grow_heads and (cfg["compile"] or cfg["fp8"] or world_size > 1):
+        raise SystemExit("grow_heads changes parameter shapes during training, which torch.compile (fixed graphs), "
+                         "fp8 (converted layers) and DDP (fixed gradient buckets) cannot follow: use compile=False, "
+                         "fp8=False and one process")
     if cfg["fp8"]:
         float8_training(model, head=cfg["fp8_head"])
     if cfg["compile"]:
@@ -386,7 +391,7 @@ def run_training(cfg):
               f"({raw_model.num_params(False) / 1e6:.2f}M with), {tokens_per_step:,} tokens per step")
 
     save = functools.partial(save_run, raw_model=raw_model, optimizers=(optimizer, memory_optimizer),
-                             model_args=model_args, cfg=cfg, meta=meta, loop=loop)
+                             cfg=cfg, meta=meta, loop=loop)
     losses = {"train": float("nan"), "val": float("nan")}
     window_steps, window_time = 0, 0.0  # steps and seconds since the last log line, for tokens/s
     compiling = cfg["compile"]  # the first step compiles; its time is logged apart from training time
@@ -425,6 +430,9 @@ def run_training(cfg):
                 group["lr"] = lr * group.get("lr_scale", 1.0)
             loss, batch = train_step(model, optimizers, batch, fetch, accum, autocast, cfg["grad_clip"], world_size > 1,
                                      distill)
+            if raw_model.config.grow_heads and (changes := raw_model.update_heads(optimizers)) and master:
+                tqdm.write(f"step {step + 1}: " + "; ".join(changes))
+                append_jsonl(metrics_path, {"step": step + 1, "layer_heads": list(raw_model.config.layer_heads)})
             step = loop.step = step + 1
             # the loss is read (a host sync) only at log steps, so the GPU never waits on Python; a step
             # before an evaluation logs too, so its GPU work counts as training time, not evaluation
