@@ -194,9 +194,6 @@ class Rotary(nn.Module):
         return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
-GATE_SCALE = 10.0  # a head gate is sigmoid(10 c): Adam moves c by about lr a step, so gates move 10x faster than weights
-
-
 class KVCache:
     """Keys and values of every layer, preallocated for the whole context at a fixed shape.
 
@@ -231,6 +228,9 @@ class KVCache:
     def previous_output(self, layer, positions):
         """The layer's output (B, T, C) at each position before `positions`."""
         return self.outputs[layer][:, positions]
+
+
+GATE_SCALE = 10.0  # a head gate is sigmoid(10 c): Adam moves c by about lr a step, so gates move 10x faster than weights
 
 
 class CausalSelfAttention(nn.Module):

@@ -30,11 +30,11 @@ def tiny_model(block_size=16, **kw):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_cached_generation_matches_uncached_under_every_layout(layout):
-    model = tiny_model(**LAYOUTS[layout])
+    model = tiny_model(block_size=8, **LAYOUTS[layout])
     idx = torch.randint(0, 20, (2, 3))
-    # 16 new tokens run past block_size=16, so the cache refill path is covered too
-    cached = model.generate(idx, 16, temperature=0.0, use_cache=True)
-    plain = model.generate(idx, 16, temperature=0.0, use_cache=False)
+    # 9 new tokens run past block_size=8, so the cache refill path is covered too
+    cached = model.generate(idx, 9, temperature=0.0, use_cache=True)
+    plain = model.generate(idx, 9, temperature=0.0, use_cache=False)
     assert torch.equal(cached, plain)
 
 
