@@ -2,15 +2,17 @@
 Does every layer need the same shape? Per-layer widths and windows, layerwise feedback, growing heads (issue 10).
 
     python experiments/shapes.py --experiment=layouts     # uniform vs diamond/hourglass widths vs narrow-early windows
-    python experiments/shapes.py --experiment=feedback    # feedback vs dense on shakespeare_char, and running parity
+    python experiments/shapes.py --experiment=feedback    # feedback vs dense on shakespeare_char
+    python experiments/shapes.py --experiment=parity      # running parity over streams longer than the block
     python experiments/shapes.py --experiment=heads       # heads grown from 2 per layer vs fixed 2/4/6 heads
     python experiments/shapes.py --experiment=heads --device=cuda --base_config=config/shakespeare_char.py \\
         --train_overrides="{}" --head_size_heads=6 --max_iters=300 --eval_interval=50  # larger, on a GPU
 
 Each writes <out_dir>/<experiment>.json (config, command, numbers) and <experiment>.png, with the training
 runs under <out_dir>/<experiment>/. Every run is train.train on base_config (config/cpu_quick.py: 4 layers,
-block 64, Muon; here 64 wide, batch 8, 150 steps) plus the variant's model keys, at the same seed and steps. "Equal time" reads each val curve at the shortest run's training seconds (linear
-between evaluations); on a shared CPU those seconds are noisy, so compare tokens/s with care.
+block 64, Muon; here 64 wide, batch 8, 150 steps) plus the variant's model keys, at the same seed and
+steps. "Equal time" reads each val curve at the shortest run's training seconds (linear between
+evaluations); on a shared CPU those seconds are noisy, so compare tokens/s with care.
 """
 import json
 import math
@@ -29,7 +31,7 @@ from plot import read_metrics  # noqa: E402
 from runtime import claim_out_dir, resolve_device  # noqa: E402
 
 DEFAULTS = dict(
-    experiment="layouts",         # layouts | feedback | heads
+    experiment="layouts",         # layouts | feedback | parity | heads
     out_dir="out/shapes",
     overwrite=False,              # True: move an earlier result of the same experiment aside and rerun
     base_config="config/cpu_quick.py",
@@ -50,7 +52,7 @@ DEFAULTS = dict(
     # feedback: running parity of a bit stream, trained on block-long streams, tested on longer ones
     parity_block=16,
     parity_test_blocks=4,         # test streams are this many blocks long; state crosses blocks only by feedback
-    parity_steps=300,
+    parity_steps=2000,
     parity_batch=32,
     parity_layers=2,
     parity_embd=32,
@@ -81,6 +83,8 @@ def variants(cfg, base):
                 "narrow_early_windows": {"attn_windows": narrow_early_windows(L, block)}}
     if cfg["experiment"] == "feedback":
         return {"dense": {}, "feedback": {"feedback": 1}}
+    if cfg["experiment"] == "parity":
+        return {}  # no shakespeare runs: see parity_run
     if cfg["experiment"] == "heads":
         heads = {"n_head": cfg["head_size_heads"], "max_heads": cfg["max_heads"]}
         runs = {"grown": heads | {"head_gates": True, "grow_heads": True, "grow_patience": cfg["grow_patience"],
@@ -88,7 +92,7 @@ def variants(cfg, base):
         for h in cfg["fixed_heads"]:
             runs[f"fixed_{h}"] = heads | {"layer_heads": [h] * L}
         return runs
-    raise SystemExit(f"experiment must be layouts, feedback or heads, got {cfg['experiment']!r}")
+    raise SystemExit(f"experiment must be layouts, feedback, parity or heads, got {cfg['experiment']!r}")
 
 
 # ----------------------------------------------------------------------------- runs and their numbers
@@ -179,8 +183,9 @@ def plot(cfg, results, parity, png):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    panels = 3 if parity or cfg["experiment"] == "heads" else 2
-    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4))
+    panels = 1 if parity else 3 if cfg["experiment"] == "heads" else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4), squeeze=False)
+    axes = axes[0]
     for i, (name, r) in enumerate(results.items()):
         label = f"{name} ({r['params'] / 1e6:.2f}M, {r['tokens_per_s']:,.0f} tok/s)"
         for ax, x in zip(axes, ("step", "train_time")):
@@ -189,7 +194,8 @@ def plot(cfg, results, parity, png):
             ax.set_xlabel("step" if x == "step" else "training seconds")
             ax.set_ylabel("val loss")
             ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    if results:
+        axes[0].legend(fontsize=7)
     if cfg["experiment"] == "heads":
         grown = results["grown"]
         points = [(s, sum(h)) for s, h in grown["layer_heads"]] + [(grown["curve"][-1]["step"], sum(grown["final_layer_heads"]))]
@@ -199,12 +205,12 @@ def plot(cfg, results, parity, png):
         axes[2].grid(alpha=0.3)
     if parity:
         for i, r in enumerate(parity.values()):
-            axes[2].plot(r["accuracy_by_position"], color=f"C{i}", label=f"feedback={r['feedback']}")
+            axes[0].plot(r["accuracy_by_position"], color=f"C{i}", label=f"feedback={r['feedback']}")
         for edge in range(cfg["parity_block"], len(r["accuracy_by_position"]), cfg["parity_block"]):
-            axes[2].axvline(edge, color="gray", lw=0.5)
-        axes[2].set_xlabel("position in the stream (gray: block edges)")
-        axes[2].set_ylabel("running-parity accuracy")
-        axes[2].legend()
+            axes[0].axvline(edge, color="gray", lw=0.5)
+        axes[0].set_xlabel("position in the stream (gray: block edges)")
+        axes[0].set_ylabel("running-parity accuracy")
+        axes[0].legend()
     fig.suptitle(f"experiments/shapes.py --experiment={cfg['experiment']} (seed {cfg['seed']})")
     fig.tight_layout()
     tmp = png + ".tmp.png"
@@ -225,11 +231,11 @@ def main(argv):
         k: cfg[k] for k in ("device", "max_iters", "eval_interval", "eval_iters")} | {"log_interval": cfg["eval_interval"]}
     runs = os.path.join(folder, "runs")
     results = {name: run_variant(name, keys, cfg, base, runs) for name, keys in variants(cfg, base).items()}
-    equal_time = min(r["train_time"] for r in results.values())
+    equal_time = min((r["train_time"] for r in results.values()), default=0.0)
     for r in results.values():
         r["val_loss_at_equal_time"] = val_at_time(r["curve"], equal_time)
     parity = None
-    if cfg["experiment"] == "feedback":
+    if cfg["experiment"] == "parity":
         device = resolve_device(cfg["device"])
         parity = {f"feedback={k}": parity_run(k, cfg, device) for k in (0, 1)}
     print(f"\n{'variant':22s} {'params':>9s} {'tokens/s':>9s} {'val @ equal steps':>18s} {'val @ ' + format(equal_time, '.0f') + ' s':>10s}")
