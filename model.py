@@ -343,10 +343,13 @@ class Block(nn.Module):
         self.feedback_proj = None if self.feedback_source is None else nn.Linear(config.n_embd, config.n_embd, bias=False)
 
     def forward(self, x, rotary, positions, cache=None, feedback=None):
+        fb = None
         if self.feedback_proj is not None:  # feedback: a cache holding every layer's earlier outputs
-            x = x + self.feedback_proj(norm(feedback.previous_output(self.feedback_source, positions)))
-        x = x + self.dropout(self.attn(norm(x), rotary, positions, cache))
-        x = x + self.dropout(self.ffn(norm(x)))
+            fb = self.feedback_proj(norm(feedback.previous_output(self.feedback_source, positions)))
+        # the feedback joins each sublayer's normalised input, at its scale: added to the raw stream (RMS 0.02
+        # at layer 0) it drowned the tokens (shakespeare_char val 3.3 against dense 2.3, EXPERIMENTS.md)
+        x = x + self.dropout(self.attn(norm(x) if fb is None else norm(x) + fb, rotary, positions, cache))
+        x = x + self.dropout(self.ffn(norm(x) if fb is None else norm(x) + fb))
         if cache is not None and cache.outputs:  # for the layers that read this one at the next position
             cache.write_output(self.layer_idx, x, positions)
         return x
