@@ -186,7 +186,9 @@ def resume_model_args(cfg, state, meta):
         raise SystemExit(f"block_size={cfg['block_size']} is larger than the checkpoint model's "
                          f"{model_args['block_size']}")
     saved = {k: model_args.get(k, DEFAULTS[k]) for k in MODEL_KEYS}  # an older checkpoint may lack newer keys
-    set_keys = [k for k in MODEL_KEYS if k != "block_size" and cfg[k] != DEFAULTS[k] and cfg[k] != saved[k]]
+    # layer_heads is the checkpoint's: head growth rewrites it, while the run's config names the starting heads
+    set_keys = [k for k in MODEL_KEYS if k not in ("block_size", "layer_heads") and cfg[k] != DEFAULTS[k]
+                and cfg[k] != saved[k]]
     changed = [k for k in set_keys if k not in RESUME_MAY_CHANGE]
     if changed:
         raise SystemExit("resuming keeps the checkpoint's model, but you set " +
