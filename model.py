@@ -52,6 +52,18 @@ class GPTConfig:
     backprop_loops: int = 0      # k > 0: gradients through the last k loops only, earlier loops run under no_grad
     inject: str = "add"          # how the core re-reads the prelude's output e each loop: add | concat | none
     exit_tol: float = 0.0        # > 0: a token stops looping once its state moves less than this (relative), no-cache eval only
+    # per-layer shapes (research notes 002): empty lists mean every layer alike
+    mlp_ratios: list = field(default_factory=list)    # MLP width of each layer, as a multiple of n_embd (default 4)
+    attn_windows: list = field(default_factory=list)  # sliding attention window of each layer in tokens; 0 = full
+    feedback: int = 0            # k > 0: layer l also reads layer l+k's output at the previous position (notes 003)
+    # hydra heads (notes 003): each head's output scaled by a learned sigmoid gate; growth adds and prunes heads
+    head_gates: bool = False
+    layer_heads: list = field(default_factory=list)  # live heads of each layer (head size n_embd // n_head); growth rewrites it
+    grow_heads: bool = False     # add a head to a layer whose gates all stay open, drop a head whose gate stays shut
+    grow_above: float = 0.9      # "open": every gate of the layer above this ...
+    prune_below: float = 0.1     # "shut": a gate below this ...
+    grow_patience: int = 100     # ... for this many consecutive training steps
+    max_heads: int = 16          # growth stops at this many heads in a layer
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
@@ -74,6 +86,7 @@ class GPTConfig:
         if self.memory == "knn" and not 1 <= self.memory_topk <= self.knn_capacity:
             raise ValueError(f"memory_topk={self.memory_topk} must be between 1 and knn_capacity")
         self.check_loops()
+        self.check_shapes()
 
     def check_loops(self):
         if not self.n_core:
@@ -106,6 +119,47 @@ class GPTConfig:
     def cache_layers(self, loops):
         """Attention layers a KV cache needs: every application of a core block has its own keys and values."""
         return self.n_layer + self.n_core * ((loops or self.loops) - 1)
+
+    def check_shapes(self):
+        for name in ("mlp_ratios", "attn_windows", "layer_heads"):
+            if getattr(self, name) and len(getattr(self, name)) != self.n_layer:
+                raise ValueError(f"{name} has {len(getattr(self, name))} entries but the model has "
+                                 f"n_layer={self.n_layer} layers: give one per layer, or [] for all alike")
+        if any(not r > 0 for r in self.mlp_ratios):
+            raise ValueError(f"mlp_ratios={self.mlp_ratios}: every ratio must be > 0")
+        for w in self.attn_windows:
+            if w is not None and not 0 <= w <= self.block_size:
+                raise ValueError(f"attention window {w} is outside 0..block_size={self.block_size} "
+                                 f"(0 or None means full context)")
+        if not 0 <= self.feedback < self.n_layer:
+            raise ValueError(f"feedback={self.feedback} must be 0 (off) or a layer offset below n_layer={self.n_layer}")
+        if self.layer_heads and self.n_kv_head:
+            raise ValueError("layer_heads with n_kv_head (grouped-query attention) is not supported: set n_kv_head=0")
+        if any(not 1 <= h <= self.max_heads for h in self.layer_heads):
+            raise ValueError(f"layer_heads={self.layer_heads}: each layer needs 1..max_heads={self.max_heads} heads")
+        if self.grow_heads and not self.head_gates:
+            raise ValueError("grow_heads needs head_gates=True: growth and pruning read the gates")
+        if self.grow_heads and self.n_kv_head:
+            raise ValueError("grow_heads with n_kv_head (grouped-query attention) is not supported: set n_kv_head=0")
+        if self.n_core and (self.layer_heads or self.grow_heads or self.feedback):
+            raise ValueError("layer_heads, grow_heads and feedback are not supported with a looped core (n_core > 0)")
+        if self.grow_heads:  # growth records the live heads here, in a list of its own (never the caller's)
+            self.layer_heads = list(self.layer_heads) or [self.n_head] * self.n_layer
+
+    def heads(self, layer):
+        """(query heads, key/value heads) of one layer; layer_heads, where set, overrides n_head (no GQA then)."""
+        if self.layer_heads:
+            return self.layer_heads[layer], self.layer_heads[layer]
+        return self.n_head, self.kv_heads
+
+    def window(self, layer):
+        """The layer's sliding attention window in tokens, or 0 for the full context."""
+        return (self.attn_windows[layer] or 0) if self.attn_windows else 0
+
+    def feedback_source(self, layer):
+        """The layer whose previous-position output this layer reads, or None."""
+        source = layer + self.feedback
+        return source if self.feedback and source < self.n_layer else None
 
     @property
     def kv_heads(self):
@@ -150,12 +204,16 @@ class KVCache:
 
     def __init__(self, config, batch_size, device, dtype, loops=None):
         hs = config.n_embd // config.n_head
-        shape = (batch_size, config.kv_heads, config.block_size, hs)
-        n = config.cache_layers(loops)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)]
+        n = config.cache_layers(loops)  # per-layer heads and feedback need a plain stack (check_shapes), so n = n_layer there
+        shapes = [(batch_size, config.heads(min(i, config.n_layer - 1))[1], config.block_size, hs) for i in range(n)]
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for shape in shapes]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for shape in shapes]
         self.slots = torch.arange(config.block_size, device=device)  # the position each slot holds
         self.shift = 0  # a looped model's loop i writes its core layers shift = i * n_core entries further on
+        # layerwise feedback: each layer's output at every position, one slot ahead (slot p + 1 holds
+        # position p), so slot 0 is the state before position 0: zeros, or a previous window's last output
+        self.outputs = [torch.zeros(batch_size, config.block_size + 1, config.n_embd, device=device, dtype=dtype)
+                        for _ in range(config.n_layer)] if config.feedback else []
 
     def update(self, layer, k, v, positions):
         """Write k, v (B, nkv, T, hs) at positions (T,); return the whole cache (B, nkv, block_size, hs)."""
@@ -164,18 +222,35 @@ class KVCache:
         self.v[layer].index_copy_(2, positions, v)
         return self.k[layer], self.v[layer]
 
+    def write_output(self, layer, x, positions):
+        self.outputs[layer].index_copy_(1, positions + 1, x.detach())
+
+    def previous_output(self, layer, positions):
+        """The layer's output (B, T, C) at each position before `positions`."""
+        return self.outputs[layer][:, positions]
+
+
+GATE_SCALE = 10.0  # a head gate is sigmoid(10 c): Adam moves c by about lr a step, so gates move 10x faster than weights
+
 
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config, layer_idx):
         super().__init__()
         self.layer_idx = layer_idx
-        self.n_head, self.n_kv_head = config.n_head, config.kv_heads
+        self.n_head, self.n_kv_head = config.heads(layer_idx)
         self.head_size = config.n_embd // config.n_head
-        self.q_proj = nn.Linear(config.n_embd, config.n_head * self.head_size, bias=False)
+        self.q_proj = nn.Linear(config.n_embd, self.n_head * self.head_size, bias=False)
         self.kv_proj = nn.Linear(config.n_embd, 2 * self.n_kv_head * self.head_size, bias=False)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.c_proj = nn.Linear(self.n_head * self.head_size, config.n_embd, bias=False)
         self.dropout = config.dropout
+        # sliding window: early layers that parse need little context (research notes 002; Longformer, Beltagy et al. 2020)
+        self.window = config.window(layer_idx)
+        # hydra gates: sigmoid(c_h) scales head h, so growth sees which heads work hard and which idle (notes 003)
+        self.head_gate = nn.Parameter(torch.zeros(self.n_head)) if config.head_gates else None
+        if config.grow_heads:  # consecutive steps the layer's gates were all open / each head's gate was shut
+            self.register_buffer("open_streak", torch.zeros((), dtype=torch.long))
+            self.register_buffer("shut_streak", torch.zeros(self.n_head, dtype=torch.long))
 
     def forward(self, x, rotary, positions, cache=None):
         B, T, C = x.size()
@@ -183,25 +258,72 @@ class CausalSelfAttention(nn.Module):
         k, v = self.kv_proj(x).view(B, T, 2, self.n_kv_head, self.head_size).permute(2, 0, 3, 1, 4)  # (B, nkv, T, hs)
         # QK-norm: keeps attention logits bounded at high learning rates (Henry et al. 2020)
         q, k = rotary(norm(q), positions), rotary(norm(k), positions)
-        if cache is None:  # training: a fresh sequence, the flash-attention causal path
+        if cache is None and not self.window:  # training: a fresh sequence, the flash-attention causal path
             mask, is_causal = None, True
         else:  # a query sees the cached slots up to its own position; shapes stay static for CUDA graphs
-            k, v = cache.update(self.layer_idx, k, v, positions)  # (B, nkv, block_size, hs)
-            mask, is_causal = cache.slots <= positions[:, None], False  # (T, block_size)
+            key_positions = positions
+            if cache is not None:
+                k, v = cache.update(self.layer_idx, k, v, positions)  # (B, nkv, block_size, hs)
+                key_positions = cache.slots
+            mask, is_causal = key_positions <= positions[:, None], False  # (T, block_size or T)
+            if self.window:  # a band: only the last `window` positions, its own included
+                mask = mask & (key_positions > positions[:, None] - self.window)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            dropout_p=self.dropout if self.training else 0.0,
                                            enable_gqa=self.n_kv_head != self.n_head)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        if self.head_gate is not None:
+            y = y * torch.sigmoid(GATE_SCALE * self.head_gate)[:, None, None]
+        y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_size)
         return self.c_proj(y)
+
+    def gates(self):
+        return torch.sigmoid(GATE_SCALE * self.head_gate.detach())
+
+    def edit_heads(self, keep, add, optimizers):
+        """Keep the heads `keep` (a list of indices), then append `add` new heads; in place, optimizer state included.
+
+        A new head's q/k/v rows are drawn from the mean and std of the existing ones and its output columns
+        start at zero, so the layer computes the same function at the moment it grows.
+        """
+        C, hs, nh = self.c_proj.out_features, self.head_size, self.n_head
+        keep = torch.tensor(keep, dtype=torch.long, device=self.c_proj.weight.device)
+
+        def drawn(w):  # (add, hs, C) rows with w's mean and std
+            return torch.randn(add, hs, C, device=w.device, dtype=w.dtype) * w.std() + w.mean()
+        half = self.kv_proj.weight.size(0) // 2  # keys' rows, then values' rows
+        # (module, tensor name, its shape with a head axis, that axis, flat shape after the edit, the new heads' slices)
+        edits = [(self.q_proj, "weight", (nh, hs, C), 0, (-1, C), drawn(self.q_proj.weight)),
+                 (self.kv_proj, "weight", (2, nh, hs, C), 1, (-1, C),
+                  torch.stack((drawn(self.kv_proj.weight[:half]), drawn(self.kv_proj.weight[half:])))),
+                 (self.c_proj, "weight", (C, nh, hs), 1, (C, -1), self.c_proj.weight.new_zeros(C, add, hs)),
+                 (self, "head_gate", (nh,), 0, (-1,), self.head_gate.new_zeros(add))]
+        if hasattr(self, "shut_streak"):
+            edits.append((self, "shut_streak", (nh,), 0, (-1,), self.shut_streak.new_zeros(add)))
+        for module, name, view, axis, flat, extra in edits:
+            def resize(t, extra):
+                return torch.cat((t.reshape(view).index_select(axis, keep), extra), axis).reshape(flat)
+            old = getattr(module, name)
+            # a new Parameter (autograd keeps a leaf's shape), put where the old one was in every optimizer
+            new = nn.Parameter(resize(old.detach(), extra)) if isinstance(old, nn.Parameter) else resize(old, extra)
+            setattr(module, name, new)
+            for opt in optimizers:
+                for group in opt.param_groups:
+                    group["params"] = [new if p is old else p for p in group["params"]]
+                if old in opt.state:  # the moments follow their heads; a new head's start at zero
+                    opt.state[new] = {k: resize(m, torch.zeros_like(extra)) if torch.is_tensor(m) and m.shape == old.shape
+                                      else m for k, m in opt.state.pop(old).items()}
+        self.n_head = self.n_kv_head = len(keep) + add
 
 
 class MLP(nn.Module):
     """Squared-ReLU feed-forward (Primer, So et al. 2021): cheaper than GELU, trains better."""
 
-    def __init__(self, config):
+    def __init__(self, config, layer_idx=0):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+        # per-layer width: do early (parsing) and late (writing) layers need as much as the middle? (notes 002)
+        hidden = round(config.mlp_ratios[layer_idx] * config.n_embd) if config.mlp_ratios else 4 * config.n_embd
+        self.c_fc = nn.Linear(config.n_embd, hidden, bias=False)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=False)
 
     def forward(self, x):
         return self.c_proj(F.relu(self.c_fc(x)).square())
@@ -215,10 +337,21 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.ffn = make_ffn(config, layer_idx)
         self.dropout = nn.Dropout(config.dropout)
+        # layerwise feedback: a higher layer's output at the previous position enters as input, a recurrence
+        # past the context window (Feedback Transformer, Fan et al. 2020, per layer pair and unpooled: notes 003)
+        self.layer_idx, self.feedback_source = layer_idx, config.feedback_source(layer_idx)
+        self.feedback_proj = None if self.feedback_source is None else nn.Linear(config.n_embd, config.n_embd, bias=False)
 
-    def forward(self, x, rotary, positions, cache=None):
-        x = x + self.dropout(self.attn(norm(x), rotary, positions, cache))
-        x = x + self.dropout(self.ffn(norm(x)))
+    def forward(self, x, rotary, positions, cache=None, feedback=None):
+        fb = None
+        if self.feedback_proj is not None:  # feedback: a cache holding every layer's earlier outputs
+            fb = self.feedback_proj(norm(feedback.previous_output(self.feedback_source, positions)))
+        # the feedback joins each sublayer's normalised input, at its scale: added to the raw stream (RMS 0.02
+        # at layer 0) it drowned the tokens (shakespeare_char val 3.3 against dense 2.3, EXPERIMENTS.md)
+        x = x + self.dropout(self.attn(norm(x) if fb is None else norm(x) + fb, rotary, positions, cache))
+        x = x + self.dropout(self.ffn(norm(x) if fb is None else norm(x) + fb))
+        if cache is not None and cache.outputs:  # for the layers that read this one at the next position
+            cache.write_output(self.layer_idx, x, positions)
         return x
 
 
@@ -246,6 +379,8 @@ class GPT(nn.Module):
             if name.endswith("c_proj.weight"):
                 # residual writes scaled by depth so the stream's variance stays put (GPT-2 paper)
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+            if name.endswith("feedback_proj.weight"):
+                nn.init.zeros_(p)  # feedback starts silent: the model begins as the plain one
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -271,20 +406,38 @@ class GPT(nn.Module):
         if isinstance(pos, int) and pos + T > self.config.block_size:
             raise ValueError(f"sequence of {pos + T} tokens is longer than block_size={self.config.block_size}")
         positions = pos + torch.arange(T, device=idx.device)  # (T,)
+        feedback = self.feedback_pass(idx, cache, pos) if self.config.feedback else None
         x = self.drop(self.wte(idx))  # (B, T, C)
         if self.config.n_core:
             return norm(self.looped(x, positions, cache, loops))
         if loops is not None:
             raise ValueError(f"loops={loops} needs a looped model (n_core > 0)")
         for block in self.blocks:
-            x = self.run_block(block, x, positions, cache)
+            x = self.run_block(block, x, positions, cache, feedback)
         return norm(x)
 
-    def run_block(self, block, x, positions, cache):
+    def run_block(self, block, x, positions, cache, feedback=None):
         """One block; under checkpoint_activations its activations are recomputed in backward, not kept."""
         if self.config.checkpoint_activations and self.training and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(block, x, self.rotary, positions, cache, use_reentrant=False)
-        return block(x, self.rotary, positions, cache)
+            return torch.utils.checkpoint.checkpoint(block, x, self.rotary, positions, cache, feedback,
+                                                     use_reentrant=False)
+        return block(x, self.rotary, positions, cache, feedback)
+
+    def feedback_pass(self, idx, cache=None, pos=0):
+        """A KV cache holding every layer's output at each position before idx's (layerwise feedback).
+
+        Position t reads outputs at t - 1, so they come from an exact recurrent pass, one token at a time,
+        without gradient. Approximation (training only): the feedback is an input, with no backpropagation
+        through time; the pass after this recomputes the same outputs in parallel, with gradients for the rest.
+        """
+        if cache is not None and idx.size(1) == 1:  # a decode step: the cache already holds the past
+            return cache
+        if cache is None:
+            cache = KVCache(self.config, idx.size(0), idx.device, self.wte.weight.dtype)
+        with torch.no_grad():
+            for t in range(idx.size(1)):
+                self.hidden(idx[:, t:t + 1], cache, pos + t)
+        return cache
 
     def looped(self, x, positions, cache, loops):
         """Prelude, the core applied `loops` times re-reading the prelude's output, coda (B, T, C)."""
@@ -396,7 +549,7 @@ class GPT(nn.Module):
                 # path sees, so both paths produce identical tokens
                 cache = KVCache(self.config, idx.size(0), idx.device, self.wte.weight.dtype, loops)
                 if compile:  # the cache's buffers keep their addresses, so the CUDA graph may write them
-                    for t in cache.k + cache.v:
+                    for t in cache.k + cache.v + cache.outputs:
                         torch._dynamo.mark_static_address(t)
                 context = idx[:, -block_size:]
                 pos = context.size(1)
@@ -445,6 +598,29 @@ class GPT(nn.Module):
     def knn_stores(self):
         """{layer index: KNNStore} of the kNN memory layers (empty for other models)."""
         return {i: block.ffn.store for i, block in enumerate(self.blocks) if isinstance(block.ffn, KNNMemory)}
+
+    @torch.no_grad()
+    def update_heads(self, optimizers):
+        """After a training step (grow_heads): a layer whose gates all stayed open for grow_patience steps
+        gains a head; heads whose gates stayed shut that long are dropped (one head always stays).
+        Returns a line per change; config.layer_heads follows, so checkpoints record the live heads."""
+        cfg, changes = self.config, []
+        for i, block in enumerate(self.blocks):
+            attn = block.attn
+            gates = attn.gates()
+            attn.open_streak.copy_((attn.open_streak + 1) * (gates > cfg.grow_above).all())
+            attn.shut_streak.copy_((attn.shut_streak + 1) * (gates < cfg.prune_below))
+            shut = (attn.shut_streak >= cfg.grow_patience).nonzero().flatten().tolist()
+            if shut and attn.n_head > 1:
+                keep = [h for h in range(attn.n_head) if h not in shut] or [int(gates.argmax())]
+                changes.append(f"layer {i}: pruned {attn.n_head - len(keep)} shut head(s), {len(keep)} left")
+                attn.edit_heads(keep, 0, optimizers)
+            elif attn.open_streak >= cfg.grow_patience and attn.n_head < cfg.max_heads:
+                attn.edit_heads(list(range(attn.n_head)), 1, optimizers)
+                attn.open_streak.zero_()
+                changes.append(f"layer {i}: gates all open, grew to {attn.n_head} heads")
+            cfg.layer_heads[i] = attn.n_head
+        return changes
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer="adamw", muon_lr=0.02,
                              memory_lr_scale=1.0):
@@ -660,7 +836,7 @@ def make_ffn(config, layer_idx):
     """The feed-forward for one layer: the seam where a memory layer replaces the MLP."""
     if layer_idx in config.memory_layers:
         return ProductKeyMemory(config) if config.memory == "pkm" else KNNMemory(config)
-    return MLP(config)
+    return MLP(config, layer_idx)
 
 
 # ----------------------------------------------------------------------------- sampling

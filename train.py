@@ -200,7 +200,9 @@ def resume_model_args(cfg, state, meta):
         raise SystemExit(f"block_size={cfg['block_size']} is larger than the checkpoint model's "
                          f"{model_args['block_size']}")
     saved = {k: model_args.get(k, DEFAULTS[k]) for k in MODEL_KEYS}  # an older checkpoint may lack newer keys
-    set_keys = [k for k in MODEL_KEYS if k != "block_size" and cfg[k] != DEFAULTS[k] and cfg[k] != saved[k]]
+    # layer_heads is the checkpoint's: head growth rewrites it, while the run's config names the starting heads
+    set_keys = [k for k in MODEL_KEYS if k not in ("block_size", "layer_heads") and cfg[k] != DEFAULTS[k]
+                and cfg[k] != saved[k]]
     changed = [k for k in set_keys if k not in RESUME_MAY_CHANGE]
     if changed:
         raise SystemExit("resuming keeps the checkpoint's model, but you set " +
@@ -265,10 +267,11 @@ def fetch_batch(loop, meta, cfg, generator, device, rank=0, world_size=1, noise=
     return (x, y) if noise is None else noise(x, y, loop.sampler_state)
 
 
-def save_run(path, raw_model, optimizers, model_args, cfg, meta, loop, val_loss):
+def save_run(path, raw_model, optimizers, cfg, meta, loop, val_loss):
     """ckpt.pt or best.pt: the model, both optimizers and the loop state (kNN stores in a folder beside it)."""
     optimizer, memory_optimizer = optimizers
-    save_checkpoint(path, {"model_args": model_args, "model": raw_model.state_dict(),
+    # model_args: the model's shape as it is now (head growth rewrites config.layer_heads)
+    save_checkpoint(path, {"model_args": dataclasses.asdict(raw_model.config), "model": raw_model.state_dict(),
                            "optimizer": optimizer.state_dict(), "config": cfg, "step": loop.step,
                            "memory_optimizer": memory_optimizer.state_dict() if memory_optimizer else None,
                            "best_val": loop.best_val, "train_time": loop.train_time, "val_loss": val_loss,
@@ -381,6 +384,10 @@ def run_training(cfg):
             truncate_jsonl(metrics_path, loop.step)
         del state
     raw_model = model
+    if model.config.grow_heads and (cfg["compile"] or cfg["fp8"] or world_size > 1):
+        raise SystemExit("grow_heads changes parameter shapes during training, which torch.compile (fixed graphs), "
+                         "fp8 (converted layers) and DDP (fixed gradient buckets) cannot follow: use compile=False, "
+                         "fp8=False and one process")
     if cfg["fp8"]:
         float8_training(model, head=cfg["fp8_head"])
     if cfg["compile"]:
@@ -403,7 +410,7 @@ def run_training(cfg):
               f"({raw_model.num_params(False) / 1e6:.2f}M with), {tokens_per_step:,} tokens per step")
 
     save = functools.partial(save_run, raw_model=raw_model, optimizers=(optimizer, memory_optimizer),
-                             model_args=model_args, cfg=cfg, meta=meta, loop=loop)
+                             cfg=cfg, meta=meta, loop=loop)
     instruments = EvalInstruments(cfg["block_size"], cfg["position_buckets"], cfg["eval_position_loss"], cfg["eval_token_watch"],
                                   unigram(meta) if cfg["eval_token_watch"] else None) \
         if cfg["eval_position_loss"] or cfg["eval_token_watch"] else None
@@ -450,6 +457,9 @@ def run_training(cfg):
                 group["lr"] = lr * group.get("lr_scale", 1.0)
             loss, batch = train_step(model, optimizers, batch, fetch, accum, autocast, cfg["grad_clip"], world_size > 1,
                                      distill)
+            if raw_model.config.grow_heads and (changes := raw_model.update_heads(optimizers)) and master:
+                tqdm.write(f"step {step + 1}: " + "; ".join(changes))
+                append_jsonl(metrics_path, {"step": step + 1, "layer_heads": list(raw_model.config.layer_heads)})
             step = loop.step = step + 1
             # the loss is read (a host sync) only at log steps, so the GPU never waits on Python; a step
             # before an evaluation logs too, so its GPU work counts as training time, not evaluation
