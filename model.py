@@ -148,12 +148,13 @@ class KVCache:
     torch.compile(mode="reduce-overhead") replay it as one CUDA graph.
     """
 
-    def __init__(self, config, batch_size, device, dtype, loops=None):
+    def __init__(self, config, batch_size, device, dtype, loops=None, kv_heads=None):
         hs = config.n_embd // config.n_head
-        shape = (batch_size, config.kv_heads, config.block_size, hs)
         n = config.cache_layers(loops)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)]
+        kv_heads = kv_heads or [config.kv_heads] * n  # per cache layer: pruning may remove heads
+        shapes = [(batch_size, h, config.block_size, hs) for h in kv_heads]
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for shape in shapes]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for shape in shapes]
         self.slots = torch.arange(config.block_size, device=device)  # the position each slot holds
         self.shift = 0  # a looped model's loop i writes its core layers shift = i * n_core entries further on
 
@@ -191,7 +192,7 @@ class CausalSelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            dropout_p=self.dropout if self.training else 0.0,
                                            enable_gqa=self.n_kv_head != self.n_head)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, -1)  # (B, T, nh * hs): a pruned layer may have fewer heads
         return self.c_proj(y)
 
 
@@ -394,7 +395,10 @@ class GPT(nn.Module):
             elif cache is None or pos + 1 > block_size:
                 # (re)fill the cache from the last block_size tokens: the same context the no-cache
                 # path sees, so both paths produce identical tokens
-                cache = KVCache(self.config, idx.size(0), idx.device, self.wte.weight.dtype, loops)
+                # the rotary tables carry the float dtype (a quantized model's embedding is int8); a pruned
+                # (never looped) model's layers may have fewer kv heads each
+                kv_heads = None if self.config.n_core else [block.attn.n_kv_head for block in self.blocks]
+                cache = KVCache(self.config, idx.size(0), idx.device, self.rotary.cos.dtype, loops, kv_heads)
                 if compile:  # the cache's buffers keep their addresses, so the CUDA graph may write them
                     for t in cache.k + cache.v:
                         torch._dynamo.mark_static_address(t)
@@ -528,7 +532,7 @@ class ProductKeyMemory(nn.Module):
     def forward(self, x):
         B, T, C = x.size()
         scores, index = self.lookup(x)  # (BT, H, k)
-        weights = scores.float().softmax(dim=-1).to(self.values.weight.dtype)
+        weights = scores.float().softmax(dim=-1).to(x.dtype)
         # one bag per token holding all heads' slots: the heads' reads are summed (Lample et al. 2019)
         read = self.values
         if self.values.sparse and torch.is_grad_enabled():
