@@ -276,7 +276,11 @@ def prune(cfg):
 # ----------------------------------------------------------------------------- measuring
 
 def peak_rss_gib():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    """This process's peak resident memory: VmHWM on Linux (ru_maxrss would carry the parent's peak across exec)."""
+    if os.path.exists("/proc/self/status"):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 2**20  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**30  # bytes on macOS
 
 
 @torch.no_grad()
@@ -295,6 +299,12 @@ def val_loss_of(model, state, cfg, device):
     return total / cfg["eval_iters"]
 
 
+def weight_bytes(weights):
+    """Bytes of the weights, each shared tensor (a tied embedding and head) counted once, masks not at all."""
+    unique = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in weights.values() if t.dtype != torch.bool}
+    return sum(unique.values())
+
+
 def measure(cfg):
     """Load a checkpoint or export, generate gen_tokens greedy tokens at batch 1, then the val loss: a dict."""
     device = resolve_device(cfg["device"])
@@ -309,18 +319,18 @@ def measure(cfg):
     state.pop("optimizer", None)
     prompt = torch.full((1, 1), state["model_args"]["vocab_size"] - 1, dtype=torch.long, device=device)
     stream = model.generate_stream(prompt, cfg["gen_tokens"], temperature=0.0, compile=cfg["compile"])
-    tokens = [int(next(stream)[0])]  # the prefill (and compilation) stay outside the timing
+    # the prefill and, when compiling, the first decode steps (compilation, CUDA graph capture) stay untimed
+    tokens = [int(t[0]) for _, t in zip(range(4 if cfg["compile"] else 1), stream)]
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
-    tokens += [int(t[0]) for t in stream]
+    timed = [int(t[0]) for t in stream]
     seconds = time.perf_counter() - t0
     result = {"file": cfg["ckpt"], "file_mib": os.path.getsize(cfg["ckpt"]) / 2**20,
-              "weights_mib": sum(t.numel() * t.element_size() for t in state["model"].values()
-                                 if t.dtype != torch.bool) / 2**20,
+              "weights_mib": weight_bytes(state["model"]) / 2**20,
               "format": state.get("quantization", {}).get("format", str(dtype).removeprefix("torch.")),
-              "device": str(device), "decode_tokens_per_s": (len(tokens) - 1) / seconds,
-              "peak_rss_gib": peak_rss_gib(), "rss_at_start_gib": rss_start, "tokens": tokens}
+              "device": str(device), "decode_tokens_per_s": len(timed) / seconds,
+              "peak_rss_gib": peak_rss_gib(), "rss_at_start_gib": rss_start, "tokens": tokens + timed}
     if device.type == "cuda":
         result["peak_gpu_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     result["val_loss"] = val_loss_of(model, state, cfg, device)

@@ -116,7 +116,6 @@ class Int4Linear(nn.Module):
         self.register_buffer("packed", packed)
         self.register_buffer("scale", scale)
         self.register_buffer("zero", zero)
-        self.kernel = None
 
     @property
     def group_size(self):
@@ -127,20 +126,22 @@ class Int4Linear(nn.Module):
         scales_and_zeros = torch.stack((self.scale, self.zero), dim=-1).transpose(0, 1).contiguous()  # (K/gs, N, 2)
         if device.type == "cpu":
             weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(self.packed).to(torch.int32), 1)
-            self.kernel = (torch.ops.aten._weight_int4pack_mm_for_cpu, weight, group_size, scales_and_zeros)
-        elif device.type == "cuda":
+            self.matmul = torch.ops.aten._weight_int4pack_mm_for_cpu
+        elif device.type == "cuda":  # tinygemm: bf16 activations, scales and zeros
             K = 2 * self.packed.size(1)
             inner_k_tiles = next(t for t in (8, 4, 2) if K % (t * 16) == 0)
             weight = torch.ops.aten._convert_weight_to_int4pack(self.packed.contiguous(), inner_k_tiles)
-            self.kernel = (torch.ops.aten._weight_int4pack_mm, weight, group_size, scales_and_zeros.to(torch.bfloat16))
+            self.matmul, scales_and_zeros = torch.ops.aten._weight_int4pack_mm, scales_and_zeros.to(torch.bfloat16)
         else:
             raise SystemExit(f"int4 has no kernel on {device.type}: export with --format=int8, or run on cpu or cuda")
-        del self.packed, self.scale, self.zero  # the kernel's copy replaces them
+        del self.packed, self.scale, self.zero  # the kernel's layout replaces them
+        self.group = group_size
+        self.register_buffer("kernel_weight", weight, persistent=False)
+        self.register_buffer("scales_and_zeros", scales_and_zeros, persistent=False)
 
     def forward(self, x):
-        mm, weight, group_size, scales_and_zeros = self.kernel
-        x2 = x.reshape(-1, x.size(-1)).to(scales_and_zeros.dtype)  # CUDA tinygemm takes bf16 only
-        y = mm(x2, weight, group_size, scales_and_zeros)
+        x2 = x.reshape(-1, x.size(-1)).to(self.scales_and_zeros.dtype)
+        y = self.matmul(x2, self.kernel_weight, self.group, self.scales_and_zeros)
         return y.to(x.dtype).view(*x.shape[:-1], -1)
 
 
