@@ -8,9 +8,10 @@ The ~1B µLM in about 1 GB: bf16 / int8 / int4 exports of the 1B and 354M shapes
 
 parts (each runs on its own; one that fails is recorded with its error and the rest still run; the JSON
 is rewritten after each):
-  train    the 1B shape (big: 36 layers x 1536, 12 heads) trained briefly on BPE shakespeare through
-           train.py (bf16, compile, AdamW): real weights, so the loss deltas mean something. It is brief
-           (train_iters steps), far from converged: the deltas are those of an early model.
+  train    the 1B shape (big: 36 layers x 1536, 12 heads, as config/gpu_1b.py) trained briefly on BPE
+           shakespeare through train.py (bf16, compile, Muon): real weights, so the loss deltas mean
+           something. It is brief (train_iters steps, ~1M tokens), far from converged: the deltas are
+           those of an early model, measured on shakespeare's val split.
   big      export it as bf16, int8 and int4 (compress.py), then for each, in a fresh process: file size,
            peak GPU memory to load it and generate gen_tokens greedy tokens at batch 1
            (torch.cuda.max_memory_allocated), peak CPU RSS, decode tokens/s (compiled decode step, CUDA
@@ -71,7 +72,8 @@ def train_big(cfg, run_dir):
                      n_head=n_head, block_size=cfg["block_size"], batch_size=cfg["batch_size"],
                      max_iters=cfg["train_iters"], eval_interval=cfg["train_iters"], eval_iters=cfg["eval_iters"],
                      warmup_iters=max(1, cfg["train_iters"] // 10), learning_rate=cfg["learning_rate"],
-                     min_lr=cfg["learning_rate"] / 10, compile=cfg["device"] != "cpu" and cfg["compile"], dropout=0.0)
+                     min_lr=cfg["learning_rate"] / 10, compile=cfg["device"] != "cpu" and cfg["compile"], dropout=0.0,
+                     optimizer="muon", muon_lr=0.02)  # config/gpu_1b.py's optimizer: one buffer per matrix
     t0 = time.perf_counter()
     losses = train.train(train_cfg)
     return {"val_loss": losses["val"], "train_loss": losses["train"], "seconds": time.perf_counter() - t0,
