@@ -105,8 +105,9 @@ def export_state(state, fmt, group_size, dtype):
     model = load_model(state)
     if fmt in ("int8", "int4"):
         quantize_model(model, fmt, group_size, dtype)
-    weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()
-               if not k.endswith("weight_mask")}  # masks only matter while training
+    cast = {}  # one cast per tensor, so a tied embedding and head stay one tensor in the file
+    weights = {k: cast.setdefault(id(v), v.to(dtype) if v.is_floating_point() else v)
+               for k, v in model.state_dict().items() if not k.endswith("weight_mask")}  # masks only matter in training
     config = state.get("config", {})
     return {"model_args": state["model_args"], "model": weights, "tokenizer": state.get("tokenizer"),
             "quantization": {"format": fmt, "group_size": group_size if fmt == "int4" else None},
@@ -122,7 +123,9 @@ def export(cfg):
     state = load_checkpoint(cfg["ckpt"])
     check_source(state, cfg["ckpt"])
     check_export_args(cfg, state)
-    dtype = getattr(torch, resolve_dtype(cfg["dtype"], resolve_device(cfg["device"])))
+    # a float format is its dtype; int8/int4 keep their scales (and any float weights) in --dtype
+    float_format = cfg["format"] if cfg["format"] in ("float32", "bfloat16") else None
+    dtype = getattr(torch, float_format or resolve_dtype(cfg["dtype"], resolve_device(cfg["device"])))
     out = export_path(cfg)
     if os.path.abspath(out) == os.path.abspath(cfg["ckpt"]):
         raise SystemExit("--out is the source checkpoint; the source is never overwritten: pick another path")

@@ -223,6 +223,8 @@ def build_export_model(config, weights, device):
         model = GPT(config)
     fit_to_state_dict(model, weights)
     model.load_state_dict(weights, assign=True)
+    if config.tie_embeddings and isinstance(model.lm_head, nn.Linear):  # assign loaded two parameters: one again
+        model.lm_head.weight = model.wte.weight
     float_dtype = next(t.dtype for t in weights.values() if t.is_floating_point())
     # the rotary tables are not saved: rebuild them off the meta device
     model.rotary = Rotary(config.n_embd // config.n_head, config.block_size, config.rope_base).to(float_dtype)

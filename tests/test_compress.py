@@ -95,6 +95,14 @@ def test_export_round_trips_through_sample_and_the_measure_report(trained, capsy
     assert result["format"] == "int8" and result["decode_tokens_per_s"] > 0 and result["val_loss"] is not None
 
 
+def test_float_export_keeps_the_tied_embedding_one_tensor(trained, tmp_path):
+    out = compress.export(compress_cfg(ckpt=os.path.join(trained["out_dir"], "ckpt.pt"), format="bfloat16",
+                                       out=str(tmp_path / "bf16.pt")))
+    model = load_model(load_checkpoint(out))
+    assert model.lm_head.weight is model.wte.weight and model.wte.weight.dtype == torch.bfloat16
+    assert os.path.getsize(out) < 1.2 * compress.weight_bytes(load_checkpoint(out)["model"])
+
+
 def test_bad_input_is_a_clear_error_and_keeps_the_source(trained, tmp_path):
     src = os.path.join(trained["out_dir"], "ckpt.pt")
     before = digest(src)
