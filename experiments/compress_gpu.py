@@ -3,6 +3,7 @@ The ~1B µLM in about 1 GB: bf16 / int8 / int4 exports of the 1B and 354M shapes
 
     python prepare.py --dataset=shakespeare
     python experiments/compress_gpu.py --out=out/compress_gpu          # one H100, ~8 min -> .json, .png
+    python experiments/compress_gpu.py --parts='["mid","sparse"]' --out=out/compress_gpu   # adds to its JSON
     python experiments/compress_gpu.py --device=cpu --big="(2, 64, 4)" --mid="(2, 64, 4)" --train_iters=4 \\
         --block_size=32 --batch_size=2 --gen_tokens=8 --eval_iters=2 --group_size=32 --out=/tmp/cg   # smoke test
 
@@ -186,7 +187,9 @@ def main(argv):
     cfg["device"] = device.type
     os.makedirs(cfg["out"], exist_ok=True)
     json_path = os.path.join(cfg["out"], "compress_gpu.json")
-    results = {"config": cfg, "date": datetime.date.today().isoformat(),
+    # a run of some parts adds to an earlier run's JSON in the same folder
+    results = json.load(open(json_path)) if os.path.exists(json_path) else {}
+    results |= {"config": cfg, "date": datetime.date.today().isoformat(),
                "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                "torch": torch.__version__}
     big_src = os.path.join(cfg["out"], "big", "ckpt.pt")
