@@ -4,7 +4,8 @@ explain what is wrong.
 
 The layout, a dict saved with torch.save (written and read only here):
     format      "ulm-checkpoint-1"
-    kind        what wrote it: "train" | "world" (a policy) | ... ; sample.py reads any kind
+    kind        what wrote it: "train" | "world" (a policy) | "export" (compress.py: inference only,
+                maybe quantized, see shrink.py) | ... ; sample.py reads any kind
     model_args  the GPTConfig fields; model  the state dict
     tokenizer   {"tokenizer": "char" | "gpt2", "vocab_size", "eot", "chars"?}
     config      the run's resolved config
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from model import GPT, GPTConfig
+from shrink import build_export_model, fit_to_state_dict
 
 FORMAT = "ulm-checkpoint-1"
 REQUIRED = ("model_args", "model")
@@ -109,10 +111,13 @@ def load_checkpoint(path, map_location="cpu"):
 def load_model(state, device="cpu", knn_store=None):
     """The GPT a checkpoint dict describes, weights loaded, in eval mode; kNN stores from knn_store if given."""
     try:
-        model = GPT(GPTConfig(**state["model_args"]))
+        config = GPTConfig(**state["model_args"])
     except (TypeError, ValueError) as e:
         raise SystemExit(f"the checkpoint's model_args do not make a model this code can build: {e}")
     weights = {k.removeprefix("_orig_mod."): v for k, v in state["model"].items()}
+    if state.get("kind") == "export":  # compress.py's inference file: quantized layers, no float copy made
+        return build_export_model(config, weights, device)
+    model = fit_to_state_dict(GPT(config), weights)  # a pruned model: smaller layers, fixed masks
     model.load_state_dict(weights)
     if knn_store and model.knn_stores():
         load_knn_stores(model, knn_store)

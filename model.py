@@ -202,10 +202,12 @@ class KVCache:
     torch.compile(mode="reduce-overhead") replay it as one CUDA graph.
     """
 
-    def __init__(self, config, batch_size, device, dtype, loops=None):
+    def __init__(self, config, batch_size, device, dtype, loops=None, kv_heads=None):
         hs = config.n_embd // config.n_head
         n = config.cache_layers(loops)  # per-layer heads and feedback need a plain stack (check_shapes), so n = n_layer there
-        shapes = [(batch_size, config.heads(min(i, config.n_layer - 1))[1], config.block_size, hs) for i in range(n)]
+        # kv heads per cache layer: per-layer head counts, or fewer where pruning removed heads
+        kv_heads = kv_heads or [config.heads(min(i, config.n_layer - 1))[1] for i in range(n)]
+        shapes = [(batch_size, h, config.block_size, hs) for h in kv_heads]
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for shape in shapes]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for shape in shapes]
         self.slots = torch.arange(config.block_size, device=device)  # the position each slot holds
@@ -273,7 +275,7 @@ class CausalSelfAttention(nn.Module):
                                            enable_gqa=self.n_kv_head != self.n_head)  # (B, nh, T, hs)
         if self.head_gate is not None:
             y = y * torch.sigmoid(GATE_SCALE * self.head_gate)[:, None, None]
-        y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_size)
+        y = y.transpose(1, 2).contiguous().view(B, T, -1)  # (B, T, nh * hs): a pruned layer may have fewer heads
         return self.c_proj(y)
 
     def gates(self):
@@ -547,7 +549,10 @@ class GPT(nn.Module):
             elif cache is None or pos + 1 > block_size:
                 # (re)fill the cache from the last block_size tokens: the same context the no-cache
                 # path sees, so both paths produce identical tokens
-                cache = KVCache(self.config, idx.size(0), idx.device, self.wte.weight.dtype, loops)
+                # the rotary tables carry the float dtype (a quantized model's embedding is int8); a pruned
+                # (never looped) model's layers may have fewer kv heads each
+                kv_heads = None if self.config.n_core else [block.attn.n_kv_head for block in self.blocks]
+                cache = KVCache(self.config, idx.size(0), idx.device, self.rotary.cos.dtype, loops, kv_heads)
                 if compile:  # the cache's buffers keep their addresses, so the CUDA graph may write them
                     for t in cache.k + cache.v + cache.outputs:
                         torch._dynamo.mark_static_address(t)
@@ -704,7 +709,7 @@ class ProductKeyMemory(nn.Module):
     def forward(self, x):
         B, T, C = x.size()
         scores, index = self.lookup(x)  # (BT, H, k)
-        weights = scores.float().softmax(dim=-1).to(self.values.weight.dtype)
+        weights = scores.float().softmax(dim=-1).to(x.dtype)
         # one bag per token holding all heads' slots: the heads' reads are summed (Lample et al. 2019)
         read = self.values
         if self.values.sparse and torch.is_grad_enabled():

@@ -30,6 +30,7 @@ from noise import InputNoise
 from plot import plot_runs
 from runtime import (StopRequest, append_jsonl, claim_out_dir, float8_training, read_jsonl, resolve_device,
                      resolve_dtype, truncate_jsonl)
+from shrink import apply_masks, fit_to_state_dict, masked_weights
 
 MODEL_KEYS = [f.name for f in dataclasses.fields(GPTConfig) if f.name != "vocab_size"]
 DEFAULTS = dict(
@@ -356,6 +357,9 @@ def run_training(cfg):
         raise SystemExit(f"bad model shape: {e}")
     if cfg["eval_loops"] and (not model_args.get("n_core") or min(cfg["eval_loops"]) < 1):
         raise SystemExit(f"eval_loops={cfg['eval_loops']} needs a looped model (n_core > 0) and loop counts >= 1")
+    if state is not None:  # a pruned checkpoint (compress.py): its smaller layers and its masks, kept fixed
+        fit_to_state_dict(model, state["model"])
+    masked = masked_weights(model)
     optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]),
                                            device.type, cfg["optimizer"], cfg["muon_lr"], cfg["memory_lr_scale"])
     # product-key values with sparse gradients get a SparseAdam beside it (AdamW cannot take sparse gradients)
@@ -460,6 +464,7 @@ def run_training(cfg):
             if raw_model.config.grow_heads and (changes := raw_model.update_heads(optimizers)) and master:
                 tqdm.write(f"step {step + 1}: " + "; ".join(changes))
                 append_jsonl(metrics_path, {"step": step + 1, "layer_heads": list(raw_model.config.layer_heads)})
+            apply_masks(masked)
             step = loop.step = step + 1
             # the loss is read (a host sync) only at log steps, so the GPU never waits on Python; a step
             # before an evaluation logs too, so its GPU work counts as training time, not evaluation

@@ -1,0 +1,249 @@
+"""
+Shrunken models: int8 / int4 weight-only layers, pruning masks, layers with heads or neurons removed.
+
+compress.py makes the files; this module is what loading and training them needs:
+`build_export_model` (checkpoint.load_model, for an inference export), `fit_to_state_dict` (a pruned
+checkpoint's smaller layers and masks, before its state dict loads) and `masked_weights` +
+`apply_masks` (train.py keeps a pruned model's zeros at zero after every optimizer step).
+
+Formats, stored as plain tensors so a file loads with weights_only=True on any device:
+    int8  per output channel, symmetric:  w ~ q * scale,                     |error| <= scale / 2
+    int4  per group of input columns:     w ~ (q - 8) * scale + zero, q in 0..15, |error| <= scale / 2
+          (tinygemm's convention, so the file converts straight into torch's int4 matmul kernels)
+The matmuls run in torch's own weight-only kernels (aten._weight_int8pack_mm on the CPU,
+_weight_int4pack_mm[_for_cpu]), not torchao: torchao 0.18 (checked with torch 2.13 CPU) runs int8
+weight-only as cast-then-matmul, which never reaches the CPU int8 kernel, and its int4 needs the
+CUDA-only mslk package, so it has no CPU int4 path at all.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import GPT, Rotary
+
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # the group sizes torch's int4 kernels take
+
+
+# ----------------------------------------------------------------------------- formats
+
+def quantize_int8(w):
+    """(q int8 (N, K), scale (N,)) of a weight (N, K), one scale per output row."""
+    w = w.float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+    q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q, scale):
+    return q.float() * scale.float()[:, None]
+
+
+def quantize_int4(w, group_size):
+    """(packed uint8 (N, K/2), scale (N, K/gs), zero (N, K/gs)) of a weight (N, K): min-max per group."""
+    N, K = w.shape
+    groups = w.float().reshape(N, K // group_size, group_size)
+    lo, hi = groups.amin(-1), groups.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-12)
+    q = ((groups - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.uint8).reshape(N, K)
+    packed = (q[:, ::2] << 4) | q[:, 1::2]  # two columns per byte, the even one in the high nibble
+    return packed, scale, lo + 8 * scale
+
+
+def unpack_int4(packed):
+    return torch.stack((packed >> 4, packed & 15), dim=-1).reshape(packed.size(0), -1)  # (N, K) in 0..15
+
+
+def dequantize_int4(packed, scale, zero):
+    q = unpack_int4(packed).float()
+    N, K = q.shape
+    groups = (q - 8).reshape(N, scale.size(1), -1) * scale.float()[..., None] + zero.float()[..., None]
+    return groups.reshape(N, K)
+
+
+# ----------------------------------------------------------------------------- quantized layers
+
+class Int8Linear(nn.Module):
+    """y = x W^T with W stored int8 per output row; the per-row scale applies after the matmul."""
+
+    def __init__(self, q, scale):
+        super().__init__()
+        self.register_buffer("q", q)
+        self.register_buffer("scale", scale)
+
+    def forward(self, x):
+        if x.device.type == "cpu":  # torch's int8-weight CPU kernel
+            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.size(-1)), self.q, self.scale.to(x.dtype))
+            return y.view(*x.shape[:-1], -1)
+        # elsewhere the cast fuses into the matmul under torch.compile (as in gpt-fast)
+        return F.linear(x, self.q.to(x.dtype)) * self.scale.to(x.dtype)
+
+
+class Int8Embedding(nn.Module):
+    """Token embedding rows stored int8, one scale per row (the tied head reads the same tensors)."""
+
+    def __init__(self, q, scale):
+        super().__init__()
+        self.register_buffer("q", q)
+        self.register_buffer("scale", scale)
+
+    def forward(self, idx):
+        return self.q[idx].to(self.scale.dtype) * self.scale[idx][..., None]
+
+
+class Int8EmbeddingBag(nn.Module):
+    """A product-key value table stored int8 per row: reads only the rows a token's heads picked."""
+    sparse = False
+
+    def __init__(self, q, scale):
+        super().__init__()
+        self.register_buffer("q", q)
+        self.register_buffer("scale", scale)
+
+    def forward(self, index, per_sample_weights):
+        rows = self.q[index].to(per_sample_weights.dtype) * self.scale[index].to(per_sample_weights.dtype)[..., None]
+        return (rows * per_sample_weights[..., None]).sum(dim=1)  # (bags, C)
+
+
+class Int4Linear(nn.Module):
+    """y = x W^T with W stored int4 in groups of group_size input columns.
+
+    The file keeps the portable packing; `prepare` converts it once into the layout of the device's
+    int4 kernel (CPU or CUDA tinygemm), after the model has moved to its device.
+    """
+
+    def __init__(self, packed, scale, zero):
+        super().__init__()
+        self.register_buffer("packed", packed)
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero", zero)
+
+    @property
+    def group_size(self):
+        return 2 * self.packed.size(1) // self.scale.size(1)
+
+    def prepare(self):
+        device, group_size = self.packed.device, self.group_size
+        scales_and_zeros = torch.stack((self.scale, self.zero), dim=-1).transpose(0, 1).contiguous()  # (K/gs, N, 2)
+        if device.type == "cpu":
+            weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(self.packed).to(torch.int32), 1)
+            self.matmul = torch.ops.aten._weight_int4pack_mm_for_cpu
+        elif device.type == "cuda":  # tinygemm: bf16 activations, scales and zeros
+            K = 2 * self.packed.size(1)
+            inner_k_tiles = next(t for t in (8, 4, 2) if K % (t * 16) == 0)
+            weight = torch.ops.aten._convert_weight_to_int4pack(self.packed.contiguous(), inner_k_tiles)
+            self.matmul, scales_and_zeros = torch.ops.aten._weight_int4pack_mm, scales_and_zeros.to(torch.bfloat16)
+        else:
+            raise SystemExit(f"int4 has no kernel on {device.type}: export with --format=int8, or run on cpu or cuda")
+        del self.packed, self.scale, self.zero  # the kernel's layout replaces them
+        self.group = group_size
+        self.register_buffer("kernel_weight", weight, persistent=False)
+        self.register_buffer("scales_and_zeros", scales_and_zeros, persistent=False)
+
+    def forward(self, x):
+        x2 = x.reshape(-1, x.size(-1)).to(self.scales_and_zeros.dtype)
+        y = self.matmul(x2, self.kernel_weight, self.group, self.scales_and_zeros)
+        return y.to(x.dtype).view(*x.shape[:-1], -1)
+
+
+def quantize_model(model, fmt, group_size, dtype):
+    """Replace every linear layer, the embedding/head and product-key value tables by quantized ones, in place.
+
+    int4 takes the blocks' linear layers; the embedding, head and value tables stay int8 in both formats
+    (they are read row by row, and the head sets every logit). Scales are stored in dtype.
+    """
+    def int8(weight):
+        q, scale = quantize_int8(weight.detach())
+        return q, scale.to(dtype)
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and name != "lm_head":
+            if fmt == "int4" and name.startswith("blocks."):
+                packed, scale, zero = quantize_int4(module.weight.detach(), group_size)
+                new = Int4Linear(packed, scale.to(dtype), zero.to(dtype))
+            else:
+                new = Int8Linear(*int8(module.weight))
+        elif isinstance(module, nn.EmbeddingBag):
+            new = Int8EmbeddingBag(*int8(module.weight))
+        else:
+            continue
+        set_submodule(model, name, new)
+    tied = model.lm_head.weight is model.wte.weight
+    model.wte = Int8Embedding(*int8(model.wte.weight))
+    model.lm_head = Int8Linear(model.wte.q, model.wte.scale) if tied else Int8Linear(*int8(model.lm_head.weight))
+    return model
+
+
+# ----------------------------------------------------------------------------- rebuilding from a state dict
+
+def set_submodule(model, name, module):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def fit_to_state_dict(model, weights):
+    """Make model's layers the shapes and kinds that weights hold, so load_state_dict takes them.
+
+    A pruned model has attention layers with fewer heads and MLPs with fewer neurons (a smaller
+    nn.Linear), and fixed masks (a `weight_mask` buffer beside a weight); an export has quantized
+    layers. A plain checkpoint's weights leave the model as it is.
+    """
+    for name, module in list(model.named_modules()):
+        if isinstance(module, (nn.Linear, nn.Embedding, nn.EmbeddingBag)):
+            shape = weights.get(f"{name}.weight", module.weight).shape
+            if f"{name}.packed" in weights:
+                new = Int4Linear(*(torch.empty_like(weights[f"{name}.{k}"], device="meta") for k in ("packed", "scale", "zero")))
+            elif f"{name}.q" in weights:
+                cls = {nn.Linear: Int8Linear, nn.Embedding: Int8Embedding, nn.EmbeddingBag: Int8EmbeddingBag}[type(module)]
+                new = cls(*(torch.empty_like(weights[f"{name}.{k}"], device="meta") for k in ("q", "scale")))
+            elif isinstance(module, nn.Linear) and shape != module.weight.shape:
+                new = nn.Linear(shape[1], shape[0], bias=False, device=module.weight.device)
+            else:
+                new = module
+            if f"{name}.weight_mask" in weights:  # only float layers carry masks (an export drops them)
+                new.register_buffer("weight_mask", torch.ones(shape, dtype=torch.bool, device=new.weight.device))
+            if new is not module:
+                set_submodule(model, name, new)
+    for block in model.blocks:  # the heads a pruned attention layer kept
+        attn = block.attn
+        attn.n_head = out_features(attn.q_proj) // attn.head_size
+        attn.n_kv_head = out_features(attn.kv_proj) // (2 * attn.head_size)
+    return model
+
+
+def out_features(layer):
+    return next(t for t in (getattr(layer, k, None) for k in ("weight", "q", "packed")) if t is not None).size(0)
+
+
+def build_export_model(config, weights, device):
+    """The GPT of an inference export: built on the meta device (no float copy of the weights is ever
+    made), its quantized layers filled with the file's tensors, then readied for the device's kernels."""
+    if config.memory_layers and config.memory == "knn":
+        raise SystemExit("kNN memory models cannot be exported (their store lives beside the checkpoint)")
+    with torch.device("meta"):
+        model = GPT(config)
+    fit_to_state_dict(model, weights)
+    model.load_state_dict(weights, assign=True)
+    if config.tie_embeddings and isinstance(model.lm_head, nn.Linear):  # assign loaded two parameters: one again
+        model.lm_head.weight = model.wte.weight
+    float_dtype = next(t.dtype for t in weights.values() if t.is_floating_point())
+    # the rotary tables are not saved: rebuild them off the meta device
+    model.rotary = Rotary(config.n_embd // config.n_head, config.block_size, config.rope_base).to(float_dtype)
+    model.to(device)
+    for module in model.modules():
+        if isinstance(module, Int4Linear):
+            module.prepare()
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- masks
+
+def masked_weights(model):
+    """[(weight, mask)] of the layers a pruning fixed at zero (empty for an unpruned model)."""
+    return [(m.weight, m.weight_mask) for m in model.modules() if hasattr(m, "weight_mask")]
+
+
+@torch.no_grad()
+def apply_masks(masked):
+    """Zero the pruned weights again (after an optimizer step moved them)."""
+    for weight, mask in masked:
+        weight.mul_(mask)
