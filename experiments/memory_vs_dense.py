@@ -26,7 +26,7 @@ from configurator import configure, print_config  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from data import get_batch, open_dataset  # noqa: E402
 from runtime import resolve_device, resolve_dtype  # noqa: E402
-from train import estimate_loss  # noqa: E402
+from train import estimate_loss, train_step  # noqa: E402
 
 DEFAULTS = dict(
     out="out/memory_vs_dense.json",
@@ -105,6 +105,10 @@ def run(kind, cfg, meta, device, dtype):
     def done():
         return step >= cfg["max_steps"] if cfg["max_steps"] else train_time >= cfg["budget_s"]
 
+    def fetch():
+        return get_batch(meta, "train", cfg["batch_size"], cfg["block_size"], generator, device)
+
+    batch = fetch()
     model.train()
     while not done():
         if step % cfg["eval_interval"] == 0 and step > 0:
@@ -116,15 +120,7 @@ def run(kind, cfg, meta, device, dtype):
         for optimizer in optimizers:
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
-        x, y = get_batch(meta, "train", cfg["batch_size"], cfg["block_size"], generator, device)
-        with autocast:
-            loss = model(x, y)[1]
-        loss.backward()
-        dense = [p for p in raw.parameters() if p.grad is not None and not p.grad.is_sparse]
-        torch.nn.utils.clip_grad_norm_(dense, 1.0)
-        for optimizer in optimizers:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        _, batch = train_step(model, optimizers, batch, fetch, 1, autocast, grad_clip=1.0)  # train.py's own step
         sync()
         step += 1
         if step > cfg["untimed_steps"]:
