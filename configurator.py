@@ -156,3 +156,16 @@ def configure(defaults, argv, optional=()):
 
 def print_config(config):
     print("config:", json.dumps(config, default=str))
+
+
+def check_ranges(config, at_least_one=(), not_negative=(), fractions=()):
+    """The range checks every script makes up front: a value out of range stops with its key named."""
+    for key in at_least_one:
+        if config[key] < 1:
+            raise ConfigError(f"{key} must be at least 1, got {config[key]}")
+    for key in not_negative:
+        if config[key] < 0:
+            raise ConfigError(f"{key} must not be negative, got {config[key]}")
+    for key in fractions:
+        if not 0 <= config[key] <= 1:
+            raise ConfigError(f"{key} must be between 0 and 1, got {config[key]}")

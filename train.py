@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from checkpoint import (knn_store_dir, load_checkpoint, load_knn_stores, load_model, save_checkpoint, save_knn_stores,
                         write_json_atomic)
-from configurator import configure, print_config
+from configurator import check_ranges, configure, print_config
 from data import get_batch, open_dataset
 from instruments import EvalInstruments, log_scalars, open_tensorboard, plot_instruments, unigram
 from model import GPT, GPTConfig
@@ -174,15 +174,7 @@ def check_config(cfg):
     for key, allowed in CHOICES.items():
         if cfg[key] not in allowed:
             raise SystemExit(f"{key} must be {' or '.join(allowed)}, got {cfg[key]!r}")
-    for key in AT_LEAST_ONE:
-        if cfg[key] < 1:
-            raise SystemExit(f"{key} must be at least 1, got {cfg[key]}")
-    for key in NOT_NEGATIVE:
-        if cfg[key] < 0:
-            raise SystemExit(f"{key} must not be negative, got {cfg[key]}")
-    for key in FRACTIONS:
-        if not 0 <= cfg[key] <= 1:
-            raise SystemExit(f"{key} must be between 0 and 1, got {cfg[key]}")
+    check_ranges(cfg, AT_LEAST_ONE, NOT_NEGATIVE, FRACTIONS)
     if not 0 <= cfg["dropout"] < 1:
         raise SystemExit(f"dropout must be in [0, 1), got {cfg['dropout']}")
     if cfg["distill_temperature"] <= 0:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 import prepare
 import train
 from checkpoint import load_checkpoint, load_model, read_json, save_checkpoint, write_json_atomic
-from configurator import ConfigError, configure, print_config
+from configurator import ConfigError, check_ranges, configure, print_config
 from runtime import StopRequest, append_jsonl, claim_out_dir, read_jsonl, truncate_jsonl
 from tasks import (ACTION_PREFIX, ALPHABET, EVAL_SEED_BASE, MAX_ACTION_CHARS, make_env, play_episode, teacher_act,
                    teacher_episodes, turn_by_turn, write_transcripts)
@@ -562,15 +562,7 @@ def check_config(cfg):
     """Stop before anything is read or written when the config cannot work."""
     if cfg["mode"] not in MODES:
         raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {cfg['mode']!r}")
-    for key in AT_LEAST_ONE:
-        if cfg[key] < 1:
-            raise ConfigError(f"{key} must be at least 1, got {cfg[key]}")
-    for key in NOT_NEGATIVE:
-        if cfg[key] < 0:
-            raise ConfigError(f"{key} must not be negative, got {cfg[key]}")
-    for key in FRACTIONS:
-        if not 0 <= cfg[key] <= 1:
-            raise ConfigError(f"{key} must be in [0, 1], got {cfg[key]}")
+    check_ranges(cfg, AT_LEAST_ONE, NOT_NEGATIVE, FRACTIONS)
     if cfg["replay_recent_window"] > cfg["replay_size"]:
         raise ConfigError(f"replay_recent_window={cfg['replay_recent_window']} is larger than "
                           f"replay_size={cfg['replay_size']}")

@@ -91,7 +91,7 @@ CASES = [
     ("world", [*WORLD, "--eval_interval=0"], "eval_interval must be at least 1"),
     ("world", [*WORLD, "--episodes_per_update=0"], "episodes_per_update must be at least 1"),
     ("world", [*WORLD, "--learning_rate=-0.1"], "learning_rate must not be negative"),
-    ("world", [*WORLD, "--teacher_noise=1.5"], "teacher_noise must be in [0, 1]"),
+    ("world", [*WORLD, "--teacher_noise=1.5"], "teacher_noise must be between 0 and 1"),
     ("world", [*WORLD, "--replay_size=10"], "replay_recent_window=256 is larger than replay_size=10"),
     # ({{ and }} are braces: the arguments go through str.format)
     ("world", [*WORLD, "--tasks={{'arith': {{'colour': 'red'}}}}"], "bad options"),
