@@ -16,6 +16,7 @@ import torch
 
 from checkpoint import knn_store_dir, load_checkpoint, load_model, write_json_atomic
 from configurator import configure, print_config
+from plot import save_figure
 from runtime import resolve_device
 from tokenizer import tokenizer_from_meta
 
@@ -91,10 +92,7 @@ def plot(results, continuation_tokens, path):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def main(argv):

@@ -20,6 +20,8 @@ import os
 import numpy as np
 import torch
 
+from plot import save_figure
+
 UNIGRAM_MAX_TOKENS = 1 << 26  # the unigram is counted on at most this many val tokens (seconds, not minutes)
 
 
@@ -158,10 +160,7 @@ def plot_instruments(rows, png):
         ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8)
         ax.set_title("mean prediction vs unigram")
     fig.tight_layout()
-    tmp = png + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, png)
+    save_figure(fig, png)
 
 
 def open_tensorboard(out_dir):

@@ -24,6 +24,15 @@ def read_metrics(run_dir):
     return read_jsonl(path)  # a torn last line (a run killed mid-write) is skipped
 
 
+def save_figure(fig, path, dpi=100):
+    """Write a matplotlib figure to path through a temp file (a crash never leaves a torn PNG), then close it."""
+    import matplotlib.pyplot as plt
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def plot_runs(run_dirs, out_png, x="step"):
     """Train (thin) and val (thick) loss against step or train_time for each run, into out_png."""
     import matplotlib
@@ -42,10 +51,7 @@ def plot_runs(run_dirs, out_png, x="step"):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = out_png + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out_png)
+    save_figure(fig, out_png)
 
 
 def main(argv):

@@ -163,6 +163,7 @@ def float8_training(model, head=True):
     """Swap the model's linear layers for torchao's float8 ones (dynamic per-tensor scales): the matmuls
     run on the H100's fp8 tensor cores, weights and optimizer stay in float32. head=False leaves lm_head
     (tied to the embedding) in bf16. CUDA with compute capability >= 8.9 only."""
+    import torch  # here, not at the top: the swarm coordinator imports runtime without torch
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
         raise SystemExit("fp8=True needs a CUDA GPU with fp8 tensor cores (H100, L4, RTX 4090 or newer)")
     try:

@@ -12,7 +12,7 @@ import time
 import torch
 
 from checkpoint import knn_store_dir, load_checkpoint, load_model
-from configurator import configure, print_config
+from configurator import configure
 from model import check_sampling_args
 from tokenizer import tokenizer_from_meta
 from runtime import resolve_device

@@ -27,8 +27,9 @@ import prepare
 import train
 from checkpoint import load_checkpoint, load_model, read_json, save_checkpoint, write_json_atomic
 from configurator import ConfigError, check_ranges, configure, print_config
+from plot import save_figure
 from runtime import StopRequest, append_jsonl, claim_out_dir, read_jsonl, truncate_jsonl
-from tasks import (ACTION_PREFIX, ALPHABET, EVAL_SEED_BASE, MAX_ACTION_CHARS, make_env, play_episode, teacher_act,
+from tasks import (ACTION_PREFIX, EVAL_SEED_BASE, MAX_ACTION_CHARS, make_env, play_episode, teacher_act,
                    teacher_episodes, turn_by_turn, write_transcripts)
 from tokenizer import tokenizer_from_meta
 
@@ -492,10 +493,7 @@ def plot_world(out_dir, changes=()):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    tmp = os.path.join(out_dir, "world.tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, os.path.join(out_dir, "world.png"))
+    save_figure(fig, os.path.join(out_dir, "world.png"), dpi=90)
 
 
 def recovery(rows, when, task, fraction=0.9):

@@ -25,7 +25,6 @@ is rewritten after each):
 import datetime
 import json
 import os
-import subprocess
 import sys
 import time
 import traceback

@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train  # noqa: E402
 from checkpoint import load_checkpoint, load_model, write_json_atomic  # noqa: E402
 from configurator import configure, print_config  # noqa: E402
+from plot import save_figure  # noqa: E402
 from data import get_batch, open_dataset  # noqa: E402
 from noise import InputNoise  # noqa: E402
 from runtime import resolve_device  # noqa: E402
@@ -83,10 +84,7 @@ def plot(results, path):
     ax.legend()
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def main(argv):

@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import synthetic  # noqa: E402
 from checkpoint import write_json_atomic  # noqa: E402
 from configurator import configure, print_config  # noqa: E402
+from plot import save_figure  # noqa: E402
 from model import GPT, GPTConfig, KNNMemory, ProductKeyMemory  # noqa: E402
 from runtime import resolve_device  # noqa: E402
 
@@ -112,10 +113,7 @@ def plot(results, path):
     axes[1].set_title("knowledge per compute")
     axes[2].set_title("speed")
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def main(argv):

@@ -32,6 +32,7 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from checkpoint import read_json, write_json_atomic  # noqa: E402
 from configurator import configure, print_config  # noqa: E402
+from plot import save_figure  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from runtime import resolve_device, resolve_dtype  # noqa: E402
 
@@ -261,10 +262,7 @@ def plot_chains(results, cfg, path):
               title="accuracy against difficulty")
     right.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 # ----------------------------------------------------------------------------- shakespeare_char

@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import synthetic  # noqa: E402
 from checkpoint import write_json_atomic  # noqa: E402
 from configurator import configure, print_config  # noqa: E402
+from plot import save_figure  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from runtime import resolve_device  # noqa: E402
 
@@ -141,10 +142,7 @@ def plot(results, cfg, path):
     ax.set_title("knowledge in the weights vs in the context")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def main(argv):

@@ -14,8 +14,6 @@ block 64, Muon; here 64 wide, batch 8, 150 steps) plus the variant's model keys,
 steps. "Equal time" reads each val curve at the shortest run's training seconds (linear between
 evaluations); on a shared CPU those seconds are noisy, so compare tokens/s with care.
 """
-import json
-import math
 import os
 import sys
 import time
@@ -27,7 +25,7 @@ import train  # noqa: E402
 from checkpoint import load_checkpoint, load_model, write_json_atomic  # noqa: E402
 from configurator import configure, print_config  # noqa: E402
 from model import GPT, GPTConfig, KVCache  # noqa: E402
-from plot import read_metrics  # noqa: E402
+from plot import read_metrics, save_figure  # noqa: E402
 from runtime import claim_out_dir, resolve_device  # noqa: E402
 
 DEFAULTS = dict(
@@ -213,10 +211,7 @@ def plot(cfg, results, parity, png):
         axes[0].legend()
     fig.suptitle(f"experiments/shapes.py --experiment={cfg['experiment']} (seed {cfg['seed']})")
     fig.tight_layout()
-    tmp = png + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, png)
+    save_figure(fig, png)
 
 
 def main(argv):

@@ -9,7 +9,6 @@ training games, then plays the held-out games with act=choose (score each admiss
 likeliest); the same policy then plays them with act=generate (write the command character by character).
 A run already in out/ is read back, not redone. Writes textworld_easy.json and textworld_easy.png.
 """
-import json
 import os
 import sys
 
@@ -17,6 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import world  # noqa: E402
 from checkpoint import write_json_atomic  # noqa: E402
 from configurator import configure, print_config  # noqa: E402
+from plot import save_figure  # noqa: E402
 from runtime import read_jsonl  # noqa: E402
 
 DEFAULTS = dict(
@@ -56,9 +56,7 @@ def plot(results, path):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=90)
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
+    save_figure(fig, path, dpi=90)
 
 
 def main(argv):

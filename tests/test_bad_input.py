@@ -38,6 +38,7 @@ CASES = [
     ("train", [*TRAIN, "--schedule=linear"], "schedule must be cosine or wsd"),
     ("train", [*TRAIN, "--learning_rate=-0.001"], "learning_rate must not be negative"),
     ("train", [*TRAIN, "--max_iters=-5"], "max_iters must not be negative"),
+    ("train", [*FRESH, "--fp8=True"], "fp8=True needs a CUDA GPU"),  # no GPU here (and in CI)
     ("train", [*TRAIN, "--init_from=restart"], "init_from must be scratch or resume"),
     ("train", [*TRAIN, "--dropout=1.5"], "dropout must be in [0, 1)"),
     ("train", [*FRESH, "--n_embd=33"], "n_embd=33 is not divisible by n_head=2"),
