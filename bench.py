@@ -50,7 +50,8 @@ DEFAULTS = dict(
     profile=False,        # the train part also records the top CUDA kernels of a few gpu_124m steps
     budget_s=0,           # skip the parts not started after this many seconds (0: no limit)
     smoke=False,          # tiny shapes and few steps: checks every part runs, e.g. on a CPU; numbers mean nothing
-    levers="",            # the levers part: comma-separated names from LEVERS; empty = all
+    levers="",            # the levers part: comma-separated names from LEVERS; empty = all but max_autotune
+    lever_budget_s=0,     # levers (but best) not started this many seconds into the levers part are skipped (0: no limit)
     nanogpt="",           # the nanogpt part: path to a nanoGPT checkout (kept outside the repo) whose bench.py it runs
 )
 GPU_PARTS = ["train", "plain", "ttl_fast", "sample", "memory", "ttl_best", "batch", "levers", "nanogpt", "gpu_1b"]
@@ -117,7 +118,7 @@ def batch_source(cfg, bench, device, batch_size):
 
 def build(cfg, bench, device, fast, batch_size=None, accum=1, compile_model=None, lever=None, **shape):
     """Model, optimizer, autocast and batch source for one training measurement; lever: a dict of the
-    speed options to try (fp8, fp8_head, compile_mode, optimizer), see LEVERS."""
+    speed options to try (fp8, fp8_head, compile_options, optimizer), see LEVERS."""
     lever = lever or {}
     batch_size = batch_size or cfg["batch_size"]
     fetch, vocab, data = batch_source(cfg, bench, device, batch_size)
@@ -133,8 +134,10 @@ def build(cfg, bench, device, fast, batch_size=None, accum=1, compile_model=None
     use_bf16 = fast and device.type == "cuda"
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
     compile_model = fast if compile_model is None else compile_model
-    model = torch.compile(raw, mode=lever.get("compile_mode")) if compile_model else raw
+    options = lever.get("compile_options", {})
+    model = torch.compile(raw, options=options or None) if compile_model else raw
     return dict(raw=raw, model=model, optimizer=optimizer, autocast=autocast, fetch=fetch, data=data,
+                static_grads=options.get("triton.cudagraphs", False),
                 batch_size=batch_size, accum=accum, tokens_per_step=batch_size * cfg["block_size"] * accum)
 
 
@@ -143,7 +146,7 @@ def run_steps(run, n, grad_clip):
     batch, loss = run.get("batch") or run["fetch"](), None
     for _ in range(n):
         loss, batch = train.train_step(run["model"], [run["optimizer"]], batch, run["fetch"], run["accum"],
-                                       run["autocast"], grad_clip)
+                                       run["autocast"], grad_clip, static_grads=run["static_grads"])
     run["batch"] = batch
     return loss
 
@@ -220,37 +223,73 @@ def part_batch(cfg, bench, device):
         cfg, bench | {"profile_run": False}, device, True, bench["steps"], batch_size=bench["best_batch"])}
 
 
-# speed levers for gpu_124m, each measured alone against the default step in the same run (issue 16)
+# speed levers for gpu_124m, each measured alone against the default step in the same run (issue 16); a
+# lever sets a micro-batch (the accumulation keeps the tokens per step), GPTConfig fields (MODEL_LEVERS),
+# fp8, or Inductor options (train.py's compile_options)
 LEVERS = {
     "default": {},
     "batch16": dict(batch_size=16),
     "batch24": dict(batch_size=24),
+    "batch32": dict(batch_size=32),
+    "batch48": dict(batch_size=48),
+    "ce_chunks4": dict(ce_chunks=4),
+    "ce_chunks8": dict(ce_chunks=8),
+    "cudagraphs": dict(compile_options={"triton.cudagraphs": True}),
+    "coordinate_descent": dict(compile_options={"coordinate_descent_tuning": True}),
+    "flex_attention": dict(attention="flex"),
     "fp8_blocks": dict(fp8=True, fp8_head=False),
     "fp8_all": dict(fp8=True, fp8_head=True),
-    "max_autotune": dict(compile_mode="max-autotune-no-cudagraphs"),
+    "max_autotune": dict(compile_options={"max_autotune": True, "coordinate_descent_tuning": True}),  # ~5 min to compile
     "fp8_all_batch24": dict(fp8=True, fp8_head=True, batch_size=24),
+    "best": None,  # the levers measured before it that beat default by MIN_GAIN, together
 }
+MODEL_LEVERS = ("ce_chunks", "attention")
+MIN_GAIN = 1.01  # a lever joins "best" only above the few percent of run-to-run noise
+
+
+def combine_winners(results):
+    """The lever dict of every measured lever at least MIN_GAIN x default, merged: where two set the same key
+    (two micro-batches) the larger gain wins; Inductor options are united."""
+    winners = sorted((r for r in results.values() if r.get("ratio_to_default", 0) >= MIN_GAIN and r.get("lever")),
+                     key=lambda r: r["ratio_to_default"])
+    combined = {}
+    for r in winners:
+        for key, value in r["lever"].items():
+            combined[key] = combined.get(key, {}) | value if key == "compile_options" else value
+    return combined
+
+
+def measure_lever(cfg, bench, device, lever):
+    lever = dict(lever)
+    shape = {k: lever.pop(k) for k in MODEL_LEVERS if k in lever}
+    return measure_training(cfg, bench | {"profile_run": False}, device, True, bench["steps"],
+                            batch_size=lever.pop("batch_size", None), lever=lever, **shape)
 
 
 def part_levers(cfg, bench, device):
-    """gpu_124m's train step with one speed option at a time (--levers=a,b picks some), each a ratio to default."""
-    names = [n for n in bench["levers"].split(",") if n] or list(LEVERS)
+    """gpu_124m's train step with one speed option at a time (--levers=a,b picks some), each a ratio to default;
+    `best` then measures the winners together."""
+    names = [n for n in bench["levers"].split(",") if n] or [n for n in LEVERS if n != "max_autotune"]
     unknown = [n for n in names if n not in LEVERS]
     if unknown:
         raise SystemExit(f"unknown levers {unknown}; known: {', '.join(LEVERS)}")
-    results = {}
+    results, start = {}, time.perf_counter()
     for name in ["default"] + [n for n in names if n != "default"]:
-        lever = dict(LEVERS[name])
+        lever = LEVERS[name] if name != "best" else combine_winners(results)
+        if name != "best" and bench["lever_budget_s"] and time.perf_counter() - start > bench["lever_budget_s"]:
+            results[f"lever_{name}"] = dict(error=f"skipped: past lever_budget_s={bench['lever_budget_s']}")
+            continue
         try:
-            results[f"lever_{name}"] = measure_training(cfg, bench | {"profile_run": False}, device, True, bench["steps"],
-                                                        batch_size=lever.pop("batch_size", None), lever=lever) | {"lever": LEVERS[name]}
+            if name == "best" and not lever:
+                raise SystemExit(f"no lever beat default by {MIN_GAIN:.2f}x: nothing to combine")
+            results[f"lever_{name}"] = measure_lever(cfg, bench, device, lever) | {"lever": lever}
         except (Exception, SystemExit) as e:
-            results[f"lever_{name}"] = error_record(e)
-        print(f"  lever_{name}: {results[f'lever_{name}'].get('tokens_per_s', results[f'lever_{name}'].get('error'))}", flush=True)
-    base = results["lever_default"].get("tokens_per_s")
-    for name, r in list(results.items()):
-        if base and isinstance(r, dict) and r.get("tokens_per_s"):
-            r["ratio_to_default"] = r["tokens_per_s"] / base
+            results[f"lever_{name}"] = error_record(e) | {"lever": lever}
+        result = results[f"lever_{name}"]
+        print(f"  lever_{name}: {result.get('tokens_per_s', result.get('error'))}", flush=True)
+        base = results["lever_default"].get("tokens_per_s")
+        if base and result.get("tokens_per_s"):
+            result["ratio_to_default"] = result["tokens_per_s"] / base
     return results
 
 
@@ -432,8 +471,9 @@ def summary_rows(results):
         elif "tokens_per_s" in r and "ms_per_step" in r:
             mfu = f", MFU {r['mfu']:.1%}" if r.get("mfu") is not None else ""
             mem = f", peak {r['peak_memory_gb']:.1f} GB" if r.get("peak_memory_gb") is not None else ""
+            ratios = "".join(f", {r[k]:.2f}x {k[9:]}" for k in ("ratio_to_default", "ratio_to_nanogpt") if k in r)
             rows.append((name, f"{r['tokens_per_s']:,.0f} tok/s, {r['ms_per_step']:.1f} ms per "
-                               f"{r['batch_size']}x{r['block_size']} batch{mfu}{mem}"))
+                               f"{r['batch_size']}x{r['block_size']} batch{mfu}{mem}, loss {r['loss']:.3f}{ratios}"))
         elif "target_val" in r:
             t = f"{r['time_to_target_s']:.1f} s" if r["time_to_target_s"] is not None else "not reached"
             rows.append((name, f"val <= {r['target_val']}: {t}; best {r['best_val']:.4f} in {r['train_time_s']:.1f} s "
@@ -499,6 +539,10 @@ def main(argv):
     fast, plain = report["results"].get("gpu_124m", {}), report["results"].get("gpu_124m_plain", {})
     if fast.get("tokens_per_s") and plain.get("tokens_per_s"):
         report["results"]["gpu_124m_speedup_over_plain"] = fast["tokens_per_s"] / plain["tokens_per_s"]
+    nanogpt = report["results"].get("nanogpt", {}).get("tokens_per_s")
+    for name, r in report["results"].items():  # every training measurement against nanoGPT's in this run
+        if nanogpt and isinstance(r, dict) and r.get("tokens_per_s") and "ms_per_step" in r:
+            r["ratio_to_nanogpt"] = r["tokens_per_s"] / nanogpt
     ours, recipe = report["results"].get("cpu_quick", {}), report["results"].get("nanogpt_cpu_recipe", {})
     if ours.get("time_to_target_s") and recipe.get("time_to_target_s"):
         report["results"]["cpu_quick_speedup_over_recipe"] = recipe["time_to_target_s"] / ours["time_to_target_s"]

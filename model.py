@@ -6,6 +6,7 @@ GPT with its forward pass, generation with a KV cache, and the optimizer builder
 optional memory layers (product keys, a kNN store): `make_ffn` puts one in place of a layer's MLP.
 Sampling helpers close the file. No disk I/O here: checkpoint.py saves and loads.
 """
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -64,6 +65,10 @@ class GPTConfig:
     prune_below: float = 0.1     # "shut": a gate below this ...
     grow_patience: int = 100     # ... for this many consecutive training steps
     max_heads: int = 16          # growth stops at this many heads in a layer
+    # speed options (issue 16; bench.py's levers part measures each): off by default
+    ce_chunks: int = 0           # > 0: the training loss is the head and cross-entropy fused over this many row
+                                 # chunks, so the (B*T, V) logits never exist whole (the forward then returns no logits)
+    attention: str = "sdpa"      # sdpa | flex (FlexAttention's compiled kernel for the causal training path)
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
@@ -85,6 +90,10 @@ class GPTConfig:
             raise ValueError(f"memory_topk={self.memory_topk} must be between 1 and sqrt(memory_slots)")
         if self.memory == "knn" and not 1 <= self.memory_topk <= self.knn_capacity:
             raise ValueError(f"memory_topk={self.memory_topk} must be between 1 and knn_capacity")
+        if self.ce_chunks < 0:
+            raise ValueError(f"ce_chunks={self.ce_chunks} must be 0 (off) or a number of row chunks")
+        if self.attention not in ("sdpa", "flex"):
+            raise ValueError(f"attention must be 'sdpa' or 'flex', got {self.attention!r}")
         self.check_loops()
         self.check_shapes()
 
@@ -232,6 +241,20 @@ class KVCache:
         return self.outputs[layer][:, positions]
 
 
+@functools.lru_cache(maxsize=8)
+def causal_block_mask(T, device):
+    """FlexAttention's block-sparse causal mask for T tokens, built once per length: fully masked tiles are skipped."""
+    from torch.nn.attention.flex_attention import create_block_mask  # here: importing it imports dynamo
+    return create_block_mask(lambda b, h, q, kv: q >= kv, None, None, T, T, device=device)
+
+
+def flex_causal_attention(q, k, v):
+    """Causal attention by FlexAttention (Dong et al. 2024), a Triton kernel that torch.compile generates."""
+    from torch.nn.attention.flex_attention import flex_attention
+    return flex_attention(q, k, v, block_mask=causal_block_mask(q.size(2), q.device),
+                          enable_gqa=k.size(1) != q.size(1))
+
+
 GATE_SCALE = 10.0  # a head gate is sigmoid(10 c): Adam moves c by about lr a step, so gates move 10x faster than weights
 
 
@@ -246,6 +269,7 @@ class CausalSelfAttention(nn.Module):
         self.kv_proj = nn.Linear(config.n_embd, 2 * self.n_kv_head * self.head_size, bias=False)
         self.c_proj = nn.Linear(self.n_head * self.head_size, config.n_embd, bias=False)
         self.dropout = config.dropout
+        self.flex = config.attention == "flex"
         # sliding window: early layers that parse need little context (research notes 002; Longformer, Beltagy et al. 2020)
         self.window = config.window(layer_idx)
         # hydra gates: sigmoid(c_h) scales head h, so growth sees which heads work hard and which idle (notes 003)
@@ -270,9 +294,12 @@ class CausalSelfAttention(nn.Module):
             mask, is_causal = key_positions <= positions[:, None], False  # (T, block_size or T)
             if self.window:  # a band: only the last `window` positions, its own included
                 mask = mask & (key_positions > positions[:, None] - self.window)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                           dropout_p=self.dropout if self.training else 0.0,
-                                           enable_gqa=self.n_kv_head != self.n_head)  # (B, nh, T, hs)
+        if self.flex and is_causal and not (self.training and self.dropout):
+            y = flex_causal_attention(q, k, v)  # (B, nh, T, hs)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                               dropout_p=self.dropout if self.training else 0.0,
+                                               enable_gqa=self.n_kv_head != self.n_head)  # (B, nh, T, hs)
         if self.head_gate is not None:
             y = y * torch.sigmoid(GATE_SCALE * self.head_gate)[:, None, None]
         y = y.transpose(1, 2).contiguous().view(B, T, -1)  # (B, T, nh * hs): a pruned layer may have fewer heads
@@ -503,8 +530,13 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, reduction="mean", loops=None):
         """Logits (B, T, V) over the real vocabulary; with targets also the cross-entropy: mean, or per
-        token (B, T) with reduction='none'. loops: a looped model's test-time loop count."""
-        logits = self.lm_head(self.hidden(idx, loops=loops))  # (B, T, padded V)
+        token (B, T) with reduction='none'. loops: a looped model's test-time loop count.
+        With ce_chunks, a training forward's mean loss comes from the fused chunked head, and logits are None."""
+        h = self.hidden(idx, loops=loops)  # (B, T, C)
+        if self.config.ce_chunks and targets is not None and reduction == "mean" and torch.is_grad_enabled():
+            return None, ChunkedCrossEntropy.apply(h.flatten(0, 1), self.lm_head.weight, targets.flatten(),
+                                                   self.config.ce_chunks)
+        logits = self.lm_head(h)  # (B, T, padded V)
         loss = None
         if targets is not None:  # the padding columns never appear as targets, so training pushes them down
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1),
@@ -667,6 +699,35 @@ class GPT(nn.Module):
         if not values or not self.config.memory_sparse:
             return None
         return torch.optim.SparseAdam([{"params": values, "lr_scale": memory_lr_scale}], lr=learning_rate, betas=betas)
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """The head matmul and mean cross-entropy, a chunk of rows at a time, gradients made in the forward
+    (Liger Kernel's fused linear cross-entropy, Hsu et al. 2024): the (N, V) logits, 12,288 x 50,304 for
+    gpu_124m, never exist whole in bf16 or fp32; only one chunk's do. Targets of -1 are ignored.
+    The padding columns are in the softmax, as in the full path."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunks):
+        # h: (N, C), weight: (V, C), targets: (N,); under autocast the three matmuls run in bf16
+        total, grad_h, grad_w = torch.zeros((), device=h.device), [], torch.zeros_like(weight)
+        for hc, tc in zip(h.chunk(chunks), targets.chunk(chunks)):
+            logits = (hc @ weight.t()).float()  # (n, V)
+            valid, safe = (tc != -1)[:, None], tc.clamp_min(0)[:, None]  # (n, 1)
+            lse = logits.logsumexp(-1, keepdim=True)  # (n, 1)
+            total += ((lse - logits.gather(1, safe)) * valid).sum()
+            # d loss / d logits = softmax - onehot(target), zero where the target is ignored
+            grad = (logits - lse).exp().scatter_add(1, safe, -torch.ones_like(lse)) * valid  # (n, V)
+            grad_h.append(grad @ weight)  # (n, C)
+            grad_w += grad.t() @ hc  # (V, C)
+        count = (targets != -1).sum()
+        ctx.save_for_backward(torch.cat(grad_h).to(h.dtype) / count, grad_w / count)
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_loss, grad_w * grad_loss, None, None
 
 
 # ----------------------------------------------------------------------------- optional memory layers

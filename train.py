@@ -78,6 +78,8 @@ DEFAULTS = dict(
     device="auto",                # auto | cpu | cuda | cuda:N | mps
     dtype="auto",                 # auto (bfloat16 on CUDA, else float32) | float32 | bfloat16
     compile=False,
+    compile_options={},           # Inductor options, e.g. {"triton.cudagraphs": True} (CUDA graphs for the step, as
+                                  # mode="reduce-overhead") or {"coordinate_descent_tuning": True}; bench.py's levers
     fp8=False,                    # float8 matmuls through torchao (H100-class GPUs; see BENCHMARKS.md for the gain)
     fp8_head=True,                # with fp8, the tied head/embedding matmul in fp8 too
     seed=1337,
@@ -177,6 +179,10 @@ def check_config(cfg):
     check_ranges(cfg, AT_LEAST_ONE, NOT_NEGATIVE, FRACTIONS)
     if not 0 <= cfg["dropout"] < 1:
         raise SystemExit(f"dropout must be in [0, 1), got {cfg['dropout']}")
+    if cfg["compile_options"] and not cfg["compile"]:
+        raise SystemExit("compile_options are torch.compile's: set compile=True too")
+    if cfg["ce_chunks"] and cfg["teacher"]:
+        raise SystemExit("ce_chunks (the fused chunked loss) makes no logits for distillation: set ce_chunks=0")
     if cfg["distill_temperature"] <= 0:
         raise SystemExit(f"distill_temperature must be positive, got {cfg['distill_temperature']}")
 
@@ -387,7 +393,7 @@ def run_training(cfg):
     if cfg["fp8"]:
         float8_training(model, head=cfg["fp8_head"])
     if cfg["compile"]:
-        model = torch.compile(model)
+        model = torch.compile(model, options=cfg["compile_options"] or None)
     if world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
         # the only buffers (rotary tables) are constants: no need to broadcast them every forward
@@ -452,7 +458,7 @@ def run_training(cfg):
             for group in (g for opt in optimizers for g in opt.param_groups):
                 group["lr"] = lr * group.get("lr_scale", 1.0)
             loss, batch = train_step(model, optimizers, batch, fetch, accum, autocast, cfg["grad_clip"], world_size > 1,
-                                     distill)
+                                     distill, static_grads=cfg["compile_options"].get("triton.cudagraphs", False))
             if raw_model.config.grow_heads and (changes := raw_model.update_heads(optimizers)) and master:
                 tqdm.write(f"step {step + 1}: " + "; ".join(changes))
                 append_jsonl(metrics_path, {"step": step + 1, "layer_heads": list(raw_model.config.layer_heads)})
@@ -490,13 +496,20 @@ def run_training(cfg):
     return losses
 
 
-def train_step(model, optimizers, batch, fetch, accum, autocast, grad_clip, ddp=False, distill=None):
+def train_step(model, optimizers, batch, fetch, accum, autocast, grad_clip, ddp=False, distill=None,
+               static_grads=False):
     """One step of every optimizer over accum micro-batches starting with `batch`; returns (loss, next batch).
 
     fetch() draws each next micro-batch right after the forward is queued, so the CPU gathers and
     copies it while the GPU computes. The loss (of the last micro-batch) stays a tensor: no host sync.
     distill(x, logits, loss), if given, turns the data loss into the distillation loss.
+    static_grads: gradients live in buffers of their own, zeroed in place. CUDA graphs need it: a .grad
+    taken over from a graph's output is overwritten by the next replay (pytorch/pytorch#169545).
     """
+    if static_grads:
+        for p in model.parameters():
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
     for micro in range(accum):
         x, y = batch
         if ddp:  # all-reduce gradients only on the last micro-step
@@ -514,7 +527,7 @@ def train_step(model, optimizers, batch, fetch, accum, autocast, grad_clip, ddp=
         torch.nn.utils.clip_grad_norm_(dense, grad_clip)
     for opt in optimizers:
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=not static_grads)
     return loss.detach() * accum, batch
 
 
