@@ -6,7 +6,6 @@ GPT with its forward pass, generation with a KV cache, and the optimizer builder
 optional memory layers (product keys, a kNN store): `make_ffn` puts one in place of a layer's MLP.
 Sampling helpers close the file. No disk I/O here: checkpoint.py saves and loads.
 """
-import functools
 import math
 from dataclasses import dataclass, field
 
@@ -241,18 +240,13 @@ class KVCache:
         return self.outputs[layer][:, positions]
 
 
-@functools.lru_cache(maxsize=8)
-def causal_block_mask(T, device):
-    """FlexAttention's block-sparse causal mask for T tokens, built once per length: fully masked tiles are skipped."""
-    from torch.nn.attention.flex_attention import create_block_mask  # here: importing it imports dynamo
-    return create_block_mask(lambda b, h, q, kv: q >= kv, None, None, T, T, device=device)
-
-
 def flex_causal_attention(q, k, v):
-    """Causal attention by FlexAttention (Dong et al. 2024), a Triton kernel that torch.compile generates."""
-    from torch.nn.attention.flex_attention import flex_attention
-    return flex_attention(q, k, v, block_mask=causal_block_mask(q.size(2), q.device),
-                          enable_gqa=k.size(1) != q.size(1))
+    """Causal attention by FlexAttention (Dong et al. 2024), a Triton kernel that torch.compile generates;
+    the block mask lets it skip the tiles above the diagonal. Under torch.compile the mask is built in the graph."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # here: it imports dynamo
+    T = q.size(2)
+    mask = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, T, T, device=q.device)
+    return flex_attention(q, k, v, block_mask=mask, enable_gqa=k.size(1) != q.size(1))
 
 
 GATE_SCALE = 10.0  # a head gate is sigmoid(10 c): Adam moves c by about lr a step, so gates move 10x faster than weights
