@@ -32,6 +32,7 @@ import train
 from configurator import configure
 from data import get_batch, open_dataset
 from model import GPT, GPTConfig
+from plot import plot_runs
 from runtime import float8_training, read_jsonl, resolve_device
 
 DEFAULTS = dict(
@@ -53,8 +54,10 @@ DEFAULTS = dict(
     levers="",            # the levers part: comma-separated names from LEVERS; empty = all but max_autotune
     lever_budget_s=0,     # levers (but best) not started this many seconds into the levers part are skipped (0: no limit)
     nanogpt="",           # the nanogpt part: path to a nanoGPT checkout (kept outside the repo) whose bench.py it runs
+    parity_lever={},      # the parity part: train.py overrides (a lever of LEVERS, e.g. {"ce_chunks": 8}) to train against default
+    parity_steps=300,     # ... for this many steps of 8 x 12 x 1024 tokens on BPE shakespeare
 )
-GPU_PARTS = ["train", "plain", "ttl_fast", "sample", "memory", "ttl_best", "batch", "levers", "nanogpt", "gpu_1b"]
+GPU_PARTS = ["train", "plain", "ttl_fast", "sample", "memory", "ttl_best", "batch", "levers", "nanogpt", "gpu_1b", "parity"]
 CPU_PARTS = ["cpu_quick", "nanogpt_recipe"]
 H100_BF16_PEAK = 989e12
 # shapes of the memory sweep (n_layer, n_head, n_embd), smallest first: GPT-2 small, medium, large, XL
@@ -293,6 +296,36 @@ def part_levers(cfg, bench, device):
     return results
 
 
+def part_parity(cfg, bench, device):
+    """Does a lever leave the loss unchanged? gpu_124m trained parity_steps steps on BPE shakespeare (the same
+    seed, data and tokens per step) with the default step and with parity_lever; both curves in parity.png
+    beside --out. The runs differ only by rounding, so their val curves should agree within bf16 noise."""
+    lever = dict(bench["parity_lever"])
+    if not lever:
+        return {"parity": dict(error="skipped: pass --parity_lever={...}, e.g. {'ce_chunks': 8}")}
+    unknown = [k for k in lever if k not in train.DEFAULTS]
+    if unknown:
+        raise SystemExit(f"parity_lever keys {unknown} are not train.py keys")
+    seqs = 8 * cfg["batch_size"]  # sequences per optimizer step
+    batch = lever.pop("batch_size", cfg["batch_size"])
+    if seqs % batch:
+        raise SystemExit(f"parity_lever batch_size={batch} must divide the {seqs} sequences of a step")
+    steps = bench["parity_steps"]
+    common = dict(dataset="shakespeare", max_iters=steps, lr_decay_iters=steps, warmup_iters=max(1, steps // 10),
+                  eval_interval=max(1, steps // 6), eval_iters=20, log_interval=10)
+    if bench["smoke"]:
+        common.update(max_iters=20, lr_decay_iters=20, warmup_iters=2, eval_interval=10, eval_iters=2)
+    results = {}
+    for name, overrides in (("parity_default", dict(gradient_accumulation_steps=8)),
+                            ("parity_lever", lever | dict(batch_size=batch, gradient_accumulation_steps=seqs // batch))):
+        results |= time_to_loss(bench["config"], bench, device, 0.0, common | overrides, name=name)
+    a, b = (dict((step, v) for step, _, v in results[n]["curve"]) for n in ("parity_default", "parity_lever"))
+    results["parity_max_val_difference"] = max(abs(a[s] - b[s]) for s in a if s in b)
+    plot_runs([os.path.join(bench["out_dir"], n) for n in ("parity_default", "parity_lever")],
+              os.path.join(os.path.dirname(os.path.abspath(bench["out"])), "parity.png"))
+    return results
+
+
 def part_nanogpt(cfg, bench, device):
     """nanoGPT's own bench.py (GPT-2 124M, 12x1024, compile, random tokens) run from --nanogpt=PATH in this
     same run, so the ratio to µLM's train step is measured on the same GPU at the same moment."""
@@ -434,7 +467,7 @@ def part_nanogpt_recipe(cfg, bench, device):
 
 PARTS = dict(train=part_train, plain=part_plain, ttl_fast=part_ttl_fast, sample=part_sample, memory=part_memory,
              ttl_best=part_ttl_best, batch=part_batch, cpu_quick=part_cpu_quick, nanogpt_recipe=part_nanogpt_recipe,
-             levers=part_levers, nanogpt=part_nanogpt, gpu_1b=part_gpu_1b)
+             levers=part_levers, nanogpt=part_nanogpt, gpu_1b=part_gpu_1b, parity=part_parity)
 
 
 # ----------------------------------------------------------------------------- the run
