@@ -184,3 +184,16 @@ def test_compile_options_need_compile(tiny_cfg):
     tiny_cfg.update(compile_options={"triton.cudagraphs": True})
     with pytest.raises(SystemExit, match="compile=True"):
         train.train(tiny_cfg)
+
+
+def test_char_best_runs_and_summarises_each_config(tmp_path, tiny_data):
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    import char_best
+    out = tmp_path / "char_best"
+    char_best.main(["--smoke=True", "--device=cpu", f"--out={out}", f"--data_dir={tiny_data / 'data'}",
+                    "--configs={'plain': ['--dataset=tiny'], 'broken': ['--dataset=tiny', '--dropout=2.0']}",
+                    "--seeds=[1]", "--parallel=2"])
+    report = json.loads((out / "char_best.json").read_text())
+    assert report["configs"]["plain"]["seeds"] == 1 and report["configs"]["plain"]["mean"] > 0
+    assert report["configs"]["broken"]["mean"] is None and "dropout" in report["runs"]["broken"]["1"]["error"]
+    assert (out / "char_best.png").exists()
