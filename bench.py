@@ -318,7 +318,7 @@ def part_parity(cfg, bench, device):
     results = {}
     for name, overrides in (("parity_default", dict(gradient_accumulation_steps=8)),
                             ("parity_lever", lever | dict(batch_size=batch, gradient_accumulation_steps=seqs // batch))):
-        results |= time_to_loss(bench["config"], bench, device, 0.0, common | overrides, name=name)
+        results |= time_to_loss(bench["config"], bench, device, None, common | overrides, name=name)
     a, b = (dict((step, v) for step, _, v in results[n]["curve"]) for n in ("parity_default", "parity_lever"))
     results["parity_max_val_difference"] = max(abs(a[s] - b[s]) for s in a if s in b)
     plot_runs([os.path.join(bench["out_dir"], n) for n in ("parity_default", "parity_lever")],
@@ -435,7 +435,7 @@ def time_to_loss(config_path, bench, device, target, overrides=None, name=None):
     rows = read_jsonl(os.path.join(out_dir, "metrics.jsonl"))
     evals = [(r["step"], round(r["train_time"], 3), round(r["val_loss"], 4)) for r in rows if "val_loss" in r]
     compile_s = next((r["compile_time"] for r in rows if "compile_time" in r), 0.0)
-    reached = next(((step, t) for step, t, val in evals if val <= target), None)
+    reached = next(((step, t) for step, t, val in evals if target is not None and val <= target), None)
     last = [r for r in rows if "tokens_per_s" in r]
     return {name: dict(config=config_path, overrides=overrides or {}, target_val=target,
                        time_to_target_s=reached[1] if reached else None, step_at_target=reached[0] if reached else None,
@@ -509,7 +509,8 @@ def summary_rows(results):
                                f"{r['batch_size']}x{r['block_size']} batch{mfu}{mem}, loss {r['loss']:.3f}{ratios}"))
         elif "target_val" in r:
             t = f"{r['time_to_target_s']:.1f} s" if r["time_to_target_s"] is not None else "not reached"
-            rows.append((name, f"val <= {r['target_val']}: {t}; best {r['best_val']:.4f} in {r['train_time_s']:.1f} s "
+            t = f"val <= {r['target_val']}: {t}; " if r["target_val"] is not None else f"final val {r['curve'][-1][2]:.4f}; "
+            rows.append((name, f"{t}best {r['best_val']:.4f} in {r['train_time_s']:.1f} s "
                                f"(+{r['compile_s']:.1f} s compile)"))
         elif "tokens_per_s" in r:
             rows.append((name, f"{r['tokens_per_s']:,.0f} tok/s"))
