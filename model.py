@@ -710,8 +710,10 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             valid, safe = (tc != -1)[:, None], tc.clamp_min(0)[:, None]  # (n, 1)
             lse = logits.logsumexp(-1, keepdim=True)  # (n, 1)
             total += ((lse - logits.gather(1, safe)) * valid).sum()
-            # d loss / d logits = softmax - onehot(target), zero where the target is ignored
-            grad = (logits - lse).exp().scatter_add(1, safe, -torch.ones_like(lse)) * valid  # (n, V)
+            # d loss / d logits = softmax - onehot(target), zero where the target is ignored; all elementwise,
+            # so the compiler makes it one kernel that reads the logits once and writes the gradient once
+            onehot = torch.arange(logits.size(1), device=logits.device) == safe  # (n, V)
+            grad = ((logits - lse).exp() - onehot.float()) * valid  # (n, V)
             grad_h.append(grad @ weight)  # (n, C)
             grad_w += grad.t() @ hc  # (V, C)
         count = (targets != -1).sum()
