@@ -240,13 +240,14 @@ LEVERS = {
     "cudagraphs": dict(compile_options={"triton.cudagraphs": True}),
     "coordinate_descent": dict(compile_options={"coordinate_descent_tuning": True}),
     "flex_attention": dict(attention="flex"),
+    "bf16_residual": dict(bf16_residual=True),
     "fp8_blocks": dict(fp8=True, fp8_head=False),
     "fp8_all": dict(fp8=True, fp8_head=True),
     "max_autotune": dict(compile_options={"max_autotune": True, "coordinate_descent_tuning": True}),  # ~5 min to compile
     "fp8_all_batch24": dict(fp8=True, fp8_head=True, batch_size=24),
     "best": None,  # the levers measured before it that beat default by MIN_GAIN, together
 }
-MODEL_LEVERS = ("ce_chunks", "attention")
+MODEL_LEVERS = ("ce_chunks", "attention", "bf16_residual")
 MIN_GAIN = 1.01  # a lever joins "best" only above the few percent of run-to-run noise
 
 

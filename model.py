@@ -68,6 +68,8 @@ class GPTConfig:
     ce_chunks: int = 0           # > 0: the training loss is the head and cross-entropy fused over this many row
                                  # chunks, so the (B*T, V) logits never exist whole (the forward then returns no logits)
     attention: str = "sdpa"      # sdpa | flex (FlexAttention's compiled kernel for the causal training path)
+    bf16_residual: bool = False  # under bf16 autocast the residual stream is bf16 too (as in modded-nanogpt):
+                                 # half the memory traffic for the norms, rotary and residual adds
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
@@ -431,6 +433,8 @@ class GPT(nn.Module):
         positions = pos + torch.arange(T, device=idx.device)  # (T,)
         feedback = self.feedback_pass(idx, cache, pos) if self.config.feedback else None
         x = self.drop(self.wte(idx))  # (B, T, C)
+        if self.config.bf16_residual and torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))  # the blocks' bf16 outputs then keep it bf16
         if self.config.n_core:
             return norm(self.looped(x, positions, cache, loops))
         if loops is not None:

@@ -197,3 +197,12 @@ def test_char_best_runs_and_summarises_each_config(tmp_path, tiny_data):
     assert report["configs"]["plain"]["seeds"] == 1 and report["configs"]["plain"]["mean"] > 0
     assert report["configs"]["broken"]["mean"] is None and "dropout" in report["runs"]["broken"]["1"]["error"]
     assert (out / "char_best.png").exists()
+
+
+def test_bf16_residual_acts_only_under_autocast():
+    plain, bf16 = twin_models(bf16_residual=True)
+    x = torch.randint(70, (2, 16))
+    assert torch.equal(plain(x, x)[1], bf16(x, x)[1])  # no autocast: the same fp32 model
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert plain.hidden(x).dtype == torch.float32 and bf16.hidden(x).dtype == torch.bfloat16
+        assert abs(plain(x, x)[1].item() - bf16(x, x)[1].item()) < 0.01
