@@ -220,12 +220,12 @@ class KVCache:
     def update(self, layer, k, v, positions):
         """Write k, v (B, nkv, T, hs) at positions (T,); return the whole cache (B, nkv, block_size, hs)."""
         layer += self.shift
-        self.k[layer].index_copy_(2, positions, k)
-        self.v[layer].index_copy_(2, positions, v)
+        self.k[layer].index_copy_(2, positions, k.to(self.k[layer].dtype))  # autocast may hand in bf16
+        self.v[layer].index_copy_(2, positions, v.to(self.v[layer].dtype))
         return self.k[layer], self.v[layer]
 
     def write_output(self, layer, x, positions):
-        self.outputs[layer].index_copy_(1, positions + 1, x.detach())
+        self.outputs[layer].index_copy_(1, positions + 1, x.detach().to(self.outputs[layer].dtype))
 
     def previous_output(self, layer, positions):
         """The layer's output (B, T, C) at each position before `positions`."""

@@ -6,10 +6,15 @@ Does a looped model think longer at test time? Variable chains that need k hops,
     python experiments/loops.py config/loops_chains_cpu.py --part=shakespeare    # + shakespeare_char val loss
 
 A problem is n_chains chains of assignments "lhs rhs ;" (rhs a digit or an earlier variable) interleaved at
-random, then a query "v ?" whose answer is the digit at the root of v's chain (chance: 1 / n_chains). Answering
-a chain of k hops needs k dependent lookups: depth, not knowledge. Every statement's ';' is also trained
-to predict its variable's value (the value never appears in the input, so it cannot be copied forward).
-Training only shows chains of <= train_hops hops; the test asks up to test_hops.
+random, then a query "? v" whose answer is the digit at the root of v's chain (chance: 1 / n_chains). Answering
+a chain of k hops needs k dependent lookups: depth, not knowledge. Every statement's rhs is also trained to
+predict the value it carries (the value never appears in the input, so it cannot be copied forward).
+The targets sit where one lookup is an induction step (Olsson et al. 2022: find the earlier position whose
+previous token is my token, read what is there): at rhs `c` the model finds the position after `c`'s own
+lhs, where `c`'s value was worked out one lookup earlier. A first version put the targets on the ';' and
+'?' instead; the token to match was then one back, every position matched itself, and no model of any
+depth learned a single hop in 5000 steps (EXPERIMENTS.md). Training only shows chains of <= train_hops
+hops; the test asks up to test_hops.
 
 Three models train on the same batches for the same steps:
   looped   n_prelude + n_core + n_coda distinct layers, the core applied `loops` times (sampled per step)
@@ -105,9 +110,9 @@ def chain_problem(rng, hops, cfg):
         lhs, rhs, value = chains[c][taken[c]]
         taken[c] += 1
         tokens += [10 + lhs, rhs, voc["sep"]]
-        targets += [-1, -1, value]  # the ';' predicts the value its statement gives lhs
+        targets += [-1, value, -1]  # the rhs predicts the value it gives lhs
     query_var, answer = chains[0][-1][0], chains[0][-1][2]
-    tokens += [10 + query_var, voc["query"]]
+    tokens += [voc["query"], 10 + query_var]
     targets += [-1, answer]
     pad = 3 * max_statements(cfg) + 2 - len(tokens)
     return [voc["pad"]] * pad + tokens, [-1] * pad + targets
@@ -185,7 +190,7 @@ def chain_accuracy(model, tests, autocast, loops=None):
     accuracy = {}
     for hops, (x, y) in tests.items():
         with autocast:
-            logits = model(x, loops=loops)[0][:, -1]  # (B, V) at the '?'
+            logits = model(x, loops=loops)[0][:, -1]  # (B, V) at the asked variable
         accuracy[hops] = (logits.argmax(-1) == y[:, -1]).float().mean().item()
     return accuracy
 

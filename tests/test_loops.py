@@ -183,7 +183,8 @@ def test_chain_problems_need_the_asked_hops_and_share_one_length():
         tokens, targets = loops.chain_problem(rng, hops, cfg)
         assert len(tokens) == 3 * loops.max_statements(cfg) + 2
         defined = {tokens[i]: tokens[i + 1] for i in range(len(tokens) - 2) if tokens[i + 2] == 10 + cfg["n_vars"]}
-        var, steps = tokens[-2], 0
+        assert tokens[-2] == 11 + cfg["n_vars"]  # "? v": the answer is read at v
+        var, steps = tokens[-1], 0
         while defined[var] >= 10:  # follow the chain to its digit
             var, steps = defined[var], steps + 1
         assert steps == hops and defined[var] == targets[-1]
