@@ -62,6 +62,11 @@ DEFAULTS = dict(
     loops_min=2, loops_max=10,
     backprop_loops=0,
     inject="add",
+    # True: each training batch shares one hop count h and the looped model runs h + 1 loops, so it is never
+    # given more loops than the problem needs and cannot learn to settle early (loops tied to the problem's
+    # size, as in Fan et al. 2024 "Looped transformers for length generalization"); the plain models see
+    # the same batches
+    loops_follow_hops=False,
     models=["looped", "params", "compute"],
     # optimisation
     steps=2000, batch_size=64, learning_rate=2e-3, min_lr=1e-4, warmup_iters=100, weight_decay=0.1,
@@ -165,9 +170,13 @@ def train_chains(name, config, cfg, device, autocast):
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
-        x, y = chain_batch(rng, cfg["batch_size"], (1, cfg["train_hops"]), cfg, device)
+        hops, loops = (1, cfg["train_hops"]), None
+        if cfg["loops_follow_hops"]:
+            hops = rng.randint(1, cfg["train_hops"])
+            loops = hops + 1 if config.n_core else None
+        x, y = chain_batch(rng, cfg["batch_size"], hops, cfg, device)
         with autocast:
-            loss = model(x, y)[1]
+            loss = model(x, y, loops=loops)[1]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
