@@ -316,6 +316,7 @@ def measure(cfg):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     state = load_checkpoint(cfg["ckpt"], map_location=device)
+    weights_mib = weight_bytes(state["model"]) / 2**20  # before load_model: an export's weights move into the model
     model = load_model(state, device)
     if state.get("kind") != "export":
         model.to(dtype)
@@ -330,12 +331,13 @@ def measure(cfg):
     timed = [int(t[0]) for t in stream]
     seconds = time.perf_counter() - t0
     result = {"file": cfg["ckpt"], "file_mib": os.path.getsize(cfg["ckpt"]) / 2**20,
-              "weights_mib": weight_bytes(state["model"]) / 2**20,
+              "weights_mib": weights_mib,
               "format": state.get("quantization", {}).get("format", str(dtype).removeprefix("torch.")),
               "device": str(device), "decode_tokens_per_s": len(timed) / seconds,
               "peak_rss_gib": peak_rss_gib(), "rss_at_start_gib": rss_start, "tokens": tokens + timed}
     if device.type == "cuda":
         result["peak_gpu_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        result["peak_gpu_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30  # what the device lent
     result["val_loss"] = val_loss_of(model, state, cfg, device)
     return result
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from model import GPT, Rotary
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # the group sizes torch's int4 kernels take
+CPU_CONVERT_ROWS = 256  # a multiple of the CPU int4 layout's row block (64 with AVX-512, 32 without)
 
 
 # ----------------------------------------------------------------------------- formats
@@ -62,6 +63,9 @@ def dequantize_int4(packed, scale, zero):
 
 # ----------------------------------------------------------------------------- quantized layers
 
+DEQUANT_CHUNK = 2 ** 22  # weights dequantised at once by an eager int8 matmul: 8 MiB of bf16, not a whole head
+
+
 class Int8Linear(nn.Module):
     """y = x W^T with W stored int8 per output row; the per-row scale applies after the matmul."""
 
@@ -74,8 +78,20 @@ class Int8Linear(nn.Module):
         if x.device.type == "cpu":  # torch's int8-weight CPU kernel
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.size(-1)), self.q, self.scale.to(x.dtype))
             return y.view(*x.shape[:-1], -1)
-        # elsewhere the cast fuses into the matmul under torch.compile (as in gpt-fast)
-        return F.linear(x, self.q.to(x.dtype)) * self.scale.to(x.dtype)
+        if torch.compiler.is_compiling() and x.numel() == x.size(-1):
+            return self.matvec(x)
+        return self.chunked_matmul(x)
+
+    def matvec(self, x):
+        """One row: multiply and sum, which inductor fuses with the int8 read into one pass over the weight
+        (cast-then-matmul writes and rereads a bf16 copy of every weight at every decode step)."""
+        return (x.unsqueeze(-2).float() * self.q).sum(-1).to(x.dtype) * self.scale.to(x.dtype)
+
+    def chunked_matmul(self, x):
+        """Dequantise a slab of rows at a time: all at once, a 50K-row head's bf16 copy would double its memory."""
+        rows = max(1, DEQUANT_CHUNK // self.q.size(1))
+        scale = self.scale.to(x.dtype)
+        return torch.cat([F.linear(x, q.to(x.dtype)) * s for q, s in zip(self.q.split(rows), scale.split(rows))], -1)
 
 
 class Int8Embedding(nn.Module):
@@ -122,10 +138,17 @@ class Int4Linear(nn.Module):
         return 2 * self.packed.size(1) // self.scale.size(1)
 
     def prepare(self):
+        """Replace the file's packing by the kernel's layout; the file's tensors are freed as each layer is done."""
         device, group_size = self.packed.device, self.group_size
         scales_and_zeros = torch.stack((self.scale, self.zero), dim=-1).transpose(0, 1).contiguous()  # (K/gs, N, 2)
         if device.type == "cpu":
-            weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(self.packed).to(torch.int32), 1)
+            # in place, a block of rows at a time: the CPU layout interleaves 64 rows at most and keeps each
+            # block's bytes where its rows were, so no second copy of the layer and only a few MiB of the
+            # int32 staging the op wants (a whole layer's would be 8 bytes per weight)
+            weight = self.packed
+            for rows in range(0, weight.size(0), CPU_CONVERT_ROWS):
+                block = weight[rows:rows + CPU_CONVERT_ROWS]
+                block.copy_(torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(block).to(torch.int32), 1))
             self.matmul = torch.ops.aten._weight_int4pack_mm_for_cpu
         elif device.type == "cuda":  # tinygemm: bf16 activations, scales and zeros
             K = 2 * self.packed.size(1)
@@ -216,23 +239,34 @@ def out_features(layer):
 
 def build_export_model(config, weights, device):
     """The GPT of an inference export: built on the meta device (no float copy of the weights is ever
-    made), its quantized layers filled with the file's tensors, then readied for the device's kernels."""
+    made), its layers given the file's tensors themselves, then readied for the device's kernels.
+
+    weights is emptied: afterwards the model holds the only reference to each tensor, so a layer's file
+    tensors are freed as soon as int4 has converted them, and peak memory stays near the file's size.
+    """
     if config.memory_layers and config.memory == "knn":
         raise SystemExit("kNN memory models cannot be exported (their store lives beside the checkpoint)")
     with torch.device("meta"):
         model = GPT(config)
     fit_to_state_dict(model, weights)
     model.load_state_dict(weights, assign=True)
+    float_dtype = next(t.dtype for t in weights.values() if t.is_floating_point())
+    weights.clear()
     if config.tie_embeddings and isinstance(model.lm_head, nn.Linear):  # assign loaded two parameters: one again
         model.lm_head.weight = model.wte.weight
-    float_dtype = next(t.dtype for t in weights.values() if t.is_floating_point())
     # the rotary tables are not saved: rebuild them off the meta device
     model.rotary = Rotary(config.n_embd // config.n_head, config.block_size, config.rope_base).to(float_dtype)
-    model.to(device)
-    for module in model.modules():
-        if isinstance(module, Int4Linear):
-            module.prepare()
-    return model.eval()
+    # a tied int8 head reads the embedding's tensors (one storage in the file): it moves with the embedding
+    head, wte = model.lm_head, model.wte
+    tied = isinstance(head, Int8Linear) and head.q.untyped_storage().data_ptr() == wte.q.untyped_storage().data_ptr()
+    for module in model.modules():  # a layer at a time: memory holds the file plus one layer's conversion
+        if not list(module.children()) and not (tied and module is head):
+            module.to(device)
+            if isinstance(module, Int4Linear):
+                module.prepare()
+    if tied:
+        head.q, head.scale = wte.q, wte.scale
+    return model.to(device).eval()  # what the containers hold themselves (head gates, norms' weights)
 
 
 # ----------------------------------------------------------------------------- masks
