@@ -9,7 +9,8 @@ checkpoint's smaller layers and masks, before its state dict loads) and `masked_
 Formats, stored as plain tensors so a file loads with weights_only=True on any device:
     int8  per output channel, symmetric:  w ~ q * scale,                     |error| <= scale / 2
     int4  per group of input columns:     w ~ (q - 8) * scale + zero, q in 0..15, |error| <= scale / 2
-          (tinygemm's convention, so the file converts straight into torch's int4 matmul kernels)
+          (tinygemm's convention; scales and zeros stored as one (K/gs, N, 2) tensor, the layout torch's
+          int4 kernels read, so loading converts only the packed weights, in place on the CPU)
 The matmuls run in torch's own weight-only kernels (aten._weight_int8pack_mm on the CPU,
 _weight_int4pack_mm[_for_cpu]), not torchao: torchao 0.18 (checked with torch 2.13 CPU) runs int8
 weight-only as cast-then-matmul, which never reaches the CPU int8 kernel, and its int4 needs the
@@ -40,24 +41,25 @@ def dequantize_int8(q, scale):
 
 
 def quantize_int4(w, group_size):
-    """(packed uint8 (N, K/2), scale (N, K/gs), zero (N, K/gs)) of a weight (N, K): min-max per group."""
+    """(packed uint8 (N, K/2), scales_and_zeros (K/gs, N, 2)) of a weight (N, K): min-max per group."""
     N, K = w.shape
     groups = w.float().reshape(N, K // group_size, group_size)
     lo, hi = groups.amin(-1), groups.amax(-1)
     scale = ((hi - lo) / 15).clamp(min=1e-12)
     q = ((groups - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.uint8).reshape(N, K)
     packed = (q[:, ::2] << 4) | q[:, 1::2]  # two columns per byte, the even one in the high nibble
-    return packed, scale, lo + 8 * scale
+    return packed, torch.stack((scale, lo + 8 * scale), dim=-1).transpose(0, 1).contiguous()
 
 
 def unpack_int4(packed):
     return torch.stack((packed >> 4, packed & 15), dim=-1).reshape(packed.size(0), -1)  # (N, K) in 0..15
 
 
-def dequantize_int4(packed, scale, zero):
+def dequantize_int4(packed, scales_and_zeros):
     q = unpack_int4(packed).float()
     N, K = q.shape
-    groups = (q - 8).reshape(N, scale.size(1), -1) * scale.float()[..., None] + zero.float()[..., None]
+    scale, zero = scales_and_zeros.float().transpose(0, 1).unbind(-1)  # (N, K/gs) each
+    groups = (q - 8).reshape(N, scale.size(1), -1) * scale[..., None] + zero[..., None]
     return groups.reshape(N, K)
 
 
@@ -127,20 +129,18 @@ class Int4Linear(nn.Module):
     int4 kernel (CPU or CUDA tinygemm), after the model has moved to its device.
     """
 
-    def __init__(self, packed, scale, zero):
+    def __init__(self, packed, scales_and_zeros):
         super().__init__()
         self.register_buffer("packed", packed)
-        self.register_buffer("scale", scale)
-        self.register_buffer("zero", zero)
+        self.register_buffer("scales_and_zeros", scales_and_zeros)
 
     @property
     def group_size(self):
-        return 2 * self.packed.size(1) // self.scale.size(1)
+        return 2 * self.packed.size(1) // self.scales_and_zeros.size(0)
 
     def prepare(self):
         """Replace the file's packing by the kernel's layout; the file's tensors are freed as each layer is done."""
-        device, group_size = self.packed.device, self.group_size
-        scales_and_zeros = torch.stack((self.scale, self.zero), dim=-1).transpose(0, 1).contiguous()  # (K/gs, N, 2)
+        device, group_size, scales_and_zeros = self.packed.device, self.group_size, self.scales_and_zeros
         if device.type == "cpu":
             # in place, a block of rows at a time: the CPU layout interleaves 64 rows at most and keeps each
             # block's bytes where its rows were, so no second copy of the layer and only a few MiB of the
@@ -157,7 +157,7 @@ class Int4Linear(nn.Module):
             self.matmul, scales_and_zeros = torch.ops.aten._weight_int4pack_mm, scales_and_zeros.to(torch.bfloat16)
         else:
             raise SystemExit(f"int4 has no kernel on {device.type}: export with --format=int8, or run on cpu or cuda")
-        del self.packed, self.scale, self.zero  # the kernel's layout replaces them
+        del self.packed, self.scales_and_zeros  # the kernel's layout replaces them
         self.group = group_size
         self.register_buffer("kernel_weight", weight, persistent=False)
         self.register_buffer("scales_and_zeros", scales_and_zeros, persistent=False)
@@ -181,8 +181,8 @@ def quantize_model(model, fmt, group_size, dtype):
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and name != "lm_head":
             if fmt == "int4" and name.startswith("blocks."):
-                packed, scale, zero = quantize_int4(module.weight.detach(), group_size)
-                new = Int4Linear(packed, scale.to(dtype), zero.to(dtype))
+                packed, scales_and_zeros = quantize_int4(module.weight.detach(), group_size)
+                new = Int4Linear(packed, scales_and_zeros.to(dtype))
             else:
                 new = Int8Linear(*int8(module.weight))
         elif isinstance(module, nn.EmbeddingBag):
@@ -214,7 +214,7 @@ def fit_to_state_dict(model, weights):
         if isinstance(module, (nn.Linear, nn.Embedding, nn.EmbeddingBag)):
             shape = weights.get(f"{name}.weight", module.weight).shape
             if f"{name}.packed" in weights:
-                new = Int4Linear(*(torch.empty_like(weights[f"{name}.{k}"], device="meta") for k in ("packed", "scale", "zero")))
+                new = Int4Linear(*(torch.empty_like(weights[f"{name}.{k}"], device="meta") for k in ("packed", "scales_and_zeros")))
             elif f"{name}.q" in weights:
                 cls = {nn.Linear: Int8Linear, nn.Embedding: Int8Embedding, nn.EmbeddingBag: Int8EmbeddingBag}[type(module)]
                 new = cls(*(torch.empty_like(weights[f"{name}.{k}"], device="meta") for k in ("q", "scale")))

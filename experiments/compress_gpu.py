@@ -8,7 +8,7 @@ The ~1B µLM in about 1 GB: bf16 / int8 / int4 exports of the 1B and 354M shapes
         --block_size=32 --gen_tokens=8 --group_size=32 --out=/tmp/cg   # smoke test (CPU: no compile, float32)
 
 parts (each runs on its own; one that fails is recorded with its error and the rest still run; the JSON
-is rewritten after each; a part not started within time_limit_s is recorded as skipped):
+is rewritten after each; no part, export or decode path starts after time_limit_s: it is recorded as skipped):
   big      the 1B shape (36 layers x 1536, 12 heads, as config/gpu_1b.py): the trained checkpoint of the
            train part if there is one, else random weights (memory and speed do not depend on them).
            Exported as bf16, int4 and int8 (compress.py); each export loaded and run in a fresh process:
@@ -52,7 +52,7 @@ from shrink import Int8Linear  # noqa: E402
 DEFAULTS = dict(
     out="out/compress_gpu",
     parts=["big", "decode", "mid", "cpu"],
-    time_limit_s=330,         # parts not started by then are skipped (the lead's GPU batches are ~6 min)
+    time_limit_s=300,         # no part, export or decode path starts after this (the lead's GPU batches are ~6 min)
     device="auto",
     big=(36, 1536, 12),       # (n_layer, n_embd, n_head) of the ~1B shape
     mid=(24, 1024, 16),       # the 354M shape
@@ -115,11 +115,14 @@ def compress_cfg(cfg, device, **overrides):
             "compile": cfg["compile"] and device == "cuda", **overrides}
 
 
-def export_and_measure(cfg, src, device, formats=None, **overrides):
+def export_and_measure(cfg, src, device, deadline, formats=None, **overrides):
     """{format: compress.measure() result, with peak memory over file size} for exports of src, each
-    loaded and run in a fresh process."""
+    loaded and run in a fresh process (none started after deadline)."""
     results = {}
     for fmt in formats or cfg["formats"]:
+        if time.perf_counter() > deadline:
+            results[fmt] = {"skipped": f"time_limit_s={cfg['time_limit_s']} passed"}
+            continue
         path = export(cfg, src, fmt, device)
         ccfg = compress_cfg(cfg, device, **overrides)
         try:
@@ -153,8 +156,9 @@ def torchao_int8(model):
     return model
 
 
-def decode_paths(cfg, device):
-    """Decode tokens/s at batch 1 of bf16 and of int8 through each matvec path, compiled, in this process."""
+def decode_paths(cfg, device, deadline):
+    """Decode tokens/s at batch 1 of bf16 and of int8 through each matvec path, compiled, in this process
+    (none started after deadline)."""
     _, n_embd, n_head = cfg["big"]
     src = random_checkpoint(cfg, (cfg["decode_layers"], n_embd, n_head), os.path.join(cfg["out"], "decode.pt"), device)
     files = {fmt: export(cfg, src, fmt, device) for fmt in ("bfloat16", "int8")}
@@ -176,6 +180,9 @@ def decode_paths(cfg, device):
              "torchao int8 weight-only": lambda: torchao_int8(load("bfloat16"))}
     results = {}
     for name, build in paths.items():
+        if time.perf_counter() > deadline:
+            results[name] = {"skipped": f"time_limit_s={cfg['time_limit_s']} passed"}
+            continue
         torch._dynamo.reset()
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -285,13 +292,15 @@ def main(argv):
     def big_src():  # the trained 1B if the train part made one, else random weights
         return trained if os.path.exists(trained) else random_checkpoint(cfg, cfg["big"], os.path.join(cfg["out"], "big.pt"), device)
 
+    start = time.perf_counter()
+    deadline = start + cfg["time_limit_s"]  # nothing new (part, export, decode path) starts after it
     parts = {
         "train": lambda: train_big(cfg, os.path.dirname(trained)),
-        "big": lambda: export_and_measure(cfg, big_src(), device.type),
-        "decode": lambda: decode_paths(cfg, device.type),
+        "big": lambda: export_and_measure(cfg, big_src(), device.type, deadline),
+        "decode": lambda: decode_paths(cfg, device.type, deadline),
         "mid": lambda: export_and_measure(cfg, random_checkpoint(cfg, cfg["mid"], os.path.join(cfg["out"], "mid.pt"), device),
-                                          device.type),
-        "cpu": lambda: export_and_measure(cfg, big_src(), "cpu", ("int4",), gen_tokens=cfg["cpu_gen_tokens"],
+                                          device.type, deadline),
+        "cpu": lambda: export_and_measure(cfg, big_src(), "cpu", deadline, ("int4",), gen_tokens=cfg["cpu_gen_tokens"],
                                           compile=False, eval_iters=0),
         "sparse": lambda: sparse_two_four(cfg) if device.type == "cuda" else {"error": "2:4 sparsity needs a CUDA GPU"},
     }
@@ -300,11 +309,10 @@ def main(argv):
         raise SystemExit(f"unknown parts {unknown}: choose from {list(parts)}")
     if "train" in cfg["parts"]:
         open_dataset("data", cfg["dataset"], cfg["block_size"])  # a missing dataset stops here, not mid-run
-    start = time.perf_counter()
     results["seconds"] = {}
     for name in cfg["parts"]:
         t0 = time.perf_counter()
-        if t0 - start > cfg["time_limit_s"]:
+        if t0 > deadline:
             results[name] = {"skipped": f"not started within time_limit_s={cfg['time_limit_s']}"}
             continue
         try:
