@@ -11,10 +11,12 @@ Formats, stored as plain tensors so a file loads with weights_only=True on any d
     int4  per group of input columns:     w ~ (q - 8) * scale + zero, q in 0..15, |error| <= scale / 2
           (tinygemm's convention; scales and zeros stored as one (K/gs, N, 2) tensor, the layout torch's
           int4 kernels read, so loading converts only the packed weights, in place on the CPU)
-The matmuls run in torch's own weight-only kernels (aten._weight_int8pack_mm on the CPU,
-_weight_int4pack_mm[_for_cpu]), not torchao: torchao 0.18 (checked with torch 2.13 CPU) runs int8
-weight-only as cast-then-matmul, which never reaches the CPU int8 kernel, and its int4 needs the
-CUDA-only mslk package, so it has no CPU int4 path at all.
+int4 matmuls run in torch's own kernels (_weight_int4pack_mm: tinygemm on CUDA, and its CPU twin), not
+torchao: torchao 0.18 (checked with torch 2.13 CPU) needs the CUDA-only mslk package for int4, so it has
+no CPU path at all. int8 needs no kernel: eager, it dequantises cache-sized slabs and calls the float
+matmul (8x faster than aten._weight_int8pack_mm on our CPU); in a compiled decode step it is a
+multiply-and-sum inductor fuses with the int8 read (experiments/compress_gpu.py's decode part compares
+it with torchao's int8 weight-only on the GPU).
 """
 import torch
 import torch.nn as nn
@@ -65,7 +67,9 @@ def dequantize_int4(packed, scales_and_zeros):
 
 # ----------------------------------------------------------------------------- quantized layers
 
-DEQUANT_CHUNK = 2 ** 22  # weights dequantised at once by an eager int8 matmul: 8 MiB of bf16, not a whole head
+# weights an eager int8 matmul dequantises at once: a slab that stays in L2 until the matmul reads it (on
+# the 2-core CPU, 256K: 8 tok/s for 12 x 1024 where 4M gave 3-6 and _weight_int8pack_mm 1), never a whole head
+DEQUANT_CHUNK = 2 ** 18
 
 
 class Int8Linear(nn.Module):
@@ -77,9 +81,6 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale)
 
     def forward(self, x):
-        if x.device.type == "cpu":  # torch's int8-weight CPU kernel
-            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.size(-1)), self.q, self.scale.to(x.dtype))
-            return y.view(*x.shape[:-1], -1)
         if torch.compiler.is_compiling() and x.numel() == x.size(-1):
             return self.matvec(x)
         return self.chunked_matmul(x)
@@ -90,10 +91,15 @@ class Int8Linear(nn.Module):
         return (x.unsqueeze(-2).float() * self.q).sum(-1).to(x.dtype) * self.scale.to(x.dtype)
 
     def chunked_matmul(self, x):
-        """Dequantise a slab of rows at a time: all at once, a 50K-row head's bf16 copy would double its memory."""
+        """Dequantise a slab of rows at a time, then matmul: all at once, a 50K-row head's float copy would
+        double its memory, and a slab still in cache makes this faster than torch's int8 CPU kernel."""
         rows = max(1, DEQUANT_CHUNK // self.q.size(1))
-        scale = self.scale.to(x.dtype)
-        return torch.cat([F.linear(x, q.to(x.dtype)) * s for q, s in zip(self.q.split(rows), scale.split(rows))], -1)
+        # one output allocated first, each slab and its result freed before the next: a list of results
+        # interleaved with freed slabs left the CPU heap holding a float copy of the head (+200 MB at 203M)
+        y = x.new_empty(*x.shape[:-1], self.q.size(0))
+        for start in range(0, self.q.size(0), rows):
+            y[..., start:start + rows] = F.linear(x, self.q[start:start + rows].to(x.dtype))
+        return y.mul_(self.scale.to(x.dtype))
 
 
 class Int8Embedding(nn.Module):
