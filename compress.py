@@ -363,7 +363,8 @@ def print_report(before, after):
     """The before/after table, and how many greedy tokens agree."""
     rows = [("file MiB", "file_mib", "{:.2f}"), ("weights MiB", "weights_mib", "{:.2f}"),
             ("val loss", "val_loss", "{:.4f}"), ("decode tokens/s", "decode_tokens_per_s", "{:.1f}"),
-            ("peak RSS GiB (load+generate)", "peak_rss_gib", "{:.3f}"), ("peak GPU GiB", "peak_gpu_gib", "{:.3f}")]
+            ("peak RSS GiB (load+generate)", "peak_rss_gib", "{:.3f}"), ("peak GPU GiB", "peak_gpu_gib", "{:.3f}"),
+            ("peak GPU reserved GiB", "peak_gpu_reserved_gib", "{:.3f}")]
     print(f"\n{'':30s} {'before (' + before['format'] + ')':>18s} {'after (' + after['format'] + ')':>18s}")
     for label, key, fmt in rows:
         if key in before:
