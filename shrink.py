@@ -131,8 +131,9 @@ class Int8EmbeddingBag(nn.Module):
 class Int4Linear(nn.Module):
     """y = x W^T with W stored int4 in groups of group_size input columns.
 
-    The file keeps the portable packing; `prepare` converts it once into the layout of the device's
-    int4 kernel (CPU or CUDA tinygemm), after the model has moved to its device.
+    The file keeps the portable packing (scales and zeros already in the kernels' layout); `prepare`
+    converts the packed weights once into the layout of the device's int4 kernel (CPU or CUDA tinygemm),
+    after the layer has moved to its device.
     """
 
     def __init__(self, packed, scales_and_zeros):
