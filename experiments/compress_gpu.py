@@ -20,7 +20,7 @@ is rewritten after each; no part, export or decode path starts after time_limit_
   decode   int8 decode paths against bf16 at batch 1, compiled, in one process, on the big width with
            decode_layers layers: cast-then-matmul (the old Int8Linear), the fused matvec (shrink.Int8Linear),
            the matvec with inductor's coordinate-descent tuning, and torchao's int8 weight-only (if installed)
-  mid      the 354M shape (24 x 1024, 16 heads), random weights: the same as big for mid_formats
+  mid      the 354M shape (24 x 1024, 16 heads), random weights: the same as big
   cpu      (not by default) the big int4 export on the host CPU: peak RSS to load it and generate
            cpu_gen_tokens (a CUDA build of torch starts at ~0.5 GiB RSS: measure CPU RSS on a CPU build)
   train    (not by default) the big shape trained briefly on BPE shakespeare through train.py (bf16,
@@ -55,7 +55,7 @@ from shrink import Int8Linear  # noqa: E402
 
 DEFAULTS = dict(
     out="out/compress_gpu",
-    parts=["big", "decode", "mid"],  # cpu, train and sparse on request
+    parts=["big", "mid", "decode"],  # cpu, train and sparse on request
     time_limit_s=330,         # no part, export or decode path starts after this (the lead's GPU batches are ~6 min)
     device="auto",
     big=(36, 1536, 12),       # (n_layer, n_embd, n_head) of the ~1B shape
@@ -65,8 +65,7 @@ DEFAULTS = dict(
     batch_size=8,
     train_iters=120,          # ~1M tokens: about three passes over BPE shakespeare's train split
     learning_rate=3e-4,
-    formats=["bfloat16", "int4", "int8"],  # the big part's exports (on a CPU: float32 for the baseline)
-    mid_formats=["int4", "int8"],  # the mid part's (its bf16, 0.78 GiB, is in issue 15)
+    formats=["bfloat16", "int4", "int8"],  # the big and mid parts' exports (on a CPU: float32 for the baseline)
     group_size=128,
     gen_tokens=512,
     decode_layers=6,          # decode part: layers of the big width (each path compiles once)
@@ -179,10 +178,10 @@ def decode_paths(cfg, device, deadline):
                 module.__class__ = CastInt8Linear
         return model
 
-    paths = {"bfloat16": lambda: load("bfloat16"), "int8 cast+matmul (before)": cast_int8,
-             "int8 fused matvec": lambda: load("int8"),
+    paths = {"bfloat16": lambda: load("bfloat16"), "int8 fused matvec": lambda: load("int8"),
              "int8 fused matvec, coordinate descent": lambda: load("int8"),
-             "torchao int8 weight-only": lambda: torchao_int8(load("bfloat16"))}
+             "torchao int8 weight-only": lambda: torchao_int8(load("bfloat16")),
+             "int8 cast+matmul (before)": cast_int8}
     results = {}
     for name, build in paths.items():
         if time.perf_counter() > deadline:
@@ -304,7 +303,7 @@ def main(argv):
         "big": lambda: export_and_measure(cfg, big_src(), device.type, deadline),
         "decode": lambda: decode_paths(cfg, device.type, deadline),
         "mid": lambda: export_and_measure(cfg, random_checkpoint(cfg, cfg["mid"], os.path.join(cfg["out"], "mid.pt"), device),
-                                          device.type, deadline, cfg["mid_formats"]),
+                                          device.type, deadline),
         "cpu": lambda: export_and_measure(cfg, big_src(), "cpu", deadline, ("int4",), gen_tokens=cfg["cpu_gen_tokens"],
                                           compile=False, eval_iters=0),
         "sparse": lambda: sparse_two_four(cfg) if device.type == "cuda" else {"error": "2:4 sparsity needs a CUDA GPU"},
