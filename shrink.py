@@ -67,9 +67,10 @@ def dequantize_int4(packed, scales_and_zeros):
 
 # ----------------------------------------------------------------------------- quantized layers
 
-# weights an eager int8 matmul dequantises at once: a slab that stays in L2 until the matmul reads it (on
-# the 2-core CPU, 256K: 8 tok/s for 12 x 1024 where 4M gave 3-6 and _weight_int8pack_mm 1), never a whole head
-DEQUANT_CHUNK = 2 ** 18
+# weights an eager int8 matmul dequantises at once, never a whole head: on the CPU a slab that stays in L2
+# until the matmul reads it (on the 2-core CPU, 256K: 8 tok/s for 12 x 1024 where 4M gave 3-6 and
+# _weight_int8pack_mm 1); on a GPU fewer, larger slabs (each costs three kernel launches)
+DEQUANT_SLAB_CPU, DEQUANT_SLAB_GPU = 2 ** 18, 2 ** 22
 
 
 class Int8Linear(nn.Module):
@@ -93,7 +94,7 @@ class Int8Linear(nn.Module):
     def chunked_matmul(self, x):
         """Dequantise a slab of rows at a time, then matmul: all at once, a 50K-row head's float copy would
         double its memory, and a slab still in cache makes this faster than torch's int8 CPU kernel."""
-        rows = max(1, DEQUANT_CHUNK // self.q.size(1))
+        rows = max(1, (DEQUANT_SLAB_CPU if x.device.type == "cpu" else DEQUANT_SLAB_GPU) // self.q.size(1))
         # one output allocated first, each slab and its result freed before the next: a list of results
         # interleaved with freed slabs left the CPU heap holding a float copy of the head (+200 MB at 203M)
         y = x.new_empty(*x.shape[:-1], self.q.size(0))

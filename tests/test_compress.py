@@ -66,7 +66,7 @@ def test_quantized_layers_compute_the_dequantized_matmul():
 def test_int8_gpu_paths_compute_the_dequantized_matmul(monkeypatch):
     """The eager slab-by-slab dequantise and the compiled decode's matvec (run here on the CPU)."""
     import shrink
-    monkeypatch.setattr(shrink, "DEQUANT_CHUNK", 64 * 5)  # 5 rows a slab: 24 rows take 5 slabs
+    monkeypatch.setattr(shrink, "DEQUANT_SLAB_CPU", 64 * 5)  # 5 rows a slab: 24 rows take 5 slabs
     w, x = torch.randn(24, 64), torch.randn(2, 3, 64)
     layer = Int8Linear(*quantize_int8(w))
     reference = x @ dequantize_int8(layer.q, layer.scale).T
