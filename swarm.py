@@ -119,6 +119,7 @@ DEFAULTS = dict(
     learning="none",              # none | each (every worker learns on its own) | learner (one process learns,
                                   # the workers load its weights every broadcast_every goals)
     learner="",                   # the learner's starting checkpoint (default: the first of checkpoints)
+    guide_learns=False,           # the guide learns from the shared outcomes too (needs learning != none)
     teacher_help=False,           # a goal nobody solved is learnt from the teacher's action where each proposal went wrong
     learn_every=1,                # goals per batch of shared experience
     broadcast_every=4,            # goals between the learner's weight broadcasts
@@ -735,6 +736,7 @@ def checkpoint_path(cfg, w):
 def share(pool, cfg, experience):
     """The learning processes update their weights from the experience (in parallel)."""
     learners = pool.alive("learner" if cfg["learning"] == "learner" else "worker")
+    learners += pool.alive("guide") if cfg["guide_learns"] else []
     if learners and experience:
         pool.ask([(w, {"type": "learn", "experience": experience}) for w in learners], "learned")
 
@@ -758,8 +760,8 @@ def broadcast(pool, cfg, log, done, state):
 
 def save_checkpoints(pool, cfg, log, done, state):
     """Every learning worker saves its state; the event names every process's checkpoint, so a run resumes."""
-    if cfg["learning"] == "each":
-        workers = pool.alive()
+    workers = (pool.alive() if cfg["learning"] == "each" else []) + (pool.alive("guide") if cfg["guide_learns"] else [])
+    if workers:
         saved = pool.ask([(w, {"type": "save", "path": checkpoint_path(cfg, w)}) for w in workers], "saved")
         for w in workers:
             if w.index in saved:
@@ -934,6 +936,8 @@ def check_config(cfg):
         raise ConfigError(f"guide_stop is a probability (0 turns it off), got {cfg['guide_stop']}")
     if cfg["learning"] not in LEARNING:
         raise ConfigError(f"learning must be one of {', '.join(LEARNING)}, got {cfg['learning']!r}")
+    if cfg["guide_learns"] and (cfg["learning"] == "none" or not cfg["guide"]):
+        raise ConfigError("guide_learns needs a guide (--guide=PATH) and learning=each or learner")
     if cfg["debate"] not in DEBATES:
         raise ConfigError(f"debate must be one of {', '.join(DEBATES)}, got {cfg['debate']!r}")
     if cfg["replay_recent_window"] > cfg["replay_size"]:
@@ -991,7 +995,8 @@ def make_workers(cfg):
                       learning=learning_config(cfg, cfg["seed"] + i) if each else None)
                for i in range(n)]
     if cfg["guide"]:
-        workers.append(Worker(len(workers), cfg["guide"], cfg["seed"] + n, 0.0, devices[n], threads, role="guide"))
+        workers.append(Worker(len(workers), cfg["guide"], cfg["seed"] + n, 0.0, devices[n], threads, role="guide",
+                              learning=learning_config(cfg, cfg["seed"] + n) if cfg["guide_learns"] else None))
     if cfg["learning"] == "learner":
         i = len(workers)
         workers.append(Worker(i, cfg["learner"] or cfg["checkpoints"][0], cfg["seed"] + i, 0.0, devices[i], threads,

@@ -504,6 +504,15 @@ def test_the_guide_hint_reaches_every_worker_and_a_confident_guide_stops_the_rou
     assert [e["role"] for e in sent(cfg, "goal")] == ["guide", "guide"]
 
 
+def test_a_guide_that_learns_gets_the_shared_outcomes_and_saves_a_checkpoint(tmp_path):
+    cfg = swarm_config(tmp_path, guide="fake:teacher", hint=True, learning="each", guide_learns=True, num_goals=2)
+    swarm.run(cfg)
+    assert len(sent(cfg, "learn", "guide")) == 2 and len(sent(cfg, "learn", "worker")) == 2 * 3
+    assert os.path.exists(os.path.join(cfg["out_dir"], "checkpoints", "guide_3.pt"))
+    with pytest.raises(ConfigError, match="guide_learns needs"):
+        swarm.run(swarm_config(tmp_path / "x", guide="fake:teacher", guide_learns=True))
+
+
 def test_a_reply_over_the_length_cap_counts_as_a_failure(tmp_path):
     cfg = swarm_config(tmp_path, checkpoints=["fake:teacher", "fake:flood"], workers=2, num_goals=2)
     summary = swarm.run(cfg)
@@ -574,3 +583,26 @@ def test_a_person_setting_a_goal_that_cannot_be_played_is_told_why(tmp_path):
     shown = io.StringIO()
     swarm.run(cfg, inp=io.StringIO("g chess 3\ng soon\na\n"), out=shown)
     assert "unknown task 'chess'" in shown.getvalue() and "must be an integer" in shown.getvalue()
+
+
+# ----------------------------------------------------------------------------- the experiment script
+
+def test_the_swarm_learning_experiment_runs_every_part_at_a_tiny_size(tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("swarm_learning", os.path.join(ROOT, "experiments", "swarm_learning.py"))
+    experiment = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(experiment)
+    tiny = {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 192, "imitation_episodes": 40, "imitation_iters": 2,
+            "clone_iters": 2, "imitation_batch_size": 2}
+    out = tmp_path / "exp"
+    experiment.main([f"--out={out}", "--goals=2", "--workers=1", "--eval_goals=2", "--throughput_workers=[1]",
+                     "--throughput_goals=1"] + [f"--{role}={tiny | {'block_size': 256} if 'rooms' in role else tiny}"
+                                                for role in ("arith_worker", "arith_guide2", "arith_guide8", "rooms_worker")])
+    report = json.loads((out / "swarm_learning.json").read_text())
+    table = report["table"]
+    assert set(table) == {"arith_learning_vs_frozen", "rooms_learning_vs_frozen", "swarm_vs_single_learner", "messages",
+                          "guide", "throughput_episodes_per_minute"}
+    assert table["swarm_vs_single_learner"]["episodes"] == 2 and set(table["messages"]) == {"none", "adopt", "text"}
+    assert set(table["throughput_episodes_per_minute"]) == {"throughput_none_1", "throughput_each_1"}
+    assert 0 <= table["arith_learning_vs_frozen"]["alone_after"]["greedy"] <= 1
+    assert (out / "swarm_learning.png").stat().st_size > 0
