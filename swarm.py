@@ -261,15 +261,20 @@ class ModelAgent:
         imitated whole; a failure marked teacher gets the teacher's action where it first went wrong."""
         if not self.learning:
             raise SystemExit("this worker was started without learning; it cannot learn")
-        world, items = self.world, 0
+        world, seen = self.world, set()
         for e in experience:
             episode = play_proposal(e["goal"], e["actions"], e.get("notes", ()))
             new = world.teacher_items(episode, self.progress.episode) if e.get("teacher") else \
                 [world.episode_item(episode, self.progress.episode)] if episode["success"] else []
             for item in new:
-                self.progress.replay.add(item, self.progress.rng)
-            items += len(new)
+                # failed plans that went wrong at the same state get the same teacher label: learn it once
+                # (measured: 4 copies of each label per goal drove arith from 62% to 37% in 40 goals)
+                key = (item["text"], str(item["spans"]))
+                if key not in seen:
+                    seen.add(key)
+                    self.progress.replay.add(item, self.progress.rng)
             self.progress.episode += 1
+        items = len(seen)
         loss = world.learn(self.policy, self.optimizer, [], self.progress, self.learning)
         return {"items": items, "loss": None if loss != loss else loss}  # NaN (nothing to learn yet) is not JSON
 

@@ -11,8 +11,8 @@ and 8x the workers' parameters, then swarm.py runs on the same goals and seeds:
   learning   frozen vs learning="each" (teacher help on) on arith and rooms: success over goals, and one
              worker alone (greedy and sampled, on held-out seeds the swarm never saw) before and after
   equal      one world.py learner from the same policy on as many episodes as the learning swarm played
-             (workers x goals, one batch of `workers` episodes per swarm goal): which learns more per
-             episode and per wall-second
+             (workers x goals, a batch of workers x learn_every episodes, as the swarm's): which learns
+             more per episode and per wall-second
   messages   one debate round: the adopt rule vs text messages (PEERS line)
   guide      the guide's plan as a HINT line, guide 2x and 8x; 8x with early stop (guide_stop)
   throughput episodes/min from 1 to N workers, frozen and learning
@@ -23,7 +23,7 @@ import multiprocessing
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import swarm  # noqa: E402
@@ -40,7 +40,8 @@ PARTS = ("learning", "equal", "messages", "guide", "throughput")
 DEFAULTS = dict(
     out="out/swarm_learning",
     parts=list(PARTS),
-    goals=40,                 # goals per swarm run (the issue: 500)
+    goals=40,                 # goals per learning / frozen swarm run (the issue: 500)
+    compare_goals=0,          # goals per messages / guide run (0: as goals); fewer keeps the full run short
     workers=4,                # workers per swarm run
     eval_goals=60,            # held-out seeds for one worker alone
     throughput_workers=[1, 2, 4],
@@ -48,8 +49,13 @@ DEFAULTS = dict(
     jobs=1,                   # runs at once (each swarm starts its own workers): 1 on 2 cores, 3 on 16
     policy_device="cpu",      # where the policies imitate (cuda on a GPU machine); the swarms run on the CPU
     seed=0,
+    temperature=0.5,          # the workers' sampling temperature: this half-trained arith policy solves ~25% of
+                              # goals per sample at 0.5, ~1% at 1.0 (greedy: ~55%)
     teacher_help=True,
-    learning_rate=1e-3,       # the workers' expert iteration (swarm.py's keys, world.py's code)
+    learning_rate=3e-4,       # the workers' expert iteration (swarm.py's keys, world.py's code)
+    learn_every=1,            # goals per batch of shared experience (measured on arith, 4 workers, 40 goals, lr
+                              # 3e-4, worker 0 on 100 held-out seeds: every goal, greedy 62% -> 62%, sampled at
+                              # 0.5 17% -> 27%; every 4 goals, 62% -> 51%, 17% -> 14%; lr 1e-3 every goal: 70% -> 25%)
     updates_per_batch=2,
     update_batch_size=16,
     # the policies: world.py imitation settings per role; `steps` scales the imitation of every one
@@ -81,8 +87,9 @@ def alone(path, task, n, temperature):
     return sum(wins) / n
 
 
-def alone_both(path, task, n):
-    return {"greedy": alone(path, task, n, 0.0), "sampled": alone(path, task, n, 1.0)}
+def alone_both(path, task, n, temperature):
+    """One worker alone, greedy and sampled at the workers' temperature."""
+    return {"greedy": alone(path, task, n, 0.0), "sampled": alone(path, task, n, temperature)}
 
 
 def swarm_run(out_dir, settings):
@@ -97,7 +104,8 @@ def swarm_run(out_dir, settings):
              "final": [round(sum(p["success"] for p in r["proposals"]) / max(1, len(r["proposals"])), 4) for r in records]}
     result = {"summary": summary, "curve": curve}
     if eval_goals:
-        result["after"] = alone_both(os.path.join(out_dir, "checkpoints", "worker_0.pt"), settings["task"], eval_goals)
+        result["after"] = alone_both(os.path.join(out_dir, "checkpoints", "worker_0.pt"), settings["task"], eval_goals,
+                                     settings["temperatures"][0])
     return result
 
 
@@ -108,30 +116,39 @@ def single_learner(out_dir, path, task, episodes, batch, cfg):
         "out_dir": out_dir, "overwrite": True, "tasks": {task: {}}, "init_from": path, "mode": "expert_iteration",
         "teacher_help": cfg["teacher_help"], "episodes": episodes, "episodes_per_update": batch,
         "updates_per_batch": cfg["updates_per_batch"], "update_batch_size": cfg["update_batch_size"],
-        "learning_rate": cfg["learning_rate"], "temperature_start": 1.0, "temperature_end": 1.0,  # as the workers
+        "learning_rate": cfg["learning_rate"], "temperature_start": cfg["temperature"],  # as the workers
+        "temperature_end": cfg["temperature"],
         "eval_interval": episodes + 1, "eval_episodes": 1, "seed": cfg["seed"]}
     t0 = time.perf_counter()
     world.run(run)
     seconds = time.perf_counter() - t0
     return {"episodes": episodes, "seconds": round(seconds, 2),
-            "after": alone_both(os.path.join(out_dir, "policy.pt"), task, cfg["eval_goals"])}
+            "after": alone_both(os.path.join(out_dir, "policy.pt"), task, cfg["eval_goals"], cfg["temperature"])}
 
 
-def in_parallel(jobs, calls):
-    """{name: fn(*args)} for calls {name: (fn, *args)}, `jobs` at a time in fresh processes."""
+def in_parallel(jobs, calls, done=lambda results: None):
+    """{name: fn(*args)} for calls {name: (fn, *args)}, `jobs` at a time in fresh processes; done(results so
+    far) after each one finishes."""
+    results = {}
     if jobs <= 1:
-        return {name: fn(*args) for name, (fn, *args) in calls.items()}
+        for name, (fn, *args) in calls.items():
+            results[name] = fn(*args)
+            done(results)
+        return results
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {name: pool.submit(fn, *args) for name, (fn, *args) in calls.items()}
-        return {name: f.result() for name, f in futures.items()}
+        futures = {pool.submit(fn, *args): name for name, (fn, *args) in calls.items()}
+        for future in as_completed(futures):
+            results[futures[future]] = future.result()
+            done(results)
+    return results
 
 
 # ----------------------------------------------------------------------------- the experiment
 
 def swarm_settings(cfg, task, checkpoint, **overrides):
     return {"task": task, "checkpoints": [checkpoint], "num_goals": cfg["goals"], "workers": cfg["workers"],
-            "temperatures": [1.0], "seed": cfg["seed"], "aggregators": ["majority", "verifier"],
-            "teacher_help": cfg["teacher_help"], "learning_rate": cfg["learning_rate"],
+            "temperatures": [cfg["temperature"]], "seed": cfg["seed"], "aggregators": ["majority", "verifier"],
+            "teacher_help": cfg["teacher_help"], "learning_rate": cfg["learning_rate"], "learn_every": cfg["learn_every"],
             "updates_per_batch": cfg["updates_per_batch"], "update_batch_size": cfg["update_batch_size"],
             "save_every": cfg["goals"]} | overrides
 
@@ -148,33 +165,39 @@ def experiment(cfg):
                            {name: (make_policy, out, name, task, cfg[name], cfg["policy_device"]) for name, task in roles.items()})
     print(f"policies ready after {time.perf_counter() - t0:.0f} s: {policies}")
     arith, runs_dir = policies["arith_worker"], os.path.join(out, "runs")
-    calls = {"before_arith": (alone_both, arith, "arith", cfg["eval_goals"])}
-    # the frozen arith swarm is every comparison's baseline: same goals, seeds and policy
-    calls["arith_frozen"] = (swarm_run, os.path.join(runs_dir, "arith_frozen"), swarm_settings(cfg, "arith", arith))
-    if "learning" in parts:
+    calls = {"before_arith": (alone_both, arith, "arith", cfg["eval_goals"], cfg["temperature"])}
+    if "learning" in parts:  # the frozen swarms are the baselines: same goals, seeds and policies
         rooms = policies["rooms_worker"]
-        calls["before_rooms"] = (alone_both, rooms, "rooms", cfg["eval_goals"])
-        calls["rooms_frozen"] = (swarm_run, os.path.join(runs_dir, "rooms_frozen"), swarm_settings(cfg, "rooms", rooms))
-        for task, path in (("arith", arith), ("rooms", rooms)):
+        calls["before_rooms"] = (alone_both, rooms, "rooms", cfg["eval_goals"], cfg["temperature"])
+        for task, path in (("rooms", rooms), ("arith", arith)):  # the longest runs first: they set the wall time
+            calls[f"{task}_frozen"] = (swarm_run, os.path.join(runs_dir, f"{task}_frozen"), swarm_settings(cfg, task, path))
             calls[f"{task}_learning"] = (swarm_run, os.path.join(runs_dir, f"{task}_learning"),
                                          swarm_settings(cfg, task, path, learning="each", eval_goals=cfg["eval_goals"]))
     if "equal" in parts:
         calls["arith_single_learner"] = (single_learner, os.path.join(runs_dir, "arith_single_learner"), arith, "arith",
-                                         cfg["workers"] * cfg["goals"], cfg["workers"], cfg)
+                                         cfg["workers"] * cfg["goals"], cfg["workers"] * cfg["learn_every"], cfg)
+    compare = {"num_goals": cfg["compare_goals"] or cfg["goals"]}
+    if "messages" in parts or "guide" in parts:  # the baseline of both, on their goals
+        calls["compare_frozen"] = (swarm_run, os.path.join(runs_dir, "compare_frozen"),
+                                   swarm_settings(cfg, "arith", arith, **compare))
     if "messages" in parts:
         for debate in ("adopt", "text"):
             calls[f"debate_{debate}"] = (swarm_run, os.path.join(runs_dir, f"debate_{debate}"),
-                                         swarm_settings(cfg, "arith", arith, debate_rounds=1, debate=debate))
+                                         swarm_settings(cfg, "arith", arith, debate_rounds=1, debate=debate, **compare))
     if "guide" in parts:
         for size in (2, 8):
             guide = policies[f"arith_guide{size}"]
-            calls[f"guide{size}_alone"] = (alone_both, guide, "arith", cfg["eval_goals"])
+            calls[f"guide{size}_alone"] = (alone_both, guide, "arith", cfg["eval_goals"], cfg["temperature"])
             calls[f"hint_guide{size}"] = (swarm_run, os.path.join(runs_dir, f"hint_guide{size}"),
-                                          swarm_settings(cfg, "arith", arith, guide=guide, hint=True))
+                                          swarm_settings(cfg, "arith", arith, guide=guide, hint=True, **compare))
         calls["hint_guide8_stop"] = (swarm_run, os.path.join(runs_dir, "hint_guide8_stop"),
                                      swarm_settings(cfg, "arith", arith, guide=policies["arith_guide8"], hint=True,
-                                                    guide_stop=0.9))
-    results = in_parallel(jobs, calls)
+                                                    guide_stop=0.9, **compare))
+
+    def progress(results):  # what finished so far: a run cut short by a time limit still leaves its numbers
+        write_json_atomic(os.path.join(out, "progress.json"), {"config": cfg, "seconds": round(time.perf_counter() - t0, 1),
+                                                               "results": results})
+    results = in_parallel(jobs, calls, progress)
     print(f"comparisons done after {time.perf_counter() - t0:.0f} s")
     if "throughput" in parts:  # alone on the machine: speeds from runs that share it would mean nothing
         for n in cfg["throughput_workers"]:
@@ -183,6 +206,7 @@ def experiment(cfg):
                 results[name] = swarm_run(os.path.join(runs_dir, name), swarm_settings(
                     cfg, "arith", arith, workers=n, num_goals=cfg["throughput_goals"], learning=learning,
                     aggregators=["majority"]))
+                progress(results)
     return {"config": cfg, "policies": policies, "seconds": round(time.perf_counter() - t0, 1), "results": results,
             "table": table(cfg, results)}
 
@@ -216,18 +240,17 @@ def table(cfg, results):
             "swarm_episodes": learning and learning["summary"]["episodes"],
             "swarm_seconds": learning and learning["summary"]["seconds"], "before": results["before_arith"]}
     if "debate_text" in results:
-        base = results["arith_frozen"]["summary"]
-        rows["messages"] = {name: {k: results[run]["summary"][k] if run != "none" else base[k]
+        rows["messages"] = {name: {k: results[run]["summary"][k]
                                    for k in ("majority_success", "verifier_success", "single_worker_success")}
                             | {"worker_after_debate": round(sum(results[run]["curve"]["final"]) /
                                                             max(1, len(results[run]["curve"]["final"])), 4)}
-                            for name, run in (("none", "arith_frozen"), ("adopt", "debate_adopt"), ("text", "debate_text"))}
+                            for name, run in (("none", "compare_frozen"), ("adopt", "debate_adopt"), ("text", "debate_text"))}
     if "hint_guide8" in results:
         rows["guide"] = {name: {"majority_success": results[run]["summary"]["majority_success"],
                                 "single_worker_success": results[run]["summary"]["single_worker_success"],
                                 "early_stops": results[run]["summary"]["early_stops"],
                                 "episodes": results[run]["summary"]["episodes"]}
-                         for name, run in (("no_guide", "arith_frozen"), ("hint_2x", "hint_guide2"),
+                         for name, run in (("no_guide", "compare_frozen"), ("hint_2x", "hint_guide2"),
                                            ("hint_8x", "hint_guide8"), ("hint_8x_stop0.9", "hint_guide8_stop"))}
         rows["guide"]["guide_alone"] = {"2x": results["guide2_alone"], "8x": results["guide8_alone"]}
     speeds = {k: v["summary"]["episodes_per_minute"] for k, v in results.items() if k.startswith("throughput_")}

@@ -595,7 +595,7 @@ def test_the_swarm_learning_experiment_runs_every_part_at_a_tiny_size(tmp_path):
     tiny = {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 192, "imitation_episodes": 40, "imitation_iters": 2,
             "clone_iters": 2, "imitation_batch_size": 2}
     out = tmp_path / "exp"
-    experiment.main([f"--out={out}", "--goals=2", "--workers=1", "--eval_goals=2", "--throughput_workers=[1]",
+    experiment.main([f"--out={out}", "--goals=2", "--workers=1", "--jobs=2", "--eval_goals=2", "--throughput_workers=[1]",
                      "--throughput_goals=1"] + [f"--{role}={tiny | {'block_size': 256} if 'rooms' in role else tiny}"
                                                 for role in ("arith_worker", "arith_guide2", "arith_guide8", "rooms_worker")])
     report = json.loads((out / "swarm_learning.json").read_text())
