@@ -42,6 +42,8 @@ DEFAULTS = dict(
     parts=list(PARTS),
     goals=40,                 # goals per learning / frozen swarm run (the issue: 500)
     compare_goals=0,          # goals per messages / guide run (0: as goals); fewer keeps the full run short
+    rooms_goals=0,            # goals per rooms run (0: as goals): a rooms episode costs ~8x an arith one
+    deadline=0,               # seconds: past this no new run starts and the report holds what finished (0: none)
     workers=4,                # workers per swarm run
     eval_goals=60,            # held-out seeds for one worker alone
     throughput_workers=[1, 2, 4],
@@ -126,12 +128,15 @@ def single_learner(out_dir, path, task, episodes, batch, cfg):
             "after": alone_both(os.path.join(out_dir, "policy.pt"), task, cfg["eval_goals"], cfg["temperature"])}
 
 
-def in_parallel(jobs, calls, done=lambda results: None):
+def in_parallel(jobs, calls, done=lambda results: None, deadline=None):
     """{name: fn(*args)} for calls {name: (fn, *args)}, `jobs` at a time in fresh processes; done(results so
-    far) after each one finishes."""
+    far) after each one finishes. Past `deadline` (time.monotonic) no new call starts: their names are missing."""
     results = {}
+    late = lambda: deadline is not None and time.monotonic() > deadline  # noqa: E731
     if jobs <= 1:
         for name, (fn, *args) in calls.items():
+            if late():
+                break
             results[name] = fn(*args)
             done(results)
         return results
@@ -140,6 +145,9 @@ def in_parallel(jobs, calls, done=lambda results: None):
         for future in as_completed(futures):
             results[futures[future]] = future.result()
             done(results)
+            if late():
+                for f in futures:
+                    f.cancel()  # the ones not started yet; the running ones finish
     return results
 
 
@@ -156,6 +164,7 @@ def swarm_settings(cfg, task, checkpoint, **overrides):
 def experiment(cfg):
     out, parts, jobs = cfg["out"], cfg["parts"], cfg["jobs"]
     t0 = time.perf_counter()
+    deadline = time.monotonic() + cfg["deadline"] if cfg["deadline"] else None
     roles = {"arith_worker": "arith", "rooms_worker": "rooms", "arith_guide2": "arith", "arith_guide8": "arith"}
     if "learning" not in parts:
         roles.pop("rooms_worker")
@@ -170,9 +179,12 @@ def experiment(cfg):
         rooms = policies["rooms_worker"]
         calls["before_rooms"] = (alone_both, rooms, "rooms", cfg["eval_goals"], cfg["temperature"])
         for task, path in (("rooms", rooms), ("arith", arith)):  # the longest runs first: they set the wall time
-            calls[f"{task}_frozen"] = (swarm_run, os.path.join(runs_dir, f"{task}_frozen"), swarm_settings(cfg, task, path))
+            goals = {"num_goals": cfg["rooms_goals"] or cfg["goals"]} if task == "rooms" else {}
             calls[f"{task}_learning"] = (swarm_run, os.path.join(runs_dir, f"{task}_learning"),
-                                         swarm_settings(cfg, task, path, learning="each", eval_goals=cfg["eval_goals"]))
+                                         swarm_settings(cfg, task, path, learning="each", eval_goals=cfg["eval_goals"],
+                                                        **goals))
+            calls[f"{task}_frozen"] = (swarm_run, os.path.join(runs_dir, f"{task}_frozen"),
+                                       swarm_settings(cfg, task, path, **goals))
     if "equal" in parts:
         calls["arith_single_learner"] = (single_learner, os.path.join(runs_dir, "arith_single_learner"), arith, "arith",
                                          cfg["workers"] * cfg["goals"], cfg["workers"] * cfg["learn_every"], cfg)
@@ -197,15 +209,17 @@ def experiment(cfg):
     def progress(results):  # what finished so far: a run cut short by a time limit still leaves its numbers
         write_json_atomic(os.path.join(out, "progress.json"), {"config": cfg, "seconds": round(time.perf_counter() - t0, 1),
                                                                "results": results})
-    results = in_parallel(jobs, calls, progress)
+    results = in_parallel(jobs, calls, progress, deadline)
     print(f"comparisons done after {time.perf_counter() - t0:.0f} s")
     if "throughput" in parts:  # alone on the machine: speeds from runs that share it would mean nothing
         for n in cfg["throughput_workers"]:
-            for learning in ("none", "each"):
-                name = f"throughput_{learning}_{n}"
+            for learning, every in (("none", 1), ("each", cfg["learn_every"]), ("each", 4 * cfg["learn_every"])):
+                name = f"throughput_{learning}_{n}" + (f"_every{every}" if every != cfg["learn_every"] else "")
+                if deadline is not None and time.monotonic() > deadline:
+                    break
                 results[name] = swarm_run(os.path.join(runs_dir, name), swarm_settings(
                     cfg, "arith", arith, workers=n, num_goals=cfg["throughput_goals"], learning=learning,
-                    aggregators=["majority"]))
+                    learn_every=every, aggregators=["majority"]))
                 progress(results)
     return {"config": cfg, "policies": policies, "seconds": round(time.perf_counter() - t0, 1), "results": results,
             "table": table(cfg, results)}
@@ -219,11 +233,13 @@ def last(curve, n):
 
 def table(cfg, results):
     """The headline numbers, one flat dict per question."""
-    rows, quarter = {}, max(1, cfg["goals"] // 4)
+    rows = {}
+    have = lambda *names: all(n in results for n in names)  # noqa: E731  (a deadline may leave some out)
     for task in ("arith", "rooms"):
-        if f"{task}_learning" not in results:
+        if not have(f"{task}_learning", f"{task}_frozen", f"before_{task}"):
             continue
         frozen, learning = results[f"{task}_frozen"], results[f"{task}_learning"]
+        quarter = max(1, len(frozen["curve"]["decision"]) // 4)
         rows[f"{task}_learning_vs_frozen"] = {
             "decision_frozen": frozen["summary"]["decision_success"], "decision_learning": learning["summary"]["decision_success"],
             "decision_last_quarter_frozen": last(frozen["curve"]["decision"], quarter),
@@ -232,20 +248,20 @@ def table(cfg, results):
             "worker_last_quarter_learning": last(learning["curve"]["worker"], quarter),
             "alone_before": results[f"before_{task}"], "alone_after": learning["after"],
             "seconds_frozen": frozen["summary"]["seconds"], "seconds_learning": learning["summary"]["seconds"]}
-    if "arith_single_learner" in results:
+    if have("arith_single_learner", "before_arith"):
         single, learning = results["arith_single_learner"], results.get("arith_learning")
         rows["swarm_vs_single_learner"] = {
             "episodes": single["episodes"], "single_after": single["after"], "single_seconds": single["seconds"],
             "swarm_worker0_after": learning and learning["after"],
             "swarm_episodes": learning and learning["summary"]["episodes"],
             "swarm_seconds": learning and learning["summary"]["seconds"], "before": results["before_arith"]}
-    if "debate_text" in results:
+    if have("compare_frozen", "debate_adopt", "debate_text"):
         rows["messages"] = {name: {k: results[run]["summary"][k]
                                    for k in ("majority_success", "verifier_success", "single_worker_success")}
                             | {"worker_after_debate": round(sum(results[run]["curve"]["final"]) /
                                                             max(1, len(results[run]["curve"]["final"])), 4)}
                             for name, run in (("none", "compare_frozen"), ("adopt", "debate_adopt"), ("text", "debate_text"))}
-    if "hint_guide8" in results:
+    if have("compare_frozen", "hint_guide2", "hint_guide8", "hint_guide8_stop", "guide2_alone", "guide8_alone"):
         rows["guide"] = {name: {"majority_success": results[run]["summary"]["majority_success"],
                                 "single_worker_success": results[run]["summary"]["single_worker_success"],
                                 "early_stops": results[run]["summary"]["early_stops"],

@@ -603,6 +603,8 @@ def test_the_swarm_learning_experiment_runs_every_part_at_a_tiny_size(tmp_path):
     assert set(table) == {"arith_learning_vs_frozen", "rooms_learning_vs_frozen", "swarm_vs_single_learner", "messages",
                           "guide", "throughput_episodes_per_minute"}
     assert table["swarm_vs_single_learner"]["episodes"] == 2 and set(table["messages"]) == {"none", "adopt", "text"}
-    assert set(table["throughput_episodes_per_minute"]) == {"throughput_none_1", "throughput_each_1"}
+    assert set(table["throughput_episodes_per_minute"]) == {"throughput_none_1", "throughput_each_1",
+                                                             "throughput_each_1_every4"}
     assert 0 <= table["arith_learning_vs_frozen"]["alone_after"]["greedy"] <= 1
     assert (out / "swarm_learning.png").stat().st_size > 0
+    assert experiment.in_parallel(1, {"a": (len, "abc")}, deadline=time.monotonic() - 1) == {}  # past it: nothing starts
