@@ -312,7 +312,7 @@ def plot(report, path):
         if name != "guide_alone":
             bars[name.replace("_", "\n")] = row["majority_success"]
     axes[2].bar(range(len(bars)), list(bars.values()), color=[f"C{i % 10}" for i in range(len(bars))])
-    axes[2].set_xticks(range(len(bars)), list(bars), fontsize=6)
+    axes[2].set_xticks(range(len(bars)), list(bars), fontsize=6, rotation=45, ha="right")
     axes[2].set_ylim(0, 1)
     axes[2].set_title("one worker alone (greedy, held-out) / majority success")
     axes[2].grid(alpha=0.3, axis="y")
