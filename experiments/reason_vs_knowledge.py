@@ -25,7 +25,7 @@ from checkpoint import write_json_atomic  # noqa: E402
 from configurator import configure, print_config  # noqa: E402
 from plot import save_figure  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from runtime import resolve_device  # noqa: E402
+from runtime import resolve_device, run_in_processes  # noqa: E402
 
 DEFAULTS = dict(
     out="out/reason_vs_knowledge",
@@ -40,16 +40,27 @@ DEFAULTS = dict(
     world_people=40,        # the fixed world of the weights model (training names)
     eval_docs=400,
     block_size=96,
+    answers_only=True,      # loss on the answer tokens only
     device="cpu",
+    workers=1,              # models trained at once in separate processes (small models underuse a GPU)
     seed=1337,
 )
 
 
-def doc_batches(make_doc, vocab, batch_size, block_size, seed):
-    """next_batch(step) for synthetic.fit: fresh documents drawn with a per-step generator."""
+def doc_batches(make_doc, vocab, batch_size, block_size, seed, answers_only):
+    """next_batch(step) for synthetic.fit: fresh documents drawn with a per-step generator. answers_only
+    keeps the loss on the answers alone: the facts are random draws, their loss is noise that drowns
+    the few answer tokens' signal."""
     def next_batch(step):
         rng = np.random.default_rng([seed, step])
-        return synthetic.pad_batch([vocab.encode(make_doc(rng)[0]) for _ in range(batch_size)], block_size, 0)
+        docs = [make_doc(rng) for _ in range(batch_size)]
+        x, y = synthetic.pad_batch([vocab.encode(words) for words, _ in docs], block_size, 0)
+        if answers_only:
+            keep = torch.zeros_like(y, dtype=torch.bool)
+            for i, (_, answers) in enumerate(docs):
+                keep[i, [pos - 1 for pos, _, _ in answers]] = True
+            y = y.masked_fill(~keep, -1)
+        return x, y
     return next_batch
 
 
@@ -75,19 +86,21 @@ def accuracy(model, vocab, docs, device):
 
 
 def eval_docs(cfg, world, names, seed):
-    """The test sets: held-out people with facts / without; fixed-world people without facts / with changed facts."""
+    """The test sets: held-out people with facts / without; fixed-world people without facts / with changed facts.
+    A document without facts asks one question: the answers to earlier questions would leak cities."""
     rng = np.random.default_rng(seed)
     P, B, Q, C = cfg["n_people"], cfg["n_bosses"], cfg["n_questions"], cfg["n_cities"]
     sets = {}
     for key, with_facts in (("held_out_with_facts", True), ("held_out_facts_removed", False)):
         docs = []
         for _ in range(cfg["eval_docs"]):
-            w, a = synthetic.facts_document(rng, synthetic.facts_world(rng, names, P, B, C), Q, with_facts)
+            w, a = synthetic.facts_document(rng, synthetic.facts_world(rng, names, P, B, C), Q if with_facts else 1,
+                                            with_facts)
             docs.append((w, a, [None] * len(a)))
         sets[key] = docs
     docs_removed, docs_changed = [], []
     for _ in range(cfg["eval_docs"]):
-        w, a = synthetic.fixed_world_document(rng, world, P, Q, with_facts=False)
+        w, a = synthetic.fixed_world_document(rng, world, P, 1, with_facts=False)
         docs_removed.append((w, a, [None] * len(a)))
         w, a = synthetic.fixed_world_document(rng, world, P, Q, with_facts=True, move_people=C)
         old = [world["home"][solve_person(w, pos)] for pos, _, _ in a]
@@ -145,35 +158,48 @@ def plot(results, cfg, path):
     save_figure(fig, path)
 
 
-def main(argv):
-    cfg = configure(DEFAULTS, argv)
-    print_config(cfg)
-    synthetic.check_facts_settings(cfg["n_people"], cfg["n_bosses"], cfg["n_questions"], cfg["n_cities"])
-    device = resolve_device(cfg["device"])
-    os.makedirs(cfg["out"], exist_ok=True)
+def setting(cfg):
+    """What every run shares, rebuilt from the seed in each worker: the vocabulary, the name split, the
+    fixed world and the test documents."""
     vocab = synthetic.facts_vocab()
     train_names, held_names = synthetic.split_names(cfg["seed"])
     world_rng = np.random.default_rng([cfg["seed"], 1])
     world = synthetic.facts_world(world_rng, train_names, cfg["world_people"], cfg["world_people"] // 2, cfg["n_cities"])
-    tests = eval_docs(cfg, world, held_names, cfg["seed"] + 2)
+    return vocab, train_names, world, eval_docs(cfg, world, held_names, cfg["seed"] + 2)
+
+
+def train_and_test(cfg, kind, size):
+    """Train one model (context: fresh facts per document; weights: the fixed world) and test it on every set."""
+    vocab, train_names, world, tests = setting(cfg)
+    device = resolve_device(cfg["device"])
     P, B, Q, C = cfg["n_people"], cfg["n_bosses"], cfg["n_questions"], cfg["n_cities"]
+    n_layer, n_head, n_embd = size
+    torch.manual_seed(cfg["seed"])
+    model = GPT(GPTConfig(vocab_size=len(vocab), block_size=cfg["block_size"], n_layer=n_layer, n_head=n_head,
+                          n_embd=n_embd)).to(device)
+    if kind == "context":
+        make_doc = lambda rng: synthetic.facts_document(rng, synthetic.facts_world(rng, train_names, P, B, C), Q)  # noqa: E731
+    else:
+        make_doc = lambda rng: synthetic.fixed_world_document(rng, world, P, Q)  # noqa: E731
+    batches = doc_batches(make_doc, vocab, cfg["batch_size"], cfg["block_size"], cfg["seed"], cfg["answers_only"])
+    loss, tok_s, _ = synthetic.fit(model, batches, cfg["steps"], cfg["learning_rate"], device)
+    row = {"kind": kind, "size": list(size), "params": model.num_params(), "final_loss": loss, "tokens_per_s": tok_s,
+           "tests": {k: accuracy(model, vocab, docs, device) for k, docs in tests.items()}}
+    print(f"{kind} {n_layer}x{n_embd} ({row['params']:,} params): loss {loss:.3f}; " +
+          "; ".join(f"{k} {v['1hop']:.2f}/{v['2hop']:.2f}" for k, v in row["tests"].items()), flush=True)
+    return row
+
+
+def main(argv):
+    cfg = configure(DEFAULTS, argv)
+    print_config(cfg)
+    synthetic.check_facts_settings(cfg["n_people"], cfg["n_bosses"], cfg["n_questions"], cfg["n_cities"])
+    resolve_device(cfg["device"])  # a missing device is an error before any worker starts
+    os.makedirs(cfg["out"], exist_ok=True)
     runs = [("context", size) for size in cfg["sizes"]] + [("weights", cfg["sizes"][-1])]
     results = []
-    for kind, (n_layer, n_head, n_embd) in runs:
-        torch.manual_seed(cfg["seed"])
-        model = GPT(GPTConfig(vocab_size=len(vocab), block_size=cfg["block_size"], n_layer=n_layer, n_head=n_head,
-                              n_embd=n_embd)).to(device)
-        if kind == "context":
-            make_doc = lambda rng: synthetic.facts_document(rng, synthetic.facts_world(rng, train_names, P, B, C), Q)  # noqa: E731
-        else:
-            make_doc = lambda rng: synthetic.fixed_world_document(rng, world, P, Q)  # noqa: E731
-        loss, tok_s, _ = synthetic.fit(model, doc_batches(make_doc, vocab, cfg["batch_size"], cfg["block_size"], cfg["seed"]),
-                                    cfg["steps"], cfg["learning_rate"], device)
-        row = {"kind": kind, "size": [n_layer, n_head, n_embd], "params": model.num_params(), "final_loss": loss,
-               "tokens_per_s": tok_s, "tests": {k: accuracy(model, vocab, docs, device) for k, docs in tests.items()}}
+    for row in run_in_processes(train_and_test, [(cfg, kind, size) for kind, size in runs], cfg["workers"]):
         results.append(row)
-        print(f"{kind} {n_layer}x{n_embd} ({row['params']:,} params): loss {loss:.3f}; " +
-              "; ".join(f"{k} {v['1hop']:.2f}/{v['2hop']:.2f}" for k, v in row["tests"].items()))
         write_json_atomic(os.path.join(cfg["out"], "reason_vs_knowledge.json"),
                           {"config": cfg, "chance": 1 / cfg["n_cities"], "results": results})
     plot(results, cfg, os.path.join(cfg["out"], "reason_vs_knowledge.png"))

@@ -65,7 +65,7 @@ def test_bios_people_and_bad_sizes():
         synthetic.bios_people(0, 3)
     with pytest.raises(SystemExit, match="exceeds"):
         synthetic.bios_people(10 ** 6, 3)
-    words = synthetic.bio_words(np.random.default_rng(0), names[0], values, 0)
+    words = synthetic.bios_words(np.random.default_rng(0), names, values, [0])[0]
     vocab = synthetic.bios_vocab()
     assert vocab.decode(vocab.encode(words)) == " ".join(words)
     for a, (options, _) in synthetic.ATTRIBUTES.items():
@@ -91,7 +91,7 @@ def test_fit_learns_the_bios_and_recall_measures_it():
 
     def next_batch(step):
         rng = np.random.default_rng(step)
-        return synthetic.pad_batch([vocab.encode(synthetic.bio_words(rng, names[p], values, p)) for p in range(4)], 64, 1)
+        return synthetic.pad_batch([vocab.encode(w) for w in synthetic.bios_words(rng, names, values, range(4))], 64, 1)
     loss, tok_s, tokens = synthetic.fit(model, next_batch, 60, 1e-2, torch.device("cpu"), warmup=5)
     after, _ = synthetic.recall(model, vocab, names, values, torch.device("cpu"))
     assert tokens > 0 and tok_s > 0
