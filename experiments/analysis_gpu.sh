@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 12's three experiments at GPU size on one H100, side by side in about 8 minutes: input noise on
-# shakespeare_char (config/shakespeare_char_best.py, the baby GPT), reason vs knowledge (4 sizes + a
+# shakespeare_char (config/shakespeare_char_best.py, the baby GPT), reason vs knowledge (3 sizes + a
 # fixed-world model), knowledge capacity (dense / PKM / kNN at 3 sizes). Each is small enough to leave
 # most of the GPU idle, so they run at once, each training its models in several processes.
 #
@@ -21,10 +21,10 @@ deadline=$((SECONDS + ${LIMIT:-540}))  # seconds until every experiment is stopp
 
 if [ "$size" = gpu ]; then
     noise=(--device=cuda --workers=9 --train_config=config/shakespeare_char_best.py --max_iters=1500 --eval_iters=100)
-    reason=(--device=cuda --workers=5 --steps=5000 --batch_size=128 --learning_rate=2e-3 --eval_docs=1000
-            "--sizes=[[2, 2, 64], [2, 4, 128], [4, 4, 256], [6, 6, 384]]")
-    capacity=(--device=cuda --workers=5 --n_people=10000 --steps=6000 --batch_size=256 --learning_rate=3e-3
-              "--sizes=[[1, 2, 32], [2, 4, 64], [2, 4, 128]]" --memory_slots=65536 --memory_key_dim=64
+    reason=(--device=cuda --workers=4 --steps=5000 --batch_size=128 --learning_rate=2e-3 --eval_docs=1000
+            "--sizes=[[2, 2, 64], [2, 4, 128], [4, 4, 256]]")
+    capacity=(--device=cuda --workers=5 --n_people=6000 --steps=4000 --batch_size=256 --learning_rate=3e-3
+              "--sizes=[[1, 2, 32], [1, 4, 64], [2, 4, 64]]" --memory_slots=65536 --memory_key_dim=64
               --memory_topk=16 --knn_capacity=65536 --speed_warmup=20 --speed_steps=50)
 elif [ "$size" = cpu ]; then
     noise=(--device=cpu --workers=2 --max_iters=20 --eval_iters=2 "--runs={'none': {}, 'mix': {'mask': 0.05, 'keyboard': 0.02}}"

@@ -3,8 +3,7 @@ Does input noise make a sturdier character model? Each noise family, and a mix, 
 equal steps on shakespeare_char: (a) clean val loss, (b) val loss on a noised copy of val.
 
     python experiments/input_noise.py --out=out/input_noise                       # CPU, cpu_quick shape
-    python experiments/input_noise.py --train_config=config/shakespeare_char.py --device=cuda \\
-        --max_iters=2500 --out=out/input_noise_gpu                                   # GPU, baby-GPT shape
+    bash experiments/analysis_gpu.sh OUT     # GPU: config/shakespeare_char_best.py, 9 runs at once, ~9 min
 
 Every run is train.train with the same config, seed and steps, only `noise` differs. The noised val
 copy uses `val_noise` (all character families at once) on fixed batches; its targets stay clean.

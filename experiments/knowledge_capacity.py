@@ -4,16 +4,15 @@ a product-key memory layer and a kNN memory layer? (Allen-Zhu & Li 2024, "Physic
 3.3": about 2 bits per parameter for dense GPT-2-style models given ~1000 exposures per person.)
 
     nice -n 10 python experiments/knowledge_capacity.py --out=out/knowledge_capacity        # CPU, tiny
-    python experiments/knowledge_capacity.py --device=cuda --n_people=20000 --steps=8000 --batch_size=256 \\
-        --sizes="[[2, 4, 64], [2, 4, 128], [4, 4, 128], [4, 4, 256]]" --memory_slots=65536 --memory_key_dim=64 \\
-        --memory_topk=16 --knn_capacity=262144 --out=out/knowledge_capacity_gpu
+    bash experiments/analysis_gpu.sh OUT     # the GPU size (with issue 12's other experiments), ~9 min
 
 synthetic.py's bios corpus: n_people people x 6 attributes, every exposure a fresh rendering (random
 templates and order). Each model trains the same steps on the same batches; then every person's
 every attribute is recalled after its first template. Bits stored (synthetic.bits_of_knowledge) are
 reported from the value's cross-entropy and from accuracy. Training FLOPs: 6 x active parameters x
 tokens (a PKM counts its query, sub-key scoring and the rows it reads, not its whole table; a kNN layer
-its projections and the store search). The target: PKM >= 2x the dense model's bits at equal FLOPs,
+its projections and the store search). Tokens/s are measured first, each model alone on the device
+(models then train in `workers` processes at once, sharing it). The target: PKM >= 2x the dense model's bits at equal FLOPs,
 at >= 0.8x its tokens/s; `profile` lists the slowest ops of each memory model to say why not.
 Writes <out>/knowledge_capacity.json and .png.
 """

@@ -2,15 +2,16 @@
 Can a small model reason over facts it is given instead of storing them? (research notes 002)
 
     nice -n 10 python experiments/reason_vs_knowledge.py --out=out/reason_vs_knowledge            # CPU, ~15 min
-    python experiments/reason_vs_knowledge.py --device=cuda --steps=6000 --batch_size=64 \\
-        --sizes="[[2, 4, 128], [4, 4, 256], [6, 6, 384], [8, 8, 512]]" --out=out/reason_vs_knowledge_gpu
+    bash experiments/analysis_gpu.sh OUT     # the GPU size (with issue 12's other experiments), ~9 min
 
 Context models train on synthetic.py's facts corpus (fresh people and facts in every document) and are
 tested on held-out documents whose people no training document names: accuracy of the answer city (the
 argmax over the cities; chance 1/n_cities) for 1-hop and 2-hop questions, with the facts in the context
-and with them removed. A weights model (the largest size) trains on a fixed world (the same people
-always live in the same city) and is tested with the facts removed and with the facts changed in the
-context (does it follow the context or its weights?); the context models take the same tests.
+and with them removed (one question per document then: earlier answers would leak cities). A weights
+model (the largest size) trains on a fixed world (the same people always live in the same city) and
+is tested with the facts removed and with the facts changed in the context (does it follow the
+context or its weights?); the context models take the same tests.
+The loss is on the answers only (answers_only): the facts are random draws whose loss is noise.
 Writes <out>/reason_vs_knowledge.json and .png.
 """
 import os
