@@ -17,13 +17,14 @@ python=${PYTHON:-python}
 work=out/analysis_gpu
 rm -rf "$work"  # this driver's own folder: a stale result must never be returned as this run's
 mkdir -p "$out" "$work"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}  # ~22 processes share 16 cores: no intra-op thread pools each
 deadline=$((SECONDS + ${LIMIT:-540}))  # seconds until every experiment is stopped (the device allows 600)
 
 if [ "$size" = gpu ]; then
     noise=(--device=cuda --workers=9 --train_config=config/shakespeare_char_best.py --max_iters=1500 --eval_iters=100)
     reason=(--device=cuda --workers=4 --steps=5000 --batch_size=128 --learning_rate=2e-3 --eval_docs=1000
             "--sizes=[[2, 2, 64], [2, 4, 128], [4, 4, 256]]")
-    capacity=(--device=cuda --workers=5 --n_people=6000 --steps=4000 --batch_size=256 --learning_rate=3e-3
+    capacity=(--device=cuda --workers=9 --n_people=6000 --steps=4000 --batch_size=256 --learning_rate=3e-3
               "--sizes=[[1, 2, 32], [1, 4, 64], [2, 4, 64]]" --memory_slots=65536 --memory_key_dim=64
               --memory_topk=16 --knn_capacity=65536 --speed_warmup=20 --speed_steps=50)
 elif [ "$size" = cpu ]; then
