@@ -75,7 +75,7 @@ def accuracy(model, vocab, docs, device):
     for start in range(0, len(docs), 64):
         chunk = docs[start:start + 64]
         x, _ = synthetic.pad_batch([vocab.encode(w) for w, _, _ in chunk], block, 0)
-        logits = model(x.to(device))[0][..., cities]  # (B, T, n_cities)
+        logits = model(x.to(device))[0][..., cities].cpu()  # (B, T, n_cities); read on the host, one copy
         for b, (_, answers, old) in enumerate(chunk):
             for (pos, answer, hops), old_answer in zip(answers, old):
                 guess = synthetic.CITIES[logits[b, pos - 1].argmax().item()]
