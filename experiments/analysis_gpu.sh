@@ -24,8 +24,8 @@ if [ "$size" = gpu ]; then
     noise=(--device=cuda --workers=9 --train_config=config/shakespeare_char_best.py --max_iters=1500 --eval_iters=100)
     reason=(--device=cuda --workers=4 --steps=8000 --batch_size=128 --learning_rate=2e-3 --eval_docs=1000
             "--sizes=[[2, 2, 64], [2, 4, 128], [4, 4, 256]]")
-    capacity=(--device=cuda --workers=9 --n_people=6000 --steps=4000 --batch_size=256 --learning_rate=3e-3
-              "--sizes=[[1, 2, 32], [1, 4, 64], [2, 4, 64]]" --memory_slots=65536 --memory_key_dim=64
+    capacity=(--device=cuda --workers=9 --n_people=2000 --steps=6000 --batch_size=256 --learning_rate=3e-3
+              "--sizes=[[1, 2, 32], [2, 2, 32], [2, 4, 64]]" --memory_slots=65536 --memory_key_dim=64
               --memory_topk=16 --knn_capacity=65536 --speed_warmup=20 --speed_steps=50)
 elif [ "$size" = cpu ]; then
     noise=(--device=cpu --workers=2 --max_iters=20 --eval_iters=2 "--runs={'none': {}, 'mix': {'mask': 0.05, 'keyboard': 0.02}}"
