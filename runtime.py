@@ -161,9 +161,10 @@ def truncate_jsonl(path, upto, key="step"):
 # ----------------------------------------------------------------------------- small runs side by side
 
 def run_in_processes(fn, jobs, workers):
-    """fn(*job) for every job, yielded in job order; with workers > 1, that many spawned processes run
-    jobs at once (a small model leaves most of a GPU idle, so several share it). fn must be a
-    module-level function of an importable module or of the script being run."""
+    """fn(*job) for every job; with workers > 1, that many spawned processes run jobs at once (a small
+    model leaves most of a GPU idle, so several share it) and results come as they finish, so a run
+    stopped early keeps every finished one. fn must be a module-level function of an importable module
+    or of the script being run."""
     if workers <= 1:
         for job in jobs:
             yield fn(*job)
@@ -171,7 +172,8 @@ def run_in_processes(fn, jobs, workers):
     import concurrent.futures
     import multiprocessing
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        yield from pool.map(fn, *zip(*jobs))
+        for done in concurrent.futures.as_completed([pool.submit(fn, *job) for job in jobs]):
+            yield done.result()
 
 
 # ----------------------------------------------------------------------------- float8 training

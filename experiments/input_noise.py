@@ -102,7 +102,7 @@ def train_and_measure(cfg, name, probs):
     model = load_model(load_checkpoint(os.path.join(run_dir, "ckpt.pt"), map_location=device), device)
     clean, noisy = val_losses(model, meta, cfg["val_noise"], cfg["eval_iters"], run["batch_size"], run["block_size"], device)
     print(f"{name}: clean val {clean:.4f}, noised val {noisy:.4f}", flush=True)
-    return {"noise": probs, "val_clean": clean, "val_noisy": noisy}
+    return {"name": name, "noise": probs, "val_clean": clean, "val_noisy": noisy}
 
 
 def main(argv):
@@ -113,9 +113,10 @@ def main(argv):
     if "none" not in cfg["runs"]:
         raise SystemExit("runs must include 'none' (no noise): every other run is compared with it")
     results = {}
-    jobs = [(cfg, name, probs) for name, probs in cfg["runs"].items()]
-    for (_, name, _), result in zip(jobs, run_in_processes(train_and_measure, jobs, cfg["workers"])):
-        results[name] = result
+    for result in run_in_processes(train_and_measure, [(cfg, name, probs) for name, probs in cfg["runs"].items()],
+                                   cfg["workers"]):
+        results[result.pop("name")] = result
+        results = {name: results[name] for name in cfg["runs"] if name in results}  # in the order of runs
         write_json_atomic(os.path.join(cfg["out"], "input_noise.json"), {"config": cfg, "results": results})
     plot(results, os.path.join(cfg["out"], "input_noise.png"))
     print(json.dumps(results, indent=1))

@@ -200,6 +200,7 @@ def main(argv):
         if profile_ops:
             row["profile"] = profile_ops
         results.append(row)
+        results.sort(key=lambda r: runs.index((r["size"], r["kind"])))
         write_json_atomic(json_path, {"config": cfg, "results": results})
     targets = []
     for size in cfg["sizes"]:

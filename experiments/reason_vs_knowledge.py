@@ -201,6 +201,7 @@ def main(argv):
     results = []
     for row in run_in_processes(train_and_test, [(cfg, kind, size) for kind, size in runs], cfg["workers"]):
         results.append(row)
+        results.sort(key=lambda r: runs.index((r["kind"], r["size"])))
         write_json_atomic(os.path.join(cfg["out"], "reason_vs_knowledge.json"),
                           {"config": cfg, "chance": 1 / cfg["n_cities"], "results": results})
     plot(results, cfg, os.path.join(cfg["out"], "reason_vs_knowledge.png"))
