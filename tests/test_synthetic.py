@@ -136,3 +136,11 @@ def test_knowledge_capacity_runs_tiny(tmp_path):
     assert all(r["bits_by_loss"] >= 0 and r["train_flops"] > 0 for r in result["results"])
     assert {t["kind"] for t in result["vs_dense"]} == {"pkm", "knn"} and result["results"][1]["profile"]
     assert (tmp_path / "knowledge_capacity.png").exists()
+
+
+def test_run_in_processes_gives_every_result_in_worker_processes():
+    import math
+    from runtime import run_in_processes
+    jobs = [(2, 3), (3, 2), (5, 1)]
+    assert list(run_in_processes(math.pow, jobs, 1)) == [8.0, 9.0, 5.0]
+    assert sorted(run_in_processes(math.pow, jobs, 2)) == [5.0, 8.0, 9.0]
