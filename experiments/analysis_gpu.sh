@@ -22,7 +22,7 @@ deadline=$((SECONDS + ${LIMIT:-540}))  # seconds until every experiment is stopp
 
 if [ "$size" = gpu ]; then
     noise=(--device=cuda --workers=9 --train_config=config/shakespeare_char_best.py --max_iters=1500 --eval_iters=100)
-    reason=(--device=cuda --workers=4 --steps=8000 --batch_size=128 --learning_rate=2e-3 --eval_docs=1000
+    reason=(--device=cuda --workers=4 --steps=8000 --batch_size=128 --learning_rate=2e-3 --eval_docs=1000 --curve_every=500
             "--sizes=[[2, 2, 64], [2, 4, 128], [4, 4, 256]]")
     capacity=(--device=cuda --workers=9 --n_people=2000 --steps=6000 --batch_size=256 --learning_rate=3e-3
               "--sizes=[[1, 2, 32], [2, 2, 32], [2, 4, 64]]" --memory_slots=65536 --memory_key_dim=64
@@ -30,7 +30,7 @@ if [ "$size" = gpu ]; then
 elif [ "$size" = cpu ]; then
     noise=(--device=cpu --workers=2 --max_iters=20 --eval_iters=2 "--runs={'none': {}, 'mix': {'mask': 0.05, 'keyboard': 0.02}}"
            "--overrides=['--n_layer=1', '--n_head=2', '--n_embd=32', '--compile=False']")
-    reason=(--device=cpu --workers=2 --steps=20 --batch_size=8 --eval_docs=16 "--sizes=[[1, 2, 16], [2, 2, 32]]")
+    reason=(--device=cpu --workers=2 --steps=20 --batch_size=8 --eval_docs=16 --curve_every=10 "--sizes=[[1, 2, 16], [2, 2, 32]]")
     capacity=(--device=cpu --workers=2 --n_people=50 --steps=20 --batch_size=16 "--sizes=[[1, 2, 16]]"
               --profile_steps=1 --speed_warmup=2 --speed_steps=3)
 else

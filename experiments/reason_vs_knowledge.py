@@ -42,6 +42,8 @@ DEFAULTS = dict(
     eval_docs=400,
     block_size=96,
     answers_only=True,      # loss on the answer tokens only
+    curve_every=0,          # > 0: accuracy on curve_docs test documents every this many steps (a lookup forms late)
+    curve_docs=200,
     device="cpu",
     workers=1,              # models trained at once in separate processes (small models underuse a GPU)
     seed=1337,
@@ -126,7 +128,7 @@ def plot(results, cfg, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(19, 4.5))
     ax = axes[0]
     ctx = [r for r in results if r["kind"] == "context"]
     params = [r["params"] for r in ctx]
@@ -155,6 +157,18 @@ def plot(results, cfg, path):
     ax.set_ylim(0, 1.02)
     ax.set_title("knowledge in the weights vs in the context")
     ax.legend(fontsize=8)
+    ax = axes[2]
+    for i, r in enumerate(results):
+        for hop, style in ((1, "-"), (2, ":")):
+            ax.plot([p["step"] for p in r["curve"]], [p[f"{hop}hop"] for p in r["curve"]], style, color=f"C{i}",
+                    label=f"{r['kind']} {r['size'][0]}x{r['size'][2]}, {hop}-hop ({r['curve_test'].replace('_', ' ')})")
+    ax.axhline(1 / cfg["n_cities"], color="gray", lw=0.8, ls="--")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("answer accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("during training (curve_every > 0)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -183,9 +197,17 @@ def train_and_test(cfg, kind, size):
     else:
         make_doc = lambda rng: synthetic.fixed_world_document(rng, world, P, Q)  # noqa: E731
     batches = doc_batches(make_doc, vocab, cfg["batch_size"], cfg["block_size"], cfg["seed"], cfg["answers_only"])
-    loss, tok_s, _ = synthetic.fit(model, batches, cfg["steps"], cfg["learning_rate"], device)
+    # along training: the context model on held-out people with facts, the weights model on its world without
+    curve_test = "held_out_with_facts" if kind == "context" else "world_facts_removed"
+    curve = []
+
+    def evaluate(step):
+        curve.append({"step": step, **accuracy(model, vocab, tests[curve_test][:cfg["curve_docs"]], device)})
+    loss, tok_s, _ = synthetic.fit(model, batches, cfg["steps"], cfg["learning_rate"], device, evaluate=evaluate,
+                                   eval_every=cfg["curve_every"])
     row = {"kind": kind, "size": list(size), "params": model.num_params(), "final_loss": loss, "tokens_per_s": tok_s,
-           "tests": {k: accuracy(model, vocab, docs, device) for k, docs in tests.items()}}
+           "tests": {k: accuracy(model, vocab, docs, device) for k, docs in tests.items()},
+           "curve_test": curve_test, "curve": curve}
     print(f"{kind} {n_layer}x{n_embd} ({row['params']:,} params): loss {loss:.3f}; " +
           "; ".join(f"{k} {v['1hop']:.2f}/{v['2hop']:.2f}" for k, v in row["tests"].items()), flush=True)
     return row
