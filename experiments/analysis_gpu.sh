@@ -17,7 +17,8 @@ python=${PYTHON:-python}
 work=out/analysis_gpu
 rm -rf "$work"  # this driver's own folder: a stale result must never be returned as this run's
 mkdir -p "$out" "$work"
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}  # ~22 processes share 16 cores: no intra-op thread pools each
+# ~22 processes share 16 cores: no intra-op thread pool each, and 9 torch.compile runs without 16 workers each
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-2}
 deadline=$((SECONDS + ${LIMIT:-540}))  # seconds until every experiment is stopped (the device allows 600)
 
 if [ "$size" = gpu ]; then
