@@ -16,6 +16,7 @@ Writes <out>/reason_vs_knowledge.json and .png.
 """
 import os
 import sys
+from collections import Counter
 
 import numpy as np
 import torch
@@ -124,7 +125,7 @@ def solve_person(words, pos):
     return person
 
 
-def plot(results, cfg, path):
+def plot(results, cfg, baseline, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -137,6 +138,7 @@ def plot(results, cfg, path):
             ax.plot(params, [r["tests"][key][f"{hop}hop"] for r in ctx], style, color=color, marker="o",
                     label=f"{hop}-hop, {label}")
     ax.axhline(1 / cfg["n_cities"], color="gray", lw=0.8, ls="--", label="chance")
+    ax.axhline(baseline, color="black", lw=0.8, ls="-.", label="no lookup: the most often named city")
     ax.set_xscale("log")
     ax.set_xlabel("parameters (without embeddings)")
     ax.set_ylabel("answer accuracy, held-out people")
@@ -163,6 +165,7 @@ def plot(results, cfg, path):
             ax.plot([p["step"] for p in r["curve"]], [p[f"{hop}hop"] for p in r["curve"]], style, color=f"C{i}",
                     label=f"{r['kind']} {r['size'][0]}x{r['size'][2]}, {hop}-hop ({r['curve_test'].replace('_', ' ')})")
     ax.axhline(1 / cfg["n_cities"], color="gray", lw=0.8, ls="--")
+    ax.axhline(baseline, color="black", lw=0.8, ls="-.")
     ax.set_xlabel("training step")
     ax.set_ylabel("answer accuracy")
     ax.set_ylim(0, 1.02)
@@ -171,6 +174,18 @@ def plot(results, cfg, path):
     ax.legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, path)
+
+
+def named_city_baseline(docs):
+    """Accuracy of the guess that needs no lookup: the city its facts name most often (ties split)."""
+    hits = count = 0
+    for words, answers, _ in docs:
+        named = Counter(words[i + 4] for i in range(len(words) - 4) if words[i + 2:i + 4] == ["lives", "in"])
+        top = max(named.values())
+        for _, answer, _ in answers:
+            hits += (named[answer] == top) / sum(n == top for n in named.values())
+            count += 1
+    return hits / max(1, count)
 
 
 def setting(cfg):
@@ -220,13 +235,15 @@ def main(argv):
     resolve_device(cfg["device"])  # a missing device is an error before any worker starts
     os.makedirs(cfg["out"], exist_ok=True)
     runs = [("context", size) for size in cfg["sizes"]] + [("weights", cfg["sizes"][-1])]
+    baseline = named_city_baseline(setting(cfg)[3]["held_out_with_facts"])
     results = []
     for row in run_in_processes(train_and_test, [(cfg, kind, size) for kind, size in runs], cfg["workers"]):
         results.append(row)
         results.sort(key=lambda r: runs.index((r["kind"], r["size"])))
         write_json_atomic(os.path.join(cfg["out"], "reason_vs_knowledge.json"),
-                          {"config": cfg, "chance": 1 / cfg["n_cities"], "results": results})
-    plot(results, cfg, os.path.join(cfg["out"], "reason_vs_knowledge.png"))
+                          {"config": cfg, "chance": 1 / cfg["n_cities"], "named_city_baseline": baseline,
+                           "results": results})
+    plot(results, cfg, baseline, os.path.join(cfg["out"], "reason_vs_knowledge.png"))
 
 
 if __name__ == "__main__":

@@ -117,10 +117,18 @@ def load_experiment(name):
     return module
 
 
+def test_named_city_baseline_guesses_the_most_often_named_city():
+    rvk = load_experiment("reason_vs_knowledge")
+    words = "<bos> ka lo lives in rome . mi ra lives in rome . te su lives in oslo . where does ka lo live ?".split()
+    assert rvk.named_city_baseline([(words, [(len(words), "rome", 1)], [None])]) == 1
+    assert rvk.named_city_baseline([(words, [(len(words), "oslo", 1)], [None])]) == 0
+
+
 def test_reason_vs_knowledge_runs_tiny(tmp_path):
     load_experiment("reason_vs_knowledge").main(["--sizes=[[1, 2, 16]]", "--steps=2", "--eval_docs=4", f"--out={tmp_path}"])
     result = json.loads((tmp_path / "reason_vs_knowledge.json").read_text())
     assert [r["kind"] for r in result["results"]] == ["context", "weights"]
+    assert 1 / 8 < result["named_city_baseline"] < 1  # better than chance without a lookup, short of one
     assert set(result["results"][0]["tests"]) == {"held_out_with_facts", "held_out_facts_removed", "world_facts_removed",
                                                   "world_facts_changed"}
     assert (tmp_path / "reason_vs_knowledge.png").exists()
