@@ -193,7 +193,7 @@ def run_job(name, function, args, cfg, threads):
     torch.set_num_threads(threads)
     done = os.path.join(cfg["out"], f"{name}.json")
     if os.path.exists(done):
-        return read_json(done)
+        return read_json(done, f"delete it to run {name} again")
     with open(os.path.join(cfg["out"], f"{name}.log"), "w") as log:
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
@@ -201,8 +201,11 @@ def run_job(name, function, args, cfg, threads):
         try:
             result = function(cfg, *args)
         except (SystemExit, Exception) as e:  # recorded; the other runs go on (the traceback is in the log)
-            traceback.print_exc()
+            traceback.print_exc(file=log)
             return {"error": f"{type(e).__name__}: {e}"}
+        finally:  # what print() holds goes to this run's log, not the next one's
+            sys.stdout.flush()
+            sys.stderr.flush()
         result["seconds"] = time.perf_counter() - start
     write_json_atomic(done, result)
     return result

@@ -265,3 +265,24 @@ def test_suite_runs_wait_for_the_run_whose_policy_they_start_from():
             start = arg.get("init_from", "") if isinstance(arg, dict) else str(arg)
             producers = [other for other in plan if os.path.join(cfg["out"], other) + os.sep in start]
             assert set(producers) <= set(waits), (name, start)
+
+
+def test_suite_reads_a_finished_run_back_and_records_a_failed_one(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(root, "experiments"))
+    import textworld_suite
+    from checkpoint import write_json_atomic
+    cfg = {"out": str(tmp_path)}
+    write_json_atomic(str(tmp_path / "done.json"), {"success": 0.5})
+    assert textworld_suite.run_job("done", None, [], cfg, 1) == {"success": 0.5}  # not run again
+
+    def fails(cfg):
+        raise SystemExit("no games")
+    fd1, fd2 = os.dup(1), os.dup(2)  # run_job sends this process's output to its log, as in a worker
+    try:
+        assert textworld_suite.run_job("broken", fails, [], cfg, 1) == {"error": "SystemExit: no games"}
+    finally:
+        os.dup2(fd1, 1)
+        os.dup2(fd2, 2)
+    assert "no games" in (tmp_path / "broken.log").read_text()
+    assert not (tmp_path / "broken.json").exists()  # a later suite tries it again
