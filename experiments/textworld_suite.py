@@ -293,28 +293,28 @@ def summary(cfg, results, started):
     return out
 
 
-def plot(cfg, results, started, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
-    s = summary(cfg, results, started)
-    ax = axes[0]
+def plot_easy(ax, cfg, s, results, started):
     for act in ("choose", "generate"):
-        rows = [r for r in s.get("1_easy", []) if r[act] is not None]
+        rows = [r for r in s["1_easy"] if r[act] is not None]
         ax.plot([r["games"] for r in rows], [r[act] for r in rows], marker="o", label=f"act={act}")
     ax.set(xscale="log", xlabel="easy training games imitated (N)", title="1. easy games: imitation")
-    ax = axes[1]
+
+
+def plot_hard(ax, cfg, s, results, started):
     for name in ("expert_iteration", "reinforce"):
-        points = s.get("2_hard", {}).get(name, [])
+        points = s["2_hard"][name]
         ax.plot([e for e, _ in points], [v for _, v in points], marker="o", label=name)
     ax.set(xlabel="online episodes", title="2. harder games: online learning from imitation")
-    ax = axes[2]
+
+
+def plot_pretraining(ax, cfg, s, results, started):
     for start in ("scratch", "pretrained"):
-        rows = [r for r in s.get("3_pretraining", []) if r[start] is not None]
+        rows = [r for r in s["3_pretraining"] if r[start] is not None]
         ax.plot([r["walkthrough_games"] for r in rows], [r[start] for r in rows], marker="o", label=f"cloned from {start}")
     ax.set(xscale="log", xlabel="walkthrough games cloned (N)", title="3. does pretraining on observations help?")
-    ax = axes[3]
+
+
+def plot_shift(ax, cfg, s, results, started):
     for i, name in enumerate(("shift_replay", "shift_no_replay", "hard_only")):
         points = evals(os.path.join(cfg["out"], name)) if name in started else []
         offset = cfg["online_episodes"] if name == "hard_only" else 0  # drawn from the shift on
@@ -325,7 +325,21 @@ def plot(cfg, results, started, path):
             ax.plot([2 * cfg["online_episodes"]], [old], marker="x", ms=10, color=f"C{i}", ls="none")
     ax.axvline(cfg["online_episodes"], color="gray", ls="--", lw=1)
     ax.set(xlabel="online episodes (x: old easy games at the end)", title="4. easy -> harder games at the dashed line")
-    for ax in axes:
+
+
+PANELS = {1: plot_easy, 2: plot_hard, 3: plot_pretraining, 4: plot_shift}
+
+
+def plot(cfg, results, started, path):
+    """One panel per experiment run: held-out success."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    shown = [n for n in sorted(PANELS) if n in cfg["experiments"]]
+    fig, axes = plt.subplots(1, len(shown), figsize=(5 * len(shown), 4), squeeze=False)
+    s = summary(cfg, results, started)
+    for n, ax in zip(shown, axes[0]):
+        PANELS[n](ax, cfg, s, results, started)
         ax.set(ylabel="held-out success", ylim=(0, 1))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
