@@ -54,7 +54,8 @@ DEFAULTS = dict(
     pretrain_games=60,         # 3: training games whose observations the pretrained model reads
     pretrain_iters=100,        # 3: train.py steps of pretraining
     start_games=60,            # 4: experiment 1's policy at this N starts the continual runs
-    no_replay_size=32,         # 4: without replay the buffer keeps only the newest items
+    replay_recent_window=16,   # 2, 4: the newest replay items, half of every replay batch (the rest: all history)
+    no_replay_size=16,         # 4: without replay the buffer keeps only the newest items
     eval_episodes=20,          # 2, 4: held-out games per evaluation
     eval_interval=32,          # 2, 4: episodes between evaluations
     imitation_per_game=2,      # walkthrough episodes per training game
@@ -78,7 +79,7 @@ def world_config(cfg, out_dir, **overrides):
     """A world.py config for one run: the suite's shape and imitation settings, act=choose."""
     base = configure(world.DEFAULTS, []) | {k: cfg[k] for k in (
         "device", "seed", "eval_episodes", "eval_interval", "imitation_iters", "clone_iters", "imitation_batch_size",
-        "n_layer", "n_head", "n_embd", "block_size")}
+        "n_layer", "n_head", "n_embd", "block_size", "replay_recent_window")}
     return base | {"out_dir": out_dir, "act": "choose", "overwrite": True} | overrides
 
 
