@@ -109,14 +109,17 @@ def load_checkpoint(path, map_location="cpu"):
 
 
 def load_model(state, device="cpu", knn_store=None):
-    """The GPT a checkpoint dict describes, weights loaded, in eval mode; kNN stores from knn_store if given."""
+    """The GPT a checkpoint dict describes, weights loaded, in eval mode; kNN stores from knn_store if given.
+    An inference export's weights move into the model: state["model"] is gone afterwards."""
     try:
         config = GPTConfig(**state["model_args"])
     except (TypeError, ValueError) as e:
         raise SystemExit(f"the checkpoint's model_args do not make a model this code can build: {e}")
-    weights = {k.removeprefix("_orig_mod."): v for k, v in state["model"].items()}
     if state.get("kind") == "export":  # compress.py's inference file: quantized layers, no float copy made
-        return build_export_model(config, weights, device)
+        # the model takes the file's tensors out of state (no second reference keeps them alive), so
+        # int4's conversion to its kernel layout frees each layer's file tensors as it goes
+        return build_export_model(config, state.pop("model"), device)
+    weights = {k.removeprefix("_orig_mod."): v for k, v in state["model"].items()}
     model = fit_to_state_dict(GPT(config), weights)  # a pruned model: smaller layers, fixed masks
     model.load_state_dict(weights)
     if knn_store and model.knn_stores():

@@ -308,6 +308,21 @@ def weight_bytes(weights):
     return sum(unique.values())
 
 
+@torch.no_grad()
+def decode_speed(model, gen_tokens, compile):
+    """(greedy tokens, decode tokens/s) of gen_tokens tokens at batch 1 from a one-token prompt."""
+    device = model.rotary.cos.device
+    prompt = torch.full((1, 1), model.config.vocab_size - 1, dtype=torch.long, device=device)
+    stream = model.generate_stream(prompt, gen_tokens, temperature=0.0, compile=compile)
+    # the prefill and, when compiling, the first decode steps (compilation, CUDA graph capture) stay untimed
+    tokens = [int(t[0]) for _, t in zip(range(4 if compile else 1), stream)]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    timed = [int(t[0]) for t in stream]
+    return tokens + timed, len(timed) / (time.perf_counter() - t0)
+
+
 def measure(cfg):
     """Load a checkpoint or export, generate gen_tokens greedy tokens at batch 1, then the val loss: a dict."""
     device = resolve_device(cfg["device"])
@@ -316,26 +331,20 @@ def measure(cfg):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     state = load_checkpoint(cfg["ckpt"], map_location=device)
+    weights_mib = weight_bytes(state["model"]) / 2**20  # before load_model: an export's weights move into the model
     model = load_model(state, device)
     if state.get("kind") != "export":
         model.to(dtype)
     state.pop("optimizer", None)
-    prompt = torch.full((1, 1), state["model_args"]["vocab_size"] - 1, dtype=torch.long, device=device)
-    stream = model.generate_stream(prompt, cfg["gen_tokens"], temperature=0.0, compile=cfg["compile"])
-    # the prefill and, when compiling, the first decode steps (compilation, CUDA graph capture) stay untimed
-    tokens = [int(t[0]) for _, t in zip(range(4 if cfg["compile"] else 1), stream)]
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    timed = [int(t[0]) for t in stream]
-    seconds = time.perf_counter() - t0
+    tokens, tokens_per_s = decode_speed(model, cfg["gen_tokens"], cfg["compile"])
     result = {"file": cfg["ckpt"], "file_mib": os.path.getsize(cfg["ckpt"]) / 2**20,
-              "weights_mib": weight_bytes(state["model"]) / 2**20,
+              "weights_mib": weights_mib,
               "format": state.get("quantization", {}).get("format", str(dtype).removeprefix("torch.")),
-              "device": str(device), "decode_tokens_per_s": len(timed) / seconds,
-              "peak_rss_gib": peak_rss_gib(), "rss_at_start_gib": rss_start, "tokens": tokens + timed}
+              "device": str(device), "decode_tokens_per_s": tokens_per_s,
+              "peak_rss_gib": peak_rss_gib(), "rss_at_start_gib": rss_start, "tokens": tokens}
     if device.type == "cuda":
         result["peak_gpu_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        result["peak_gpu_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30  # what the device lent
     result["val_loss"] = val_loss_of(model, state, cfg, device)
     return result
 
@@ -354,7 +363,8 @@ def print_report(before, after):
     """The before/after table, and how many greedy tokens agree."""
     rows = [("file MiB", "file_mib", "{:.2f}"), ("weights MiB", "weights_mib", "{:.2f}"),
             ("val loss", "val_loss", "{:.4f}"), ("decode tokens/s", "decode_tokens_per_s", "{:.1f}"),
-            ("peak RSS GiB (load+generate)", "peak_rss_gib", "{:.3f}"), ("peak GPU GiB", "peak_gpu_gib", "{:.3f}")]
+            ("peak RSS GiB (load+generate)", "peak_rss_gib", "{:.3f}"), ("peak GPU GiB", "peak_gpu_gib", "{:.3f}"),
+            ("peak GPU reserved GiB", "peak_gpu_reserved_gib", "{:.3f}")]
     print(f"\n{'':30s} {'before (' + before['format'] + ')':>18s} {'after (' + after['format'] + ')':>18s}")
     for label, key, fmt in rows:
         if key in before:

@@ -212,30 +212,31 @@ class KVCache:
     torch.compile(mode="reduce-overhead") replay it as one CUDA graph.
     """
 
-    def __init__(self, config, batch_size, device, dtype, loops=None, kv_heads=None):
+    def __init__(self, config, batch_size, device, dtype, loops=None, kv_heads=None, length=None):
         hs = config.n_embd // config.n_head
+        length = length or config.block_size  # slots: a generation that needs fewer holds fewer (its memory)
         n = config.cache_layers(loops)  # per-layer heads and feedback need a plain stack (check_shapes), so n = n_layer there
         # kv heads per cache layer: per-layer head counts, or fewer where pruning removed heads
         kv_heads = kv_heads or [config.heads(min(i, config.n_layer - 1))[1] for i in range(n)]
-        shapes = [(batch_size, h, config.block_size, hs) for h in kv_heads]
+        shapes = [(batch_size, h, length, hs) for h in kv_heads]
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for shape in shapes]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for shape in shapes]
-        self.slots = torch.arange(config.block_size, device=device)  # the position each slot holds
+        self.slots = torch.arange(length, device=device)  # the position each slot holds
         self.shift = 0  # a looped model's loop i writes its core layers shift = i * n_core entries further on
         # layerwise feedback: each layer's output at every position, one slot ahead (slot p + 1 holds
         # position p), so slot 0 is the state before position 0: zeros, or a previous window's last output
-        self.outputs = [torch.zeros(batch_size, config.block_size + 1, config.n_embd, device=device, dtype=dtype)
+        self.outputs = [torch.zeros(batch_size, length + 1, config.n_embd, device=device, dtype=dtype)
                         for _ in range(config.n_layer)] if config.feedback else []
 
     def update(self, layer, k, v, positions):
         """Write k, v (B, nkv, T, hs) at positions (T,); return the whole cache (B, nkv, block_size, hs)."""
         layer += self.shift
-        self.k[layer].index_copy_(2, positions, k)
-        self.v[layer].index_copy_(2, positions, v)
+        self.k[layer].index_copy_(2, positions, k.to(self.k[layer].dtype))  # autocast may hand in bf16
+        self.v[layer].index_copy_(2, positions, v.to(self.v[layer].dtype))
         return self.k[layer], self.v[layer]
 
     def write_output(self, layer, x, positions):
-        self.outputs[layer].index_copy_(1, positions + 1, x.detach())
+        self.outputs[layer].index_copy_(1, positions + 1, x.detach().to(self.outputs[layer].dtype))
 
     def previous_output(self, layer, positions):
         """The layer's output (B, T, C) at each position before `positions`."""
@@ -582,7 +583,8 @@ class GPT(nn.Module):
                 # the rotary tables carry the float dtype (a quantized model's embedding is int8); a pruned
                 # (never looped) model's layers may have fewer kv heads each
                 kv_heads = None if self.config.n_core else [block.attn.n_kv_head for block in self.blocks]
-                cache = KVCache(self.config, idx.size(0), idx.device, self.rotary.cos.dtype, loops, kv_heads)
+                length = min(block_size, idx.size(1) + max_new_tokens)  # never refilled before the last token
+                cache = KVCache(self.config, idx.size(0), idx.device, self.rotary.cos.dtype, loops, kv_heads, length)
                 if compile:  # the cache's buffers keep their addresses, so the CUDA graph may write them
                     for t in cache.k + cache.v + cache.outputs:
                         torch._dynamo.mark_static_address(t)

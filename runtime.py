@@ -5,7 +5,8 @@ What every run needs from its machine and its out_dir, shared by the scripts:
 - one run per out_dir (`claim_out_dir`): a lock that a crashed run does not leave stuck, and a fresh
   run that refuses to replace a finished one unless told to;
 - Ctrl-C and SIGTERM as a request to save and stop (`StopRequest`);
-- metrics as JSON lines (`append_jsonl`, `read_jsonl`, `truncate_jsonl`).
+- metrics as JSON lines (`append_jsonl`, `read_jsonl`, `truncate_jsonl`);
+- several small runs side by side on one device (`run_in_processes`).
 """
 import fcntl
 import json
@@ -155,6 +156,24 @@ def truncate_jsonl(path, upto, key="step"):
     with open(tmp, "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
     os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- small runs side by side
+
+def run_in_processes(fn, jobs, workers):
+    """fn(*job) for every job; with workers > 1, that many spawned processes run jobs at once (a small
+    model leaves most of a GPU idle, so several share it) and results come as they finish, so a run
+    stopped early keeps every finished one. fn must be a module-level function of an importable module
+    or of the script being run."""
+    if workers <= 1:
+        for job in jobs:
+            yield fn(*job)
+        return
+    import concurrent.futures
+    import multiprocessing
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for done in concurrent.futures.as_completed([pool.submit(fn, *job) for job in jobs]):
+            yield done.result()
 
 
 # ----------------------------------------------------------------------------- float8 training

@@ -9,7 +9,8 @@ Inference speaks OpenAI's completions API, so the `openai` client and curl work 
     POST /v1/completions      prompt (str or list), max_tokens, temperature, top_p, n, stop, seed,
                               stream (server-sent events ending in `data: [DONE]`), echo, logprobs,
                               usage; extras top_k and ignore_eos (as in vLLM)
-    GET  /v1/models           the runs under out/ with a ckpt.pt (id = the run's folder below out/)
+    GET  /v1/models           the runs under out/ with a ckpt.pt (id = the run's folder below out/) and
+                              compress.py's inference exports (id = the file's path below out/, no .pt)
     POST /v1/chat/completions a 400: no µLM model has a chat format yet
 Pipelines run as jobs, each the very script a user would run (`python train.py config/x.py --k=v`)
 in its own process group, its record in jobs_dir/<id>/ (job.json, log.txt):
@@ -152,9 +153,9 @@ class Batcher:
 
     def __init__(self, model, tokenizer, max_batch, max_waiting, seed):
         self.model, self.tokenizer, self.config = model, tokenizer, model.config
-        self.device = model.wte.weight.device
+        self.device = model.rotary.cos.device  # the rotary tables carry the float dtype (an export's embedding may be int8)
         self.max_batch, self.max_waiting = max_batch, max_waiting
-        self.cache = KVCache(self.config, max_batch, self.device, model.wte.weight.dtype)
+        self.cache = KVCache(self.config, max_batch, self.device, model.rotary.cos.dtype)
         self.slots = torch.full((max_batch, 1, 1, self.config.block_size), NEVER, dtype=torch.long, device=self.device)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.rows, self.waiting, self.pos, self.closed = [], [], 0, False
@@ -317,6 +318,12 @@ class Batcher:
 
 # ----------------------------------------------------------------------------- models
 
+def model_bytes(model):
+    """Bytes of a model's weights and buffers, each storage once (a tied head shares the embedding's)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+
+
 class Models:
     """The checkpoints under out_root, loaded on first use and kept within a memory budget."""
 
@@ -328,11 +335,17 @@ class Models:
         self.lock = threading.Lock()
 
     def path(self, model_id):
-        """The ckpt.pt of a model id (a run folder below out_root), or None if it is not a served model."""
+        """The file of a model id, or None if it is not a served model: a run folder's ckpt.pt, or an
+        inference export (compress.py), named by its path below out_root without the .pt."""
         if not model_id or os.path.isabs(model_id) or ".." in model_id.split("/") or "\\" in model_id:
             return None
-        path = os.path.join(self.cfg["out_root"], model_id, "ckpt.pt")
-        return path if os.path.isfile(path) and inside(path, self.cfg["out_root"]) else None
+        root = self.cfg["out_root"]
+        run, export = os.path.join(root, model_id, "ckpt.pt"), os.path.join(root, model_id + ".pt")
+        if os.path.isfile(run) and inside(run, root):
+            return run
+        if os.path.isfile(export) and inside(export, root) and self.info(export).get("kind") == "export":
+            return export
+        return None
 
     def info(self, path):
         """Step, val loss and config of a checkpoint, read without loading its tensors (cached by mtime)."""
@@ -341,6 +354,7 @@ class Models:
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
                 info = {"step": state.get("step"), "val_loss": state.get("val_loss"), "kind": state.get("kind"),
+                        "quantization": state.get("quantization"),
                         "model_args": state.get("model_args"),
                         "config": {k: v for k, v in (state.get("config") or {}).items() if k in ("dataset", "max_iters", "optimizer")}}
             except Exception as e:
@@ -353,8 +367,12 @@ class Models:
         found = []
         for folder, dirs, files in os.walk(root):
             dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not d.startswith("replaced-"))
-            if "ckpt.pt" in files:
-                model_id = os.path.relpath(folder, root).replace(os.sep, "/")
+            folder_id = os.path.relpath(folder, root).replace(os.sep, "/")
+            # the run itself, then any inference exports beside it (other .pt files are not read further)
+            ids = [folder_id] if "ckpt.pt" in files else []
+            ids += [f"{folder_id}/{f[:-3]}".removeprefix("./") for f in sorted(files)
+                    if f.endswith(".pt") and f != "ckpt.pt"]
+            for model_id in ids:
                 path = self.path(model_id)
                 if path:
                     found.append({"id": model_id, "object": "model", "owned_by": "ulm",
@@ -376,13 +394,16 @@ class Models:
             if entry is None:
                 try:
                     state = load_checkpoint(path, map_location="cpu")
-                    model = load_model(state).to(self.device, self.dtype)
+                    if state.get("kind") == "export":  # its weights keep their format; int4 readies its kernel on the device
+                        model = load_model(state, self.device)
+                    else:
+                        model = load_model(state).to(self.device, self.dtype)
                     tokenizer = tokenizer_from_meta(state["tokenizer"])
                 except SystemExit as e:
                     raise ApiError(400, f"model {model_id!r}: {e}", "model")
                 c = model.config
-                cache_bytes = 2 * c.n_layer * self.cfg["max_batch"] * c.kv_heads * c.block_size * (c.n_embd // c.n_head)
-                size = (sum(p.numel() for p in model.parameters()) + cache_bytes) * model.wte.weight.element_size()
+                cache = 2 * c.n_layer * self.cfg["max_batch"] * c.kv_heads * c.block_size * (c.n_embd // c.n_head)
+                size = model_bytes(model) + cache * model.rotary.cos.element_size()
                 self.make_room(size, model_id)
                 entry = {"batcher": Batcher(model, tokenizer, self.cfg["max_batch"], self.cfg["max_waiting"],
                                             self.cfg["seed"]),

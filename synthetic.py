@@ -172,25 +172,36 @@ def bios_vocab():
 
 
 def bios_people(n_people, seed):
-    """n_people distinct (first, last) names with their attribute values (indices), uniform and fixed by the seed."""
+    """n_people distinct (first, middle, last) names (the middle name from the first names, as in Allen-Zhu
+    & Li's) with their attribute values (indices), uniform and fixed by the seed."""
+    n_names = len(FIRST) * len(FIRST) * len(LAST)
     if n_people < 1:
         raise SystemExit(f"n_people must be at least 1, got {n_people}")
-    if n_people > len(FIRST) * len(LAST):
-        raise SystemExit(f"n_people={n_people} exceeds the {len(FIRST) * len(LAST)} distinct names")
+    if n_people > n_names:
+        raise SystemExit(f"n_people={n_people} exceeds the {n_names} distinct names")
     rng = np.random.default_rng(seed)
-    names = [(FIRST[i // len(LAST)], LAST[i % len(LAST)]) for i in rng.choice(len(FIRST) * len(LAST), n_people, replace=False)]
+    names = [(FIRST[i // (len(FIRST) * len(LAST))], FIRST[i // len(LAST) % len(FIRST)], LAST[i % len(LAST)])
+             for i in rng.choice(n_names, n_people, replace=False)]
     values = {a: rng.integers(len(v), size=n_people) for a, (v, _) in ATTRIBUTES.items()}
     return names, values
 
 
-def bio_words(rng, name, values, person):
-    """One exposure of a person's biography: every attribute once, random template, random order."""
-    words = ["<bos>"]
-    for a in rng.permutation(list(ATTRIBUTES)):
-        options, templates = ATTRIBUTES[a]
-        template = templates[int(rng.integers(len(templates)))]
-        words += template.replace("NAME", " ".join(name)).split() + [options[values[a][person]], "."]
-    return words + ["<eot>"]
+def bios_words(rng, names, values, people):
+    """One exposure of each person's biography (a list of words each): every attribute once, a random
+    template, a random order. The draws are made for the whole batch at once: a GPU step of a small
+    model is shorter than rendering its batch one draw at a time."""
+    attributes = list(ATTRIBUTES)
+    order = rng.permuted(np.tile(np.arange(len(attributes)), (len(people), 1)), axis=1)  # (n, attributes)
+    pick = rng.random((len(people), len(attributes)))
+    docs = []
+    for i, person in enumerate(people):
+        name, words = list(names[person]), ["<bos>"]
+        for j in order[i]:
+            options, templates = ATTRIBUTES[attributes[j]]
+            before, _, after = templates[int(pick[i, j] * len(templates))].partition("NAME")
+            words += before.split() + name + after.split() + [options[values[attributes[j]][person]], "."]
+        docs.append(words + ["<eot>"])
+    return docs
 
 
 def bits_of_knowledge(n_people, accuracy, loss_bits):
@@ -231,36 +242,45 @@ def recall(model, vocab, names, values, device, template=0, batch=256):
 # ----------------------------------------------------------------------------- training on generated batches
 
 def pad_batch(docs, block_size, pad_id):
-    """Inputs and targets (B, block_size) from word-id documents; padding targets are -1 (ignored)."""
-    x = torch.full((len(docs), block_size), pad_id, dtype=torch.long)
-    y = torch.full((len(docs), block_size), -1, dtype=torch.long)
+    """Inputs and targets (B, block_size) from word-id documents; padding targets are -1 (ignored).
+    Filled in numpy: one torch.tensor per row cost more than a small model's GPU step."""
+    x = np.full((len(docs), block_size), pad_id, dtype=np.int64)
+    y = np.full((len(docs), block_size), -1, dtype=np.int64)
     for i, d in enumerate(docs):
         d = d[:block_size + 1]
-        x[i, :len(d) - 1] = torch.tensor(d[:-1])
-        y[i, :len(d) - 1] = torch.tensor(d[1:])
-    return x, y
+        x[i, :len(d) - 1] = d[:-1]
+        y[i, :len(d) - 1] = d[1:]
+    return torch.from_numpy(x), torch.from_numpy(y)
 
 
-def fit(model, next_batch, steps, learning_rate, device, warmup=50, weight_decay=0.0, memory_lr_scale=10.0):
+def fit(model, next_batch, steps, learning_rate, device, warmup=50, weight_decay=0.0, memory_lr_scale=10.0,
+        evaluate=None, eval_every=0):
     """Train model for steps AdamW steps (plus SparseAdam for sparse memory values) on next_batch(step) ->
-    (x, y), warmup then cosine decay, through train.py's train_step. Returns (final loss, tokens/s, tokens)."""
+    (x, y), warmup then cosine decay, through train.py's train_step; evaluate(step) every eval_every steps
+    and at the end, in eval mode. Returns (final loss, tokens/s, tokens)."""
     import train  # the training step and schedule of train.py, not a copy
     optimizers = [o for o in (model.configure_optimizers(weight_decay, learning_rate, (0.9, 0.95), device.type),
                               model.configure_memory_optimizer(learning_rate, (0.9, 0.95), memory_lr_scale)) if o]
     schedule = dict(learning_rate=learning_rate, min_lr=learning_rate / 10, warmup_iters=warmup, max_iters=steps,
                     lr_decay_iters=0, schedule="cosine", decay_frac=0.0)
-    model.train()
     batch = tuple(t.to(device) for t in next_batch(0))
-    tokens, seconds, loss = 0, 0.0, torch.tensor(float("nan"))
-    for step in range(steps):
+    tokens, seconds, loss = 0, 0.0, torch.tensor(float("nan"))  # tokens: a device tensor, read once at the end
+    for step in range(steps + 1):
+        if eval_every and (step % eval_every == 0 or step == steps):
+            model.eval()
+            evaluate(step)
+        if step == steps:
+            break
+        model.train()
         for group in (g for o in optimizers for g in o.param_groups):
             group["lr"] = train.lr_at(step, schedule) * group.get("lr_scale", 1.0)
         t0 = time.perf_counter()
-        tokens += int((batch[1] >= 0).sum())
+        tokens = tokens + (batch[1] >= 0).sum()
         loss, batch = train.train_step(model, optimizers, batch, lambda: tuple(t.to(device) for t in next_batch(step + 1)),
                                        1, contextlib.nullcontext(), 1.0)
         seconds += time.perf_counter() - t0
     model.eval()
+    tokens = int(tokens)
     return loss.item(), tokens / max(seconds, 1e-9), tokens
 
 
@@ -279,6 +299,6 @@ def text_documents(kind, n_docs, seed, val_fraction):
         return {"train": [make(train_names) for _ in range(n_docs - n_val)], "val": [make(held_names) for _ in range(n_val)]}
     if kind == "bios":
         names, values = bios_people(max(1, n_docs // 10), seed)
-        docs = [" ".join(bio_words(rng, names[i % len(names)], values, i % len(names))[1:-1]) for i in range(n_docs)]
+        docs = [" ".join(words[1:-1]) for words in bios_words(rng, names, values, [i % len(names) for i in range(n_docs)])]
         return {"train": docs[n_val:], "val": docs[:n_val]}
     raise SystemExit(f"unknown synthetic corpus {kind!r}: use synthetic:facts or synthetic:bios")

@@ -26,6 +26,15 @@ A transcript reads like this; a policy sees everything up to `act ` and writes t
     obs Correct.
     reward +1
     done success
+
+Notes from others (swarm.py) sit between the first observation and the first action, one line each,
+cut to MAX_NOTE_CHARS: `PEERS: ...` (the other workers' plans, one per ` | `), `HINT: ...` (a guide's
+plan) and `HUMAN: ...` (a person's broadcast). A plan is its actions joined by ` ; `:
+
+    obs Compute 37*45+12. Tools: calc.
+    PEERS: CALL calc 37*45+12 ; ANSWER 1677 | ANSWER 1600
+    HINT: CALL calc 37*45+12 ; ANSWER 1677
+    act CALL calc 37*45+12
 """
 import ast
 import importlib
@@ -41,6 +50,8 @@ SUCCESS_REWARD = 1.0
 BAD_ACTION_PENALTY = -0.1  # small: a malformed action costs a little, so trying things stays cheap
 MAX_ACTION_CHARS = 96      # an action is one short line; anything longer is cut (TextWorld commands reach ~70)
 ACTION_PREFIX = "act "
+MAX_NOTE_CHARS = 240      # a note line (peers' plans, a hint, a human's message) is cut here: context is short
+NOTE_KINDS = ("PEERS", "HINT", "HUMAN")
 EVAL_SEED_BASE = 10 ** 9   # held-out seeds (world.py's evaluations, swarm.py's goals) are EVAL_SEED_BASE + i;
                            # training seeds stay below it
 # every character a transcript can hold: the policy's character vocabulary is built from this
@@ -399,15 +410,16 @@ def make_env(name, **options):
 
 # ----------------------------------------------------------------------------- transcripts
 
-def play_episode(env, act, seed):
+def play_episode(env, act, seed, notes=()):
     """One episode: act(transcript so far) -> action text, until done. Returns the episode dict.
 
     Besides the contract's keys it keeps `action_spans` (character ranges of each action line in the
     transcript, newline included: the tokens a policy is trained on) and `teacher_actions` (what the
-    teacher would have done in each state the policy met: the labels of teacher help).
+    teacher would have done in each state the policy met: the labels of teacher help). `notes` are
+    lines from others (note_line) shown after the first observation.
     """
     obs = env.reset(seed)
-    transcript = f"task {env.name}\nobs {obs}\n"
+    transcript = f"task {env.name}\nobs {obs}\n" + "".join(f"{line}\n" for line in notes)
     actions, spans, teacher_actions, total = [], [], [], 0.0
     done, info = False, {"success": False}
     while not done:
@@ -427,6 +439,18 @@ def play_episode(env, act, seed):
             "transcript": transcript, "action_spans": spans, "teacher_actions": teacher_actions}
 
 
+def plan_text(actions):
+    """A plan as one line of text: actions joined by ' ; ' (a worker's message, a guide's hint)."""
+    return " ; ".join(clean_action(a) for a in actions)
+
+
+def note_line(kind, texts):
+    """A note for the transcript: 'KIND: text | text', newlines removed and cut to MAX_NOTE_CHARS."""
+    assert kind in NOTE_KINDS, kind
+    body = " | ".join(" ".join(str(t).split()) for t in texts)
+    return f"{kind}: {body}"[:MAX_NOTE_CHARS]
+
+
 def teacher_act(env, noise=0.0, rng=None):
     """An act function for play_episode: the teacher, or with probability `noise` a random action."""
     def act(transcript):
@@ -443,23 +467,39 @@ def turn_by_turn(act_at):
     return lambda transcript: act_at(transcript, next(turns))
 
 
-def play_actions(env, actions, seed):
+def play_actions(env, actions, seed, notes=()):
     """The episode a fixed list of actions makes: a missing action is empty (an invalid move that costs
     a step), extra ones are never used. The world's own verdict on a proposed solution."""
-    return play_episode(env, turn_by_turn(lambda _, turn: actions[turn] if turn < len(actions) else ""), seed)
+    return play_episode(env, turn_by_turn(lambda _, turn: actions[turn] if turn < len(actions) else ""), seed, notes)
 
 
 # ----------------------------------------------------------------------------- teacher transcripts (imitation data)
 
-def teacher_episodes(tasks, episodes_per_task, noise, seed):
-    """Teacher episodes on training seeds; with noise > 0 some actions are random (noisy demonstrations)."""
+def teacher_episodes(tasks, episodes_per_task, noise, seed, notes=0.0):
+    """Teacher episodes on training seeds; with noise > 0 some actions are random (noisy demonstrations).
+    With notes > 0, that share of episodes shows a PEERS line and (independently) a HINT line, so a
+    policy learns to read them: 2-3 peer plans and a hint, each the teacher's plan or a noisy one."""
     rng = random.Random(seed)
     episodes = []
     for name, options in tasks.items():
         env = make_env(name, **options)
         for _ in range(episodes_per_task):
-            episodes.append(play_episode(env, teacher_act(env, noise, rng), rng.randrange(EVAL_SEED_BASE)))
+            episode_seed = rng.randrange(EVAL_SEED_BASE)
+            lines = sample_notes(env, episode_seed, notes, rng) if notes else []
+            episodes.append(play_episode(env, teacher_act(env, noise, rng), episode_seed, lines))
     return episodes
+
+
+def sample_notes(env, seed, share, rng):
+    """Notes for one imitation episode: right plans (the teacher's) and wrong ones (half random actions)."""
+    def plan(right):
+        return plan_text(play_episode(env, teacher_act(env, 0.0 if right else 0.5, rng), seed)["actions"])
+    lines = []
+    if rng.random() < share:
+        lines.append(note_line("PEERS", [plan(rng.random() < 0.5) for _ in range(rng.randint(2, 3))]))
+    if rng.random() < share:
+        lines.append(note_line("HINT", [plan(rng.random() < 0.7)]))
+    return lines
 
 
 def write_transcripts(path, episodes):

@@ -44,11 +44,12 @@ def import_textworld():
 
 
 def tw_make_path():
-    """The tw-make script that comes with the textworld package (in the same bin folder as python)."""
-    import_textworld()
-    path = os.path.join(os.path.dirname(sys.executable), "tw-make")
-    if not os.path.exists(path):
-        path = shutil.which("tw-make")
+    """The tw-make script that comes with the textworld package: in the same bin folder as python, in the
+    bin folder beside the package (`pip install --target DIR` puts it in DIR/bin), or on PATH."""
+    textworld = import_textworld()
+    beside = os.path.join(os.path.dirname(os.path.dirname(textworld.__file__)), "bin", "tw-make")
+    path = next((p for p in (os.path.join(os.path.dirname(sys.executable), "tw-make"), beside) if os.path.exists(p)),
+                None) or shutil.which("tw-make")
     if not path:
         raise SystemExit(f"textworld is installed but its tw-make script is not on PATH: {INSTALL}")
     return path

@@ -48,6 +48,7 @@ DEFAULTS = dict(
     # imitation: the policy's first weights
     imitation_episodes=1000,   # teacher transcripts per task
     teacher_noise=0.0,         # chance of a random action in a teacher transcript (noisy demonstrations)
+    imitation_notes=0.0,       # share of teacher transcripts that show PEERS / HINT lines (swarm.py's messages)
     imitation_iters=1000,      # train.py steps on every token of the transcripts
     clone_iters=500,           # then behaviour-cloning steps on their action tokens only
     imitation_batch_size=16,
@@ -312,7 +313,8 @@ def imitation_recipe(cfg):
             "dropout": 0.0, "beta1": BETAS[0], "beta2": BETAS[1], "compile": False,
             "overwrite": True}  # reached only when the recipe changed: the old imitation run is moved aside
     return {"teacher": {"tasks": cfg["tasks"], "episodes_per_task": cfg["imitation_episodes"],
-                        "noise": cfg["teacher_noise"], "seed": cfg["seed"], "corpus": corpus},
+                        "noise": cfg["teacher_noise"], "notes": cfg["imitation_notes"], "seed": cfg["seed"],
+                        "corpus": corpus},
             "prepare": configure(prepare.DEFAULTS, []) | {"dataset": corpus, "name": "teacher", "tokenizer": "char",
                                                           "data_dir": out_dir, "force": True},
             "train": run,
@@ -373,7 +375,8 @@ def imitate(cfg, stop):
     if path:
         return path
     teacher = recipe["teacher"]
-    episodes = teacher_episodes(teacher["tasks"], teacher["episodes_per_task"], teacher["noise"], teacher["seed"])
+    episodes = teacher_episodes(teacher["tasks"], teacher["episodes_per_task"], teacher["noise"], teacher["seed"],
+                                teacher["notes"])
     write_transcripts(teacher["corpus"], episodes)
     rate = sum(e["success"] for e in episodes) / len(episodes)
     print(f"wrote {len(episodes)} teacher transcripts to {teacher['corpus']} (noise {teacher['noise']}: {rate:.0%} succeed)")
@@ -553,7 +556,7 @@ AT_LEAST_ONE = ("episodes_per_update", "updates_per_batch", "update_batch_size",
                 "replay_size", "replay_recent_window", "imitation_episodes", "imitation_batch_size")
 NOT_NEGATIVE = ("episodes", "imitation_iters", "clone_iters", "learning_rate", "imitation_lr", "grad_clip",
                 "temperature_start", "temperature_end")
-FRACTIONS = ("teacher_noise", "baseline_decay", "replay_recent_fraction")
+FRACTIONS = ("teacher_noise", "imitation_notes", "baseline_decay", "replay_recent_fraction")
 
 
 def check_config(cfg):

@@ -1,25 +1,31 @@
 """
-The ~1B µLM in about 1 GB: bf16 / int8 / int4 exports of the 1B and 354M shapes, and 2:4 sparsity speed.
+The ~1B µLM in about 1 GB: bf16 / int8 / int4 exports of the 1B and 354M shapes, int8 decode paths, 2:4 speed.
 
-    python prepare.py --dataset=shakespeare
-    python experiments/compress_gpu.py --out=out/compress_gpu          # one H100, ~8 min -> .json, .png
-    python experiments/compress_gpu.py --parts='["mid","sparse"]' --out=out/compress_gpu   # adds to its JSON
-    python experiments/compress_gpu.py --device=cpu --big="(2, 64, 4)" --mid="(2, 64, 4)" --train_iters=4 \\
-        --block_size=32 --batch_size=2 --gen_tokens=8 --eval_iters=2 --group_size=32 --out=/tmp/cg   # smoke test
+    python experiments/compress_gpu.py --out=out/compress_gpu       # one H100, ~6 min, random weights -> .json, .png
+    python prepare.py --dataset=shakespeare && python experiments/compress_gpu.py \
+        --parts='["train","big"]' --out=out/compress_gpu_trained       # loss deltas of a briefly trained 1B (+2 min)
+    python experiments/compress_gpu.py --device=cpu --big="(2, 64, 4)" --mid="(2, 64, 4)" --decode_layers=1 \
+        --block_size=32 --gen_tokens=8 --group_size=32 --parts='["big","decode","mid","cpu"]' --out=/tmp/cg
+        # a smoke test (CPU: no compile, float32)
+    python experiments/compress_gpu.py --device=cpu --parts='["cpu"]' --out=out/compress_cpu   # the 1B int4 on a CPU
 
 parts (each runs on its own; one that fails is recorded with its error and the rest still run; the JSON
-is rewritten after each):
-  train    the 1B shape (big: 36 layers x 1536, 12 heads, as config/gpu_1b.py) trained briefly on BPE
-           shakespeare through train.py (bf16, compile, Muon): real weights, so the loss deltas mean
-           something. It is brief (train_iters steps, ~1M tokens), far from converged: the deltas are
-           those of an early model, measured on shakespeare's val split.
-  big      export it as bf16, int8 and int4 (compress.py), then for each, in a fresh process: file size,
-           peak GPU memory to load it and generate gen_tokens greedy tokens at batch 1
-           (torch.cuda.max_memory_allocated), peak CPU RSS, decode tokens/s (compiled decode step, CUDA
-           graphs), val loss on shakespeare
-  cpu      the big int4 export on the CPU: peak RSS to load it and generate cpu_gen_tokens
-  mid      the 354M shape (24 x 1024, 16 heads), random weights: bf16 / int8 / int4 peak memory and speed
-  sparse   2:4 sparsity against dense (bf16) on the GPU: each of the big shape's linear layers at several
+is rewritten after each; no part, export or decode path starts after time_limit_s: it is recorded as skipped):
+  big      the 1B shape (36 layers x 1536, 12 heads, as config/gpu_1b.py): the trained checkpoint of the
+           train part if there is one, else random weights (memory and speed do not depend on them).
+           Exported as bf16, int4 and int8 (compress.py); each export loaded and run in a fresh process:
+           file size, peak GPU memory to load it and generate gen_tokens greedy tokens at batch 1
+           (torch.cuda.max_memory_allocated and _reserved), peak host RSS, decode tokens/s (compiled decode
+           step, CUDA graphs), and val loss on the training data when the source was trained
+  decode   int8 decode paths against bf16 at batch 1, compiled, in one process, on the big width with
+           decode_layers layers: cast-then-matmul (the old Int8Linear), the fused matvec (shrink.Int8Linear),
+           the matvec with inductor's coordinate-descent tuning, and torchao's int8 weight-only (if installed)
+  mid      the 354M shape (24 x 1024, 16 heads), random weights: the same as big
+  cpu      (not by default) the big int4 export on the host CPU: peak RSS to load it and generate
+           cpu_gen_tokens (a CUDA build of torch starts at ~0.5 GiB RSS: measure CPU RSS on a CPU build)
+  train    (not by default) the big shape trained briefly on BPE shakespeare through train.py (bf16,
+           compile, Muon): real weights for the loss deltas, far from converged
+  sparse   (not by default) 2:4 sparsity against dense (bf16) on each big-shape linear layer at several
            token counts, torch.sparse.to_sparse_semi_structured (cuSPARSELt) against F.linear
 """
 import datetime
@@ -33,20 +39,24 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+import torch._inductor.config  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import compress  # noqa: E402
 import train  # noqa: E402
-from checkpoint import save_checkpoint, write_json_atomic  # noqa: E402
+from checkpoint import load_checkpoint, load_model, save_checkpoint, write_json_atomic  # noqa: E402
 from configurator import configure, print_config  # noqa: E402
 from data import open_dataset  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
+from plot import save_figure  # noqa: E402
 from runtime import resolve_device  # noqa: E402
+from shrink import Int8Linear  # noqa: E402
 
 DEFAULTS = dict(
     out="out/compress_gpu",
-    parts=["train", "big", "cpu", "mid", "sparse"],
+    parts=["big", "mid", "decode"],  # cpu, train and sparse on request
+    time_limit_s=330,         # no part, export or decode path starts after this (the lead's GPU batches are ~6 min)
     device="auto",
     big=(36, 1536, 12),       # (n_layer, n_embd, n_head) of the ~1B shape
     mid=(24, 1024, 16),       # the 354M shape
@@ -55,10 +65,11 @@ DEFAULTS = dict(
     batch_size=8,
     train_iters=120,          # ~1M tokens: about three passes over BPE shakespeare's train split
     learning_rate=3e-4,
-    formats=["bfloat16", "int8", "int4"],  # the big and mid parts' exports (on a CPU: float32 for the baseline)
+    formats=["bfloat16", "int4", "int8"],  # the big and mid parts' exports (on a CPU: float32 for the baseline)
     group_size=128,
     gen_tokens=512,
-    cpu_gen_tokens=16,
+    decode_layers=6,          # decode part: layers of the big width (each path compiles once)
+    cpu_gen_tokens=8,
     eval_iters=20,
     compile=True,             # compiled decode (CUDA graphs) for the speed numbers
     token_counts=[1, 16, 256, 4096, 16384],  # 2:4 part: rows of the activation
@@ -80,38 +91,122 @@ def train_big(cfg, run_dir):
             "shape": cfg["big"], "iters": cfg["train_iters"], "tokens": cfg["train_iters"] * cfg["batch_size"] * cfg["block_size"]}
 
 
-def random_checkpoint(cfg, shape, path):
-    """A µLM checkpoint of the given shape with random (initial) weights and the GPT-2 tokenizer."""
+def random_checkpoint(cfg, shape, path, device):
+    """A µLM checkpoint of the given shape with random (initial) weights in bf16 and the GPT-2 tokenizer."""
+    if os.path.exists(path):
+        return path
     n_layer, n_embd, n_head = shape
     model_args = {"vocab_size": 50257, "block_size": cfg["block_size"], "n_layer": n_layer, "n_embd": n_embd,
                   "n_head": n_head}
-    model = GPT(GPTConfig(**model_args))
+    with torch.device(device):  # initialised where it is fast; .cpu() and .to() keep the tied head one tensor
+        model = GPT(GPTConfig(**model_args)).to(torch.bfloat16).cpu()
     save_checkpoint(path, {"model_args": model_args, "model": model.state_dict(), "tokenizer": {"tokenizer": "gpt2"},
-                           "config": {}, "step": 0, "val_loss": float("nan")}, kind="random")
+                           "config": {}, "step": 0, "val_loss": None}, kind="random")
     return path
 
 
-def export_and_measure(cfg, src, device, formats=None, gen_tokens=None, compile=None, eval_iters=None):
-    """{format: measure() result} for exports of src, each loaded and run in a fresh process."""
+def export(cfg, src, fmt, device):
+    """The fmt export of src beside it (made once)."""
+    out = f"{os.path.splitext(src)[0]}_{fmt}.pt"
+    if not os.path.exists(out):
+        compress.export({**compress_cfg(cfg, device), "ckpt": src, "format": fmt, "out": out})
+    return out
+
+
+def compress_cfg(cfg, device, **overrides):
+    return {**configure(compress.DEFAULTS, []), "group_size": cfg["group_size"], "device": device, "measure": False,
+            "eval_batch_size": 8, "eval_iters": cfg["eval_iters"], "gen_tokens": cfg["gen_tokens"],
+            "compile": cfg["compile"] and device == "cuda", **overrides}
+
+
+def export_and_measure(cfg, src, device, deadline, formats=None, **overrides):
+    """{format: compress.measure() result, with peak memory over file size} for exports of src, each
+    loaded and run in a fresh process (none started after deadline)."""
     results = {}
     for fmt in formats or cfg["formats"]:
-        out = f"{os.path.splitext(src)[0]}_{fmt}.pt"
-        ccfg = {**configure(compress.DEFAULTS, []), "ckpt": src, "format": fmt, "group_size": cfg["group_size"],
-                "out": out, "device": device, "measure": False, "eval_batch_size": 8,
-                "eval_iters": cfg["eval_iters"] if eval_iters is None else eval_iters,
-                "gen_tokens": gen_tokens or cfg["gen_tokens"], "compile": cfg["compile"] if compile is None else compile}
-        if not os.path.exists(out):
-            compress.export(ccfg)
+        if time.perf_counter() > deadline:
+            results[fmt] = {"skipped": f"time_limit_s={cfg['time_limit_s']} passed"}
+            continue
+        path = export(cfg, src, fmt, device)
+        ccfg = compress_cfg(cfg, device, **overrides)
         try:
-            results[fmt] = compress.measure_in_subprocess(out, ccfg)
+            results[fmt] = compress.measure_in_subprocess(path, ccfg)
         except SystemExit as e:  # e.g. compiling a kernel fails: measure it eager, and say so
             if not ccfg["compile"]:
                 raise
-            results[fmt] = {**compress.measure_in_subprocess(out, {**ccfg, "compile": False}),
+            results[fmt] = {**compress.measure_in_subprocess(path, {**ccfg, "compile": False}),
                             "compile_failed": str(e)[-500:]}
-        results[fmt].pop("tokens")
-        print(fmt, json.dumps(results[fmt]))
+        r = results[fmt]
+        r.pop("tokens")
+        r["rss_over_file"] = (r["peak_rss_gib"] - r["rss_at_start_gib"]) * 1024 / r["file_mib"]
+        if "peak_gpu_gib" in r:
+            r["gpu_over_file"] = r["peak_gpu_gib"] * 1024 / r["file_mib"]
+        print(fmt, json.dumps(r))
     return results
+
+
+class CastInt8Linear(Int8Linear):
+    """The int8 GPU path before the matvec: cast the whole weight, then matmul (as gpt-fast writes it)."""
+
+    def forward(self, x):
+        return F.linear(x, self.q.to(x.dtype)) * self.scale.to(x.dtype)
+
+
+def torchao_int8(model):
+    """model (bf16) with torchao's int8 weight-only linear layers; the head untied so the embedding stays bf16."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone(), requires_grad=False)
+    quantize_(model, Int8WeightOnlyConfig())
+    return model
+
+
+def decode_paths(cfg, device, deadline):
+    """Decode tokens/s at batch 1 of bf16 and of int8 through each matvec path, compiled, in this process
+    (none started after deadline)."""
+    _, n_embd, n_head = cfg["big"]
+    src = random_checkpoint(cfg, (cfg["decode_layers"], n_embd, n_head), os.path.join(cfg["out"], "decode.pt"), device)
+    files = {fmt: export(cfg, src, fmt, device) for fmt in ("bfloat16", "int8")}
+    compile = cfg["compile"] and device == "cuda"
+
+    def load(fmt):
+        return load_model(load_checkpoint(files[fmt], map_location=device), device)
+
+    def cast_int8():
+        model = load("int8")
+        for module in model.modules():
+            if type(module) is Int8Linear:
+                module.__class__ = CastInt8Linear
+        return model
+
+    paths = {"bfloat16": lambda: load("bfloat16"), "int8 fused matvec": lambda: load("int8"),
+             "int8 fused matvec, coordinate descent": lambda: load("int8"),
+             "torchao int8 weight-only": lambda: torchao_int8(load("bfloat16")),
+             "int8 cast+matmul (before)": cast_int8}
+    results = {}
+    for name, build in paths.items():
+        if time.perf_counter() > deadline:
+            results[name] = {"skipped": f"time_limit_s={cfg['time_limit_s']} passed"}
+            continue
+        torch._dynamo.reset()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            model = build()
+            with torch._inductor.config.patch(coordinate_descent_tuning="coordinate descent" in name):
+                tokens, tokens_per_s = compress.decode_speed(model, cfg["gen_tokens"], compile)
+            results[name] = {"decode_tokens_per_s": tokens_per_s, "first_tokens": tokens[:16]}
+            if device == "cuda":
+                results[name]["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        except Exception as e:  # a path that does not run here (torchao missing, a kernel refused): say why
+            results[name] = {"error": f"{type(e).__name__}: {e}"[:500]}
+        model = None
+        print(name, results[name])
+    base = results["bfloat16"].get("decode_tokens_per_s")
+    for r in results.values():
+        if base and "decode_tokens_per_s" in r:
+            r["speed_vs_bf16"] = r["decode_tokens_per_s"] / base
+    return {"layers": cfg["decode_layers"], "width": n_embd, "compiled": compile, "paths": results}
 
 
 def bench(fn, iters=50):
@@ -151,10 +246,10 @@ def sparse_two_four(cfg):
 
 
 def plot(results, path):
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
     for shape_key, offset, color in (("big", -0.2, "C0"), ("mid", 0.2, "C1")):
         r = results.get(shape_key)
-        if not isinstance(r, dict) or "error" in r:
+        if not isinstance(r, dict) or "error" in r or "skipped" in r:
             continue
         fmts = list(r)
         for ax, key, label in ((axes[0], "peak_gpu_gib", "peak GPU GiB, load + generate"),
@@ -163,20 +258,25 @@ def plot(results, path):
                    color=color, label=shape_key)
             ax.set_xticks(range(len(fmts)), fmts)
             ax.set_title(label)
-    axes[0].axhline(1.0, color="gray", lw=0.8)
+    axes[0].axhline(1.0 / 1.074, color="gray", lw=0.8)  # 1 GB in GiB
     axes[0].legend()
+    decode = results.get("decode")
+    if isinstance(decode, dict) and "paths" in decode:
+        names = [n for n, r in decode["paths"].items() if "decode_tokens_per_s" in r]
+        axes[2].barh(names, [decode["paths"][n]["decode_tokens_per_s"] for n in names], color="C2")
+        axes[2].set_title(f"decode tokens/s, {decode['layers']} layers x {decode['width']}")
     sparse = results.get("sparse")
     if isinstance(sparse, list):
         for layer in dict.fromkeys(row["layer"] for row in sparse):
             pts = [row for row in sparse if row["layer"] == layer and "speedup" in row]
-            axes[2].plot([p["tokens"] for p in pts], [p["speedup"] for p in pts], "-o", label=layer)
-        axes[2].set_xscale("log")
-        axes[2].axhline(1.0, color="gray", lw=0.8)
-        axes[2].set_xlabel("tokens (activation rows)")
-        axes[2].set_title("2:4 sparse / dense speed-up (bf16)")
-        axes[2].legend(fontsize=8)
+            axes[3].plot([p["tokens"] for p in pts], [p["speedup"] for p in pts], "-o", label=layer)
+        axes[3].set_xscale("log")
+        axes[3].axhline(1.0, color="gray", lw=0.8)
+        axes[3].set_xlabel("tokens (activation rows)")
+        axes[3].set_title("2:4 sparse / dense speed-up (bf16)")
+        axes[3].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
 
 
 def main(argv):
@@ -191,27 +291,44 @@ def main(argv):
     results |= {"config": cfg, "date": datetime.date.today().isoformat(),
                "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                "torch": torch.__version__}
-    big_src = os.path.join(cfg["out"], "big", "ckpt.pt")
+    trained = os.path.join(cfg["out"], "big", "ckpt.pt")
+
+    def big_src():  # the trained 1B if the train part made one, else random weights
+        return trained if os.path.exists(trained) else random_checkpoint(cfg, cfg["big"], os.path.join(cfg["out"], "big.pt"), device)
+
+    start = time.perf_counter()
+    deadline = start + cfg["time_limit_s"]  # nothing new (part, export, decode path) starts after it
     parts = {
-        "train": lambda: train_big(cfg, os.path.dirname(big_src)),
-        "big": lambda: export_and_measure(cfg, big_src, device.type),
-        "cpu": lambda: export_and_measure(cfg, big_src, "cpu", ("int4",), cfg["cpu_gen_tokens"], False, 0),
-        "mid": lambda: export_and_measure(cfg, random_checkpoint(cfg, cfg["mid"], os.path.join(cfg["out"], "mid.pt")),
-                                          device.type),
+        "train": lambda: train_big(cfg, os.path.dirname(trained)),
+        "big": lambda: export_and_measure(cfg, big_src(), device.type, deadline),
+        "decode": lambda: decode_paths(cfg, device.type, deadline),
+        "mid": lambda: export_and_measure(cfg, random_checkpoint(cfg, cfg["mid"], os.path.join(cfg["out"], "mid.pt"), device),
+                                          device.type, deadline),
+        "cpu": lambda: export_and_measure(cfg, big_src(), "cpu", deadline, ("int4",), gen_tokens=cfg["cpu_gen_tokens"],
+                                          compile=False, eval_iters=0),
         "sparse": lambda: sparse_two_four(cfg) if device.type == "cuda" else {"error": "2:4 sparsity needs a CUDA GPU"},
     }
+    unknown = [name for name in cfg["parts"] if name not in parts]
+    if unknown:
+        raise SystemExit(f"unknown parts {unknown}: choose from {list(parts)}")
     if "train" in cfg["parts"]:
         open_dataset("data", cfg["dataset"], cfg["block_size"])  # a missing dataset stops here, not mid-run
+    results["seconds"] = {}
     for name in cfg["parts"]:
         t0 = time.perf_counter()
+        if t0 > deadline:
+            results[name] = {"skipped": f"not started within time_limit_s={cfg['time_limit_s']}"}
+            continue
         try:
             results[name] = parts[name]()
         except (Exception, SystemExit) as e:
             results[name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
             print(f"part {name} failed: {e}")
-        print(f"part {name}: {time.perf_counter() - t0:.1f} s")
+        results["seconds"][name] = time.perf_counter() - t0
+        print(f"part {name}: {results['seconds'][name]:.1f} s")
         write_json_atomic(json_path, results)
         plot(results, os.path.join(cfg["out"], "compress_gpu.png"))
+    write_json_atomic(json_path, results)
     print(json.dumps({k: v for k, v in results.items() if k != "config"}, indent=1, default=str))
 
 

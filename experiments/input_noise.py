@@ -3,8 +3,7 @@ Does input noise make a sturdier character model? Each noise family, and a mix, 
 equal steps on shakespeare_char: (a) clean val loss, (b) val loss on a noised copy of val.
 
     python experiments/input_noise.py --out=out/input_noise                       # CPU, cpu_quick shape
-    python experiments/input_noise.py --train_config=config/shakespeare_char.py --device=cuda \\
-        --max_iters=2500 --out=out/input_noise_gpu                                   # GPU, baby-GPT shape
+    bash experiments/analysis_gpu.sh OUT     # GPU: config/shakespeare_char_best.py, 9 runs at once, ~9 min
 
 Every run is train.train with the same config, seed and steps, only `noise` differs. The noised val
 copy uses `val_noise` (all character families at once) on fixed batches; its targets stay clean.
@@ -24,7 +23,7 @@ from configurator import configure, print_config  # noqa: E402
 from plot import save_figure  # noqa: E402
 from data import get_batch, open_dataset  # noqa: E402
 from noise import InputNoise  # noqa: E402
-from runtime import resolve_device  # noqa: E402
+from runtime import resolve_device, run_in_processes  # noqa: E402
 
 DEFAULTS = dict(
     out="out/input_noise",
@@ -32,6 +31,7 @@ DEFAULTS = dict(
     overrides=[],           # more --key=value for every run, e.g. ["--n_layer=2", "--n_embd=64"]
     max_iters=300,
     device="cpu",
+    workers=1,              # runs trained at once in separate processes (a baby GPT leaves most of a GPU idle)
     seed=1337,
     eval_iters=20,
     runs={  # name -> noise; every run trains for max_iters steps from the same seed
@@ -87,27 +87,36 @@ def plot(results, path):
     save_figure(fig, path)
 
 
+def train_and_measure(cfg, name, probs):
+    """Train one run with this noise (train.train, fresh folder <out>/<name>), then its clean and noised val loss."""
+    device = resolve_device(cfg["device"])
+    run_dir = os.path.join(cfg["out"], name)
+    shutil.rmtree(run_dir, ignore_errors=True)  # this experiment's own run folder: always a fresh run
+    run = configure(train.DEFAULTS, [cfg["train_config"], f"--out_dir={run_dir}", f"--max_iters={cfg['max_iters']}",
+                                     f"--eval_interval={cfg['max_iters']}",
+                                     f"--device={cfg['device']}", f"--seed={cfg['seed']}", f"--noise={probs!r}",
+                                     *cfg["overrides"]])
+    print(f"--- {name}: noise {probs}", flush=True)
+    train.train(run)
+    meta = open_dataset(run["data_dir"], run["dataset"], run["block_size"])
+    model = load_model(load_checkpoint(os.path.join(run_dir, "ckpt.pt"), map_location=device), device)
+    clean, noisy = val_losses(model, meta, cfg["val_noise"], cfg["eval_iters"], run["batch_size"], run["block_size"], device)
+    print(f"{name}: clean val {clean:.4f}, noised val {noisy:.4f}", flush=True)
+    return {"name": name, "noise": probs, "val_clean": clean, "val_noisy": noisy}
+
+
 def main(argv):
     cfg = configure(DEFAULTS, argv)
     print_config(cfg)
     os.makedirs(cfg["out"], exist_ok=True)
-    device = resolve_device(cfg["device"])
+    resolve_device(cfg["device"])  # a missing device is an error before any worker starts
+    if "none" not in cfg["runs"]:
+        raise SystemExit("runs must include 'none' (no noise): every other run is compared with it")
     results = {}
-    for name, probs in cfg["runs"].items():
-        run_dir = os.path.join(cfg["out"], name)
-        shutil.rmtree(run_dir, ignore_errors=True)  # this experiment's own run folder: always a fresh run
-        run = configure(train.DEFAULTS, [cfg["train_config"], f"--out_dir={run_dir}", f"--max_iters={cfg['max_iters']}",
-                                         f"--eval_interval={cfg['max_iters']}",
-                                         f"--device={cfg['device']}", f"--seed={cfg['seed']}", f"--noise={probs!r}",
-                                         *cfg["overrides"]])
-        print(f"--- {name}: noise {probs}")
-        train.train(run)
-        meta = open_dataset(run["data_dir"], run["dataset"], run["block_size"])
-        model = load_model(load_checkpoint(os.path.join(run_dir, "ckpt.pt"), map_location=device), device)
-        clean, noisy = val_losses(model, meta, cfg["val_noise"], cfg["eval_iters"], run["batch_size"],
-                                  run["block_size"], device)
-        results[name] = {"noise": probs, "val_clean": clean, "val_noisy": noisy}
-        print(f"{name}: clean val {clean:.4f}, noised val {noisy:.4f}")
+    for result in run_in_processes(train_and_measure, [(cfg, name, probs) for name, probs in cfg["runs"].items()],
+                                   cfg["workers"]):
+        results[result.pop("name")] = result
+        results = {name: results[name] for name in cfg["runs"] if name in results}  # in the order of runs
         write_json_atomic(os.path.join(cfg["out"], "input_noise.json"), {"config": cfg, "results": results})
     plot(results, os.path.join(cfg["out"], "input_noise.png"))
     print(json.dumps(results, indent=1))

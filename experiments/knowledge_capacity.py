@@ -4,21 +4,21 @@ a product-key memory layer and a kNN memory layer? (Allen-Zhu & Li 2024, "Physic
 3.3": about 2 bits per parameter for dense GPT-2-style models given ~1000 exposures per person.)
 
     nice -n 10 python experiments/knowledge_capacity.py --out=out/knowledge_capacity        # CPU, tiny
-    python experiments/knowledge_capacity.py --device=cuda --n_people=20000 --steps=8000 --batch_size=256 \\
-        --sizes="[[2, 4, 64], [2, 4, 128], [4, 4, 128], [4, 4, 256]]" --memory_slots=65536 --memory_key_dim=64 \\
-        --memory_topk=16 --knn_capacity=262144 --out=out/knowledge_capacity_gpu
+    bash experiments/analysis_gpu.sh OUT     # the GPU size (with issue 12's other experiments), ~9 min
 
 synthetic.py's bios corpus: n_people people x 6 attributes, every exposure a fresh rendering (random
 templates and order). Each model trains the same steps on the same batches; then every person's
 every attribute is recalled after its first template. Bits stored (synthetic.bits_of_knowledge) are
 reported from the value's cross-entropy and from accuracy. Training FLOPs: 6 x active parameters x
 tokens (a PKM counts its query, sub-key scoring and the rows it reads, not its whole table; a kNN layer
-its projections and the store search). The target: PKM >= 2x the dense model's bits at equal FLOPs,
+its projections and the store search). Tokens/s are measured first, each model alone on the device
+(models then train in `workers` processes at once, sharing it). The target: PKM >= 2x the dense model's bits at equal FLOPs,
 at >= 0.8x its tokens/s; `profile` lists the slowest ops of each memory model to say why not.
 Writes <out>/knowledge_capacity.json and .png.
 """
 import os
 import sys
+import time
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ from checkpoint import write_json_atomic  # noqa: E402
 from configurator import configure, print_config  # noqa: E402
 from plot import save_figure  # noqa: E402
 from model import GPT, GPTConfig, KNNMemory, ProductKeyMemory  # noqa: E402
-from runtime import resolve_device  # noqa: E402
+from runtime import resolve_device, run_in_processes  # noqa: E402
 
 DEFAULTS = dict(
     out="out/knowledge_capacity",
@@ -46,7 +46,10 @@ DEFAULTS = dict(
     memory_topk=8,
     knn_capacity=8192,
     profile_steps=3,
+    speed_warmup=5,         # steps before the tokens/s timing (allocations; a kNN store fills)
+    speed_steps=10,
     device="cpu",
+    workers=1,              # models trained at once in separate processes (small models underuse a GPU)
     seed=1337,
 )
 
@@ -55,7 +58,7 @@ def bio_batches(vocab, names, values, batch_size, block_size, seed):
     def next_batch(step):
         rng = np.random.default_rng([seed, step])
         people = rng.integers(len(names), size=batch_size)
-        return synthetic.pad_batch([vocab.encode(synthetic.bio_words(rng, names[p], values, p)) for p in people],
+        return synthetic.pad_batch([vocab.encode(words) for words in synthetic.bios_words(rng, names, values, people)],
                                    block_size, vocab.ids["<eot>"])
     return next_batch
 
@@ -72,7 +75,7 @@ def active_params(model, vocab_size):
 
 
 def profile(model, next_batch, steps, device):
-    """The ops taking most CPU time over a few training steps (forward and backward)."""
+    """The ops taking most time (device time on a GPU, CPU time otherwise) over a few training steps."""
     from torch.profiler import profile as torch_profile
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
@@ -82,9 +85,66 @@ def profile(model, next_batch, steps, device):
             model(x, y)[1].backward()
             optimizer.zero_grad(set_to_none=True)
     model.eval()
-    table = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:8]
-    total = sum(e.self_cpu_time_total for e in prof.key_averages())
-    return [{"op": e.key, "share": e.self_cpu_time_total / total} for e in table]
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = prof.key_averages()
+    total = sum(getattr(e, key) for e in events) or 1
+    return [{"op": e.key, "share": getattr(e, key) / total} for e in sorted(events, key=lambda e: -getattr(e, key))[:8]]
+
+
+def build(cfg, size, kind, vocab_size, device):
+    """The dense model of this size, or the same with its last MLP replaced by a PKM or kNN memory layer."""
+    n_layer, n_head, n_embd = size
+    memory = {} if kind == "dense" else dict(
+        memory_layers=[n_layer - 1], memory=kind, memory_slots=cfg["memory_slots"], memory_heads=cfg["memory_heads"],
+        memory_key_dim=cfg["memory_key_dim"], memory_topk=cfg["memory_topk"], knn_capacity=cfg["knn_capacity"],
+        knn_key_dim=cfg["memory_key_dim"])
+    torch.manual_seed(cfg["seed"])
+    return GPT(GPTConfig(vocab_size=vocab_size, block_size=cfg["block_size"], n_layer=n_layer, n_head=n_head,
+                         n_embd=n_embd, **memory)).to(device)
+
+
+def speed(cfg, size, kind):
+    """Training tokens/s of one model alone on the device, on one fixed batch (the data generator apart),
+    timed with a device sync after warmup steps that also fill a kNN store; and its op profile."""
+    device = resolve_device(cfg["device"])
+    vocab = synthetic.bios_vocab()
+    names, values = synthetic.bios_people(cfg["n_people"], cfg["seed"])
+    batch = bio_batches(vocab, names, values, cfg["batch_size"], cfg["block_size"], cfg["seed"])(0)
+    model = build(cfg, size, kind, len(vocab), device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    synthetic.fit(model, lambda step: batch, cfg["speed_warmup"], cfg["learning_rate"], device)
+    sync()
+    t0 = time.perf_counter()
+    synthetic.fit(model, lambda step: batch, cfg["speed_steps"], cfg["learning_rate"], device)
+    sync()
+    tokens_per_s = cfg["speed_steps"] * int((batch[1] >= 0).sum()) / (time.perf_counter() - t0)
+    ops = profile(model, lambda step: batch, cfg["profile_steps"], device) if kind != "dense" else None
+    return tokens_per_s, ops
+
+
+def train_and_recall(cfg, size, kind):
+    """Train one model on the bios for cfg's steps, then recall every attribute of every person."""
+    device = resolve_device(cfg["device"])
+    vocab = synthetic.bios_vocab()
+    names, values = synthetic.bios_people(cfg["n_people"], cfg["seed"])
+    model = build(cfg, size, kind, len(vocab), device)
+    next_batch = bio_batches(vocab, names, values, cfg["batch_size"], cfg["block_size"], cfg["seed"])
+    loss, tok_s, tokens = synthetic.fit(model, next_batch, cfg["steps"], cfg["learning_rate"], device)
+    accuracy, loss_bits = synthetic.recall(model, vocab, names, values, device)
+    per_attribute = synthetic.bits_of_knowledge(len(names), accuracy, loss_bits)
+    row = {"kind": kind, "size": list(size), "params": model.num_params(),
+           "active_params": active_params(model, len(vocab)), "final_loss": loss, "train_tokens_per_s_shared": tok_s,
+           "exposures_per_person": cfg["steps"] * cfg["batch_size"] / len(names),
+           "bits_by_loss": sum(a["bits_by_loss"] for a in per_attribute.values()),
+           "bits_by_accuracy": sum(a["bits_by_accuracy"] for a in per_attribute.values()),
+           "bits_available": len(names) * sum(np.log2(len(v)) for v, _ in synthetic.ATTRIBUTES.values()),
+           "attributes": per_attribute}
+    row["train_flops"] = 6 * row["active_params"] * tokens
+    row["bits_per_param"] = row["bits_by_loss"] / row["params"]
+    row["bits_per_flop"] = row["bits_by_loss"] / row["train_flops"]
+    print(f"{kind} {size[0]}x{size[2]}: {row['params']:,} params, loss {loss:.3f}, {row['bits_by_loss']:,.0f} bits "
+          f"({row['bits_per_param']:.3f}/param; {row['bits_by_accuracy']:,.0f} by accuracy)", flush=True)
+    return row
 
 
 def plot(results, path):
@@ -122,40 +182,26 @@ def main(argv):
     unknown = set(cfg["kinds"]) - {"dense", "pkm", "knn"}
     if unknown:
         raise SystemExit(f"kinds must be among dense, pkm, knn; got {sorted(unknown)}")
-    device = resolve_device(cfg["device"])
+    synthetic.bios_people(cfg["n_people"], cfg["seed"])  # an impossible n_people is an error before any run
+    resolve_device(cfg["device"])
     os.makedirs(cfg["out"], exist_ok=True)
-    vocab = synthetic.bios_vocab()
-    names, values = synthetic.bios_people(cfg["n_people"], cfg["seed"])
-    next_batch = bio_batches(vocab, names, values, cfg["batch_size"], cfg["block_size"], cfg["seed"])
+    json_path = os.path.join(cfg["out"], "knowledge_capacity.json")
+    runs = [(size, kind) for size in cfg["sizes"] for kind in cfg["kinds"]]
+    # speeds first, one model at a time, while this experiment's training runs do not share the device yet
+    speeds = {}
+    for size, kind in runs:
+        speeds[str(size), kind] = speed(cfg, size, kind)
+        print(f"{kind} {size}: {speeds[str(size), kind][0]:,.0f} training tokens/s alone", flush=True)
+    write_json_atomic(json_path, {"config": cfg, "speeds": [{"size": s, "kind": k, "tokens_per_s": v[0]}
+                                                            for (s, k), v in speeds.items()]})
     results = []
-    for n_layer, n_head, n_embd in cfg["sizes"]:
-        for kind in cfg["kinds"]:
-            memory = {} if kind == "dense" else dict(
-                memory_layers=[n_layer - 1], memory=kind, memory_slots=cfg["memory_slots"], memory_heads=cfg["memory_heads"],
-                memory_key_dim=cfg["memory_key_dim"], memory_topk=cfg["memory_topk"], knn_capacity=cfg["knn_capacity"],
-                knn_key_dim=cfg["memory_key_dim"])
-            torch.manual_seed(cfg["seed"])
-            model = GPT(GPTConfig(vocab_size=len(vocab), block_size=cfg["block_size"], n_layer=n_layer, n_head=n_head,
-                                  n_embd=n_embd, **memory)).to(device)
-            loss, tok_s, tokens = synthetic.fit(model, next_batch, cfg["steps"], cfg["learning_rate"], device)
-            accuracy, loss_bits = synthetic.recall(model, vocab, names, values, device)
-            per_attribute = synthetic.bits_of_knowledge(len(names), accuracy, loss_bits)
-            row = {"kind": kind, "size": [n_layer, n_head, n_embd], "params": model.num_params(),
-                   "active_params": active_params(model, len(vocab)), "final_loss": loss, "tokens_per_s": tok_s,
-                   "exposures_per_person": cfg["steps"] * cfg["batch_size"] / len(names),
-                   "bits_by_loss": sum(a["bits_by_loss"] for a in per_attribute.values()),
-                   "bits_by_accuracy": sum(a["bits_by_accuracy"] for a in per_attribute.values()),
-                   "bits_available": len(names) * sum(np.log2(len(v)) for v, _ in synthetic.ATTRIBUTES.values()),
-                   "attributes": per_attribute}
-            row["train_flops"] = 6 * row["active_params"] * tokens
-            row["bits_per_param"] = row["bits_by_loss"] / row["params"]
-            row["bits_per_flop"] = row["bits_by_loss"] / row["train_flops"]
-            if kind != "dense":
-                row["profile"] = profile(model, next_batch, cfg["profile_steps"], device)
-            results.append(row)
-            print(f"{kind} {n_layer}x{n_embd}: {row['params']:,} params, loss {loss:.3f}, {row['bits_by_loss']:,.0f} bits "
-                  f"({row['bits_per_param']:.3f}/param; {row['bits_by_accuracy']:,.0f} by accuracy), {tok_s:,.0f} tok/s")
-            write_json_atomic(os.path.join(cfg["out"], "knowledge_capacity.json"), {"config": cfg, "results": results})
+    for row in run_in_processes(train_and_recall, [(cfg, size, kind) for size, kind in runs], cfg["workers"]):
+        row["tokens_per_s"], profile_ops = speeds[str(row["size"]), row["kind"]]
+        if profile_ops:
+            row["profile"] = profile_ops
+        results.append(row)
+        results.sort(key=lambda r: runs.index((r["size"], r["kind"])))
+        write_json_atomic(json_path, {"config": cfg, "results": results})
     targets = []
     for size in cfg["sizes"]:
         dense = next((r for r in results if r["size"] == size and r["kind"] == "dense"), None)
@@ -164,7 +210,7 @@ def main(argv):
                             "bits_ratio_at_equal_steps": r["bits_by_loss"] / max(dense["bits_by_loss"], 1e-9),
                             "bits_per_flop_ratio": r["bits_per_flop"] / max(dense["bits_per_flop"], 1e-30),
                             "tokens_per_s_ratio": r["tokens_per_s"] / dense["tokens_per_s"]})
-    write_json_atomic(os.path.join(cfg["out"], "knowledge_capacity.json"), {"config": cfg, "results": results, "vs_dense": targets})
+    write_json_atomic(json_path, {"config": cfg, "results": results, "vs_dense": targets})
     for t in targets:
         print(f"{t['kind']} {t['size']}: {t['bits_ratio_at_equal_steps']:.2f}x the dense bits at equal steps, "
               f"{t['bits_per_flop_ratio']:.2f}x bits/FLOP, {t['tokens_per_s_ratio']:.2f}x tokens/s")

@@ -6,10 +6,15 @@ Does a looped model think longer at test time? Variable chains that need k hops,
     python experiments/loops.py config/loops_chains_cpu.py --part=shakespeare    # + shakespeare_char val loss
 
 A problem is n_chains chains of assignments "lhs rhs ;" (rhs a digit or an earlier variable) interleaved at
-random, then a query "v ?" whose answer is the digit at the root of v's chain (chance: 1 / n_chains). Answering
-a chain of k hops needs k dependent lookups: depth, not knowledge. Every statement's ';' is also trained
-to predict its variable's value (the value never appears in the input, so it cannot be copied forward).
-Training only shows chains of <= train_hops hops; the test asks up to test_hops.
+random, then a query "? v" whose answer is the digit at the root of v's chain (chance: 1 / n_chains). Answering
+a chain of k hops needs k dependent lookups: depth, not knowledge. Every statement's rhs is also trained to
+predict the value it carries (the value never appears in the input, so it cannot be copied forward).
+The targets sit where one lookup is an induction step (Olsson et al. 2022: find the earlier position whose
+previous token is my token, read what is there): at rhs `c` the model finds the position after `c`'s own
+lhs, where `c`'s value was worked out one lookup earlier. A first version put the targets on the ';' and
+'?' instead; the token to match was then one back, every position matched itself, and no model of any
+depth learned a single hop in 5000 steps (EXPERIMENTS.md). Training only shows chains of <= train_hops
+hops; the test asks up to test_hops.
 
 Three models train on the same batches for the same steps:
   looped   n_prelude + n_core + n_coda distinct layers, the core applied `loops` times (sampled per step)
@@ -57,6 +62,11 @@ DEFAULTS = dict(
     loops_min=2, loops_max=10,
     backprop_loops=0,
     inject="add",
+    # True: each training batch shares one hop count h and the looped model runs h + 1 loops, so it is never
+    # given more loops than the problem needs and cannot learn to settle early (loops tied to the problem's
+    # size, as in Fan et al. 2024 "Looped transformers for length generalization"); the plain models see
+    # the same batches
+    loops_follow_hops=False,
     models=["looped", "params", "compute"],
     # optimisation
     steps=2000, batch_size=64, learning_rate=2e-3, min_lr=1e-4, warmup_iters=100, weight_decay=0.1,
@@ -105,9 +115,9 @@ def chain_problem(rng, hops, cfg):
         lhs, rhs, value = chains[c][taken[c]]
         taken[c] += 1
         tokens += [10 + lhs, rhs, voc["sep"]]
-        targets += [-1, -1, value]  # the ';' predicts the value its statement gives lhs
+        targets += [-1, value, -1]  # the rhs predicts the value it gives lhs
     query_var, answer = chains[0][-1][0], chains[0][-1][2]
-    tokens += [10 + query_var, voc["query"]]
+    tokens += [voc["query"], 10 + query_var]
     targets += [-1, answer]
     pad = 3 * max_statements(cfg) + 2 - len(tokens)
     return [voc["pad"]] * pad + tokens, [-1] * pad + targets
@@ -160,9 +170,13 @@ def train_chains(name, config, cfg, device, autocast):
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
-        x, y = chain_batch(rng, cfg["batch_size"], (1, cfg["train_hops"]), cfg, device)
+        hops, loops = (1, cfg["train_hops"]), None
+        if cfg["loops_follow_hops"]:
+            hops = rng.randint(1, cfg["train_hops"])
+            loops = hops + 1 if config.n_core else None
+        x, y = chain_batch(rng, cfg["batch_size"], hops, cfg, device)
         with autocast:
-            loss = model(x, y)[1]
+            loss = model(x, y, loops=loops)[1]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -185,7 +199,7 @@ def chain_accuracy(model, tests, autocast, loops=None):
     accuracy = {}
     for hops, (x, y) in tests.items():
         with autocast:
-            logits = model(x, loops=loops)[0][:, -1]  # (B, V) at the '?'
+            logits = model(x, loops=loops)[0][:, -1]  # (B, V) at the asked variable
         accuracy[hops] = (logits.argmax(-1) == y[:, -1]).float().mean().item()
     return accuracy
 

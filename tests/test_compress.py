@@ -47,10 +47,10 @@ def test_quantize_dequantize_error_is_within_half_a_step():
     w = torch.randn(48, 256)
     q, scale = quantize_int8(w)
     assert ((dequantize_int8(q, scale) - w).abs() <= scale[:, None] / 2 + 1e-6).all()
-    packed, scale, zero = quantize_int4(w, 32)
+    packed, scales_and_zeros = quantize_int4(w, 32)
     assert packed.shape == (48, 128) and packed.dtype == torch.uint8
-    step = scale.repeat_interleave(32, dim=1)
-    assert ((dequantize_int4(packed, scale, zero) - w).abs() <= step / 2 + 1e-5).all()
+    step = scales_and_zeros[..., 0].T.repeat_interleave(32, dim=1)  # each group's scale, per weight
+    assert ((dequantize_int4(packed, scales_and_zeros) - w).abs() <= step / 2 + 1e-5).all()
 
 
 def test_quantized_layers_compute_the_dequantized_matmul():
@@ -58,9 +58,51 @@ def test_quantized_layers_compute_the_dequantized_matmul():
     q, scale = quantize_int8(w)
     torch.testing.assert_close(Int8Linear(q, scale)(x), x @ dequantize_int8(q, scale).T, atol=1e-4, rtol=1e-4)
     layer = Int4Linear(*quantize_int4(w, 32))
-    reference = x @ dequantize_int4(layer.packed, layer.scale, layer.zero).T
+    reference = x @ dequantize_int4(layer.packed, layer.scales_and_zeros).T
     layer.prepare()
     torch.testing.assert_close(layer(x), reference, atol=1e-3, rtol=1e-3)
+
+
+def test_int8_gpu_paths_compute_the_dequantized_matmul(monkeypatch):
+    """The eager slab-by-slab dequantise and the compiled decode's matvec (run here on the CPU)."""
+    import shrink
+    monkeypatch.setattr(shrink, "DEQUANT_SLAB_CPU", 64 * 5)  # 5 rows a slab: 24 rows take 5 slabs
+    w, x = torch.randn(24, 64), torch.randn(2, 3, 64)
+    layer = Int8Linear(*quantize_int8(w))
+    reference = x @ dequantize_int8(layer.q, layer.scale).T
+    torch.testing.assert_close(layer.chunked_matmul(x), reference, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(layer.matvec(x[:1, :1]), reference[:1, :1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_a_loaded_export_holds_each_weight_once(trained, tmp_path, fmt):
+    """The model takes the file's tensors (int4 converts them in place): no second copy stays behind."""
+    out = compress.export(compress_cfg(ckpt=os.path.join(trained["out_dir"], "ckpt.pt"), format=fmt, group_size=32,
+                                       out=str(tmp_path / f"{fmt}.pt")))
+    state = load_checkpoint(out)
+    file_bytes = compress.weight_bytes(state["model"])
+    model = load_model(state)
+    assert "model" not in state  # the loader keeps no reference to the file's tensors
+    tensors = [*model.parameters(), *model.buffers()]
+    held = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+    assert held <= file_bytes + model.rotary.cos.nbytes + model.rotary.sin.nbytes
+    assert model.lm_head.q is model.wte.q  # the tied head reads the embedding's int8 rows
+
+
+def test_generation_cache_holds_only_the_tokens_it_needs(monkeypatch):
+    import model as model_module
+    sizes = []
+    real = model_module.KVCache
+
+    def recording(*args, **kwargs):
+        cache = real(*args, **kwargs)
+        sizes.append(cache.k[0].size(2))
+        return cache
+    monkeypatch.setattr(model_module, "KVCache", recording)
+    gpt = GPT(GPTConfig(vocab_size=32, block_size=64, n_layer=1, n_head=2, n_embd=16)).eval()
+    gpt.generate(torch.zeros(1, 3, dtype=torch.long), 5, temperature=0.0)
+    gpt.generate(torch.zeros(1, 3, dtype=torch.long), 100, temperature=0.0)  # past the context: block_size slots
+    assert sizes[0] == 3 + 5 and sizes[-1] == 64
 
 
 def test_int4_without_a_kernel_on_the_device_is_a_clear_error():

@@ -1,4 +1,5 @@
 """Looped depth (issue 10 part 1): a prelude, a core applied `loops` times with shared weights, a coda."""
+import contextlib
 import os
 
 import pytest
@@ -172,6 +173,22 @@ def test_loops_experiment_writes_its_json_and_plot(tmp_path):
     assert out["chains"]["compute"]["n_layer"] == 1 + 2 + 1
 
 
+def test_loops_can_follow_each_batchs_hops(tmp_path, monkeypatch):
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
+    import loops
+    seen = []
+    forward = GPT.forward
+    monkeypatch.setattr(GPT, "forward", lambda self, idx, targets=None, reduction="mean", loops=None:
+                        seen.append((self.training, loops)) or forward(self, idx, targets, reduction, loops))
+    cfg = loops.DEFAULTS | dict(steps=6, n_embd=16, n_head=2, batch_size=4, train_hops=3, test_hops=4, n_chains=2,
+                                loops=2, loops_min=1, loops_max=4, loops_follow_hops=True, models=["looped"])
+    config = loops.model_configs(cfg)["looped"]
+    loops.train_chains("looped", config, cfg, torch.device("cpu"), contextlib.nullcontext())
+    trained = [n for training, n in seen if training]
+    assert len(trained) == 6 and set(trained) <= {2, 3, 4}  # hops 1..3, one more loop than hops
+
+
 def test_chain_problems_need_the_asked_hops_and_share_one_length():
     import random
     import sys
@@ -183,7 +200,8 @@ def test_chain_problems_need_the_asked_hops_and_share_one_length():
         tokens, targets = loops.chain_problem(rng, hops, cfg)
         assert len(tokens) == 3 * loops.max_statements(cfg) + 2
         defined = {tokens[i]: tokens[i + 1] for i in range(len(tokens) - 2) if tokens[i + 2] == 10 + cfg["n_vars"]}
-        var, steps = tokens[-2], 0
+        assert tokens[-2] == 11 + cfg["n_vars"]  # "? v": the answer is read at v
+        var, steps = tokens[-1], 0
         while defined[var] >= 10:  # follow the chain to its digit
             var, steps = defined[var], steps + 1
         assert steps == hops and defined[var] == targets[-1]

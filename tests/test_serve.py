@@ -14,6 +14,7 @@ import httpx
 import pytest
 import torch
 
+import compress
 import prepare
 import serve
 import train
@@ -191,6 +192,21 @@ def test_generation_past_the_context_slides_the_window(client, reference):
     assert long[0].usage.completion_tokens == 90  # 96 tokens in a 32-token context
     assert long[0].choices[0].text.startswith(in_process(reference, "line 1", 20))
     assert short[0].choices[0].text == in_process(reference, "the", 10)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_compress_exports_are_listed_and_complete_like_the_loaded_export(server, client, root, fmt):
+    src = root / "out" / "tiny" / "ckpt.pt"
+    cfg = configure(compress.DEFAULTS, [])
+    compress.export({**cfg, "ckpt": str(src), "format": fmt, "group_size": 32, "device": "cpu", "measure": False})
+    torch.save({"not": "a model"}, root / "out" / "tiny" / "notes.pt")  # other .pt files are not models
+    models = {m["id"]: m for m in server.http.get("/v1/models").json()["data"]}
+    assert models[f"tiny/ckpt_{fmt}"]["quantization"]["format"] == fmt and "tiny/notes" not in models
+    state = load_checkpoint(str(src.with_name(f"ckpt_{fmt}.pt")))
+    export = (load_model(state), tokenizer_from_meta(state["tokenizer"]))
+    out = client.completions.create(model=f"tiny/ckpt_{fmt}", prompt="line 1", max_tokens=12, temperature=0)
+    assert out.choices[0].text == in_process(export, "line 1", 12)
+    assert server.http.post("/v1/completions", json={"model": "tiny/notes", "prompt": "a"}).status_code == 404
 
 
 def test_seed_n_prompt_lists_stop_echo_and_logprobs(client):

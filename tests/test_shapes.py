@@ -79,6 +79,16 @@ def test_feedback_parallel_pass_equals_token_by_token_recurrence():
     assert torch.allclose(parallel, steps, atol=1e-5)
 
 
+def test_feedback_trains_under_bf16_autocast():
+    # the GPU path: the recurrent pass's cache takes the autocast dtype (it was float32, and index_copy_ failed)
+    model = tiny_model(feedback=1).train()
+    x = torch.randint(0, 20, (2, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(x, x)[1]
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
 def adamw_step(model):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     x = torch.randint(0, 20, (2, 8))

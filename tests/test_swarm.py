@@ -90,7 +90,7 @@ def test_worker_refuses_a_hello_of_another_protocol_version():
     out = subprocess.run([sys.executable, SWARM, "--worker"], input=json.dumps({"type": "hello", "protocol": 99}) + "\n",
                          capture_output=True, text=True, cwd=ROOT, timeout=30)
     reply = json.loads(out.stdout)
-    assert out.returncode == 2 and reply["type"] == "error" and "protocol 1" in reply["message"]
+    assert out.returncode == 2 and reply["type"] == "error" and f"protocol {swarm.PROTOCOL}" in reply["message"]
 
 
 @pytest.mark.parametrize("line, problem", [("not json\n", "garbage"), ('{"type": "scores", "round": 1}\n', "expected"),
@@ -379,3 +379,232 @@ def test_a_tiny_swarm_of_real_policies_with_debate_and_a_guide_runs_end_to_end(t
     scores = [s for e in events(cfg) if e["event"] == "aggregate" for s in e["guide_scores"]]
     assert len(scores) == 4 and all(s < 0 for s in scores)  # log-probabilities of an untrained model's actions
     assert not any(e["event"] in ("restart", "drop") for e in events(cfg))
+
+
+# ----------------------------------------------------------------------------- learning
+
+def sent(cfg, kind, role=None):
+    """The messages of one type the coordinator sent (to one role)."""
+    return [e for e in events(cfg) if e["event"] == "send" and e["message"]["type"] == kind
+            and (role is None or e["role"] == role)]
+
+
+def test_each_worker_learns_from_the_verified_successes_of_every_goal(tmp_path):
+    cfg = swarm_config(tmp_path, learning="each", save_every=2)
+    summary = swarm.run(cfg)
+    assert summary["goals"] == 3 and summary["learning"] == "each"
+    learn = sent(cfg, "learn")
+    assert len(learn) == 3 * 3  # every goal, every worker
+    for e in learn:  # the two teacher workers play the same plan: one distinct success, no echo failure
+        (shared,) = e["message"]["experience"]
+        assert not shared["teacher"] and shared["actions"][-1].startswith("ANSWER")
+    checkpoints = [e for e in events(cfg) if e["event"] == "checkpoint"]
+    assert [c["goals_done"] for c in checkpoints] == [2, 3]
+    assert set(checkpoints[-1]["paths"]) == {"worker_0", "worker_1", "worker_2"}
+    assert all(os.path.exists(p) for p in checkpoints[-1]["paths"].values())
+
+
+def test_with_teacher_help_a_goal_nobody_solved_is_shared_for_the_teacher_to_label(tmp_path):
+    cfg = swarm_config(tmp_path, learning="each", teacher_help=True, checkpoints=["fake:echo"], workers=2)
+    swarm.run(cfg)
+    (shared,) = sent(cfg, "learn")[0]["message"]["experience"]
+    assert shared["teacher"] and shared["actions"] == ["ECHO"]
+    cfg2 = swarm_config(tmp_path / "no_help", learning="each", checkpoints=["fake:echo"], workers=2)
+    swarm.run(cfg2)
+    assert sent(cfg2, "learn") == []  # nothing succeeded, no teacher: nothing to learn from
+
+
+def test_a_learner_trains_and_broadcasts_weights_every_k_goals(tmp_path):
+    cfg = swarm_config(tmp_path, learning="learner", broadcast_every=2, num_goals=4, save_every=100)
+    summary = swarm.run(cfg)
+    assert summary["goals"] == 4 and summary["learner_lost_at_goal"] is None
+    assert len(sent(cfg, "learn", "learner")) == 4 and sent(cfg, "learn", "worker") == []
+    assert [e["goals_done"] for e in events(cfg) if e["event"] == "broadcast"] == [2, 4]
+    assert len(sent(cfg, "weights", "worker")) == 2 * 3
+    with open(os.path.join(cfg["out_dir"], "checkpoints", "learner_3.pt")) as f:
+        assert json.load(f) == {"learned": 4}  # the fake learner counts what it learnt from
+
+
+def test_a_learner_that_dies_leaves_the_workers_their_last_weights_and_the_run_goes_on(tmp_path):
+    cfg = swarm_config(tmp_path, learning="learner", learner="fake:crashlearn", num_goals=4, broadcast_every=2)
+    summary = swarm.run(cfg)
+    assert summary["goals"] == 4 and summary["decision_success"] == 1.0
+    assert summary["learner_lost_at_goal"] == 2  # restarted once at goal 1, dropped at goal 2
+    log = events(cfg)
+    assert [e["role"] for e in log if e["event"] == "drop"] == ["learner"]
+    lost = [e for e in log if e["event"] == "learner_lost"]
+    assert len(lost) == 1 and lost[0]["weights_from_goal"] is None
+    assert sent(cfg, "weights") == []
+
+
+def test_a_worker_that_dies_during_a_weight_update_is_restarted_then_dropped(tmp_path):
+    cfg = swarm_config(tmp_path, learning="each", checkpoints=["fake:teacher", "fake:crashlearn", "fake:teacher"])
+    summary = swarm.run(cfg)
+    assert summary["goals"] == 3 and summary["decision_success"] == 1.0
+    log = events(cfg)
+    assert [e["worker"] for e in log if e["event"] == "restart"] == [1]
+    assert [e["worker"] for e in log if e["event"] == "drop"] == [1]
+    assert all(gone(e["pid"]) for e in log if e["event"] == "start")
+
+
+def test_a_learning_swarm_of_real_policies_saves_checkpoints_and_resumes(tmp_path, tiny_policy):
+    import torch
+    cfg = swarm_config(tmp_path, checkpoints=[tiny_policy], workers=2, num_goals=2, learning="each", teacher_help=True,
+                       reply_timeout=60.0, save_every=1, learning_rate=1e-2)
+    swarm.run(cfg)
+    learned = [e["message"] for e in events(cfg) if e["event"] == "receive" and e["message"]["type"] == "learned"]
+    assert len(learned) == 4 and all(m["items"] >= 1 and m["loss"] > 0 for m in learned)
+    path = os.path.join(cfg["out_dir"], "checkpoints", "worker_0.pt")
+    state, start = torch.load(path, weights_only=True), torch.load(tiny_policy, weights_only=True)
+    assert state["step"] >= 2 and len(state["replay"]) >= 2  # two goals of shared experience, in the replay buffer
+    assert any(not torch.equal(state["model"][k], start["model"][k]) for k in start["model"])  # the weights moved
+    summary = swarm.run(cfg | {"num_goals": 4, "resume": True})
+    assert summary["goals"] == 4 and summary["resumed_at_goal"] == 2
+    log = events(cfg)
+    restarts = [e["hello"] for e in log if e["event"] == "start"][2:]
+    assert all(h["resume"] and h["checkpoint"].endswith(f"worker_{h['worker']}.pt") for h in restarts)
+    goals = [e["goal"]["seed"] - tasks.EVAL_SEED_BASE for e in log if e["event"] == "goal"]
+    assert goals == [0, 1, 2, 3]
+    assert torch.load(path, weights_only=True)["step"] > state["step"]
+
+
+def test_resume_without_a_checkpoint_says_so(tmp_path):
+    cfg = swarm_config(tmp_path, num_goals=1)
+    swarm.run(cfg)
+    with pytest.raises(SystemExit, match="holds no checkpoint yet"):
+        swarm.run(cfg | {"resume": True})
+    with pytest.raises(SystemExit, match="nothing to resume"):
+        swarm.run(cfg | {"resume": True, "out_dir": str(tmp_path / "empty")})
+
+
+# ----------------------------------------------------------------------------- messages and the guide
+
+def test_text_debate_shows_each_worker_the_others_plans_in_a_peers_line(tmp_path):
+    cfg = swarm_config(tmp_path, debate_rounds=1, debate="text", num_goals=1)
+    summary = swarm.run(cfg)
+    second = [e["message"] for e in sent(cfg, "goal")][3:]
+    assert len(second) == 3 and summary["episodes"] == 6
+    for message in second:
+        (peers,) = message["notes"]
+        assert peers.startswith("PEERS: ") and peers.count(" | ") == 1
+    assert "ECHO" in second[0]["notes"][0] and "ECHO" not in second[1]["notes"][0]
+
+
+def test_the_guide_hint_reaches_every_worker_and_a_confident_guide_stops_the_round(tmp_path):
+    cfg = swarm_config(tmp_path, guide="fake:teacher", hint=True, num_goals=2)
+    swarm.run(cfg)
+    goals = [e for e in sent(cfg, "goal")]
+    guide_asks = [e for e in goals if e["role"] == "guide"]
+    assert len(guide_asks) == 2 and all(e["message"]["confidence"] for e in guide_asks)
+    hints = [e["message"]["notes"] for e in goals if e["role"] == "worker"]
+    assert len(hints) == 6 and all(n[0].startswith("HINT: CALL calc ") for n in hints)
+    cfg = swarm_config(tmp_path / "stop", guide="fake:teacher", guide_stop=0.9, num_goals=2)
+    summary = swarm.run(cfg)
+    assert summary["early_stops"] == 2 and summary["decision_success"] == 1.0 and summary["episodes"] == 2
+    assert [e["role"] for e in sent(cfg, "goal")] == ["guide", "guide"]
+
+
+def test_a_guide_that_learns_gets_the_shared_outcomes_and_saves_a_checkpoint(tmp_path):
+    cfg = swarm_config(tmp_path, guide="fake:teacher", hint=True, learning="each", guide_learns=True, num_goals=2)
+    swarm.run(cfg)
+    assert len(sent(cfg, "learn", "guide")) == 2 and len(sent(cfg, "learn", "worker")) == 2 * 3
+    assert os.path.exists(os.path.join(cfg["out_dir"], "checkpoints", "guide_3.pt"))
+    with pytest.raises(ConfigError, match="guide_learns needs"):
+        swarm.run(swarm_config(tmp_path / "x", guide="fake:teacher", guide_learns=True))
+
+
+def test_a_reply_over_the_length_cap_counts_as_a_failure(tmp_path):
+    cfg = swarm_config(tmp_path, checkpoints=["fake:teacher", "fake:flood"], workers=2, num_goals=2)
+    summary = swarm.run(cfg)
+    assert summary["goals"] == 2
+    reasons = [e["reason"] for e in events(cfg) if e["event"] in ("restart", "drop")]
+    assert len(reasons) == 2 and all("over the cap" in r for r in reasons)
+
+
+def test_note_lines_are_capped_and_plans_read_as_one_line():
+    line = tasks.note_line("PEERS", ["ANSWER 1\nANSWER 2", "x" * 1000])
+    assert line.startswith("PEERS: ANSWER 1 ANSWER 2 | xx") and len(line) == tasks.MAX_NOTE_CHARS
+    assert tasks.plan_text(["CALL calc 1+2", " ANSWER 3 "]) == "CALL calc 1+2 ; ANSWER 3"
+
+
+# ----------------------------------------------------------------------------- workers anywhere
+
+def wrapped(template):
+    return f"sh -c '{template}'"
+
+
+@pytest.mark.parametrize("command", [wrapped("exec {python} {swarm} --worker"),
+                                     wrapped("sleep 0.3; exec {python} {swarm} --worker")])
+def test_workers_start_through_a_command_template_even_on_a_slow_link(tmp_path, command):
+    cfg = swarm_config(tmp_path, worker_command=command)
+    summary = swarm.run(cfg)
+    assert summary["goals"] == 3 and summary["decision_success"] == 1.0 and summary["worker_failures"] == 0
+
+
+@pytest.mark.parametrize("command, reason", [
+    (wrapped("exit 7"), "exited with code 7"),
+    ("/no/such/launcher {python}", "could not run"),
+    ("sh {old_worker}", "speaks protocol 99"),
+])
+def test_a_worker_command_that_dies_cannot_start_or_speaks_another_protocol_is_named(tmp_path, command, reason):
+    old_worker = tmp_path / "old_worker.sh"  # a worker of another protocol version
+    old_worker.write_text('read hello\necho \'{"type": "ready", "protocol": 99, "worker": 0}\'\nsleep 5\n')
+    command = command.replace("{old_worker}", str(old_worker))
+    cfg = swarm_config(tmp_path, worker_command=command, workers=1, checkpoints=["fake:teacher"], start_timeout=10.0)
+    with pytest.raises(SystemExit, match="every worker was dropped"):
+        swarm.run(cfg)
+    drops = [e["reason"] for e in events(cfg) if e["event"] in ("restart", "drop")]
+    assert len(drops) == 2 and all(reason in r for r in drops), drops
+
+
+def test_a_worker_command_template_with_unknown_fields_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot be filled in"):
+        swarm.run(swarm_config(tmp_path, worker_command="ssh {host} {python}"))
+
+
+# ----------------------------------------------------------------------------- a person steers
+
+def test_a_person_sets_the_next_goal_broadcasts_and_pauses_and_it_is_all_logged(tmp_path):
+    cfg = swarm_config(tmp_path, num_goals=2, human=True, checkpoints=["fake:teacher"], workers=2)
+    shown = io.StringIO()
+    typed = "g 42\nm use the tool\np\nnonsense\nresume\nbanana split\na\na\n" + "m " + "y" * 400 + "\na\n"
+    summary = swarm.run(cfg, inp=io.StringIO(typed), out=shown)
+    seeds = [e["goal"]["seed"] for e in events(cfg) if e["event"] == "goal"]
+    assert seeds == [tasks.EVAL_SEED_BASE, 42, tasks.EVAL_SEED_BASE + 1] and summary["goals"] == 3
+    human = [(e["action"]) for e in events(cfg) if e["event"] == "human"]
+    assert human == ["set_goal", "broadcast", "pause", "resume", "unknown", "broadcast"]
+    second = [e["message"]["notes"] for e in sent(cfg, "goal")][2:4]  # the goal after the broadcast
+    assert second == [["HUMAN: use the tool"]] * 2
+    assert "message cut to" in shown.getvalue() and "paused" in shown.getvalue()
+
+
+def test_a_person_setting_a_goal_that_cannot_be_played_is_told_why(tmp_path):
+    cfg = swarm_config(tmp_path, num_goals=1, human=True, checkpoints=["fake:teacher"], workers=1)
+    shown = io.StringIO()
+    swarm.run(cfg, inp=io.StringIO("g chess 3\ng soon\na\n"), out=shown)
+    assert "unknown task 'chess'" in shown.getvalue() and "must be an integer" in shown.getvalue()
+
+
+# ----------------------------------------------------------------------------- the experiment script
+
+def test_the_swarm_learning_experiment_runs_every_part_at_a_tiny_size(tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("swarm_learning", os.path.join(ROOT, "experiments", "swarm_learning.py"))
+    experiment = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(experiment)
+    tiny = {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 192, "imitation_episodes": 40, "imitation_iters": 2,
+            "clone_iters": 2, "imitation_batch_size": 2}
+    out = tmp_path / "exp"
+    experiment.main([f"--out={out}", "--goals=2", "--workers=1", "--jobs=2", "--eval_goals=2", "--throughput_workers=[1]",
+                     "--throughput_goals=1"] + [f"--{role}={tiny | {'block_size': 256} if 'rooms' in role else tiny}"
+                                                for role in ("arith_worker", "arith_guide2", "arith_guide8", "rooms_worker")])
+    report = json.loads((out / "swarm_learning.json").read_text())
+    table = report["table"]
+    assert set(table) == {"arith_learning_vs_frozen", "rooms_learning_vs_frozen", "swarm_vs_single_learner", "messages",
+                          "guide", "throughput_episodes_per_minute"}
+    assert table["swarm_vs_single_learner"]["episodes"] == 2 and set(table["messages"]) == {"none", "adopt", "text"}
+    assert set(table["throughput_episodes_per_minute"]) == {"throughput_none_1", "throughput_each_1",
+                                                             "throughput_each_1_every4"}
+    assert 0 <= table["arith_learning_vs_frozen"]["alone_after"]["greedy"] <= 1
+    assert (out / "swarm_learning.png").stat().st_size > 0
+    assert experiment.in_parallel(1, {"a": (len, "abc")}, deadline=time.monotonic() - 1) == {}  # past it: nothing starts

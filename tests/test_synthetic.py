@@ -65,7 +65,7 @@ def test_bios_people_and_bad_sizes():
         synthetic.bios_people(0, 3)
     with pytest.raises(SystemExit, match="exceeds"):
         synthetic.bios_people(10 ** 6, 3)
-    words = synthetic.bio_words(np.random.default_rng(0), names[0], values, 0)
+    words = synthetic.bios_words(np.random.default_rng(0), names, values, [0])[0]
     vocab = synthetic.bios_vocab()
     assert vocab.decode(vocab.encode(words)) == " ".join(words)
     for a, (options, _) in synthetic.ATTRIBUTES.items():
@@ -91,7 +91,7 @@ def test_fit_learns_the_bios_and_recall_measures_it():
 
     def next_batch(step):
         rng = np.random.default_rng(step)
-        return synthetic.pad_batch([vocab.encode(synthetic.bio_words(rng, names[p], values, p)) for p in range(4)], 64, 1)
+        return synthetic.pad_batch([vocab.encode(w) for w in synthetic.bios_words(rng, names, values, range(4))], 64, 1)
     loss, tok_s, tokens = synthetic.fit(model, next_batch, 60, 1e-2, torch.device("cpu"), warmup=5)
     after, _ = synthetic.recall(model, vocab, names, values, torch.device("cpu"))
     assert tokens > 0 and tok_s > 0
@@ -117,10 +117,18 @@ def load_experiment(name):
     return module
 
 
+def test_named_city_baseline_guesses_the_most_often_named_city():
+    rvk = load_experiment("reason_vs_knowledge")
+    words = "<bos> ka lo lives in rome . mi ra lives in rome . te su lives in oslo . where does ka lo live ?".split()
+    assert rvk.named_city_baseline([(words, [(len(words), "rome", 1)], [None])]) == 1
+    assert rvk.named_city_baseline([(words, [(len(words), "oslo", 1)], [None])]) == 0
+
+
 def test_reason_vs_knowledge_runs_tiny(tmp_path):
     load_experiment("reason_vs_knowledge").main(["--sizes=[[1, 2, 16]]", "--steps=2", "--eval_docs=4", f"--out={tmp_path}"])
     result = json.loads((tmp_path / "reason_vs_knowledge.json").read_text())
     assert [r["kind"] for r in result["results"]] == ["context", "weights"]
+    assert 1 / 8 < result["named_city_baseline"] < 1  # better than chance without a lookup, short of one
     assert set(result["results"][0]["tests"]) == {"held_out_with_facts", "held_out_facts_removed", "world_facts_removed",
                                                   "world_facts_changed"}
     assert (tmp_path / "reason_vs_knowledge.png").exists()
@@ -136,3 +144,11 @@ def test_knowledge_capacity_runs_tiny(tmp_path):
     assert all(r["bits_by_loss"] >= 0 and r["train_flops"] > 0 for r in result["results"])
     assert {t["kind"] for t in result["vs_dense"]} == {"pkm", "knn"} and result["results"][1]["profile"]
     assert (tmp_path / "knowledge_capacity.png").exists()
+
+
+def test_run_in_processes_gives_every_result_in_worker_processes():
+    import math
+    from runtime import run_in_processes
+    jobs = [(2, 3), (3, 2), (5, 1)]
+    assert list(run_in_processes(math.pow, jobs, 1)) == [8.0, 9.0, 5.0]
+    assert sorted(run_in_processes(math.pow, jobs, 2)) == [5.0, 8.0, 9.0]

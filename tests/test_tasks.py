@@ -156,3 +156,24 @@ def test_turn_by_turn_counts_the_turns_of_one_episode():
     act = tasks.turn_by_turn(lambda transcript, turn: seen.append(turn) or "GUESS 1")
     tasks.play_episode(tasks.make_env("guess", max_steps=3), act, 0)
     assert seen == [0, 1, 2][:len(seen)] and len(seen) >= 1
+
+
+def test_notes_sit_between_the_first_observation_and_the_first_action():
+    env = tasks.make_env("arith")
+    episode = tasks.play_episode(env, tasks.teacher_act(env), 3, notes=["HINT: ANSWER 5"])
+    lines = episode["transcript"].splitlines()
+    assert lines[1].startswith("obs Compute") and lines[2] == "HINT: ANSWER 5" and lines[3].startswith("act ")
+    start, end = episode["action_spans"][0]
+    assert episode["transcript"][start:end] == episode["actions"][0] + "\n"
+    assert tasks.play_actions(env, episode["actions"], 3, ["HINT: ANSWER 5"])["transcript"] == episode["transcript"]
+
+
+def test_teacher_episodes_with_notes_show_right_and_wrong_peer_plans_and_hints():
+    episodes = tasks.teacher_episodes({"arith": {}}, 60, 0.0, 0, notes=0.5)
+    notes = [line for e in episodes for line in e["transcript"].splitlines() if line.split(":")[0] in tasks.NOTE_KINDS]
+    peers = [n for n in notes if n.startswith("PEERS: ")]
+    assert 15 <= len(peers) <= 45 and 15 <= len(notes) - len(peers) <= 45
+    rights = [e for e in episodes if "PEERS: " in e["transcript"]
+              and tasks.plan_text(e["actions"]) in e["transcript"].split("PEERS: ")[1].split("\n")[0]]
+    assert 0 < len(rights) < len(peers)  # some peer lines hold the right plan, some do not
+    assert all(e["success"] for e in episodes) and set("".join(notes)) <= set(tasks.ALPHABET)

@@ -238,3 +238,51 @@ def test_choose_needs_a_task_that_lists_its_commands(tmp_path, games):
 def world_checkpoint(policy):
     return {"model_args": dataclasses.asdict(policy.model.config), "model": policy.model.state_dict(),
             "tokenizer": policy.tokenizer_meta()}
+
+
+def test_tw_make_is_found_beside_a_target_install(tmp_path, monkeypatch):
+    """`pip install --target DIR` (the GPU machine's way) puts tw-make in DIR/bin, not beside python."""
+    (tmp_path / "textworld").mkdir()
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "tw-make").write_text("")
+    fake = type("textworld", (), {"__file__": str(tmp_path / "textworld" / "__init__.py")})
+    monkeypatch.setattr(textworld_env, "import_textworld", lambda: fake)
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python" / "bin" / "python"))
+    monkeypatch.setenv("PATH", "")
+    assert textworld_env.tw_make_path() == str(tmp_path / "bin" / "tw-make")
+
+
+def test_suite_runs_wait_for_the_run_whose_policy_they_start_from():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(root, "experiments"))
+    import textworld_suite
+    cfg = configure(textworld_suite.DEFAULTS, [os.path.join(root, "config", "world_textworld_suite_gpu.py")])
+    plan = textworld_suite.jobs(cfg)
+    assert {"easy1000_generate", "hard_reinforce", "walk300_pretrained", "shift_no_replay", "hard_only"} <= set(plan)
+    for name, (_, args, waits) in plan.items():
+        assert set(waits) <= set(plan)
+        for arg in args:
+            start = arg.get("init_from", "") if isinstance(arg, dict) else str(arg)
+            producers = [other for other in plan if os.path.join(cfg["out"], other) + os.sep in start]
+            assert set(producers) <= set(waits), (name, start)
+
+
+def test_suite_reads_a_finished_run_back_and_records_a_failed_one(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(root, "experiments"))
+    import textworld_suite
+    from checkpoint import write_json_atomic
+    cfg = {"out": str(tmp_path)}
+    write_json_atomic(str(tmp_path / "done.json"), {"success": 0.5})
+    assert textworld_suite.run_job("done", None, [], cfg, 1) == {"success": 0.5}  # not run again
+
+    def fails(cfg):
+        raise SystemExit("no games")
+    fd1, fd2 = os.dup(1), os.dup(2)  # run_job sends this process's output to its log, as in a worker
+    try:
+        assert textworld_suite.run_job("broken", fails, [], cfg, 1) == {"error": "SystemExit: no games"}
+    finally:
+        os.dup2(fd1, 1)
+        os.dup2(fd2, 2)
+    assert "no games" in (tmp_path / "broken.log").read_text()
+    assert not (tmp_path / "broken.json").exists()  # a later suite tries it again

@@ -1,0 +1,25 @@
+# Issue 11's TextWorld experiments 1-4 at the size one H100 + 16 CPU cores finish in about 8 minutes
+# (experiments/textworld_suite.py; EXPERIMENTS.md, TextWorld). The game engine runs on the CPU cores,
+# 12 runs at once; games (~1500) are generated first on all cores.
+device = "cuda"
+budget_s = 520               # the runs still going then are stopped; the report keeps their curves so far
+easy_games = [100, 300, 1000]
+held_out = 200
+hard = {"challenge": "custom", "world_size": 6, "nb_objects": 6, "quest_length": 4, "max_steps": 10}
+hard_games = 100
+online_episodes = 320
+eval_episodes = 60
+eval_interval = 80
+walkthroughs = [30, 100, 300]
+pretrain_games = 1000
+pretrain_iters = 1000
+start_games = 300
+replay_recent_window = 128   # with replay, half of each batch comes from the whole history (easy games included)
+no_replay_size = 128         # without: the buffer holds only the newest 128 items
+imitation_iters = 1000
+clone_iters = 1000
+imitation_batch_size = 16
+n_layer = 4
+n_head = 4
+n_embd = 128
+block_size = 2048            # a harder game's walkthrough transcript (~1800 characters) fits whole, objective included

@@ -1,0 +1,339 @@
+"""
+A swarm that learns (issue 13): does sharing verified outcomes make the swarm and its workers better,
+do text messages beat the adopt rule, does a guide's hint help, and what does learning cost in speed?
+
+    OMP_NUM_THREADS=1 python experiments/swarm_learning.py --out=out/swarm_learning      # small: a few minutes, 2 cores
+    python experiments/swarm_learning.py config/swarm_learning_full.py --out=out/swarm_learning_full   # 500 goals, 16 cores
+
+One command makes everything: the policies (world.py's imitation, stopped early so a worker is
+half-trained; PEERS and HINT lines in half the arith transcripts so workers can read them), guides 2x
+and 8x the workers' parameters, then swarm.py runs on the same goals and seeds:
+  learning   frozen vs learning="each" (teacher help on) on arith and rooms: success over goals, and one
+             worker alone (greedy and sampled, on held-out seeds the swarm never saw) before and after
+  equal      one world.py learner from the same policy on as many episodes as the learning swarm played
+             (workers x goals, a batch of workers x learn_every episodes, as the swarm's): which learns
+             more per episode and per wall-second
+  messages   one debate round: the adopt rule vs text messages (PEERS line)
+  guide      the guide's plan as a HINT line, guide 2x and 8x; 8x with early stop (guide_stop)
+  throughput episodes/min from 1 to N workers, frozen and learning
+Writes swarm_learning.json (every number, with its config) and swarm_learning.png (success over goals).
+"""
+import io
+import multiprocessing
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import swarm  # noqa: E402
+import world  # noqa: E402
+from checkpoint import write_json_atomic  # noqa: E402
+from configurator import configure, print_config  # noqa: E402
+from plot import save_figure  # noqa: E402
+from runtime import StopRequest, read_jsonl  # noqa: E402
+from tasks import EVAL_SEED_BASE, make_env, play_episode  # noqa: E402
+
+HELD_OUT = EVAL_SEED_BASE + 10 ** 6  # one worker alone is measured here: seeds no swarm goal uses
+PARTS = ("learning", "equal", "messages", "guide", "throughput")
+
+DEFAULTS = dict(
+    out="out/swarm_learning",
+    parts=list(PARTS),
+    goals=40,                 # goals per learning / frozen swarm run (the issue: 500)
+    compare_goals=0,          # goals per messages / guide run (0: as goals); fewer keeps the full run short
+    rooms_goals=0,            # goals per rooms run (0: as goals): a rooms episode costs ~8x an arith one
+    deadline=0,               # seconds: past this no new run starts and the report holds what finished (0: none)
+    workers=4,                # workers per swarm run
+    eval_goals=60,            # held-out seeds for one worker alone
+    throughput_workers=[1, 2, 4],
+    throughput_goals=12,
+    jobs=1,                   # runs at once (each swarm starts its own workers): 1 on 2 cores, 3 on 16
+    policy_device="cpu",      # where the policies imitate (cuda on a GPU machine); the swarms run on the CPU
+    seed=0,
+    temperature=0.5,          # the workers' sampling temperature: this half-trained arith policy solves ~25% of
+                              # goals per sample at 0.5, ~1% at 1.0 (greedy: ~55%)
+    teacher_help=True,
+    learning_rate=3e-4,       # the workers' expert iteration (swarm.py's keys, world.py's code)
+    learn_every=1,            # goals per batch of shared experience (measured on arith, 4 workers, 40 goals, lr
+                              # 3e-4, worker 0 on 100 held-out seeds: every goal, greedy 62% -> 62%, sampled at
+                              # 0.5 17% -> 27%; every 4 goals, 62% -> 51%, 17% -> 14%; lr 1e-3 every goal: 70% -> 25%)
+    updates_per_batch=2,
+    update_batch_size=16,
+    # the policies: world.py imitation settings per role; `steps` scales the imitation of every one
+    arith_worker=dict(n_layer=2, n_head=4, n_embd=64, block_size=192, imitation_episodes=500, imitation_iters=200,
+                      clone_iters=500, imitation_notes=0.5),
+    arith_guide2=dict(n_layer=2, n_head=4, n_embd=96, block_size=192, imitation_episodes=500, imitation_iters=300,
+                      clone_iters=700, imitation_notes=0.5),
+    arith_guide8=dict(n_layer=4, n_head=4, n_embd=128, block_size=192, imitation_episodes=500, imitation_iters=300,
+                      clone_iters=700, imitation_notes=0.5),
+    rooms_worker=dict(n_layer=2, n_head=4, n_embd=64, block_size=256, imitation_episodes=200, teacher_noise=0.3,
+                      imitation_iters=200, clone_iters=300),
+)
+
+
+# ----------------------------------------------------------------------------- pieces, each runnable in a process
+
+def make_policy(out, name, task, options, device):
+    """A policy by world.py's imitation (reused when its recipe is unchanged); returns its checkpoint."""
+    cfg = configure(world.DEFAULTS, []) | {"out_dir": os.path.join(out, "policies", name), "tasks": {task: {}},
+                                           "device": device} | options
+    with StopRequest(print) as stop:
+        return world.imitate(cfg, stop)
+
+
+def alone(path, task, n, temperature):
+    """One worker alone: success on n held-out seeds no swarm goal uses (greedy at temperature 0)."""
+    policy, env = world.load_policy(path), make_env(task)
+    wins = [play_episode(env, policy.actor(temperature, i), HELD_OUT + i)["success"] for i in range(n)]
+    return sum(wins) / n
+
+
+def alone_both(path, task, n, temperature):
+    """One worker alone, greedy and sampled at the workers' temperature."""
+    return {"greedy": alone(path, task, n, 0.0), "sampled": alone(path, task, n, temperature)}
+
+
+def swarm_run(out_dir, settings):
+    """One swarm.py run; its summary and, per goal, the decision's success and one worker's (mean first proposal)."""
+    settings = dict(settings)
+    eval_goals = settings.pop("eval_goals", 0)  # one worker alone after a learning run, on this many held-out seeds
+    cfg = configure(swarm.DEFAULTS, []) | {"out_dir": out_dir, "overwrite": True, "reply_timeout": 600.0} | settings
+    summary = swarm.run(cfg, inp=io.StringIO(), out=sys.stderr)
+    records = [e["record"] for e in read_jsonl(os.path.join(out_dir, "swarm.jsonl")) if e["event"] == "result"]
+    curve = {"decision": [int(r["decision"]["success"]) for r in records],
+             "worker": [round(sum(p["success"] for p in r["first"]) / max(1, r["asked"]), 4) for r in records],
+             "final": [round(sum(p["success"] for p in r["proposals"]) / max(1, len(r["proposals"])), 4) for r in records]}
+    result = {"summary": summary, "curve": curve}
+    if eval_goals:
+        result["after"] = alone_both(os.path.join(out_dir, "checkpoints", "worker_0.pt"), settings["task"], eval_goals,
+                                     settings["temperatures"][0])
+    return result
+
+
+def single_learner(out_dir, path, task, episodes, batch, cfg):
+    """world.py's expert iteration from the same policy on `episodes` episodes, `batch` per update; its
+    wall seconds and one worker alone afterwards."""
+    run = configure(world.DEFAULTS, []) | {
+        "out_dir": out_dir, "overwrite": True, "tasks": {task: {}}, "init_from": path, "mode": "expert_iteration",
+        "teacher_help": cfg["teacher_help"], "episodes": episodes, "episodes_per_update": batch,
+        "updates_per_batch": cfg["updates_per_batch"], "update_batch_size": cfg["update_batch_size"],
+        "learning_rate": cfg["learning_rate"], "temperature_start": cfg["temperature"],  # as the workers
+        "temperature_end": cfg["temperature"],
+        "eval_interval": episodes + 1, "eval_episodes": 1, "seed": cfg["seed"]}
+    t0 = time.perf_counter()
+    world.run(run)
+    seconds = time.perf_counter() - t0
+    return {"episodes": episodes, "seconds": round(seconds, 2),
+            "after": alone_both(os.path.join(out_dir, "policy.pt"), task, cfg["eval_goals"], cfg["temperature"])}
+
+
+def in_parallel(jobs, calls, done=lambda results: None, deadline=None):
+    """{name: fn(*args)} for calls {name: (fn, *args)}, `jobs` at a time in fresh processes; done(results so
+    far) after each one finishes. Past `deadline` (time.monotonic) no new call starts: their names are missing."""
+    results = {}
+    late = lambda: deadline is not None and time.monotonic() > deadline  # noqa: E731
+    if jobs <= 1:
+        for name, (fn, *args) in calls.items():
+            if late():
+                break
+            results[name] = fn(*args)
+            done(results)
+        return results
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(fn, *args): name for name, (fn, *args) in calls.items()}
+        for future in as_completed(futures):
+            results[futures[future]] = future.result()
+            done(results)
+            if late():
+                for f in futures:
+                    f.cancel()  # the ones not started yet; the running ones finish
+    return results
+
+
+# ----------------------------------------------------------------------------- the experiment
+
+def swarm_settings(cfg, task, checkpoint, **overrides):
+    return {"task": task, "checkpoints": [checkpoint], "num_goals": cfg["goals"], "workers": cfg["workers"],
+            "temperatures": [cfg["temperature"]], "seed": cfg["seed"], "aggregators": ["majority", "verifier"],
+            "teacher_help": cfg["teacher_help"], "learning_rate": cfg["learning_rate"], "learn_every": cfg["learn_every"],
+            "updates_per_batch": cfg["updates_per_batch"], "update_batch_size": cfg["update_batch_size"],
+            "save_every": cfg["goals"]} | overrides
+
+
+def experiment(cfg):
+    out, parts, jobs = cfg["out"], cfg["parts"], cfg["jobs"]
+    t0 = time.perf_counter()
+    deadline = time.monotonic() + cfg["deadline"] if cfg["deadline"] else None
+    roles = {"arith_worker": "arith", "rooms_worker": "rooms", "arith_guide2": "arith", "arith_guide8": "arith"}
+    if "learning" not in parts:
+        roles.pop("rooms_worker")
+    if "guide" not in parts:
+        roles.pop("arith_guide2"), roles.pop("arith_guide8")
+    policies = in_parallel(max(jobs, len(roles)) if jobs > 1 else 1,
+                           {name: (make_policy, out, name, task, cfg[name], cfg["policy_device"]) for name, task in roles.items()})
+    print(f"policies ready after {time.perf_counter() - t0:.0f} s: {policies}")
+    arith, runs_dir = policies["arith_worker"], os.path.join(out, "runs")
+    calls = {"before_arith": (alone_both, arith, "arith", cfg["eval_goals"], cfg["temperature"])}
+    if "learning" in parts:  # the frozen swarms are the baselines: same goals, seeds and policies
+        rooms = policies["rooms_worker"]
+        calls["before_rooms"] = (alone_both, rooms, "rooms", cfg["eval_goals"], cfg["temperature"])
+        for task, path in (("rooms", rooms), ("arith", arith)):  # the longest runs first: they set the wall time
+            goals = {"num_goals": cfg["rooms_goals"] or cfg["goals"]} if task == "rooms" else {}
+            calls[f"{task}_learning"] = (swarm_run, os.path.join(runs_dir, f"{task}_learning"),
+                                         swarm_settings(cfg, task, path, learning="each", eval_goals=cfg["eval_goals"],
+                                                        **goals))
+            calls[f"{task}_frozen"] = (swarm_run, os.path.join(runs_dir, f"{task}_frozen"),
+                                       swarm_settings(cfg, task, path, **goals))
+    if "equal" in parts:
+        calls["arith_single_learner"] = (single_learner, os.path.join(runs_dir, "arith_single_learner"), arith, "arith",
+                                         cfg["workers"] * cfg["goals"], cfg["workers"] * cfg["learn_every"], cfg)
+    compare = {"num_goals": cfg["compare_goals"] or cfg["goals"]}
+    if "messages" in parts or "guide" in parts:  # the baseline of both, on their goals
+        calls["compare_frozen"] = (swarm_run, os.path.join(runs_dir, "compare_frozen"),
+                                   swarm_settings(cfg, "arith", arith, **compare))
+    if "messages" in parts:
+        for debate in ("adopt", "text"):
+            calls[f"debate_{debate}"] = (swarm_run, os.path.join(runs_dir, f"debate_{debate}"),
+                                         swarm_settings(cfg, "arith", arith, debate_rounds=1, debate=debate, **compare))
+    if "guide" in parts:
+        for size in (2, 8):
+            guide = policies[f"arith_guide{size}"]
+            calls[f"guide{size}_alone"] = (alone_both, guide, "arith", cfg["eval_goals"], cfg["temperature"])
+            calls[f"hint_guide{size}"] = (swarm_run, os.path.join(runs_dir, f"hint_guide{size}"),
+                                          swarm_settings(cfg, "arith", arith, guide=guide, hint=True, **compare))
+        calls["hint_guide8_stop"] = (swarm_run, os.path.join(runs_dir, "hint_guide8_stop"),
+                                     swarm_settings(cfg, "arith", arith, guide=policies["arith_guide8"], hint=True,
+                                                    guide_stop=0.9, **compare))
+
+    def progress(results):  # what finished so far: a run cut short by a time limit still leaves its numbers
+        write_json_atomic(os.path.join(out, "progress.json"), {"config": cfg, "seconds": round(time.perf_counter() - t0, 1),
+                                                               "results": results})
+    results = in_parallel(jobs, calls, progress, deadline)
+    print(f"comparisons done after {time.perf_counter() - t0:.0f} s")
+    if "throughput" in parts:  # alone on the machine: speeds from runs that share it would mean nothing
+        for n in cfg["throughput_workers"]:
+            for learning, every in (("none", 1), ("each", cfg["learn_every"]), ("each", 4 * cfg["learn_every"])):
+                name = f"throughput_{learning}_{n}" + (f"_every{every}" if every != cfg["learn_every"] else "")
+                if deadline is not None and time.monotonic() > deadline:
+                    break
+                results[name] = swarm_run(os.path.join(runs_dir, name), swarm_settings(
+                    cfg, "arith", arith, workers=n, num_goals=cfg["throughput_goals"], learning=learning,
+                    learn_every=every, aggregators=["majority"]))
+                progress(results)
+    return {"config": cfg, "policies": policies, "seconds": round(time.perf_counter() - t0, 1), "results": results,
+            "table": table(cfg, results)}
+
+
+def last(curve, n):
+    """The mean of the last n values (the end of a run)."""
+    tail = curve[-n:]
+    return round(sum(tail) / len(tail), 4) if tail else None
+
+
+def table(cfg, results):
+    """The headline numbers, one flat dict per question."""
+    rows = {}
+    have = lambda *names: all(n in results for n in names)  # noqa: E731  (a deadline may leave some out)
+    for task in ("arith", "rooms"):
+        if not have(f"{task}_learning", f"{task}_frozen", f"before_{task}"):
+            continue
+        frozen, learning = results[f"{task}_frozen"], results[f"{task}_learning"]
+        quarter = max(1, len(frozen["curve"]["decision"]) // 4)
+        rows[f"{task}_learning_vs_frozen"] = {
+            "decision_frozen": frozen["summary"]["decision_success"], "decision_learning": learning["summary"]["decision_success"],
+            "decision_last_quarter_frozen": last(frozen["curve"]["decision"], quarter),
+            "decision_last_quarter_learning": last(learning["curve"]["decision"], quarter),
+            "worker_last_quarter_frozen": last(frozen["curve"]["worker"], quarter),
+            "worker_last_quarter_learning": last(learning["curve"]["worker"], quarter),
+            "alone_before": results[f"before_{task}"], "alone_after": learning["after"],
+            "seconds_frozen": frozen["summary"]["seconds"], "seconds_learning": learning["summary"]["seconds"]}
+    if have("arith_single_learner", "before_arith"):
+        single, learning = results["arith_single_learner"], results.get("arith_learning")
+        rows["swarm_vs_single_learner"] = {
+            "episodes": single["episodes"], "single_after": single["after"], "single_seconds": single["seconds"],
+            "swarm_worker0_after": learning and learning["after"],
+            "swarm_episodes": learning and learning["summary"]["episodes"],
+            "swarm_seconds": learning and learning["summary"]["seconds"], "before": results["before_arith"]}
+    if have("compare_frozen", "debate_adopt", "debate_text"):
+        rows["messages"] = {name: {k: results[run]["summary"][k]
+                                   for k in ("majority_success", "verifier_success", "single_worker_success")}
+                            | {"worker_after_debate": round(sum(results[run]["curve"]["final"]) /
+                                                            max(1, len(results[run]["curve"]["final"])), 4)}
+                            for name, run in (("none", "compare_frozen"), ("adopt", "debate_adopt"), ("text", "debate_text"))}
+    if have("compare_frozen", "hint_guide2", "hint_guide8", "hint_guide8_stop", "guide2_alone", "guide8_alone"):
+        rows["guide"] = {name: {"majority_success": results[run]["summary"]["majority_success"],
+                                "single_worker_success": results[run]["summary"]["single_worker_success"],
+                                "early_stops": results[run]["summary"]["early_stops"],
+                                "episodes": results[run]["summary"]["episodes"]}
+                         for name, run in (("no_guide", "compare_frozen"), ("hint_2x", "hint_guide2"),
+                                           ("hint_8x", "hint_guide8"), ("hint_8x_stop0.9", "hint_guide8_stop"))}
+        rows["guide"]["guide_alone"] = {"2x": results["guide2_alone"], "8x": results["guide8_alone"]}
+    speeds = {k: v["summary"]["episodes_per_minute"] for k, v in results.items() if k.startswith("throughput_")}
+    if speeds:
+        rows["throughput_episodes_per_minute"] = speeds
+    return rows
+
+
+def rolling(values, window):
+    return [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
+
+
+def plot(report, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    results, rows = report["results"], report["table"]
+    window = max(1, report["config"]["goals"] // 10)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, task in zip(axes[:2], ("arith", "rooms")):
+        for i, (run, label) in enumerate(((f"{task}_frozen", "frozen"), (f"{task}_learning", "learning"))):
+            if run not in results:
+                continue
+            curve = results[run]["curve"]
+            ax.plot(rolling(curve["decision"], window), color=f"C{i}", lw=2, label=f"{label}: swarm decision")
+            ax.plot(rolling(curve["worker"], window), color=f"C{i}", lw=1, ls="--", label=f"{label}: one worker")
+        ax.set_title(f"{task}: success over goals (rolling mean of {window})")
+        ax.set_xlabel("goal")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    bars = {}
+    for task in ("arith", "rooms"):
+        row = rows.get(f"{task}_learning_vs_frozen")
+        if row:
+            bars[f"{task}\nalone before"] = row["alone_before"]["greedy"]
+            bars[f"{task}\nalone after"] = row["alone_after"]["greedy"]
+    if "swarm_vs_single_learner" in rows:
+        bars["arith\nsingle learner"] = rows["swarm_vs_single_learner"]["single_after"]["greedy"]
+    for name, row in rows.get("messages", {}).items():
+        bars[f"debate\n{name}"] = row["majority_success"]
+    for name, row in rows.get("guide", {}).items():
+        if name != "guide_alone":
+            bars[name.replace("_", "\n")] = row["majority_success"]
+    axes[2].bar(range(len(bars)), list(bars.values()), color=[f"C{i % 10}" for i in range(len(bars))])
+    axes[2].set_xticks(range(len(bars)), list(bars), fontsize=6, rotation=45, ha="right")
+    axes[2].set_ylim(0, 1)
+    axes[2].set_title("one worker alone (greedy, held-out) / majority success")
+    axes[2].grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    save_figure(fig, path, dpi=90)
+
+
+def main(argv):
+    cfg = configure(DEFAULTS, argv)
+    unknown = set(cfg["parts"]) - set(PARTS)
+    if unknown:
+        raise SystemExit(f"unknown parts {sorted(unknown)}; parts are {', '.join(PARTS)}")
+    print_config(cfg)
+    report = experiment(cfg)
+    os.makedirs(cfg["out"], exist_ok=True)
+    write_json_atomic(os.path.join(cfg["out"], "swarm_learning.json"), report)
+    plot(report, os.path.join(cfg["out"], "swarm_learning.png"))
+    for name, row in report["table"].items():
+        print(f"{name}: {row}")
+    print(f"wrote {cfg['out']}/swarm_learning.json and .png in {report['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
