@@ -11,6 +11,7 @@ kernel launches and, with input noise, by the CPU), so twelve at once take a few
 twelve times. A run still going after timeout_s is stopped and keeps the evaluations it logged.
 Writes <out>/char_best.json (every run's best val; mean, std, min and max per config) and <out>/char_best.png.
 """
+import json
 import os
 import statistics
 import subprocess
@@ -95,8 +96,10 @@ def summarize_run(code, out_dir, seconds, log_path):
         with open(log_path) as f:
             return dict(exit_code=code, error=f.read()[-1500:])
     best = min(evals, key=lambda r: r["val_loss"])
+    with open(os.path.join(out_dir, "config.json")) as f:
+        max_iters = json.load(f)["max_iters"]
     return dict(exit_code=code, best_val=best["val_loss"], best_step=best["step"], best_train_time=best["train_time"],
-                last_step=evals[-1]["step"], wall_s=seconds,
+                last_step=evals[-1]["step"], finished=evals[-1]["step"] >= max_iters, wall_s=seconds,
                 curve=[(r["step"], round(r["val_loss"], 4)) for r in evals])
 
 
@@ -108,6 +111,7 @@ def summarize(cfg, done):
     for name, by_seed in runs.items():
         bests = [r["best_val"] for r in by_seed.values() if "best_val" in r]
         configs[name] = dict(overrides=cfg["configs"][name], seeds=len(bests),
+                             stopped_early=sum(not r.get("finished", True) for r in by_seed.values()),
                              mean=statistics.mean(bests) if bests else None,
                              std=statistics.stdev(bests) if len(bests) > 1 else None,
                              min=min(bests, default=None), max=max(bests, default=None),
@@ -166,7 +170,8 @@ def main(argv):
         else:
             spread = f" ± {c['std']:.4f}" if c["std"] is not None else ""
             print(f"{name:<22} best val {c['mean']:.4f}{spread} (min {c['min']:.4f}, max {c['max']:.4f}, "
-                  f"{c['seeds']} seeds){'  <= target' if c['meets_target'] else ''}")
+                  f"{c['seeds']} seeds){'  <= target' if c['meets_target'] else ''}"
+                  f"{f'  ({n} stopped by timeout_s)' if (n := c['stopped_early']) else ''}")
 
 
 if __name__ == "__main__":

@@ -196,6 +196,7 @@ def test_char_best_runs_and_summarises_each_config(tmp_path, tiny_data):
     report = json.loads((out / "char_best.json").read_text())
     assert report["configs"]["plain"]["seeds"] == 1 and report["configs"]["plain"]["mean"] > 0
     assert report["configs"]["broken"]["mean"] is None and "dropout" in report["runs"]["broken"]["1"]["error"]
+    assert report["runs"]["plain"]["1"]["finished"] and report["configs"]["plain"]["stopped_early"] == 0
     assert (out / "char_best.png").exists()
 
 
