@@ -381,6 +381,37 @@ class Block(nn.Module):
         return x
 
 
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """The head matmul and mean cross-entropy, a chunk of rows at a time, gradients made in the forward
+    (Liger Kernel's fused linear cross-entropy, Hsu et al. 2024): the (N, V) logits, 12,288 x 50,304 for
+    gpu_124m, never exist whole in bf16 or fp32; only one chunk's do. Targets of -1 are ignored.
+    The padding columns are in the softmax, as in the full path."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunks):
+        # h: (N, C), weight: (V, C), targets: (N,); under autocast the three matmuls run in bf16
+        total, grad_h, grad_w = torch.zeros((), device=h.device), [], torch.zeros_like(weight)
+        for hc, tc in zip(h.chunk(chunks), targets.chunk(chunks)):
+            logits = (hc @ weight.t()).float()  # (n, V)
+            valid, safe = (tc != -1)[:, None], tc.clamp_min(0)[:, None]  # (n, 1)
+            lse = logits.logsumexp(-1, keepdim=True)  # (n, 1)
+            total += ((lse - logits.gather(1, safe)) * valid).sum()
+            # d loss / d logits = softmax - onehot(target), zero where the target is ignored; all elementwise,
+            # so the compiler makes it one kernel that reads the logits once and writes the gradient once
+            onehot = torch.arange(logits.size(1), device=logits.device) == safe  # (n, V)
+            grad = ((logits - lse).exp() - onehot.float()) * valid  # (n, V)
+            grad_h.append(grad @ weight)  # (n, C)
+            grad_w += grad.t() @ hc  # (V, C)
+        count = (targets != -1).sum()
+        ctx.save_for_backward(torch.cat(grad_h).to(h.dtype) / count, grad_w / count)
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_loss, grad_w * grad_loss, None, None
+
+
 class GPT(nn.Module):
 
     def __init__(self, config):
@@ -699,37 +730,6 @@ class GPT(nn.Module):
         if not values or not self.config.memory_sparse:
             return None
         return torch.optim.SparseAdam([{"params": values, "lr_scale": memory_lr_scale}], lr=learning_rate, betas=betas)
-
-
-class ChunkedCrossEntropy(torch.autograd.Function):
-    """The head matmul and mean cross-entropy, a chunk of rows at a time, gradients made in the forward
-    (Liger Kernel's fused linear cross-entropy, Hsu et al. 2024): the (N, V) logits, 12,288 x 50,304 for
-    gpu_124m, never exist whole in bf16 or fp32; only one chunk's do. Targets of -1 are ignored.
-    The padding columns are in the softmax, as in the full path."""
-
-    @staticmethod
-    def forward(ctx, h, weight, targets, chunks):
-        # h: (N, C), weight: (V, C), targets: (N,); under autocast the three matmuls run in bf16
-        total, grad_h, grad_w = torch.zeros((), device=h.device), [], torch.zeros_like(weight)
-        for hc, tc in zip(h.chunk(chunks), targets.chunk(chunks)):
-            logits = (hc @ weight.t()).float()  # (n, V)
-            valid, safe = (tc != -1)[:, None], tc.clamp_min(0)[:, None]  # (n, 1)
-            lse = logits.logsumexp(-1, keepdim=True)  # (n, 1)
-            total += ((lse - logits.gather(1, safe)) * valid).sum()
-            # d loss / d logits = softmax - onehot(target), zero where the target is ignored; all elementwise,
-            # so the compiler makes it one kernel that reads the logits once and writes the gradient once
-            onehot = torch.arange(logits.size(1), device=logits.device) == safe  # (n, V)
-            grad = ((logits - lse).exp() - onehot.float()) * valid  # (n, V)
-            grad_h.append(grad @ weight)  # (n, C)
-            grad_w += grad.t() @ hc  # (V, C)
-        count = (targets != -1).sum()
-        ctx.save_for_backward(torch.cat(grad_h).to(h.dtype) / count, grad_w / count)
-        return total / count
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_loss, grad_w * grad_loss, None, None
 
 
 # ----------------------------------------------------------------------------- optional memory layers
