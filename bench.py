@@ -307,18 +307,21 @@ def part_parity(cfg, bench, device):
     unknown = [k for k in lever if k not in train.DEFAULTS]
     if unknown:
         raise SystemExit(f"parity_lever keys {unknown} are not train.py keys")
-    seqs = 8 * cfg["batch_size"]  # sequences per optimizer step
-    batch = lever.pop("batch_size", cfg["batch_size"])
+    base = 4 if bench["smoke"] else cfg["batch_size"]  # time_to_loss's smoke shapes use micro-batch 4
+    seqs, evals = 8 * base, 24 * base  # sequences per optimizer step, and per evaluation
+    batch = lever.pop("batch_size", base)
     if seqs % batch:
         raise SystemExit(f"parity_lever batch_size={batch} must divide the {seqs} sequences of a step")
     steps = bench["parity_steps"]
     common = dict(dataset="shakespeare", max_iters=steps, lr_decay_iters=steps, warmup_iters=max(1, steps // 10),
-                  eval_interval=max(1, steps // 6), eval_iters=20, log_interval=10)
+                  eval_interval=max(1, steps // 6), log_interval=10)
     if bench["smoke"]:
-        common.update(max_iters=20, lr_decay_iters=20, warmup_iters=2, eval_interval=10, eval_iters=2)
+        common.update(max_iters=20, lr_decay_iters=20, warmup_iters=2, eval_interval=10)
     results = {}
-    for name, overrides in (("parity_default", dict(gradient_accumulation_steps=8)),
-                            ("parity_lever", lever | dict(batch_size=batch, gradient_accumulation_steps=seqs // batch))):
+    # the sampler draws the same windows for any micro-batch that splits them evenly, in training and evaluation
+    for name, overrides in (("parity_default", dict(gradient_accumulation_steps=8, eval_iters=24)),
+                            ("parity_lever", lever | dict(batch_size=batch, gradient_accumulation_steps=seqs // batch,
+                                                          eval_iters=evals // batch))):
         results |= time_to_loss(bench["config"], bench, device, None, common | overrides, name=name)
     a, b = (dict((step, v) for step, _, v in results[n]["curve"]) for n in ("parity_default", "parity_lever"))
     results["parity_max_val_difference"] = max(abs(a[s] - b[s]) for s in a if s in b)

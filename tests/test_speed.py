@@ -207,3 +207,25 @@ def test_bf16_residual_acts_only_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert plain.hidden(x).dtype == torch.float32 and bf16.hidden(x).dtype == torch.bfloat16
         assert abs(plain(x, x)[1].item() - bf16(x, x)[1].item()) < 0.01
+
+
+def test_parity_runs_see_the_same_windows_in_training_and_evaluation(monkeypatch):
+    import bench
+    runs = {}
+
+    def fake(config, b, device, target, overrides, name):
+        runs[name] = overrides
+        return {name: dict(curve=[(0, 0.0, 10.0), (50, 1.0, 9.0 if name == "parity_default" else 9.01)])}
+    monkeypatch.setattr(bench, "time_to_loss", fake)
+    monkeypatch.setattr(bench, "plot_runs", lambda dirs, png: None)
+    results = bench.part_parity({"batch_size": 12}, {"parity_lever": {"ce_chunks": 8, "batch_size": 48},
+                                                     "parity_steps": 300, "smoke": False, "out_dir": "o", "out": "b.json",
+                                                     "config": "config/gpu_124m.py"},
+                                "cpu")
+    default, lever = runs["parity_default"], runs["parity_lever"]
+    assert lever["ce_chunks"] == 8 and default["dataset"] == lever["dataset"] == "shakespeare"
+    assert 12 * default["gradient_accumulation_steps"] == 48 * lever["gradient_accumulation_steps"]
+    assert 12 * default["eval_iters"] == 48 * lever["eval_iters"]
+    assert results["parity_max_val_difference"] == pytest.approx(0.01)
+    with pytest.raises(SystemExit, match="must divide"):
+        bench.part_parity({"batch_size": 12}, {"parity_lever": {"batch_size": 40}, "parity_steps": 300, "smoke": False}, "cpu")
