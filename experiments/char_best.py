@@ -8,7 +8,7 @@ Which shakespeare_char config reaches the lowest best val loss, as a mean over s
 Every run is `python train.py <base_config> <the config's overrides> --seed=S` in a process of its own, and
 `parallel` of them share the GPU at once: one baby GPT leaves most of an H100 idle (its step is bound by
 kernel launches and, with input noise, by the CPU), so twelve at once take a few times one run's time, not
-twelve times. A run still going after timeout_s is stopped and keeps the evaluations it logged.
+twelve times. Runs still going at deadline_s are stopped and keep the evaluations they logged.
 Writes <out>/char_best.json (every run's best val; mean, std, min and max per config) and <out>/char_best.png.
 """
 import json
@@ -42,7 +42,8 @@ DEFAULTS = dict(
     parallel=12,        # runs at once on the one device
     device="auto",
     data_dir="data",
-    timeout_s=420,      # a run still going after this is stopped (its logged evaluations count)
+    deadline_s=420,     # seconds after the start: runs still going are stopped (their logged evaluations count)
+    stagger_s=2.0,      # seconds between starting two runs
     smoke=False,        # tiny shapes and 20 steps, uncompiled: checks the script runs (numbers mean nothing)
 )
 SMOKE = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--max_iters=20",
@@ -60,30 +61,44 @@ def run_command(cfg, name, seed):
 
 
 def run_all(cfg):
-    """Start every (config, seed) run, at most `parallel` at once; {(name, seed): (exit code, out_dir, seconds)}."""
+    """Start every (config, seed) run, at most `parallel` at once; {(name, seed): (exit code, out_dir, seconds)}.
+    A run that ran out of GPU memory (many processes starting at once) is started once more."""
     pending = [(name, seed) for seed in cfg["seeds"] for name in cfg["configs"]]  # seed-major: each config starts early
-    running, done = {}, {}
-    # many processes share the CPU cores: one thread each, and one Inductor compile worker each
-    env = os.environ | {"OMP_NUM_THREADS": "1", "TORCHINDUCTOR_COMPILE_THREADS": "1"}
+    running, done, retried, start = {}, {}, set(), time.perf_counter()
+    # many processes share the CPU cores (one thread and one Inductor compile worker each) and the GPU's memory
+    env = os.environ | {"OMP_NUM_THREADS": "1", "TORCHINDUCTOR_COMPILE_THREADS": "1",
+                        "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
     bar = tqdm(total=len(pending), unit="run")
     while pending or running:
-        while pending and len(running) < cfg["parallel"]:
+        late = cfg["deadline_s"] and time.perf_counter() - start > cfg["deadline_s"]
+        while pending and len(running) < cfg["parallel"] and not late:
             key = pending.pop(0)
             argv, out_dir = run_command(cfg, *key)
             os.makedirs(out_dir, exist_ok=True)
-            log = open(os.path.join(cfg["out"], f"{key[0]}_seed{key[1]}.log"), "w")
+            log_path = os.path.join(cfg["out"], f"{key[0]}_seed{key[1]}.log")
+            log = open(log_path, "w")
             running[key] = (subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env),
-                            log, out_dir, time.perf_counter())
+                            log, log_path, out_dir, time.perf_counter())
+            time.sleep(cfg["stagger_s"])  # the compilations' memory peaks do not all coincide
         time.sleep(1)
-        for key, (proc, log, out_dir, t0) in list(running.items()):
-            if proc.poll() is None and cfg["timeout_s"] and time.perf_counter() - t0 > cfg["timeout_s"]:
+        for key, (proc, log, log_path, out_dir, t0) in list(running.items()):
+            if proc.poll() is None and late:
                 proc.terminate()  # train.py saves and stops at the next step (SIGTERM is a stop request)
                 proc.wait()
-            if proc.poll() is not None:
-                log.close()
-                done[key] = (proc.returncode, out_dir, time.perf_counter() - t0)
-                del running[key]
-                bar.update(1)
+            if proc.poll() is None:
+                continue
+            log.close()
+            del running[key]
+            with open(log_path) as f:
+                out_of_memory = proc.returncode and "out of memory" in f.read()
+            if out_of_memory and key not in retried and not late:
+                retried.add(key)
+                pending.append(key)
+                continue
+            done[key] = (proc.returncode, out_dir, time.perf_counter() - t0)
+            bar.update(1)
+    for key in pending:  # never started: the deadline came first
+        done[key] = (None, run_command(cfg, *key)[1], 0.0)
     bar.close()
     return done
 
@@ -93,6 +108,8 @@ def summarize_run(code, out_dir, seconds, log_path):
     path = os.path.join(out_dir, "metrics.jsonl")
     evals = [r for r in read_jsonl(path) if "val_loss" in r] if os.path.exists(path) else []
     if not evals:
+        if not os.path.exists(log_path):
+            return dict(exit_code=code, error="not started: the deadline came first")
         with open(log_path) as f:
             return dict(exit_code=code, error=f.read()[-1500:])
     best = min(evals, key=lambda r: r["val_loss"])
@@ -171,7 +188,7 @@ def main(argv):
             spread = f" ± {c['std']:.4f}" if c["std"] is not None else ""
             print(f"{name:<22} best val {c['mean']:.4f}{spread} (min {c['min']:.4f}, max {c['max']:.4f}, "
                   f"{c['seeds']} seeds){'  <= target' if c['meets_target'] else ''}"
-                  f"{f'  ({n} stopped by timeout_s)' if (n := c['stopped_early']) else ''}")
+                  f"{f'  ({n} stopped by deadline_s)' if (n := c['stopped_early']) else ''}")
 
 
 if __name__ == "__main__":

@@ -192,7 +192,7 @@ def test_char_best_runs_and_summarises_each_config(tmp_path, tiny_data):
     out = tmp_path / "char_best"
     char_best.main(["--smoke=True", "--device=cpu", f"--out={out}", f"--data_dir={tiny_data / 'data'}",
                     "--configs={'plain': ['--dataset=tiny'], 'broken': ['--dataset=tiny', '--dropout=2.0']}",
-                    "--seeds=[1]", "--parallel=2"])
+                    "--seeds=[1]", "--parallel=2", "--stagger_s=0"])
     report = json.loads((out / "char_best.json").read_text())
     assert report["configs"]["plain"]["seeds"] == 1 and report["configs"]["plain"]["mean"] > 0
     assert report["configs"]["broken"]["mean"] is None and "dropout" in report["runs"]["broken"]["1"]["error"]
@@ -229,3 +229,18 @@ def test_parity_runs_see_the_same_windows_in_training_and_evaluation(monkeypatch
     assert results["parity_max_val_difference"] == pytest.approx(0.01)
     with pytest.raises(SystemExit, match="must divide"):
         bench.part_parity({"batch_size": 12}, {"parity_lever": {"batch_size": 40}, "parity_steps": 300, "smoke": False}, "cpu")
+
+
+def test_char_best_retries_a_run_out_of_memory_once_and_stops_runs_at_the_deadline(tmp_path, monkeypatch):
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    import char_best
+    marker = tmp_path / "tried"
+    first_oom = (f"import os, sys, time; p = {str(marker)!r}\n"
+                 "if not os.path.exists(p): open(p, 'w').close(); print('CUDA out of memory'); sys.exit(1)")
+    commands = {"oom_once": first_oom, "slow": "import time; time.sleep(60)"}
+    monkeypatch.setattr(char_best, "run_command", lambda cfg, name, seed: (
+        [sys.executable, "-c", commands[name]], str(tmp_path / name)))
+    cfg = dict(configs={"oom_once": [], "slow": []}, seeds=[1], parallel=2, out=str(tmp_path), deadline_s=4, stagger_s=0)
+    done = char_best.run_all(cfg)
+    assert done[("oom_once", 1)][0] == 0  # the second start succeeded
+    assert done[("slow", 1)][0] != 0 and done[("slow", 1)][2] < 30  # stopped at the deadline, not after 60 s
