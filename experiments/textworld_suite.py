@@ -2,7 +2,7 @@
 Issue 11's four TextWorld experiments in one command: one JSON and one PNG.
 
     python experiments/textworld_suite.py --out=out/textworld_suite                      # CPU, small
-    python experiments/textworld_suite.py config/world_textworld_suite_gpu.py --out=out/tw     # one GPU + 16 cores, ~8 min
+    python experiments/textworld_suite.py config/textworld_suite_gpu.py --out=out/tw     # one GPU + 16 cores, ~8 min
 
 1. Easy games: imitate the walkthroughs of N training games; held-out success with act=choose and act=generate.
 2. Harder games: the imitation policy, then online learning (expert iteration with teacher help, and

@@ -256,7 +256,7 @@ def test_suite_runs_wait_for_the_run_whose_policy_they_start_from():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sys.path.insert(0, os.path.join(root, "experiments"))
     import textworld_suite
-    cfg = configure(textworld_suite.DEFAULTS, [os.path.join(root, "config", "world_textworld_suite_gpu.py")])
+    cfg = configure(textworld_suite.DEFAULTS, [os.path.join(root, "config", "textworld_suite_gpu.py")])
     plan = textworld_suite.jobs(cfg)
     assert {"easy1000_generate", "hard_reinforce", "walk300_pretrained", "shift_no_replay", "hard_only"} <= set(plan)
     for name, (_, args, waits) in plan.items():
