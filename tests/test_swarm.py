@@ -178,9 +178,12 @@ def test_when_every_worker_is_dropped_the_run_stops_with_a_message(tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_or_sigterm_leaves_no_orphan_workers(tmp_path, sig):
     out_dir = tmp_path / "swarm"
+    # SIGINT as a terminal delivers it: a test run started in the background (`pytest &`) ignores SIGINT, and
+    # its children would inherit that (measured: the coordinator then never saw the signal)
     coordinator = subprocess.Popen([sys.executable, SWARM, "--workers=3", "--checkpoints=['fake:hang']",
                                     f"--out_dir={out_dir}", "--reply_timeout=60.0"],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         transcript = out_dir / "swarm.jsonl"
         lines = wait_for_events(transcript, "send", 3)  # all three are working on the first goal
