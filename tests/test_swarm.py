@@ -178,9 +178,12 @@ def test_when_every_worker_is_dropped_the_run_stops_with_a_message(tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_or_sigterm_leaves_no_orphan_workers(tmp_path, sig):
     out_dir = tmp_path / "swarm"
+    # SIGINT as a terminal delivers it: a test run started in the background (`pytest &`) ignores SIGINT, and
+    # its children would inherit that (measured: the coordinator then never saw the signal)
     coordinator = subprocess.Popen([sys.executable, SWARM, "--workers=3", "--checkpoints=['fake:hang']",
                                     f"--out_dir={out_dir}", "--reply_timeout=60.0"],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         transcript = out_dir / "swarm.jsonl"
         lines = wait_for_events(transcript, "send", 3)  # all three are working on the first goal
@@ -468,6 +471,17 @@ def test_a_learning_swarm_of_real_policies_saves_checkpoints_and_resumes(tmp_pat
     assert torch.load(path, weights_only=True)["step"] > state["step"]
 
 
+def test_a_real_learner_broadcasts_weights_that_real_workers_load(tmp_path, tiny_policy):
+    cfg = swarm_config(tmp_path, checkpoints=[tiny_policy], workers=2, num_goals=2, learning="learner",
+                       teacher_help=True, broadcast_every=1, reply_timeout=60.0, learning_rate=1e-2)
+    summary = swarm.run(cfg)
+    assert summary["goals"] == 2 and summary["learner_lost_at_goal"] is None
+    loaded = [e for e in events(cfg) if e["event"] == "receive" and e["message"]["type"] == "loaded"]
+    path = os.path.join(cfg["out_dir"], "checkpoints", "learner_2.pt")
+    assert len(loaded) == 2 * 2 and all(e["message"]["path"] == path for e in loaded)
+    assert not any(e["event"] in ("restart", "drop") for e in events(cfg))
+
+
 def test_resume_without_a_checkpoint_says_so(tmp_path):
     cfg = swarm_config(tmp_path, num_goals=1)
     swarm.run(cfg)
@@ -587,15 +601,14 @@ def test_a_person_setting_a_goal_that_cannot_be_played_is_told_why(tmp_path):
 
 # ----------------------------------------------------------------------------- the experiment script
 
-def test_the_swarm_learning_experiment_runs_every_part_at_a_tiny_size(tmp_path):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("swarm_learning", os.path.join(ROOT, "experiments", "swarm_learning.py"))
-    experiment = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(experiment)
+def test_the_swarm_learning_experiment_runs_every_part_at_a_tiny_size(tmp_path, monkeypatch):
+    import importlib
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "experiments"))  # by name: the processes it spawns import it too
+    experiment = importlib.import_module("swarm_learning")
     tiny = {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 192, "imitation_episodes": 40, "imitation_iters": 2,
             "clone_iters": 2, "imitation_batch_size": 2}
     out = tmp_path / "exp"
-    experiment.main([f"--out={out}", "--goals=2", "--workers=1", "--jobs=2", "--eval_goals=2", "--throughput_workers=[1]",
+    experiment.main([f"--out={out}", "--goals=2", "--workers=1", "--eval_goals=2", "--throughput_workers=[1]",
                      "--throughput_goals=1"] + [f"--{role}={tiny | {'block_size': 256} if 'rooms' in role else tiny}"
                                                 for role in ("arith_worker", "arith_guide2", "arith_guide8", "rooms_worker")])
     report = json.loads((out / "swarm_learning.json").read_text())

@@ -190,11 +190,12 @@ def world_config(tmp_path, games, **overrides):
 
 
 def test_world_run_imitates_and_learns_on_textworld_games(games, tmp_path, capsys):
+    before = children()  # earlier tests may leave long-lived helpers (multiprocessing's resource tracker)
     world.run(world_config(tmp_path, games))
     rows = read_jsonl(str(tmp_path / "run" / "metrics.jsonl"))
     assert [r["episode"] for r in rows if "eval" in r] == [0, 4]
     assert "episodes/min with act=choose" in capsys.readouterr().out
-    assert children() == []
+    assert set(children()) <= set(before)
 
 
 def test_a_bpe_checkpoint_from_train_py_plays_textworld_end_to_end(games, tmp_path):
