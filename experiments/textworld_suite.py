@@ -45,7 +45,7 @@ DEFAULTS = dict(
     experiments=[1, 2, 3, 4],
     seed=1337,
     easy={"challenge": "custom", "world_size": 3, "nb_objects": 4, "quest_length": 2, "max_steps": 8},
-    hard={"challenge": "custom", "world_size": 6, "nb_objects": 6, "quest_length": 4, "max_steps": 12},
+    hard={"challenge": "custom", "world_size": 6, "nb_objects": 6, "quest_length": 4, "max_steps": 10},
     easy_games=[20, 60],       # 1: training games imitated (N)
     held_out=30,               # 1, 3: unseen easy games played
     hard_games=40,             # 2: harder training games imitated, and the pool online learning plays
@@ -97,7 +97,7 @@ def cloned(out_dir):
 # ----------------------------------------------------------------------------- the runs
 
 def world_run(cfg, wcfg, old=None):
-    """A world.py run; returns its evaluation curve. old: a task it left behind, played again at the end."""
+    """A world.py run (its curve stays in its metrics.jsonl). old: a task it left behind, played again at the end."""
     world.run(wcfg)
     result = {}
     if old:
