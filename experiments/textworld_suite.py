@@ -50,7 +50,7 @@ DEFAULTS = dict(
     held_out=30,               # 1, 3: unseen easy games played
     hard_games=40,             # 2: harder training games imitated, and the pool online learning plays
     online_episodes=96,        # 2: online episodes; 4: episodes before the shift, and again after it
-    walkthroughs=[10, 30],     # 3: walkthroughs cloned (N games)
+    walkthroughs=[0, 10, 30],  # 3: walkthroughs cloned (N games; 0: the start as it is)
     pretrain_games=60,         # 3: training games whose observations the pretrained model reads
     pretrain_iters=100,        # 3: train.py steps of pretraining
     start_games=60,            # 4: experiment 1's policy at this N starts the continual runs
@@ -132,12 +132,14 @@ def pretrain(cfg, folder):
 
 
 def clone_and_play(cfg, start, games, folder):
-    """Behaviour cloning of `games` training games' walkthroughs from the checkpoint `start`, then held-out play."""
-    task = tw(cfg["easy"], games)
-    episodes = teacher_episodes(task, cfg["imitation_per_game"] * games, 0.0, cfg["seed"])
-    clone = world.imitation_recipe(world_config(cfg, folder))["clone"]
-    with StopRequest(print) as stop:
-        path = world.clone_actions(start, episodes, clone, stop)
+    """Behaviour cloning of `games` training games' walkthroughs from the checkpoint `start`, then held-out
+    play; games=0 plays the start itself (what the pretraining alone knows)."""
+    task, path = tw(cfg["easy"], max(1, games)), start
+    if games:
+        episodes = teacher_episodes(task, cfg["imitation_per_game"] * games, 0.0, cfg["seed"])
+        clone = world.imitation_recipe(world_config(cfg, folder))["clone"]
+        with StopRequest(print) as stop:
+            path = world.clone_actions(start, episodes, clone, stop)
     policy = world.load_policy(path, cfg["device"])
     return {"success": world.evaluate(policy, task, cfg["held_out"], "choose")["textworld"]["success"]}
 
@@ -312,7 +314,8 @@ def plot_pretraining(ax, cfg, s, results, started):
     for start in ("scratch", "pretrained"):
         rows = [r for r in s["3_pretraining"] if r[start] is not None]
         ax.plot([r["walkthrough_games"] for r in rows], [r[start] for r in rows], marker="o", label=f"cloned from {start}")
-    ax.set(xscale="log", xlabel="walkthrough games cloned (N)", title="3. does pretraining on observations help?")
+    ax.set_xscale("symlog", linthresh=10)  # N = 0 (no cloning) shows too
+    ax.set(xlabel="walkthrough games cloned (N)", title="3. does pretraining on observations help?")
 
 
 def plot_shift(ax, cfg, s, results, started):
