@@ -1,6 +1,6 @@
 # experiments/swarm_learning.py at the size, for the 16-core GPU machine (policies imitate on cuda,
 # every swarm runs on the CPU cores). The same policy recipes as the small CPU run, so the two compare.
-# Sized to finish in ~7 minutes there (estimated from the CPU run, see GPU_COMMANDS.md); the deadline
+# Sized to finish in ~7 minutes there (estimated from the CPU run); the deadline
 # stops new runs at 400 s so the report is written in time whatever the machine does.
 goals = 500              # arith: learning vs frozen, and the single learner at equal episodes
 rooms_goals = 200        # a rooms episode costs ~8x an arith one
