@@ -87,29 +87,34 @@ def facts_world(rng, names, n_people, n_bosses, n_cities):
     return {"home": home, "boss": boss}
 
 
-def fixed_world_document(rng, world, n_people, n_questions, with_facts=True, move_people=0):
+def fixed_world_document(rng, world, n_people, n_questions, with_facts=True, move_people=0, style="where"):
     """A document about n_people of a fixed world (their homes, and bosses inside the group); move_people > 0
     gives them fresh homes among the first move_people cities instead (the facts changed)."""
     people = [list(world["home"])[i] for i in rng.choice(len(world["home"]), n_people, replace=False)]
     home = {p: CITIES[int(rng.integers(move_people))] if move_people else world["home"][p] for p in people}
     sub = {"home": home, "boss": {w: b for w, b in world["boss"].items() if w in home and b in home}}
-    return facts_document(rng, sub, min(n_questions, len(home) + len(sub["boss"])), with_facts)
+    return facts_document(rng, sub, min(n_questions, len(home) + len(sub["boss"])), with_facts, style)
 
 
-def facts_questions(rng, world, n_questions):
-    """(question words, answer city, hops): 1-hop about homes, 2-hop through a boss."""
+def facts_questions(rng, world, n_questions, style="where"):
+    """(question words, answer city, hops): 1-hop about homes, 2-hop through a boss.
+
+    style "where" asks "where does X live ?"; "cloze" asks "? X lives in", the words that stand before the
+    city in X's own fact, so finding the answer is one induction step (Olsson et al. 2022: find the earlier
+    place where these words stood, read the word after them), the format in which experiments/loops.py's
+    chains became learnable."""
     asks = [(p, 1) for p in world["home"]] + [(w, 2) for w in world["boss"]]
     picked = [asks[i] for i in rng.choice(len(asks), n_questions, replace=False)]
     out = []
     for person, hops in picked:
-        if hops == 1:
-            out.append((f"where does {person} live ?".split(), world["home"][person], 1))
-        else:
-            out.append((f"where does the boss of {person} live ?".split(), world["home"][world["boss"][person]], 2))
+        asked = person if hops == 1 else f"the boss of {person}"
+        question = f"? {asked} lives in" if style == "cloze" else f"where does {asked} live ?"
+        answer = world["home"][person] if hops == 1 else world["home"][world["boss"][person]]
+        out.append((question.split(), answer, hops))
     return out
 
 
-def facts_document(rng, world, n_questions, with_facts=True):
+def facts_document(rng, world, n_questions, with_facts=True, style="where"):
     """Words of one document and the (answer index, answer, hops) of each question in it."""
     words = ["<bos>"]
     if with_facts:
@@ -118,7 +123,7 @@ def facts_document(rng, world, n_questions, with_facts=True):
         for i in rng.permutation(len(facts)):
             words += facts[i]
     answers = []
-    for question, answer, hops in facts_questions(rng, world, n_questions):
+    for question, answer, hops in facts_questions(rng, world, n_questions, style):
         words += question
         answers.append((len(words), answer, hops))
         words += [answer, "."]
@@ -134,6 +139,12 @@ def solve(words):
             i += 6
         elif words[i + 2:i + 4] == ["works", "for"]:
             boss[" ".join(words[i:i + 2])] = " ".join(words[i + 4:i + 6])
+            i += 7
+        elif words[i:i + 4] == ["?", "the", "boss", "of"]:  # cloze: ? the boss of X lives in C .
+            answers.append(home[boss[" ".join(words[i + 4:i + 6])]])
+            i += 10
+        elif words[i] == "?":  # cloze: ? X lives in C .
+            answers.append(home[" ".join(words[i + 1:i + 3])])
             i += 7
         elif words[i:i + 5] == ["where", "does", "the", "boss", "of"]:
             answers.append(home[boss[" ".join(words[i + 5:i + 7])]])

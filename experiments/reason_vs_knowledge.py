@@ -43,6 +43,7 @@ DEFAULTS = dict(
     eval_docs=400,
     block_size=96,
     answers_only=True,      # loss on the answer tokens only
+    question_style="where",  # where: "where does X live ?" | cloze: "? X lives in" (one induction step, synthetic.py)
     curve_every=0,          # > 0: accuracy on curve_docs test documents every this many steps (a lookup forms late)
     curve_docs=200,
     device="cpu",
@@ -94,19 +95,20 @@ def eval_docs(cfg, world, names, seed):
     A document without facts asks one question: the answers to earlier questions would leak cities."""
     rng = np.random.default_rng(seed)
     P, B, Q, C = cfg["n_people"], cfg["n_bosses"], cfg["n_questions"], cfg["n_cities"]
+    style = cfg["question_style"]
     sets = {}
     for key, with_facts in (("held_out_with_facts", True), ("held_out_facts_removed", False)):
         docs = []
         for _ in range(cfg["eval_docs"]):
             w, a = synthetic.facts_document(rng, synthetic.facts_world(rng, names, P, B, C), Q if with_facts else 1,
-                                            with_facts)
+                                            with_facts, style)
             docs.append((w, a, [None] * len(a)))
         sets[key] = docs
     docs_removed, docs_changed = [], []
     for _ in range(cfg["eval_docs"]):
-        w, a = synthetic.fixed_world_document(rng, world, P, 1, with_facts=False)
+        w, a = synthetic.fixed_world_document(rng, world, P, 1, with_facts=False, style=style)
         docs_removed.append((w, a, [None] * len(a)))
-        w, a = synthetic.fixed_world_document(rng, world, P, Q, with_facts=True, move_people=C)
+        w, a = synthetic.fixed_world_document(rng, world, P, Q, with_facts=True, move_people=C, style=style)
         old = [world["home"][solve_person(w, pos)] for pos, _, _ in a]
         docs_changed.append((w, a, old))
     sets["world_facts_removed"], sets["world_facts_changed"] = docs_removed, docs_changed
@@ -116,10 +118,13 @@ def eval_docs(cfg, world, names, seed):
 def solve_person(words, pos):
     """The person whose home the question ending before pos asks for, in the fixed world (through the boss)."""
     q = words[:pos]
-    start = len(q) - 1 - q[::-1].index("where")
-    person = " ".join(q[start + 2:start + 4]) if q[start + 2] != "the" else None
-    if person is None:  # where does the boss of X live ?: the boss is stated in the document
-        worker = " ".join(q[start + 5:start + 7])
+    if "where" in q:  # where does X live ? | where does the boss of X live ?
+        start = len(q) - 1 - q[::-1].index("where") + 2
+    else:  # cloze: ? X lives in | ? the boss of X lives in
+        start = len(q) - 1 - q[::-1].index("?") + 1
+    person = " ".join(q[start:start + 2]) if q[start] != "the" else None
+    if person is None:  # asked through the boss: the boss is stated in the document
+        worker = " ".join(q[start + 3:start + 5])
         i = next(i for i in range(len(words) - 4) if " ".join(words[i:i + 2]) == worker and words[i + 2] == "works")
         person = " ".join(words[i + 4:i + 6])
     return person
@@ -208,9 +213,10 @@ def train_and_test(cfg, kind, size):
     model = GPT(GPTConfig(vocab_size=len(vocab), block_size=cfg["block_size"], n_layer=n_layer, n_head=n_head,
                           n_embd=n_embd)).to(device)
     if kind == "context":
-        make_doc = lambda rng: synthetic.facts_document(rng, synthetic.facts_world(rng, train_names, P, B, C), Q)  # noqa: E731
+        make_doc = lambda rng: synthetic.facts_document(rng, synthetic.facts_world(rng, train_names, P, B, C), Q,  # noqa: E731
+                                                        style=cfg["question_style"])
     else:
-        make_doc = lambda rng: synthetic.fixed_world_document(rng, world, P, Q)  # noqa: E731
+        make_doc = lambda rng: synthetic.fixed_world_document(rng, world, P, Q, style=cfg["question_style"])  # noqa: E731
     batches = doc_batches(make_doc, vocab, cfg["batch_size"], cfg["block_size"], cfg["seed"], cfg["answers_only"])
     # along training: the context model on held-out people with facts, the weights model on its world without
     curve_test = "held_out_with_facts" if kind == "context" else "world_facts_removed"

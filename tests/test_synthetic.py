@@ -10,13 +10,14 @@ from configurator import configure
 from model import GPT, GPTConfig
 
 
-def test_facts_answers_are_correct_by_construction():
+@pytest.mark.parametrize("style", ["where", "cloze"])
+def test_facts_answers_are_correct_by_construction(style):
     rng = np.random.default_rng(0)
     names, _ = synthetic.split_names(0)
     hops = set()
     for _ in range(200):
         world = synthetic.facts_world(rng, names, 5, 3, 8)
-        words, answers = synthetic.facts_document(rng, world, 6)
+        words, answers = synthetic.facts_document(rng, world, 6, style=style)
         assert synthetic.solve(words) == [a for _, a, _ in answers]
         assert all(words[pos] == a for pos, a, _ in answers)
         hops |= {h for _, _, h in answers}
