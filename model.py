@@ -492,7 +492,7 @@ class GPT(nn.Module):
         if cache is not None and idx.size(1) == 1:  # a decode step: the cache already holds the past
             return cache
         if cache is None:
-            cache = KVCache(self.config, idx.size(0), idx.device, self.wte.weight.dtype)
+            cache = KVCache(self.config, idx.size(0), idx.device, self.rotary.cos.dtype)  # as generate: an int8 export has no wte.weight
         with torch.no_grad():
             for t in range(idx.size(1)):
                 self.hidden(idx[:, t:t + 1], cache, pos + t)

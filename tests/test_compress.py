@@ -222,3 +222,13 @@ def test_structured_pruned_checkpoint_retrains_and_loads(trained, tmp_path):
     model = load_model(state)
     assert model.blocks[0].attn.n_head == 2 and state["step"] == 4
     assert len(greedy(model)) == 13
+
+
+def test_a_quantized_feedback_model_runs():
+    # feedback's recurrent pass sizes its cache from the rotary buffer: an int8 embedding has no .weight
+    import shrink
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=32, feedback=1)).eval()
+    quantized = shrink.quantize_model(model, "int8", 32, torch.float32)
+    assert quantized(torch.randint(0, 64, (1, 5)))[0].shape == (1, 5, 64)
