@@ -103,6 +103,8 @@ def facts_questions(rng, world, n_questions, style="where"):
     city in X's own fact, so finding the answer is one induction step (Olsson et al. 2022: find the earlier
     place where these words stood, read the word after them), the format in which experiments/loops.py's
     chains became learnable."""
+    if style not in ("where", "cloze"):
+        raise ValueError(f"style must be 'where' or 'cloze', got {style!r}")
     asks = [(p, 1) for p in world["home"]] + [(w, 2) for w in world["boss"]]
     picked = [asks[i] for i in rng.choice(len(asks), n_questions, replace=False)]
     out = []

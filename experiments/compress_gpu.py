@@ -56,7 +56,7 @@ from shrink import Int8Linear  # noqa: E402
 DEFAULTS = dict(
     out="out/compress_gpu",
     parts=["big", "mid", "decode"],  # cpu, train and sparse on request
-    time_limit_s=330,         # no part, export or decode path starts after this (the lead's GPU batches are ~6 min)
+    time_limit_s=330,         # no part, export or decode path starts after this (a shared 10-minute device slot)
     device="auto",
     big=(36, 1536, 12),       # (n_layer, n_embd, n_head) of the ~1B shape
     mid=(24, 1024, 16),       # the 354M shape

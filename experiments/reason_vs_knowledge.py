@@ -238,6 +238,8 @@ def main(argv):
     cfg = configure(DEFAULTS, argv)
     print_config(cfg)
     synthetic.check_facts_settings(cfg["n_people"], cfg["n_bosses"], cfg["n_questions"], cfg["n_cities"])
+    if cfg["question_style"] not in ("where", "cloze"):
+        raise SystemExit(f"question_style must be 'where' or 'cloze', got {cfg['question_style']!r}")
     resolve_device(cfg["device"])  # a missing device is an error before any worker starts
     os.makedirs(cfg["out"], exist_ok=True)
     runs = [("context", size) for size in cfg["sizes"]] + [("weights", cfg["sizes"][-1])]

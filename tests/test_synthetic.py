@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pytest
@@ -153,3 +154,12 @@ def test_run_in_processes_gives_every_result_in_worker_processes():
     jobs = [(2, 3), (3, 2), (5, 1)]
     assert list(run_in_processes(math.pow, jobs, 1)) == [8.0, 9.0, 5.0]
     assert sorted(run_in_processes(math.pow, jobs, 2)) == [5.0, 8.0, 9.0]
+
+
+def test_an_unknown_question_style_is_a_clear_error(tmp_path):
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
+    import reason_vs_knowledge
+    with pytest.raises(SystemExit, match="question_style must be 'where' or 'cloze'"):
+        reason_vs_knowledge.main(["--question_style=what", f"--out={tmp_path / 'out'}"])
+    assert not (tmp_path / "out").exists()
