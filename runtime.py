@@ -160,20 +160,36 @@ def truncate_jsonl(path, upto, key="step"):
 
 # ----------------------------------------------------------------------------- small runs side by side
 
-def run_in_processes(fn, jobs, workers):
+def run_in_processes(fn, jobs, workers, deadline=None):
     """fn(*job) for every job; with workers > 1, that many spawned processes run jobs at once (a small
     model leaves most of a GPU idle, so several share it) and results come as they finish, so a run
-    stopped early keeps every finished one. fn must be a module-level function of an importable module
-    or of the script being run."""
+    stopped early keeps every finished one. Past `deadline` (a time.monotonic() value) no new job starts;
+    the running ones finish. fn must be a module-level function of an importable module or of the script
+    being run."""
+    def late():
+        return deadline is not None and time.monotonic() > deadline
     if workers <= 1:
         for job in jobs:
+            if late():
+                return
             yield fn(*job)
         return
     import concurrent.futures
     import multiprocessing
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for done in concurrent.futures.as_completed([pool.submit(fn, *job) for job in jobs]):
+        futures = [pool.submit(fn, *job) for job in jobs]
+        for done in concurrent.futures.as_completed(futures):
+            if done.cancelled():
+                continue
             yield done.result()
+            if late():
+                for future in futures:
+                    future.cancel()  # the ones not started yet
+
+
+def named_call(name, fn, *args):
+    """(name, fn(*args)): run_in_processes returns results as they finish, this says whose each is."""
+    return name, fn(*args)
 
 
 # ----------------------------------------------------------------------------- float8 training

@@ -19,11 +19,9 @@ and 8x the workers' parameters, then swarm.py runs on the same goals and seeds:
 Writes swarm_learning.json (every number, with its config) and swarm_learning.png (success over goals).
 """
 import io
-import multiprocessing
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import swarm  # noqa: E402
@@ -31,7 +29,7 @@ import world  # noqa: E402
 from checkpoint import write_json_atomic  # noqa: E402
 from configurator import configure, print_config  # noqa: E402
 from plot import save_figure  # noqa: E402
-from runtime import StopRequest, read_jsonl  # noqa: E402
+from runtime import StopRequest, named_call, read_jsonl, run_in_processes  # noqa: E402
 from tasks import EVAL_SEED_BASE, make_env, play_episode  # noqa: E402
 
 HELD_OUT = EVAL_SEED_BASE + 10 ** 6  # one worker alone is measured here: seeds no swarm goal uses
@@ -132,22 +130,9 @@ def in_parallel(jobs, calls, done=lambda results: None, deadline=None):
     """{name: fn(*args)} for calls {name: (fn, *args)}, `jobs` at a time in fresh processes; done(results so
     far) after each one finishes. Past `deadline` (time.monotonic) no new call starts: their names are missing."""
     results = {}
-    late = lambda: deadline is not None and time.monotonic() > deadline  # noqa: E731
-    if jobs <= 1:
-        for name, (fn, *args) in calls.items():
-            if late():
-                break
-            results[name] = fn(*args)
-            done(results)
-        return results
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(fn, *args): name for name, (fn, *args) in calls.items()}
-        for future in as_completed(futures):
-            results[futures[future]] = future.result()
-            done(results)
-            if late():
-                for f in futures:
-                    f.cancel()  # the ones not started yet; the running ones finish
+    for name, result in run_in_processes(named_call, [(name, *call) for name, call in calls.items()], jobs, deadline):
+        results[name] = result
+        done(results)
     return results
 
 

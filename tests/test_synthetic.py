@@ -150,10 +150,13 @@ def test_knowledge_capacity_runs_tiny(tmp_path):
 
 def test_run_in_processes_gives_every_result_in_worker_processes():
     import math
-    from runtime import run_in_processes
+    from runtime import named_call, run_in_processes
     jobs = [(2, 3), (3, 2), (5, 1)]
     assert list(run_in_processes(math.pow, jobs, 1)) == [8.0, 9.0, 5.0]
     assert sorted(run_in_processes(math.pow, jobs, 2)) == [5.0, 8.0, 9.0]
+    assert list(run_in_processes(math.pow, jobs, 1, deadline=0.0)) == []  # past the deadline nothing starts
+    named = dict(run_in_processes(named_call, [(str(j), math.pow, *j) for j in jobs], 2))
+    assert named == {"(2, 3)": 8.0, "(3, 2)": 9.0, "(5, 1)": 5.0}
 
 
 def test_an_unknown_question_style_is_a_clear_error(tmp_path):
