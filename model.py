@@ -1,8 +1,9 @@
 """
 µLM: one GPT, read top to bottom.
 
-Small pieces first (norm, rotary, KV cache, attention, MLP), then the Block that wires them, then the
-GPT with its forward pass, generation with a KV cache, and the optimizer builder. After the GPT come the
+Small pieces first (norm, rotary, KV cache, attention, MLP), then the Block that wires them and the
+chunked head loss (a speed option), then the GPT with its forward pass (where looped depth and layerwise
+feedback live), generation with a KV cache, and the optimizer builder. After the GPT come the
 optional memory layers (product keys, a kNN store): `make_ffn` puts one in place of a layer's MLP.
 Sampling helpers close the file. No disk I/O here: checkpoint.py saves and loads.
 """
