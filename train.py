@@ -490,6 +490,9 @@ def run_training(cfg):
     bar.close()
     if world_size > 1:
         import torch.distributed as dist
+        # rank 0 may still be evaluating and saving: a rank that tears its connections down first can make
+        # gloo abort the others mid-checkpoint, so every rank leaves together
+        dist.barrier()
         dist.destroy_process_group()
     if stop.requested:
         print(f"stopped at step {loop.step}; resume with --init_from=resume --out_dir={out_dir}")
