@@ -162,7 +162,7 @@ def plot(results, path):
     axes[0].axhline(results[0]["bits_available"], color="gray", ls=":", label="all the corpus holds")
     for ax, xlabel, ylabel in ((axes[0], "parameters (without embeddings; PKM: whole table)", "bits of knowledge stored"),
                                (axes[1], "training FLOPs (6 x active params x tokens)", "bits of knowledge stored"),
-                               (axes[2], "parameters", "training tokens/s")):
+                               (axes[2], "parameters", "training tokens/s, each model alone")):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel(xlabel)
