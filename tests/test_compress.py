@@ -74,6 +74,18 @@ def test_int8_gpu_paths_compute_the_dequantized_matmul(monkeypatch):
     torch.testing.assert_close(layer.matvec(x[:1, :1]), reference[:1, :1], atol=1e-4, rtol=1e-4)
 
 
+def test_compiled_int8_decode_on_the_cpu_gives_the_eager_tokens(trained, tmp_path):
+    """sample.py --compile on a CPU: inductor's int8 matvec decodes the eager int8 model's greedy tokens."""
+    out = compress.export(compress_cfg(ckpt=os.path.join(trained["out_dir"], "ckpt.pt"), format="int8",
+                                       out=str(tmp_path / "int8.pt")))
+    model = load_model(load_checkpoint(out))
+    idx = torch.zeros(1, 1, dtype=torch.long)
+    eager = model.generate(idx, 12, temperature=0.0)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled = model.generate(idx, 12, temperature=0.0, compile=True)
+    assert torch.equal(compiled, eager)
+
+
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_a_loaded_export_holds_each_weight_once(trained, tmp_path, fmt):
     """The model takes the file's tensors (int4 converts them in place): no second copy stays behind."""
