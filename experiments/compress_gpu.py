@@ -2,11 +2,14 @@
 The ~1B µLM in about 1 GB: bf16 / int8 / int4 exports of the 1B and 354M shapes, int8 decode paths, 2:4 speed.
 
     python experiments/compress_gpu.py --out=out/compress_gpu       # one H100, ~6 min, random weights -> .json, .png
-    python prepare.py --dataset=shakespeare && python experiments/compress_gpu.py \
-        --parts='["train","big"]' --out=out/compress_gpu_trained       # loss deltas of a briefly trained 1B (+2 min)
+    python prepare.py --dataset=shakespeare
+    python experiments/compress_gpu.py --parts='["train","big"]' --gen_tokens=16 --compile=False \
+        --time_limit_s=480 --out=out/compress_loss_1b     # loss deltas of a briefly trained 1B (one H100, ~6 min)
+    python experiments/compress_gpu.py --parts='["train_mid","mid"]' --gen_tokens=16 --compile=False \
+        --time_limit_s=480 --out=out/compress_loss_354m   # the same for the 354M shape (~3 min)
     python experiments/compress_gpu.py --device=cpu --big="(2, 64, 4)" --mid="(2, 64, 4)" --decode_layers=1 \
-        --block_size=32 --gen_tokens=8 --group_size=32 --parts='["big","decode","mid","cpu"]' --out=/tmp/cg
-        # a smoke test (CPU: no compile, float32)
+        --block_size=32 --gen_tokens=8 --group_size=32 --parts='["big","decode","mid","cpu"]' --compile=False \
+        --formats='["float32","int4","int8"]' --out=/tmp/cg      # a smoke test (CPU: float32)
     python experiments/compress_gpu.py --device=cpu --parts='["cpu"]' --out=out/compress_cpu   # the 1B int4 on a CPU
 
 parts (each runs on its own; one that fails is recorded with its error and the rest still run; the JSON
@@ -16,15 +19,18 @@ is rewritten after each; no part, export or decode path starts after time_limit_
            Exported as bf16, int4 and int8 (compress.py); each export loaded and run in a fresh process:
            file size, peak GPU memory to load it and generate gen_tokens greedy tokens at batch 1
            (torch.cuda.max_memory_allocated and _reserved), peak host RSS, decode tokens/s (compiled decode
-           step, CUDA graphs), and val loss on the training data when the source was trained
-  decode   int8 decode paths against bf16 at batch 1, compiled, in one process, on the big width with
-           decode_layers layers: cast-then-matmul (the old Int8Linear), the fused matvec (shrink.Int8Linear),
-           the matvec with inductor's coordinate-descent tuning, and torchao's int8 weight-only (if installed)
-  mid      the 354M shape (24 x 1024, 16 heads), random weights: the same as big
+           step, CUDA graphs), and, when the source was trained, val loss on the training data (eval_iters
+           fixed batches) and each quantized format's val_loss_increase over the float export
+  decode   int8 decode paths against the float model (bf16 on a GPU, float32 on a CPU) at batch 1, compiled,
+           in one process, on the big width with decode_layers layers: cast-then-matmul (the old
+           Int8Linear), the fused matvec (shrink.Int8Linear), on a GPU the matvec with inductor's
+           coordinate-descent tuning, and torchao's int8 weight-only (if installed)
+  mid      the 354M shape (24 x 1024, 16 heads): the same as big (trained by train_mid, else random weights)
   cpu      (not by default) the big int4 export on the host CPU: peak RSS to load it and generate
            cpu_gen_tokens (a CUDA build of torch starts at ~0.5 GiB RSS: measure CPU RSS on a CPU build)
   train    (not by default) the big shape trained briefly on BPE shakespeare through train.py (bf16,
-           compile, Muon): real weights for the loss deltas, far from converged
+           compiled on a GPU, Muon): real weights for the loss deltas, far from converged
+  train_mid  (not by default) the same for the mid shape
   sparse   (not by default) 2:4 sparsity against dense (bf16) on each big-shape linear layer at several
            token counts, torch.sparse.to_sparse_semi_structured (cuSPARSELt) against F.linear
 """
@@ -71,24 +77,26 @@ DEFAULTS = dict(
     decode_layers=6,          # decode part: layers of the big width (each path compiles once)
     cpu_gen_tokens=8,
     eval_iters=20,
-    compile=True,             # compiled decode (CUDA graphs) for the speed numbers
+    compile=True,             # compiled decode (CUDA graphs on a GPU, inductor's C++ on a CPU) for the speed numbers
     token_counts=[1, 16, 256, 4096, 16384],  # 2:4 part: rows of the activation
 )
 
 
-def train_big(cfg, run_dir):
-    n_layer, n_embd, n_head = cfg["big"]
+def train_shape(cfg, shape, run_dir):
+    """A run of shape (n_layer, n_embd, n_head) trained briefly on the dataset through train.py: real weights
+    for the loss deltas, far from converged."""
+    n_layer, n_embd, n_head = shape
     train_cfg = configure(train.DEFAULTS, [])
     train_cfg.update(out_dir=run_dir, dataset=cfg["dataset"], device=cfg["device"], n_layer=n_layer, n_embd=n_embd,
                      n_head=n_head, block_size=cfg["block_size"], batch_size=cfg["batch_size"],
                      max_iters=cfg["train_iters"], eval_interval=cfg["train_iters"], eval_iters=cfg["eval_iters"],
                      warmup_iters=max(1, cfg["train_iters"] // 10), learning_rate=cfg["learning_rate"],
-                     min_lr=cfg["learning_rate"] / 10, compile=cfg["device"] != "cpu" and cfg["compile"], dropout=0.0,
+                     min_lr=cfg["learning_rate"] / 10, compile=cfg["device"] == "cuda", dropout=0.0,
                      optimizer="muon", muon_lr=0.02)  # config/gpu_1b.py's optimizer: one buffer per matrix
     t0 = time.perf_counter()
     losses = train.train(train_cfg)
     return {"val_loss": losses["val"], "train_loss": losses["train"], "seconds": time.perf_counter() - t0,
-            "shape": cfg["big"], "iters": cfg["train_iters"], "tokens": cfg["train_iters"] * cfg["batch_size"] * cfg["block_size"]}
+            "shape": shape, "iters": cfg["train_iters"], "tokens": cfg["train_iters"] * cfg["batch_size"] * cfg["block_size"]}
 
 
 def random_checkpoint(cfg, shape, path, device):
@@ -116,7 +124,7 @@ def export(cfg, src, fmt, device):
 def compress_cfg(cfg, device, **overrides):
     return {**configure(compress.DEFAULTS, []), "group_size": cfg["group_size"], "device": device, "measure": False,
             "eval_batch_size": 8, "eval_iters": cfg["eval_iters"], "gen_tokens": cfg["gen_tokens"],
-            "compile": cfg["compile"] and device == "cuda", **overrides}
+            "compile": cfg["compile"], **overrides}
 
 
 def export_and_measure(cfg, src, device, deadline, formats=None, **overrides):
@@ -142,7 +150,16 @@ def export_and_measure(cfg, src, device, deadline, formats=None, **overrides):
         if "peak_gpu_gib" in r:
             r["gpu_over_file"] = r["peak_gpu_gib"] * 1024 / r["file_mib"]
         print(fmt, json.dumps(r))
+    loss_increases(results)
     return results
+
+
+def loss_increases(results):
+    """Each quantized format's val loss minus the float export's (bfloat16 or float32), where both were measured."""
+    base = next((r.get("val_loss") for fmt, r in results.items() if fmt in ("bfloat16", "float32")), None)
+    for fmt, r in results.items():
+        if base is not None and r.get("val_loss") is not None and fmt not in ("bfloat16", "float32"):
+            r["val_loss_increase"] = r["val_loss"] - base
 
 
 class CastInt8Linear(Int8Linear):
@@ -153,7 +170,7 @@ class CastInt8Linear(Int8Linear):
 
 
 def torchao_int8(model):
-    """model (bf16) with torchao's int8 weight-only linear layers; the head untied so the embedding stays bf16."""
+    """model (float) with torchao's int8 weight-only linear layers; the head untied so the embedding stays float."""
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
     model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone(), requires_grad=False)
     quantize_(model, Int8WeightOnlyConfig())
@@ -161,12 +178,13 @@ def torchao_int8(model):
 
 
 def decode_paths(cfg, device, deadline):
-    """Decode tokens/s at batch 1 of bf16 and of int8 through each matvec path, compiled, in this process
-    (none started after deadline)."""
+    """Decode tokens/s at batch 1 of the float model (bf16 on a GPU, float32 on a CPU) and of int8 through each
+    matvec path, compiled, in this process (none started after deadline)."""
     _, n_embd, n_head = cfg["big"]
     src = random_checkpoint(cfg, (cfg["decode_layers"], n_embd, n_head), os.path.join(cfg["out"], "decode.pt"), device)
-    files = {fmt: export(cfg, src, fmt, device) for fmt in ("bfloat16", "int8")}
-    compile = cfg["compile"] and device == "cuda"
+    base = "bfloat16" if device == "cuda" else "float32"
+    files = {fmt: export(cfg, src, fmt, device) for fmt in (base, "int8")}
+    compile = cfg["compile"]
 
     def load(fmt):
         return load_model(load_checkpoint(files[fmt], map_location=device), device)
@@ -178,10 +196,11 @@ def decode_paths(cfg, device, deadline):
                 module.__class__ = CastInt8Linear
         return model
 
-    paths = {"bfloat16": lambda: load("bfloat16"), "int8 fused matvec": lambda: load("int8"),
-             "int8 fused matvec, coordinate descent": lambda: load("int8"),
-             "torchao int8 weight-only": lambda: torchao_int8(load("bfloat16")),
-             "int8 cast+matmul (before)": cast_int8}
+    paths = {base: lambda: load(base), "int8 fused matvec": lambda: load("int8")}
+    if device == "cuda":  # a Triton tuning: nothing to tune in inductor's C++
+        paths["int8 fused matvec, coordinate descent"] = lambda: load("int8")
+    # torchao last: quantize_ sets inductor options for the rest of the process
+    paths |= {"int8 cast+matmul (before)": cast_int8, "torchao int8 weight-only": lambda: torchao_int8(load(base))}
     results = {}
     for name, build in paths.items():
         if time.perf_counter() > deadline:
@@ -202,10 +221,10 @@ def decode_paths(cfg, device, deadline):
             results[name] = {"error": f"{type(e).__name__}: {e}"[:500]}
         model = None
         print(name, results[name])
-    base = results["bfloat16"].get("decode_tokens_per_s")
+    base_speed = results[base].get("decode_tokens_per_s")
     for r in results.values():
-        if base and "decode_tokens_per_s" in r:
-            r["speed_vs_bf16"] = r["decode_tokens_per_s"] / base
+        if base_speed and "decode_tokens_per_s" in r:
+            r["speed_vs_float"] = r["decode_tokens_per_s"] / base_speed
     return {"layers": cfg["decode_layers"], "width": n_embd, "compiled": compile, "paths": results}
 
 
@@ -246,20 +265,23 @@ def sparse_two_four(cfg):
 
 
 def plot(results, path):
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    fig, axes = plt.subplots(1, 5, figsize=(22, 4))
     for shape_key, offset, color in (("big", -0.2, "C0"), ("mid", 0.2, "C1")):
         r = results.get(shape_key)
         if not isinstance(r, dict) or "error" in r or "skipped" in r:
             continue
         fmts = list(r)
         for ax, key, label in ((axes[0], "peak_gpu_gib", "peak GPU GiB, load + generate"),
-                               (axes[1], "decode_tokens_per_s", "decode tokens/s, batch 1")):
+                               (axes[1], "decode_tokens_per_s", "decode tokens/s, batch 1"),
+                               (axes[4], "val_loss_increase", "val loss increase over float (nats)")):
             ax.bar([i + offset for i in range(len(fmts))], [r[f].get(key, 0) for f in fmts], width=0.4,
                    color=color, label=shape_key)
             ax.set_xticks(range(len(fmts)), fmts)
             ax.set_title(label)
     axes[0].axhline(1.0 / 1.074, color="gray", lw=0.8)  # 1 GB in GiB
     axes[0].legend()
+    for target in (0.02, 0.10):  # the issue's bounds: int8 and int4 of the 1B
+        axes[4].axhline(target, color="gray", lw=0.8, ls="--")
     decode = results.get("decode")
     if isinstance(decode, dict) and "paths" in decode:
         names = [n for n, r in decode["paths"].items() if "decode_tokens_per_s" in r]
@@ -291,27 +313,29 @@ def main(argv):
     results |= {"config": cfg, "date": datetime.date.today().isoformat(),
                "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                "torch": torch.__version__}
-    trained = os.path.join(cfg["out"], "big", "ckpt.pt")
+    trained = {key: os.path.join(cfg["out"], key, "ckpt.pt") for key in ("big", "mid")}
 
-    def big_src():  # the trained 1B if the train part made one, else random weights
-        return trained if os.path.exists(trained) else random_checkpoint(cfg, cfg["big"], os.path.join(cfg["out"], "big.pt"), device)
+    def source(key):  # the shape's trained run if a train part made one, else random weights
+        if os.path.exists(trained[key]):
+            return trained[key]
+        return random_checkpoint(cfg, cfg[key], os.path.join(cfg["out"], f"{key}.pt"), device)
 
     start = time.perf_counter()
     deadline = start + cfg["time_limit_s"]  # nothing new (part, export, decode path) starts after it
     parts = {
-        "train": lambda: train_big(cfg, os.path.dirname(trained)),
-        "big": lambda: export_and_measure(cfg, big_src(), device.type, deadline),
+        "train": lambda: train_shape(cfg, cfg["big"], os.path.dirname(trained["big"])),
+        "train_mid": lambda: train_shape(cfg, cfg["mid"], os.path.dirname(trained["mid"])),
+        "big": lambda: export_and_measure(cfg, source("big"), device.type, deadline),
         "decode": lambda: decode_paths(cfg, device.type, deadline),
-        "mid": lambda: export_and_measure(cfg, random_checkpoint(cfg, cfg["mid"], os.path.join(cfg["out"], "mid.pt"), device),
-                                          device.type, deadline),
-        "cpu": lambda: export_and_measure(cfg, big_src(), "cpu", deadline, ("int4",), gen_tokens=cfg["cpu_gen_tokens"],
+        "mid": lambda: export_and_measure(cfg, source("mid"), device.type, deadline),
+        "cpu": lambda: export_and_measure(cfg, source("big"), "cpu", deadline, ("int4",), gen_tokens=cfg["cpu_gen_tokens"],
                                           compile=False, eval_iters=0),
         "sparse": lambda: sparse_two_four(cfg) if device.type == "cuda" else {"error": "2:4 sparsity needs a CUDA GPU"},
     }
     unknown = [name for name in cfg["parts"] if name not in parts]
     if unknown:
         raise SystemExit(f"unknown parts {unknown}: choose from {list(parts)}")
-    if "train" in cfg["parts"]:
+    if {"train", "train_mid"} & set(cfg["parts"]):
         open_dataset("data", cfg["dataset"], cfg["block_size"])  # a missing dataset stops here, not mid-run
     results["seconds"] = {}
     for name in cfg["parts"]:
