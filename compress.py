@@ -53,7 +53,7 @@ DEFAULTS = dict(
     eval_iters=20,          # val batches for the loss (0 skips it)
     eval_batch_size=16,
     gen_tokens=128,         # greedy tokens generated at batch 1 for tokens/s
-    compile=False,          # compile the decode step (CUDA graphs; GPU only)
+    compile=False,          # compile the decode step (CUDA graphs on a GPU; inductor's C++ on a CPU, int8's fast path)
     measure=True,           # measure before/after in fresh processes (False: just write the file)
     report="",              # also write the report as JSON here
 )

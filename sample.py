@@ -29,7 +29,7 @@ DEFAULTS = dict(
     seed=1337,
     device="auto",
     use_cache=True,         # the KV cache; False recomputes the whole context each token
-    compile=False,          # compile the cached decode step into a CUDA graph (GPU; pays off for long samples)
+    compile=False,          # compile the cached decode step: a CUDA graph on a GPU (long samples); on a CPU, int8 exports' fast path
     stop_at_eot=True,       # end a sample at the end-of-text token
     knn_store="",           # kNN memory models: a store folder to run with; "" uses the one beside the checkpoint
     loops=0,                # looped models: test-time loop count (think longer per token); 0 = the trained count
