@@ -246,7 +246,7 @@ class TextWorld:
         if self.game is None:
             infos = textworld.EnvInfos(admissible_commands=True, policy_commands=True, description=True,
                                        inventory=True, objective=True, max_score=True, won=True, lost=True,
-                                       score=True)
+                                       score=True, facts=True)
             self.game = textworld.start(path, request_infos=infos)
         else:
             self.game.load(path)
@@ -293,6 +293,12 @@ class TextWorld:
     def teacher_action(self):
         """The next command of the walkthrough from the current state (TextWorld replans after any detour)."""
         return (self.state.policy_commands or ["look"])[0]
+
+    def state_key(self):
+        """The game's state as TextWorld tracks it (its true facts: where the player and each object are, what
+        is open): equal after close cabinet then open cabinet, or take shirt then drop shirt, where the room's
+        text is not (the dropped shirt is listed in another place)."""
+        return frozenset(map(str, self.state.facts))
 
     def random_action(self, rng):
         return rng.choice(self.admissible_actions() or ["look"])

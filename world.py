@@ -42,6 +42,7 @@ DEFAULTS = dict(
     mode="expert_iteration",   # evaluate (no learning after init_from) | expert_iteration | reinforce
     act="generate",            # generate: write each action token by token | choose: score every command the
                                # task lists (textworld) by its log-likelihood, take the best (sample when warm)
+    choose_untried=False,      # act=choose never takes a command again in a game state where it took it before
     teacher_help=False,        # on a failed episode, the teacher's actions are shown and replayed
     seed=1337,
     device="cpu",
@@ -114,29 +115,47 @@ class Policy:
         spell a 60-character command can still tell which of a game's commands fits (He et al. 2016, DRRN)."""
         if not commands:
             return ""
-        was_training = self.model.training
-        self.model.eval()
-        start = len(transcript) + len(ACTION_PREFIX)
-        items = [{"text": f"{transcript}{ACTION_PREFIX}{c}\n", "spans": [[start, start + len(c) + 1]]} for c in commands]
-        log_likelihood, count = self.action_log_likelihood(items)
-        # per token: the summed log-likelihood favours the shortest command ('look'), measured: 0/100
-        # held-out easy games summed against 5/15 per token, same policy (EXPERIMENTS.md, TextWorld)
-        score = log_likelihood / count.clamp(min=1)
-        self.model.train(was_training)
+        score = self.command_scores(transcript, commands)
         if temperature <= 0:
             return commands[int(score.argmax())]
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         probs = torch.softmax(score.float().cpu() / temperature, 0)
         return commands[int(torch.multinomial(probs, 1, generator=generator))]
 
-    def actor(self, temperature, seed, env=None, how="generate"):
+    @torch.no_grad()
+    def command_scores(self, transcript, commands):
+        """Each command's mean log-likelihood per token as the next action line (its newline included): (len(commands),)."""
+        was_training = self.model.training
+        self.model.eval()
+        start = len(transcript) + len(ACTION_PREFIX)
+        items = [{"text": f"{transcript}{ACTION_PREFIX}{c}\n", "spans": [[start, start + len(c) + 1]]} for c in commands]
+        log_likelihood, count = self.action_log_likelihood(items)
+        self.model.train(was_training)
+        # per token: the summed log-likelihood favours the shortest command ('look'), measured: 0/100
+        # held-out easy games summed against 5/15 per token, same policy (EXPERIMENTS.md, TextWorld)
+        return log_likelihood / count.clamp(min=1)
+
+    def actor(self, temperature, seed, env=None, how="generate", untried=False):
         """An act function for play_episode that samples turn t with seed * 1009 + t + 1: an episode
         replays exactly from (temperature, seed), in a resumed run or in a swarm worker. how=choose picks
-        among env.admissible_actions()."""
-        if how == "choose":
-            return turn_by_turn(lambda transcript, turn: self.choose(transcript, env.admissible_actions(), temperature,
-                                                                     seed * 1009 + turn + 1))
-        return turn_by_turn(lambda transcript, turn: self.act(transcript, temperature, seed * 1009 + turn + 1))
+        among env.admissible_actions(); with untried, among those it has not taken in this state before."""
+        if how != "choose":
+            return turn_by_turn(lambda transcript, turn: self.act(transcript, temperature, seed * 1009 + turn + 1))
+        taken = {}  # env.state_key() -> commands taken in that state this episode
+
+        def choose_at(transcript, turn):
+            commands = env.admissible_actions()
+            if untried:
+                # the game is deterministic, so the same command in the same state comes back to it: a greedy
+                # policy loops there until it runs out of steps (every failure of a CPU policy on held-out easy
+                # games was such a loop, e.g. close cabinet / open cabinet; EXPERIMENTS.md, TextWorld)
+                tried = taken.setdefault(env.state_key(), set())
+                commands = [c for c in commands if c not in tried] or commands
+            command = self.choose(transcript, commands, temperature, seed * 1009 + turn + 1)
+            if untried:
+                tried.add(command)
+            return command
+        return turn_by_turn(choose_at)
 
     def action_log_likelihood(self, items):
         """The log-likelihood of each item's action tokens, summed, and how many there are: two (B,) tensors.
@@ -412,12 +431,12 @@ def task_options_at(episode, cfg):
     return tasks
 
 
-def evaluate(policy, tasks, n, how="generate"):
+def evaluate(policy, tasks, n, how="generate", untried=False):
     """Greedy play on the held-out seeds of each task: {task: {success, reward}}."""
     result = {}
     for name, options in tasks.items():
         env = make_env(name, **options)
-        episodes = [play_episode(env, policy.actor(0.0, 0, env, how), EVAL_SEED_BASE + i) for i in range(n)]
+        episodes = [play_episode(env, policy.actor(0.0, 0, env, how, untried), EVAL_SEED_BASE + i) for i in range(n)]
         result[name] = {"success": sum(e["success"] for e in episodes) / n,
                         "reward": sum(e["reward"] for e in episodes) / n}
     return result
@@ -438,7 +457,7 @@ def play_batch(policy, envs, cfg, progress, temperature):
     batch, labels, rng = [], 0, progress.rng
     for _ in range(cfg["episodes_per_update"]):
         env = envs[rng.choice(sorted(envs))]
-        act = policy.actor(temperature, rng.randrange(2 ** 31), env, cfg["act"])
+        act = policy.actor(temperature, rng.randrange(2 ** 31), env, cfg["act"], cfg["choose_untried"])
         episode = play_episode(env, act, rng.randrange(EVAL_SEED_BASE))
         batch.append(episode)
         if episode["success"]:
@@ -543,7 +562,8 @@ def resume_progress(state, optimizer, cfg):
 
 def evaluate_and_save(policy, optimizer, cfg, progress):
     """A held-out evaluation into metrics.jsonl, then policy.pt and world.png; returns the evaluation."""
-    result = evaluate(policy, task_options_at(progress.episode, cfg), cfg["eval_episodes"], cfg["act"])
+    result = evaluate(policy, task_options_at(progress.episode, cfg), cfg["eval_episodes"], cfg["act"],
+                      cfg["choose_untried"])
     append_jsonl(os.path.join(cfg["out_dir"], "metrics.jsonl"), {"episode": progress.episode, "eval": result})
     tqdm.write(f"episode {progress.episode}: held-out success " +
                ", ".join(f"{t} {r['success']:.0%}" for t, r in result.items()))
@@ -569,6 +589,8 @@ def check_config(cfg):
                           f"replay_size={cfg['replay_size']}")
     if cfg["act"] not in ACTS:
         raise ConfigError(f"act must be one of {', '.join(ACTS)}, got {cfg['act']!r}")
+    if cfg["choose_untried"] and cfg["act"] != "choose":
+        raise ConfigError("choose_untried=True changes how act=choose picks a command; set act=choose with it")
     for name, options in run_tasks(cfg):
         try:
             env = make_env(name, **options)

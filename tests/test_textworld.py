@@ -168,6 +168,27 @@ def test_choose_takes_the_command_the_policy_scores_highest(games):
     env.close()
 
 
+def test_choose_untried_never_takes_a_command_twice_in_the_same_state(games):
+    env = TextWorld(root=games, max_steps=4, **TINY)
+    env.reset(0)
+    start = env.state_key()
+    env.step("look")
+    assert env.state_key() == start  # nothing changed
+    env.step(env.teacher_action())
+    assert env.state_key() != start
+    policy = tiny_char_policy()
+
+    def look_first(items):  # a policy stuck on a command that changes nothing
+        return torch.tensor([0.0 if item["text"].endswith("look\n") else -1.0 for item in items]), \
+            torch.ones(len(items), dtype=torch.long)
+    policy.action_log_likelihood = look_first
+    stuck = tasks.play_episode(env, policy.actor(0.0, 0, env, "choose"), 0)
+    assert stuck["actions"] == ["look"] * 4
+    moving = tasks.play_episode(env, policy.actor(0.0, 0, env, "choose", untried=True), 0)
+    assert moving["actions"][0] == "look" and moving["actions"][1] != "look"
+    env.close()
+
+
 def test_choose_scores_the_real_model_and_samples_when_warm(games):
     env = TextWorld(root=games, **TINY)
     policy = tiny_char_policy()
@@ -266,6 +287,22 @@ def test_suite_runs_wait_for_the_run_whose_policy_they_start_from():
             start = arg.get("init_from", "") if isinstance(arg, dict) else str(arg)
             producers = [other for other in plan if os.path.join(cfg["out"], other) + os.sep in start]
             assert set(producers) <= set(waits), (name, start)
+
+
+def test_suite_runs_only_the_chosen_experiments_and_makes_only_their_games(monkeypatch):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(root, "experiments"))
+    import textworld_suite
+    cfg = configure(textworld_suite.DEFAULTS, [os.path.join(root, "config", "textworld_suite_gpu.py"), "--experiments=[2,4]"])
+    assert set(textworld_suite.jobs(cfg)) == {"easy300_choose", "hard_imitation", "hard_expert_iteration", "hard_reinforce",
+                                              "shift_replay", "shift_no_replay", "hard_only"}
+    made = {}
+    monkeypatch.setattr(textworld_suite.textworld_env, "generate_games",
+                        lambda challenge, options, seeds: made.setdefault(options["world_size"], seeds))
+    textworld_suite.make_games(cfg)
+    easy, hard = made[cfg["easy"]["world_size"]], made[cfg["hard"]["world_size"]]
+    assert max(s for s in easy if s < HELD_OUT) == cfg["start_games"] - 1  # not experiment 1's 1000 games
+    assert len(easy) == cfg["start_games"] + cfg["eval_episodes"] and len(hard) == cfg["hard_games"] + cfg["eval_episodes"]
 
 
 def test_suite_reads_a_finished_run_back_and_records_a_failed_one(tmp_path):
