@@ -42,7 +42,8 @@ DEFAULTS = dict(
     device="cpu",              # the policies' device; games are made and played on the CPU cores
     workers=0,                 # runs at once (0: one per CPU core, at most 12)
     budget_s=0,                # stop every run after this many seconds (0: no limit) and report what is done
-    experiments=[1, 2, 3, 4],
+    experiments=[1, 2, 3, 4],  # which of the four to run (e.g. [2, 4]: only the runs those need, and their games)
+    choose_untried=False,      # act=choose never repeats a command in the same game state (world.py's option)
     seed=1337,
     easy={"challenge": "custom", "world_size": 3, "nb_objects": 4, "quest_length": 2, "max_steps": 8},
     hard={"challenge": "custom", "world_size": 6, "nb_objects": 6, "quest_length": 4, "max_steps": 10},
@@ -79,7 +80,7 @@ def world_config(cfg, out_dir, **overrides):
     """A world.py config for one run: the suite's shape and imitation settings, act=choose."""
     base = configure(world.DEFAULTS, []) | {k: cfg[k] for k in (
         "device", "seed", "eval_episodes", "eval_interval", "imitation_iters", "clone_iters", "imitation_batch_size",
-        "n_layer", "n_head", "n_embd", "block_size", "replay_recent_window")}
+        "n_layer", "n_head", "n_embd", "block_size", "replay_recent_window", "choose_untried")}
     return base | {"out_dir": out_dir, "act": "choose", "overwrite": True} | overrides
 
 
@@ -102,7 +103,7 @@ def world_run(cfg, wcfg, old=None):
     result = {}
     if old:
         policy = world.load_policy(wcfg["out_dir"], cfg["device"])
-        result["old_at_end"] = world.evaluate(policy, old, cfg["eval_episodes"], "choose")["textworld"]["success"]
+        result["old_at_end"] = world.evaluate(policy, old, cfg["eval_episodes"], "choose", cfg["choose_untried"])["textworld"]["success"]
     return result
 
 
@@ -141,7 +142,13 @@ def clone_and_play(cfg, start, games, folder):
         with StopRequest(print) as stop:
             path = world.clone_actions(start, episodes, clone, stop)
     policy = world.load_policy(path, cfg["device"])
-    return {"success": world.evaluate(policy, task, cfg["held_out"], "choose")["textworld"]["success"]}
+    return {"success": world.evaluate(policy, task, cfg["held_out"], "choose", cfg["choose_untried"])["textworld"]["success"]}
+
+
+def easy_pools(cfg):
+    """The easy training pools whose imitation runs: experiment 1's N, and experiment 4's start."""
+    return set(cfg["easy_games"] if 1 in cfg["experiments"] else []) | \
+        ({cfg["start_games"]} if 4 in cfg["experiments"] else set())
 
 
 def jobs(cfg):
@@ -151,13 +158,14 @@ def jobs(cfg):
     folder = lambda name: os.path.join(out, name)  # noqa: E731
     plan = {}
     if 1 in cfg["experiments"] or 4 in cfg["experiments"]:
-        for n in sorted(set(cfg["easy_games"]) | ({cfg["start_games"]} if 4 in cfg["experiments"] else set())):
+        for n in sorted(easy_pools(cfg)):
+            experiment1 = 1 in cfg["experiments"] and n in cfg["easy_games"]
             imitation = dict(tasks=tw(easy, n), mode="evaluate", imitation_episodes=cfg["imitation_per_game"] * n,
-                             eval_episodes=cfg["held_out"])
+                             eval_episodes=cfg["held_out"] if experiment1 else cfg["eval_episodes"])
             plan[f"easy{n}_choose"] = (world_run, [world_config(cfg, folder(f"easy{n}_choose"), **imitation)], [])
-            if 1 in cfg["experiments"] and n in cfg["easy_games"]:
+            if experiment1:
                 plan[f"easy{n}_generate"] = (world_run, [world_config(
-                    cfg, folder(f"easy{n}_generate"), **imitation, act="generate",
+                    cfg, folder(f"easy{n}_generate"), **imitation, act="generate", choose_untried=False,
                     init_from=cloned(folder(f"easy{n}_choose")))], [f"easy{n}_choose"])
     if 2 in cfg["experiments"]:
         imitation = dict(tasks=tw(hard, cfg["hard_games"]), imitation_episodes=cfg["imitation_per_game"] * cfg["hard_games"])
@@ -255,10 +263,13 @@ def run_all(cfg, plan, report, deadline):
 def make_games(cfg):
     """Every game the suite plays, generated now on all cores (cached in data/textworld/)."""
     held_out = lambda n: [EVAL_SEED_BASE + i for i in range(n)]  # noqa: E731
-    easy = max([*cfg["easy_games"], cfg["start_games"], cfg["pretrain_games"] if 3 in cfg["experiments"] else 0])
+    chosen = cfg["experiments"]
+    easy = max([*easy_pools(cfg), cfg["pretrain_games"] if 3 in chosen else 0, *(cfg["walkthroughs"] if 3 in chosen else [])])
+    easy_held_out = max(cfg["held_out"] if 1 in chosen or 3 in chosen else 0, cfg["eval_episodes"] if 4 in chosen else 0)
     options = lambda o: {k: v for k, v in o.items() if k not in ("challenge", "max_steps")}  # noqa: E731
-    textworld_env.generate_games(cfg["easy"]["challenge"], options(cfg["easy"]),
-                                 [*range(easy), *held_out(max(cfg["held_out"], cfg["eval_episodes"]))])
+    if easy or easy_held_out:
+        textworld_env.generate_games(cfg["easy"]["challenge"], options(cfg["easy"]),
+                                     [*range(easy), *held_out(easy_held_out)])
     if 2 in cfg["experiments"] or 4 in cfg["experiments"]:
         textworld_env.generate_games(cfg["hard"]["challenge"], options(cfg["hard"]),
                                      [*range(cfg["hard_games"]), *held_out(cfg["eval_episodes"])])
