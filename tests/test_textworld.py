@@ -189,6 +189,22 @@ def test_choose_untried_never_takes_a_command_twice_in_the_same_state(games):
     env.close()
 
 
+def test_failures_are_sorted_into_loops_and_the_rest(games):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(root, "experiments"))
+    import textworld_failures
+    policy = tiny_char_policy()
+    policy.action_log_likelihood = lambda items: (  # stuck on 'look', the teacher's command last
+        torch.tensor([0.0 if item["text"].endswith("look\n") else -1.0 for item in items]),
+        torch.ones(len(items), dtype=torch.long))
+    options = {"root": games, "max_steps": 3, **TINY}
+    stuck = textworld_failures.play(policy, options, 1, untried=False)
+    assert stuck["success"] == 0.0 and stuck["kinds"]["loop"] == 1
+    assert stuck["failures"][0]["chosen"] == "look" and stuck["failures"][0]["first_wrong_step"] == 0
+    moving = textworld_failures.play(policy, options, 1, untried=True)
+    assert moving["kinds"]["loop"] == 0
+
+
 def test_choose_scores_the_real_model_and_samples_when_warm(games):
     env = TextWorld(root=games, **TINY)
     policy = tiny_char_policy()
