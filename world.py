@@ -43,6 +43,7 @@ DEFAULTS = dict(
     act="generate",            # generate: write each action token by token | choose: score every command the
                                # task lists (textworld) by its log-likelihood, take the best (sample when warm)
     choose_untried=False,      # act=choose never takes a command again in a game state where it took it before
+                               # (a greedy policy's loops; textworld; act=generate ignores it)
     teacher_help=False,        # on a failed episode, the teacher's actions are shown and replayed
     seed=1337,
     device="cpu",
@@ -589,8 +590,6 @@ def check_config(cfg):
                           f"replay_size={cfg['replay_size']}")
     if cfg["act"] not in ACTS:
         raise ConfigError(f"act must be one of {', '.join(ACTS)}, got {cfg['act']!r}")
-    if cfg["choose_untried"] and cfg["act"] != "choose":
-        raise ConfigError("choose_untried=True changes how act=choose picks a command; set act=choose with it")
     for name, options in run_tasks(cfg):
         try:
             env = make_env(name, **options)

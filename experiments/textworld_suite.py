@@ -165,7 +165,7 @@ def jobs(cfg):
             plan[f"easy{n}_choose"] = (world_run, [world_config(cfg, folder(f"easy{n}_choose"), **imitation)], [])
             if experiment1:
                 plan[f"easy{n}_generate"] = (world_run, [world_config(
-                    cfg, folder(f"easy{n}_generate"), **imitation, act="generate", choose_untried=False,
+                    cfg, folder(f"easy{n}_generate"), **imitation, act="generate",
                     init_from=cloned(folder(f"easy{n}_choose")))], [f"easy{n}_choose"])
     if 2 in cfg["experiments"]:
         imitation = dict(tasks=tw(hard, cfg["hard_games"]), imitation_episodes=cfg["imitation_per_game"] * cfg["hard_games"])
