@@ -103,7 +103,8 @@ def world_run(cfg, wcfg, old=None):
     result = {}
     if old:
         policy = world.load_policy(wcfg["out_dir"], cfg["device"])
-        result["old_at_end"] = world.evaluate(policy, old, cfg["eval_episodes"], "choose", cfg["choose_untried"])["textworld"]["success"]
+        result["old_at_end"] = world.evaluate(policy, old, cfg["eval_episodes"], "choose",
+                                              cfg["choose_untried"])["textworld"]["success"]
     return result
 
 
@@ -142,7 +143,8 @@ def clone_and_play(cfg, start, games, folder):
         with StopRequest(print) as stop:
             path = world.clone_actions(start, episodes, clone, stop)
     policy = world.load_policy(path, cfg["device"])
-    return {"success": world.evaluate(policy, task, cfg["held_out"], "choose", cfg["choose_untried"])["textworld"]["success"]}
+    played = world.evaluate(policy, task, cfg["held_out"], "choose", cfg["choose_untried"])
+    return {"success": played["textworld"]["success"]}
 
 
 def easy_pools(cfg):
@@ -264,8 +266,9 @@ def make_games(cfg):
     """Every game the suite plays, generated now on all cores (cached in data/textworld/)."""
     held_out = lambda n: [EVAL_SEED_BASE + i for i in range(n)]  # noqa: E731
     chosen = cfg["experiments"]
-    easy = max([*easy_pools(cfg), cfg["pretrain_games"] if 3 in chosen else 0, *(cfg["walkthroughs"] if 3 in chosen else [])])
-    easy_held_out = max(cfg["held_out"] if 1 in chosen or 3 in chosen else 0, cfg["eval_episodes"] if 4 in chosen else 0)
+    easy = max([*easy_pools(cfg), *([cfg["pretrain_games"], *cfg["walkthroughs"]] if 3 in chosen else [0])])
+    easy_held_out = max(cfg["held_out"] if 1 in chosen or 3 in chosen else 0,
+                        cfg["eval_episodes"] if 4 in chosen else 0)
     options = lambda o: {k: v for k, v in o.items() if k not in ("challenge", "max_steps")}  # noqa: E731
     if easy or easy_held_out:
         textworld_env.generate_games(cfg["easy"]["challenge"], options(cfg["easy"]),
