@@ -45,6 +45,7 @@ DEFAULTS = dict(
     memory_key_dim=16,
     memory_topk=8,
     knn_capacity=8192,
+    knn_threshold=0.01,     # a kNN pair is written only if its key is farther than this from every stored key
     profile_steps=3,
     speed_warmup=5,         # steps before the tokens/s timing (allocations; a kNN store fills)
     speed_steps=10,
@@ -97,7 +98,7 @@ def build(cfg, size, kind, vocab_size, device):
     memory = {} if kind == "dense" else dict(
         memory_layers=[n_layer - 1], memory=kind, memory_slots=cfg["memory_slots"], memory_heads=cfg["memory_heads"],
         memory_key_dim=cfg["memory_key_dim"], memory_topk=cfg["memory_topk"], knn_capacity=cfg["knn_capacity"],
-        knn_key_dim=cfg["memory_key_dim"])
+        knn_key_dim=cfg["memory_key_dim"], knn_threshold=cfg["knn_threshold"])
     torch.manual_seed(cfg["seed"])
     return GPT(GPTConfig(vocab_size=vocab_size, block_size=cfg["block_size"], n_layer=n_layer, n_head=n_head,
                          n_embd=n_embd, **memory)).to(device)

@@ -117,3 +117,23 @@ def test_noise_touches_training_batches_only_and_resumes_exactly(tiny_data, monk
         with open(os.path.join(cfg["out_dir"], "metrics.jsonl")) as f:
             return [(r["step"], r.get("loss"), r.get("val_loss")) for r in map(json.loads, f)]
     assert rows(whole) == rows(split)
+
+
+def test_input_noise_experiment_runs_tiny_on_a_training_slice(tiny_data):
+    from test_synthetic import load_experiment
+    config = tiny_data / "tiny_noise.py"
+    config.write_text(f"dataset = 'tiny'\ndata_dir = {str(tiny_data / 'data')!r}\ndevice = 'cpu'\ncompile = False\n"
+                      "n_layer = 1\nn_head = 2\nn_embd = 16\nblock_size = 16\nbatch_size = 4\nwarmup_iters = 1\n")
+    out = tiny_data / "noise_out"
+    load_experiment("input_noise").main([f"--train_config={config}", f"--out={out}", "--max_iters=4", "--evals=2",
+                                         "--eval_iters=1", "--seeds=[1, 2]", "--train_tokens=2000",
+                                         "--runs={'none': {}, 'delete': {'delete': 0.1}}"])
+    result = json.loads((out / "input_noise.json").read_text())
+    assert result["dataset"] == "tiny_train2000" and list(result["results"]) == ["none", "delete"]
+    none = result["results"]["none"]
+    assert sorted(none["seeds"]) == ["1", "2"] and [r["step"] for r in none["seeds"]["1"]["curve"]] == [0, 2, 4]
+    assert none["val_clean"] == pytest.approx((none["seeds"]["1"]["val_clean"] + none["seeds"]["2"]["val_clean"]) / 2)
+    sliced = tiny_data / "data" / "tiny_train2000"
+    assert os.path.getsize(sliced / "train.bin") == 2 * 2000
+    assert (sliced / "val.bin").read_bytes() == (tiny_data / "data" / "tiny" / "val.bin").read_bytes()
+    assert (out / "input_noise.png").exists()
