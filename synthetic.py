@@ -29,6 +29,7 @@ CITIES = ("paris", "rome", "oslo", "lima", "cairo", "delhi", "tokyo", "quito", "
           "riga", "sofia", "baku", "doha")
 FACT_WORDS = ("<bos>", "<eot>", "lives", "in", "works", "for", ".", "?", "where", "does", "live", "the", "boss", "of")
 ANSWER_MARK = "?"  # the answer follows the question's closing "?"
+STYLES = ("where", "cloze", "induction")  # how facts and questions are worded (facts_questions)
 
 
 class WordVocab:
@@ -100,17 +101,23 @@ def facts_questions(rng, world, n_questions, style="where"):
     """(question words, answer city, hops): 1-hop about homes, 2-hop through a boss.
 
     style "where" asks "where does X live ?"; "cloze" asks "? X lives in", the words that stand before the
-    city in X's own fact, so finding the answer is one induction step (Olsson et al. 2022: find the earlier
-    place where these words stood, read the word after them), the format in which experiments/loops.py's
-    chains became learnable."""
-    if style not in ("where", "cloze"):
-        raise ValueError(f"style must be 'where' or 'cloze', got {style!r}")
+    city in X's own fact (but "in" ends every fact: the lookup must match the name three and four tokens
+    back); "induction" writes the relation first and the value right after the name ("lives X C .",
+    "boss X B .") and asks "? lives X", so the question's last token is the name's, and the answer is
+    one induction step (Olsson et al. 2022: find the earlier place where these tokens stood, read the
+    token after them), the format in which experiments/loops.py's chains became learnable. Its 2-hop
+    question "? lives boss X" needs two lookups in a row."""
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
     asks = [(p, 1) for p in world["home"]] + [(w, 2) for w in world["boss"]]
     picked = [asks[i] for i in rng.choice(len(asks), n_questions, replace=False)]
     out = []
     for person, hops in picked:
-        asked = person if hops == 1 else f"the boss of {person}"
-        question = f"? {asked} lives in" if style == "cloze" else f"where does {asked} live ?"
+        if style == "induction":
+            question = f"? lives {person}" if hops == 1 else f"? lives boss {person}"
+        else:
+            asked = person if hops == 1 else f"the boss of {person}"
+            question = f"? {asked} lives in" if style == "cloze" else f"where does {asked} live ?"
         answer = world["home"][person] if hops == 1 else world["home"][world["boss"][person]]
         out.append((question.split(), answer, hops))
     return out
@@ -120,8 +127,12 @@ def facts_document(rng, world, n_questions, with_facts=True, style="where"):
     """Words of one document and the (answer index, answer, hops) of each question in it."""
     words = ["<bos>"]
     if with_facts:
-        facts = [f"{p} lives in {c} .".split() for p, c in world["home"].items()]
-        facts += [f"{w} works for {b} .".split() for w, b in world["boss"].items()]
+        if style == "induction":  # the relation first, the value right after the name
+            facts = [f"lives {p} {c} .".split() for p, c in world["home"].items()]
+            facts += [f"boss {w} {b} .".split() for w, b in world["boss"].items()]
+        else:
+            facts = [f"{p} lives in {c} .".split() for p, c in world["home"].items()]
+            facts += [f"{w} works for {b} .".split() for w, b in world["boss"].items()]
         for i in rng.permutation(len(facts)):
             words += facts[i]
     answers = []
@@ -136,7 +147,19 @@ def solve(words):
     """Answers to a document's questions read off its own facts (the check that generation is right)."""
     home, boss, answers, i = {}, {}, [], 0
     while i < len(words):
-        if words[i + 2:i + 4] == ["lives", "in"]:
+        if words[i:i + 3] == ["?", "lives", "boss"]:  # induction: ? lives boss X C .
+            answers.append(home[boss[" ".join(words[i + 3:i + 5])]])
+            i += 7
+        elif words[i:i + 2] == ["?", "lives"]:  # induction: ? lives X C .
+            answers.append(home[" ".join(words[i + 2:i + 4])])
+            i += 6
+        elif words[i] == "lives" and words[i + 4:i + 5] == ["."]:  # induction fact: lives X C .
+            home[" ".join(words[i + 1:i + 3])] = words[i + 3]
+            i += 5
+        elif words[i] == "boss" and words[i + 5:i + 6] == ["."]:  # induction fact: boss X B .
+            boss[" ".join(words[i + 1:i + 3])] = " ".join(words[i + 3:i + 5])
+            i += 6
+        elif words[i + 2:i + 4] == ["lives", "in"]:
             home[" ".join(words[i:i + 2])] = words[i + 4]
             i += 6
         elif words[i + 2:i + 4] == ["works", "for"]:

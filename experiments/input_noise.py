@@ -4,7 +4,7 @@ equal steps on shakespeare_char: (a) clean val loss, (b) val loss on a noised co
 
     python experiments/input_noise.py --out=out/input_noise                       # CPU, cpu_quick shape
     python experiments/input_noise.py --device=cuda --workers=3 --train_config=config/shakespeare_char_best.py \
-        --max_iters=1500 --eval_iters=100 --evals=6 --out=out/input_noise_gpu        # GPU, one H100, ~5 min
+        --max_iters=1500 --eval_iters=100 --evals=6 --time_limit_s=300 --out=out/input_noise_gpu   # one H100, < 8 min
 
 Every run is train.train with the same config, seed and steps, only `noise` differs. The noised val
 copy uses `val_noise` (all character families at once) on fixed batches; its targets stay clean.
@@ -125,7 +125,7 @@ def plot(results, path):
             ax.axhline(results["none"][key], color=f"C{i}", ls="--", lw=0.8)
     low = min(min(r["train_clean"], r["val_clean"], r["val_noisy"]) for r in results.values())
     ax.set_ylim(low - 0.1, None)
-    ax.set_xticks(list(xs), names)
+    ax.set_xticks(list(xs), names, rotation=20)
     ax.set_xlabel("training noise (dashed: no noise; dots: seeds)")
     ax.set_ylabel("loss at the final step (nats/char)")
     ax.legend(fontsize=8)
@@ -139,7 +139,7 @@ def plot(results, path):
             ax.plot(steps, [row["train_loss"] for row in run["curve"]], color=f"C{i}", ls=":", lw=1)
         ax.set_xlabel("step")
         ax.set_ylabel("loss (nats/char; solid val, dotted train)")
-        ax.set_title("overfitting: val turns up while train falls")
+        ax.set_title("during training (first seed): overfitting shows as val rising while train falls")
         ax.legend(fontsize=7, ncol=2)
         ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -43,7 +43,8 @@ DEFAULTS = dict(
     eval_docs=400,
     block_size=96,
     answers_only=True,      # loss on the answer tokens only
-    question_style="where",  # where: "where does X live ?" | cloze: "? X lives in" (one induction step, synthetic.py)
+    question_style="where",  # where: "where does X live ?" | cloze: "? X lives in" | induction: "lives X C ." facts,
+                             # "? lives X" questions (the answer one induction step away; synthetic.py)
     curve_every=0,          # > 0: accuracy on curve_docs test documents every this many steps (a lookup forms late)
     curve_docs=200,
     device="cpu",
@@ -120,14 +121,19 @@ def solve_person(words, pos):
     q = words[:pos]
     if "where" in q:  # where does X live ? | where does the boss of X live ?
         start = len(q) - 1 - q[::-1].index("where") + 2
-    else:  # cloze: ? X lives in | ? the boss of X lives in
+    else:  # cloze: ? X lives in | ? the boss of X lives in; induction: ? lives X | ? lives boss X
         start = len(q) - 1 - q[::-1].index("?") + 1
-    person = " ".join(q[start:start + 2]) if q[start] != "the" else None
-    if person is None:  # asked through the boss: the boss is stated in the document
-        worker = " ".join(q[start + 3:start + 5])
-        i = next(i for i in range(len(words) - 4) if " ".join(words[i:i + 2]) == worker and words[i + 2] == "works")
-        person = " ".join(words[i + 4:i + 6])
-    return person
+        start += q[start] == "lives"
+    if q[start] not in ("the", "boss"):
+        return " ".join(q[start:start + 2])
+    # asked through the boss: the boss is stated in the document
+    worker = " ".join(q[start + 3:start + 5] if q[start] == "the" else q[start + 1:start + 3])
+    for i in range(len(words) - 4):
+        if " ".join(words[i:i + 2]) == worker and words[i + 2] == "works":  # X works for B .
+            return " ".join(words[i + 4:i + 6])
+        if words[i] == "boss" and " ".join(words[i + 1:i + 3]) == worker and words[i + 5] == ".":  # boss X B .
+            return " ".join(words[i + 3:i + 5])
+    raise AssertionError(f"no boss of {worker} in the document")
 
 
 def plot(results, cfg, baseline, path):
@@ -185,7 +191,8 @@ def named_city_baseline(docs):
     """Accuracy of the guess that needs no lookup: the city its facts name most often (ties split)."""
     hits = count = 0
     for words, answers, _ in docs:
-        named = Counter(words[i + 4] for i in range(len(words) - 4) if words[i + 2:i + 4] == ["lives", "in"])
+        first_question = min(words.index(w) for w in ("where", "?") if w in words)
+        named = Counter(w for w in words[:first_question] if w in synthetic.CITIES)
         top = max(named.values())
         for _, answer, _ in answers:
             hits += (named[answer] == top) / sum(n == top for n in named.values())
@@ -238,8 +245,8 @@ def main(argv):
     cfg = configure(DEFAULTS, argv)
     print_config(cfg)
     synthetic.check_facts_settings(cfg["n_people"], cfg["n_bosses"], cfg["n_questions"], cfg["n_cities"])
-    if cfg["question_style"] not in ("where", "cloze"):
-        raise SystemExit(f"question_style must be 'where' or 'cloze', got {cfg['question_style']!r}")
+    if cfg["question_style"] not in synthetic.STYLES:
+        raise SystemExit(f"question_style must be one of {', '.join(synthetic.STYLES)}, got {cfg['question_style']!r}")
     resolve_device(cfg["device"])  # a missing device is an error before any worker starts
     os.makedirs(cfg["out"], exist_ok=True)
     runs = [("context", size) for size in cfg["sizes"]] + [("weights", cfg["sizes"][-1])]

@@ -11,7 +11,7 @@ from configurator import configure
 from model import GPT, GPTConfig
 
 
-@pytest.mark.parametrize("style", ["where", "cloze"])
+@pytest.mark.parametrize("style", ["where", "cloze", "induction"])
 def test_facts_answers_are_correct_by_construction(style):
     rng = np.random.default_rng(0)
     names, _ = synthetic.split_names(0)
@@ -168,6 +168,24 @@ def test_an_unknown_question_style_is_a_clear_error(tmp_path):
     import sys
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
     import reason_vs_knowledge
-    with pytest.raises(SystemExit, match="question_style must be 'where' or 'cloze'"):
+    with pytest.raises(SystemExit, match="question_style must be one of where, cloze, induction"):
         reason_vs_knowledge.main(["--question_style=what", f"--out={tmp_path / 'out'}"])
     assert not (tmp_path / "out").exists()
+
+
+def test_induction_style_puts_the_city_right_after_the_name_and_the_question_ends_with_it():
+    rng = np.random.default_rng(3)
+    names, _ = synthetic.split_names(0)
+    world = synthetic.facts_world(rng, names, 4, 2, 8)
+    words, answers = synthetic.facts_document(rng, world, 6, style="induction")
+    for pos, answer, hops in answers:
+        assert words[pos - 3:pos - 2] == (["lives"] if hops == 1 else ["boss"])
+        if hops == 1:  # the tokens before the answer stand before the same city in the person's fact
+            fact = next(i for i in range(pos - 3) if words[i:i + 3] == words[pos - 3:pos])
+            assert words[fact + 3] == answer
+    rvk = load_experiment("reason_vs_knowledge")
+    world = synthetic.facts_world(rng, names, 30, 15, 8)
+    for _ in range(20):
+        words, answers = synthetic.fixed_world_document(rng, world, 4, 4, style="induction")
+        for pos, answer, _ in answers:
+            assert world["home"][rvk.solve_person(words, pos)] == answer
