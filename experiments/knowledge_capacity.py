@@ -14,6 +14,11 @@ tokens (a PKM counts its query, sub-key scoring and the rows it reads, not its w
 its projections and the store search). Tokens/s are measured first, each model alone on the device
 (models then train in `workers` processes at once, sharing it). The target: PKM >= 2x the dense model's bits at equal FLOPs,
 at >= 0.8x its tokens/s; `profile` lists the slowest ops of each memory model to say why not.
+A kNN layer stores no knowledge in its weights: it recalls a fact only while the store still holds a
+rendering of it, and every position of every biography (~55 pairs) is written, so the store keeps the
+last knn_capacity / 55 biographies. For recall after the first template to be possible for most people
+it needs knn_capacity of roughly n_people x 600 (100 people: 65,536 holds 99% of the first-template
+facts, 4,096 only 27%; EXPERIMENTS.md); the exact search costs time in proportion to it.
 Writes <out>/knowledge_capacity.json and .png.
 """
 import os

@@ -123,6 +123,9 @@ def test_named_city_baseline_guesses_the_most_often_named_city():
     words = "<bos> ka lo lives in rome . mi ra lives in rome . te su lives in oslo . where does ka lo live ?".split()
     assert rvk.named_city_baseline([(words, [(len(words), "rome", 1)], [None])]) == 1
     assert rvk.named_city_baseline([(words, [(len(words), "oslo", 1)], [None])]) == 0
+    # only the facts name cities: the answers after cloze questions ("? X lives in rome .") do not count
+    cloze = "<bos> ka lo lives in rome . mi ra lives in oslo . ? ka lo lives in rome . ? ka lo lives in rome .".split()
+    assert rvk.named_city_baseline([(cloze, [(16, "oslo", 1)], [None])]) == 0.5
 
 
 def test_reason_vs_knowledge_runs_tiny(tmp_path):
