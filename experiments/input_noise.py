@@ -137,6 +137,10 @@ def plot(results, path):
             steps = [row["step"] for row in run["curve"]]
             ax.plot(steps, [row["val_loss"] for row in run["curve"]], color=f"C{i}", marker="o", ms=3, label=f"{n} val")
             ax.plot(steps, [row["train_loss"] for row in run["curve"]], color=f"C{i}", ls=":", lw=1)
+        later = [row[k] for r in results.values() for run in r["seeds"].values() for row in run["curve"][1:]
+                 for k in ("train_loss", "val_loss")]
+        if later:  # the first evaluation (an untrained model) would squash the rest
+            ax.set_ylim(min(later) - 0.1, max(later) + 0.1)
         ax.set_xlabel("step")
         ax.set_ylabel("loss (nats/char; solid val, dotted train)")
         ax.set_title("during training (first seed): overfitting shows as val rising while train falls")
