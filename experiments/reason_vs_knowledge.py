@@ -87,8 +87,9 @@ def accuracy(model, vocab, docs, device):
                 hits[hops] += guess == answer
                 olds[hops] += old_answer is not None and guess == old_answer
                 counts[hops] += 1
-    return {f"{h}hop": hits[h] / max(1, counts[h]) for h in (1, 2)} | \
-           {f"{h}hop_old_answer": olds[h] / max(1, counts[h]) for h in (1, 2)}
+    # nan where a test asks no question of that kind (n_bosses=0: no 2-hop questions), so it is not read as 0
+    return {f"{h}hop": hits[h] / counts[h] if counts[h] else float("nan") for h in (1, 2)} | \
+           {f"{h}hop_old_answer": olds[h] / counts[h] if counts[h] else float("nan") for h in (1, 2)}
 
 
 def eval_docs(cfg, world, names, seed):

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 
 import numpy as np
@@ -192,3 +193,11 @@ def test_induction_style_puts_the_city_right_after_the_name_and_the_question_end
         words, answers = synthetic.fixed_world_document(rng, world, 4, 4, style="induction")
         for pos, answer, _ in answers:
             assert world["home"][rvk.solve_person(words, pos)] == answer
+
+
+def test_reason_vs_knowledge_without_bosses_reports_no_two_hop_accuracy(tmp_path):
+    load_experiment("reason_vs_knowledge").main(["--sizes=[[1, 2, 16]]", "--steps=2", "--eval_docs=4", "--n_bosses=0",
+                                                 "--question_style=induction", f"--out={tmp_path}"])
+    context = json.loads((tmp_path / "reason_vs_knowledge.json").read_text())["results"][0]
+    assert math.isnan(context["tests"]["held_out_with_facts"]["2hop"])  # no 2-hop questions asked, not 0 right
+    assert 0 <= context["tests"]["held_out_with_facts"]["1hop"] <= 1 and (tmp_path / "reason_vs_knowledge.png").exists()
