@@ -18,7 +18,9 @@ A kNN layer stores no knowledge in its weights: it recalls a fact only while the
 rendering of it, and every position of every biography (~55 pairs) is written, so the store keeps the
 last knn_capacity / 55 biographies. For recall after the first template to be possible for most people
 it needs knn_capacity of roughly n_people x 600 (100 people: 65,536 holds 99% of the first-template
-facts, 4,096 only 27%; EXPERIMENTS.md); the exact search costs time in proportion to it.
+facts, 4,096 only 27%; EXPERIMENTS.md); the exact search costs time in proportion to it. On a GPU:
+    python experiments/knowledge_capacity.py --device=cuda --workers=3 --n_people=100 "--sizes=[[1, 2, 32]]" \
+        --steps=1200 --batch_size=64 --memory_slots=4096 --memory_key_dim=32 --knn_capacity=65536 --out=out/kc_knn_gpu
 Writes <out>/knowledge_capacity.json and .png.
 """
 import os

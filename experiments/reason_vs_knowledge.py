@@ -3,6 +3,9 @@ Can a small model reason over facts it is given instead of storing them? (resear
 
     nice -n 10 python experiments/reason_vs_knowledge.py --out=out/reason_vs_knowledge            # CPU, ~15 min
     bash experiments/analysis_gpu.sh OUT     # the GPU size (with issue 12's other experiments), ~9 min
+    python experiments/reason_vs_knowledge.py --device=cuda --workers=3 --steps=8000 --batch_size=128 \
+        --learning_rate=2e-3 --eval_docs=1000 --curve_every=500 "--sizes=[[2, 2, 64], [4, 4, 128]]" \
+        --question_style=induction --n_bosses=0 --out=out/rvk_induction_gpu    # the lookup as an induction step (GPU)
 
 Context models train on synthetic.py's facts corpus (fresh people and facts in every document) and are
 tested on held-out documents whose people no training document names: accuracy of the answer city (the
