@@ -21,7 +21,6 @@ import sys
 import time
 
 import numpy as np
-
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -72,9 +71,11 @@ def train_slice(meta, train_tokens):
     if train_tokens > len(train):
         raise SystemExit(f"train_tokens={train_tokens} exceeds the {len(train)} tokens of {meta['folder']}")
     atomic_write(os.path.join(folder, "train.bin"), lambda f: f.write(train[:train_tokens].tobytes()))
-    atomic_write(os.path.join(folder, "val.bin"), lambda f: shutil.copyfileobj(open(os.path.join(meta["folder"], "val.bin"), "rb"), f))
+    with open(os.path.join(meta["folder"], "val.bin"), "rb") as val:
+        atomic_write(os.path.join(folder, "val.bin"), lambda f: shutil.copyfileobj(val, f))
     sliced = {k: v for k, v in meta.items() if k != "folder"}
-    write_json_atomic(os.path.join(folder, "meta.json"), {**sliced, "train_tokens": train_tokens, "sliced_from": meta["folder"]})
+    write_json_atomic(os.path.join(folder, "meta.json"),
+                      {**sliced, "train_tokens": train_tokens, "sliced_from": meta["folder"]})
     return name
 
 
