@@ -601,10 +601,14 @@ def test_a_person_setting_a_goal_that_cannot_be_played_is_told_why(tmp_path):
 
 # ----------------------------------------------------------------------------- the experiment script
 
-def test_the_swarm_learning_experiment_runs_every_part_at_a_tiny_size(tmp_path, monkeypatch):
+def swarm_learning(monkeypatch):
     import importlib
     monkeypatch.syspath_prepend(os.path.join(ROOT, "experiments"))  # by name: the processes it spawns import it too
-    experiment = importlib.import_module("swarm_learning")
+    return importlib.import_module("swarm_learning")
+
+
+def test_the_swarm_learning_experiment_runs_every_part_at_a_tiny_size(tmp_path, monkeypatch):
+    experiment = swarm_learning(monkeypatch)
     tiny = {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 192, "imitation_episodes": 40, "imitation_iters": 2,
             "clone_iters": 2, "imitation_batch_size": 2}
     out = tmp_path / "exp"
@@ -614,10 +618,38 @@ def test_the_swarm_learning_experiment_runs_every_part_at_a_tiny_size(tmp_path, 
     report = json.loads((out / "swarm_learning.json").read_text())
     table = report["table"]
     assert set(table) == {"arith_learning_vs_frozen", "rooms_learning_vs_frozen", "swarm_vs_single_learner", "messages",
-                          "guide", "throughput_episodes_per_minute"}
+                          "guide", "reading", "throughput_episodes_per_minute", "throughput_learning_over_frozen"}
     assert table["swarm_vs_single_learner"]["episodes"] == 2 and set(table["messages"]) == {"none", "adopt", "text"}
     assert set(table["throughput_episodes_per_minute"]) == {"throughput_none_1", "throughput_each_1",
                                                              "throughput_each_1_every4"}
+    assert set(table["throughput_learning_over_frozen"]) == {"1", "1_every4"}
+    assert set(table["reading"]) == {"worker"}  # no notes training asked: the worker as imitated
     assert 0 <= table["arith_learning_vs_frozen"]["alone_after"]["greedy"] <= 1
     assert (out / "swarm_learning.png").stat().st_size > 0
     assert experiment.in_parallel(1, {"a": (len, "abc")}, deadline=time.monotonic() - 1) == {}  # past it: nothing starts
+
+
+def test_messages_and_hints_are_compared_with_a_learnt_worker_trained_to_read_them(tmp_path, monkeypatch, tiny_policy):
+    experiment = swarm_learning(monkeypatch)
+    out = tmp_path / "exp"
+    experiment.main([f"--out={out}", "--parts=['messages']", f"--worker_ckpt={tiny_policy}", "--goals=2", "--workers=2",
+                     "--eval_goals=1", "--notes_training={'iters': 2, 'episodes': 4, 'share': 1.0}"])
+    report = json.loads((out / "swarm_learning.json").read_text())
+    trained = report["policies"]["arith_worker_notes"]
+    assert "arith_worker" not in report["policies"]  # started from the checkpoint: nothing imitated
+    for run in ("compare_frozen", "debate_adopt", "debate_text"):  # every comparison plays the trained worker
+        config = next(e for e in events({"out_dir": out / "runs" / run}) if e["event"] == "config")["config"]
+        assert config["checkpoints"] == [trained]
+    assert set(report["table"]["reading"]) == {"worker", "before_notes_training"}
+    assert set(report["table"]["reading"]["worker"]) == {f"{how}{note}" for how in ("greedy", "sampled")
+                                                         for note in ("", "_right_hint", "_right_peers")}
+    assert (out / "swarm_learning.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("arg, message", [("--worker_ckpt=nowhere.pt", "no worker checkpoint at nowhere.pt"),
+                                          ("--notes_training={'iter': 5}", "unknown notes_training keys")])
+def test_the_experiment_names_a_missing_worker_or_a_wrong_notes_key_before_any_work(tmp_path, monkeypatch, arg, message):
+    experiment = swarm_learning(monkeypatch)
+    with pytest.raises(SystemExit, match=message):
+        experiment.main([f"--out={tmp_path / 'exp'}", arg])
+    assert not (tmp_path / "exp").exists()
