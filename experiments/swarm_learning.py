@@ -123,15 +123,23 @@ def reading(path, n, temperature):
 
 def train_on_notes(out, path, notes, device):
     """The worker at `path` after behaviour cloning (world.py's) on teacher transcripts that show the peers'
-    and a guide's plans, right and wrong (tasks.sample_notes), as the issue asks; returns its checkpoint."""
+    and a guide's plans, right and wrong (tasks.sample_notes), as the issue asks; returns its checkpoint
+    (reused, like an imitation, while the recipe is the same)."""
     notes = NOTES_TRAINING | notes
-    episodes = teacher_episodes({"arith": {}}, notes["episodes"], 0.0, notes["seed"], notes["share"])
     clone = {"iters": notes["iters"], "batch_size": world.DEFAULTS["imitation_batch_size"],
              "learning_rate": notes["learning_rate"], "final_lr_fraction": 0.1, "betas": world.BETAS,
              "weight_decay": 0.0, "grad_clip": world.DEFAULTS["grad_clip"], "seed": notes["seed"], "device": device,
-             "path": os.path.join(out, "policies", "arith_worker_notes.pt")}
+             "path": os.path.join(out, "policies", "arith_worker_notes", "cloned.pt")}
+    recipe = world.json_roundtrip({"start": path, "notes": notes, "clone": clone})
+    recipe_path = os.path.join(out, "policies", "arith_worker_notes", "recipe.json")
+    reused = world.reusable_imitation(recipe_path, recipe)
+    if reused:
+        return reused
+    episodes = teacher_episodes({"arith": {}}, notes["episodes"], 0.0, notes["seed"], notes["share"])
     with StopRequest(print) as stop:
-        return world.clone_actions(path, episodes, clone, stop)
+        trained = world.clone_actions(path, episodes, clone, stop)
+    write_json_atomic(recipe_path, {"recipe": recipe, "checkpoint": trained})
+    return trained
 
 
 def swarm_run(out_dir, settings):

@@ -640,6 +640,8 @@ def test_messages_and_hints_are_compared_with_a_learnt_worker_trained_to_read_th
     for run in ("compare_frozen", "debate_adopt", "debate_text"):  # every comparison plays the trained worker
         config = next(e for e in events({"out_dir": out / "runs" / run}) if e["event"] == "config")["config"]
         assert config["checkpoints"] == [trained]
+    again = experiment.train_on_notes(str(out), tiny_policy, {"iters": 2, "episodes": 4, "share": 1.0}, "cpu")
+    assert again == trained  # the same recipe: reused, not trained again
     assert set(report["table"]["reading"]) == {"worker", "before_notes_training"}
     assert set(report["table"]["reading"]["worker"]) == {f"{how}{note}" for how in ("greedy", "sampled")
                                                          for note in ("", "_right_hint", "_right_peers")}
