@@ -22,7 +22,8 @@ The arith worker may be a learnt one (worker_ckpt) instead of the imitation, and
 runs may use it further trained on transcripts with PEERS and HINT lines (notes_training), so that the
 comparison is made with a worker that has learnt to read them; "reading" says whether it has: the worker
 alone with the right plan as a HINT or PEERS line.
-Writes swarm_learning.json (every number, with its config) and swarm_learning.png (success over goals).
+Writes swarm_learning.json (every number, with its config) and swarm_learning.png (success over goals, the
+headline numbers, episodes/min over workers).
 """
 import io
 import os
@@ -103,8 +104,7 @@ def alone(path, task, n, temperature, note=""):
     policy, env = world.load_policy(path), make_env(task)
     wins = 0
     for i in range(n):
-        right = play_episode(env, teacher_act(env), HELD_OUT + i)["actions"]
-        notes = [note_line(note, [plan_text(right)])] if note else []
+        notes = [note_line(note, [plan_text(play_episode(env, teacher_act(env), HELD_OUT + i)["actions"])])] if note else []
         wins += play_episode(env, policy.actor(temperature, i), HELD_OUT + i, notes)["success"]
     return wins / n
 
