@@ -346,24 +346,38 @@ def plot(report, path):
             bars[f"{task}\nalone after"] = row["alone_after"]["greedy"]
     if "swarm_vs_single_learner" in rows:
         bars["arith\nsingle learner"] = rows["swarm_vs_single_learner"]["single_after"]["greedy"]
-    if "reading" in rows:
-        for name in ("sampled", "sampled_right_hint", "sampled_right_peers"):
-            bars[f"alone {name.replace('_', ' ')}"] = rows["reading"]["worker"][name]
     for name, row in rows.get("messages", {}).items():
         bars[f"debate\n{name}"] = row["majority_success"]
     for name, row in rows.get("guide", {}).items():
-        if name != "guide_alone":
+        if name == "guide_alone":
+            bars.update({f"guide {size}\nalone greedy": alone["greedy"] for size, alone in row.items()})
+        elif name != "no_guide":  # the same run as debate none
             bars[name.replace("_", "\n")] = row["majority_success"]
     speeds = rows.get("throughput_episodes_per_minute", {})
-    panels = curves + ["bars"] * bool(bars) + ["throughput"] * bool(speeds)
+    panels = curves + ["reading"] * ("reading" in rows) + ["bars"] * bool(bars) + ["throughput"] * bool(speeds)
     fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5 * max(1, len(panels)), 4), squeeze=False)
     for ax, panel in zip(axes[0], panels):
         if panel == "bars":
             ax.bar(range(len(bars)), list(bars.values()), color=[f"C{i % 10}" for i in range(len(bars))])
             ax.set_xticks(range(len(bars)), list(bars), fontsize=6, rotation=45, ha="right")
             ax.set_ylim(0, 1)
-            ax.set_title("one worker alone (greedy unless sampled, held-out) / majority success", fontsize=9)
+            ax.set_title("success: alone (greedy, held-out seeds) / swarm majority", fontsize=9)
             ax.grid(alpha=0.3, axis="y")
+        elif panel == "reading":
+            names = [f"{how}{note}" for how in ("greedy", "sampled") for note in ("", "_right_hint", "_right_peers")]
+            trained = "before_notes_training" in rows["reading"]
+            series = [("before_notes_training", "before notes training")] * trained + \
+                [("worker", "after notes training" if trained else "the worker")]
+            for i, (key, label) in enumerate(series):
+                ax.bar([j + 0.4 * i for j in range(len(names))], [rows["reading"][key][n] for n in names], 0.4,
+                       label=label)
+            ax.set_xticks([j + 0.2 * (len(series) - 1) for j in range(len(names))],
+                          [n.replace("_", " ") for n in names], fontsize=7, rotation=30, ha="right")
+            ax.set_ylim(0, 1)
+            ax.set_title(f"the messages' worker alone: does it read the right plan? (sampled at {cfg['temperature']})",
+                         fontsize=8)
+            ax.grid(alpha=0.3, axis="y")
+            ax.legend(fontsize=7)
         elif panel == "throughput":
             every = cfg["learn_every"]
             for suffix, label in (("none_{}", "frozen"), ("each_{}", f"learning every {every} goal(s)"),
