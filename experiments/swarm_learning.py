@@ -98,13 +98,14 @@ def make_policy(out, name, task, options, device):
         return world.imitate(cfg, stop)
 
 
-def alone(path, task, n, temperature, note=""):
+def alone(path, task, n, temperature, note="", copies=1):
     """One worker alone: success on n held-out seeds no swarm goal uses (greedy at temperature 0); with note
-    "HINT" or "PEERS", the right plan (the teacher's) is in its context as that line."""
+    "HINT" or "PEERS", the right plan (the teacher's) is in its context as that line, `copies` times."""
     policy, env = world.load_policy(path), make_env(task)
     wins = 0
     for i in range(n):
-        notes = [note_line(note, [plan_text(play_episode(env, teacher_act(env), HELD_OUT + i)["actions"])])] if note else []
+        right = [plan_text(play_episode(env, teacher_act(env), HELD_OUT + i)["actions"])] if note else []
+        notes = [note_line(note, right * copies)] if note else []
         wins += play_episode(env, policy.actor(temperature, i), HELD_OUT + i, notes)["success"]
     return wins / n
 
@@ -114,11 +115,13 @@ def alone_both(path, task, n, temperature):
     return {"greedy": alone(path, task, n, 0.0), "sampled": alone(path, task, n, temperature)}
 
 
-def reading(path, n, temperature):
-    """Has the arith worker learnt to read messages? Alone, greedy and sampled, with nothing in its context and
-    with the right plan as a HINT line or as a PEERS line: a worker that reads them gains from the right plan."""
-    return {f"{how}{suffix}": alone(path, "arith", n, t, note) for how, t in (("greedy", 0.0), ("sampled", temperature))
-            for note, suffix in (("", ""), ("HINT", "_right_hint"), ("PEERS", "_right_peers"))}
+def reading(path, n, temperature, peers):
+    """Has the arith worker learnt to read messages? Alone, greedy and sampled, with nothing in its context,
+    with the right plan as a HINT line, as a PEERS line, and as a PEERS line of `peers` plans (the length a
+    text round shows when every peer is right): a worker that reads them gains from the right plan."""
+    return {f"{how}{suffix}": alone(path, "arith", n, t, note, copies) for how, t in (("greedy", 0.0), ("sampled", temperature))
+            for note, copies, suffix in (("", 1, ""), ("HINT", 1, "_right_hint"), ("PEERS", 1, "_right_peers"),
+                                         ("PEERS", peers, "_right_peers_all"))}
 
 
 def train_on_notes(out, path, notes, device):
@@ -216,8 +219,8 @@ def experiment(cfg):
         if cfg["notes_training"].get("iters"):
             talker = policies["arith_worker_notes"] = train_on_notes(out, arith, cfg["notes_training"],
                                                                      cfg["policy_device"])
-            calls["reading_before"] = (reading, arith, cfg["eval_goals"], cfg["temperature"])
-        calls["reading"] = (reading, talker, cfg["eval_goals"], cfg["temperature"])
+            calls["reading_before"] = (reading, arith, cfg["eval_goals"], cfg["temperature"], cfg["workers"] - 1)
+        calls["reading"] = (reading, talker, cfg["eval_goals"], cfg["temperature"], cfg["workers"] - 1)
     print(f"policies ready after {time.perf_counter() - t0:.0f} s: {policies}")
     if "learning" in parts:  # the frozen swarms are the baselines: same goals, seeds and policies
         rooms = policies["rooms_worker"]
@@ -364,7 +367,8 @@ def plot(report, path):
             ax.set_title("success: alone (greedy, held-out seeds) / swarm majority", fontsize=9)
             ax.grid(alpha=0.3, axis="y")
         elif panel == "reading":
-            names = [f"{how}{note}" for how in ("greedy", "sampled") for note in ("", "_right_hint", "_right_peers")]
+            names = [f"{how}{note}" for how in ("greedy", "sampled")
+                     for note in ("", "_right_hint", "_right_peers", "_right_peers_all")]
             trained = "before_notes_training" in rows["reading"]
             series = [("before_notes_training", "before notes training")] * trained + \
                 [("worker", "after notes training" if trained else "the worker")]

@@ -644,7 +644,8 @@ def test_messages_and_hints_are_compared_with_a_learnt_worker_trained_to_read_th
     assert again == trained  # the same recipe: reused, not trained again
     assert set(report["table"]["reading"]) == {"worker", "before_notes_training"}
     assert set(report["table"]["reading"]["worker"]) == {f"{how}{note}" for how in ("greedy", "sampled")
-                                                         for note in ("", "_right_hint", "_right_peers")}
+                                                         for note in ("", "_right_hint", "_right_peers",
+                                                                      "_right_peers_all")}
     assert (out / "swarm_learning.png").stat().st_size > 0
 
 
