@@ -602,7 +602,7 @@ class GPT(nn.Module):
         decode_step = self.next_logits
         if compile and idx.device.type == "cpu":
             # no CUDA graphs on a CPU; inductor would fold each norm and residual add into every output row of
-            # an int8 matvec and redo it per row: materialising them made the 12 x 1024 int8 step 2.2x faster
+            # an int8 matvec and redo it per row; materialised, the int8 step runs at 2.1x float32's (BENCHMARKS.md)
             decode_step = torch.compile(self.next_logits, fullgraph=True, dynamic=False,
                                         options={"realize_opcount_threshold": 0})
         elif compile:

@@ -127,6 +127,8 @@ def plot(results, path):
 
 def main(argv):
     cfg = configure(DEFAULTS, argv)
+    if cfg["games"] < 1 or cfg["held_out"] < 1 or cfg["imitation_per_game"] < 1 or not cfg["seeds"]:
+        raise SystemExit("need games, held_out and imitation_per_game >= 1 and at least one seed")
     print_config(cfg)
     os.makedirs(cfg["out"], exist_ok=True)
     results = {}

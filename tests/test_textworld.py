@@ -340,3 +340,13 @@ def test_suite_reads_a_finished_run_back_and_records_a_failed_one(tmp_path):
         os.dup2(fd2, 2)
     assert "no games" in (tmp_path / "broken.log").read_text()
     assert not (tmp_path / "broken.json").exists()  # a later suite tries it again
+
+
+def test_failures_refuses_empty_sizes_before_making_anything(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(root, "experiments"))
+    import textworld_failures
+    for bad in ("--held_out=0", "--games=0", "--seeds=[]"):
+        with pytest.raises(SystemExit, match="need games, held_out and imitation_per_game >= 1"):
+            textworld_failures.main([bad, f"--out={tmp_path / 'out'}"])
+    assert not (tmp_path / "out").exists()
