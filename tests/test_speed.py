@@ -244,3 +244,19 @@ def test_char_best_retries_a_run_out_of_memory_once_and_stops_runs_at_the_deadli
     done = char_best.run_all(cfg)
     assert done[("oom_once", 1)][0] == 0  # the second start succeeded
     assert done[("slow", 1)][0] != 0 and done[("slow", 1)][2] < 30  # stopped at the deadline, not after 60 s
+
+
+def test_shakespeare_char_noise_config_is_the_measured_char_best_candidate():
+    """config/shakespeare_char_noise.py read after shakespeare_char_best.py is the char_best.py run behind the
+    1.3960 in BENCHMARKS.md (noise_block1024_3000), key for key but the out_dir."""
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    import char_best
+    from configurator import parse_value, read_config_file
+    best = read_config_file(os.path.join(ROOT, "config", "shakespeare_char_best.py"))
+    shipped = best | read_config_file(os.path.join(ROOT, "config", "shakespeare_char_noise.py"))
+    measured = dict(best)
+    for arg in char_best.DEFAULTS["configs"]["noise_block1024_3000"]:
+        key, value = arg[2:].split("=", 1)
+        measured[key] = parse_value(value)
+    shipped.pop("out_dir"), measured.pop("out_dir")
+    assert shipped == measured
