@@ -137,3 +137,15 @@ def test_input_noise_experiment_runs_tiny_on_a_training_slice(tiny_data):
     assert os.path.getsize(sliced / "train.bin") == 2 * 2000
     assert (sliced / "val.bin").read_bytes() == (tiny_data / "data" / "tiny" / "val.bin").read_bytes()
     assert (out / "input_noise.png").exists()
+
+
+@pytest.mark.parametrize("arg, message", [("--train_tokens=10000000", "train_tokens=10000000 exceeds the"),
+                                          ("--evals=0", "evals must be >= 1"), ("--seeds=[]", "seeds a non-empty list")])
+def test_input_noise_experiment_refuses_bad_settings_before_training(tiny_data, arg, message):
+    from test_synthetic import load_experiment
+    config = tiny_data / "tiny_noise_bad.py"
+    config.write_text(f"dataset = 'tiny'\ndata_dir = {str(tiny_data / 'data')!r}\ndevice = 'cpu'\ncompile = False\n")
+    out = tiny_data / "noise_bad"
+    with pytest.raises(SystemExit, match=message):
+        load_experiment("input_noise").main([f"--train_config={config}", f"--out={out}", arg])
+    assert not (out / "input_noise.json").exists()
