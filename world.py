@@ -47,6 +47,8 @@ DEFAULTS = dict(
     teacher_help=False,        # on a failed episode, the teacher's actions are shown and replayed
     choice_loss=False,         # act=choose: online updates are a cross-entropy over the commands the game listed
                                # in each trained state, scored as the actor scores them, not the action's likelihood
+                               # (harder TextWorld, 384 episodes of expert iteration: 20 -> 35% held-out, against
+                               # 20 -> 5% with the likelihood, which lowers the label's rank while raising its text)
     seed=1337,
     device="cpu",
     # imitation: the policy's first weights
