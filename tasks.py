@@ -415,15 +415,19 @@ def play_episode(env, act, seed, notes=()):
 
     Besides the contract's keys it keeps `action_spans` (character ranges of each action line in the
     transcript, newline included: the tokens a policy is trained on) and `teacher_actions` (what the
-    teacher would have done in each state the policy met: the labels of teacher help). `notes` are
-    lines from others (note_line) shown after the first observation.
+    teacher would have done in each state the policy met: the labels of teacher help). A task that lists
+    its commands adds `choices`: the list in each state the policy met (what act=choose picked from).
+    `notes` are lines from others (note_line) shown after the first observation.
     """
     obs = env.reset(seed)
     transcript = f"task {env.name}\nobs {obs}\n" + "".join(f"{line}\n" for line in notes)
-    actions, spans, teacher_actions, total = [], [], [], 0.0
+    actions, spans, teacher_actions, choices, total = [], [], [], [], 0.0
     done, info = False, {"success": False}
+    lists = hasattr(env, "admissible_actions")
     while not done:
         teacher_actions.append(env.teacher_action())
+        if lists:
+            choices.append(env.admissible_actions())
         action = clean_action(act(transcript))
         start = len(transcript) + len(ACTION_PREFIX)
         transcript += f"{ACTION_PREFIX}{action}\n"
@@ -435,8 +439,9 @@ def play_episode(env, act, seed, notes=()):
         actions.append(action)
         total += reward
     transcript += f"done {'success' if info['success'] else 'failure'}\n"
-    return {"task": env.name, "seed": seed, "success": info["success"], "reward": total, "actions": actions,
-            "transcript": transcript, "action_spans": spans, "teacher_actions": teacher_actions}
+    episode = {"task": env.name, "seed": seed, "success": info["success"], "reward": total, "actions": actions,
+               "transcript": transcript, "action_spans": spans, "teacher_actions": teacher_actions}
+    return episode | ({"choices": choices} if lists else {})
 
 
 def plan_text(actions):

@@ -44,6 +44,9 @@ DEFAULTS = dict(
     budget_s=0,                # stop every run after this many seconds (0: no limit) and report what is done
     experiments=[1, 2, 3, 4],  # which of the four to run (e.g. [2, 4]: only the runs those need, and their games)
     choose_untried=False,      # act=choose never repeats a command in the same game state (world.py's option)
+    choice_loss=False,         # 2, 4: online updates train the ranking act=choose uses (world.py's option)
+    temperature_start=1.0,     # 2, 4: online sampling temperature, from start to end over a run (world.py's options)
+    temperature_end=0.5,
     seed=1337,
     easy={"challenge": "custom", "world_size": 3, "nb_objects": 4, "quest_length": 2, "max_steps": 8},
     hard={"challenge": "custom", "world_size": 6, "nb_objects": 6, "quest_length": 4, "max_steps": 10},
@@ -80,7 +83,8 @@ def world_config(cfg, out_dir, **overrides):
     """A world.py config for one run: the suite's shape and imitation settings, act=choose."""
     base = configure(world.DEFAULTS, []) | {k: cfg[k] for k in (
         "device", "seed", "eval_episodes", "eval_interval", "imitation_iters", "clone_iters", "imitation_batch_size",
-        "n_layer", "n_head", "n_embd", "block_size", "replay_recent_window", "choose_untried")}
+        "n_layer", "n_head", "n_embd", "block_size", "replay_recent_window", "choose_untried", "choice_loss",
+        "temperature_start", "temperature_end")}
     return base | {"out_dir": out_dir, "act": "choose", "overwrite": True} | overrides
 
 

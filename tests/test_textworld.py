@@ -321,6 +321,18 @@ def test_suite_runs_only_the_chosen_experiments_and_makes_only_their_games(monke
     assert len(easy) == cfg["start_games"] + cfg["eval_episodes"] and len(hard) == cfg["hard_games"] + cfg["eval_episodes"]
 
 
+def test_suite_passes_the_online_learning_options_to_every_online_run():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(root, "experiments"))
+    import textworld_suite
+    cfg = configure(textworld_suite.DEFAULTS, [os.path.join(root, "config", "textworld_suite_gpu.py"), "--experiments=[2,4]",
+                                               "--choice_loss=True", "--temperature_start=0.3", "--temperature_end=0.1"])
+    plan = textworld_suite.jobs(cfg)
+    for name in ("hard_expert_iteration", "hard_reinforce", "shift_replay", "shift_no_replay", "hard_only"):
+        run = plan[name][1][0]
+        assert run["choice_loss"] and (run["temperature_start"], run["temperature_end"]) == (0.3, 0.1), name
+
+
 def test_suite_reads_a_finished_run_back_and_records_a_failed_one(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sys.path.insert(0, os.path.join(root, "experiments"))

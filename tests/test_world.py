@@ -92,6 +92,40 @@ def test_teacher_help_labels_the_states_where_the_policy_went_wrong():
     assert items[0]["text"][start:end] == f"CALL calc {env.expression}\n"
 
 
+class ListedArith(tasks.Arith):
+    """Arith as a task that lists its commands, as textworld does: the right call, a wrong one, an answer."""
+    def admissible_actions(self):
+        return [f"CALL calc {self.expression}", "CALL calc 1+1", f"ANSWER {self.answer}"]
+
+
+def test_episodes_and_teacher_labels_keep_the_commands_listed_in_each_state():
+    env = ListedArith()
+    episode = tasks.play_episode(env, lambda transcript: "CALL calc 1+1", 0)
+    assert len(episode["choices"]) == len(episode["actions"]) and episode["choices"][0][0] == episode["teacher_actions"][0]
+    item = world.teacher_items(episode, 0)[0]
+    assert item["choices"] == [episode["choices"][0]] and world.episode_item(episode, 0)["choices"] == episode["choices"]
+    assert "choices" not in tasks.play_episode(tasks.make_env("arith"), lambda transcript: "ANSWER 1", 0)
+
+
+def test_choice_loss_lifts_the_label_to_the_top_of_the_listed_commands():
+    env = ListedArith()
+    transcript = tasks.play_episode(env, tasks.teacher_act(env), 0)["transcript"]
+    context = transcript[:transcript.index("act ")]
+    policy = tiny_policy()
+    listed = ["CALL calc 1+1", f"CALL calc {env.expression}", "ANSWER 7", "look"]
+    label = min(listed, key=lambda c: float(policy.command_scores(context, listed)[listed.index(c)]))  # ranked last
+    start = len(context) + len(tasks.ACTION_PREFIX)
+    item = {"text": f"{context}act {label}\n", "spans": [[start, start + len(label) + 1]], "choices": [listed]}
+    optimizer = torch.optim.AdamW(policy.model.parameters(), lr=3e-3)
+    losses = [world.choice_update(policy, optimizer, [item], [1.0]) for _ in range(15)]
+    assert losses[-1] < losses[0] and policy.choose(context, listed) == label
+
+
+def test_choice_loss_needs_act_choose(tmp_path):
+    with pytest.raises(ConfigError, match="act=choose"):
+        world.check_config(tiny_run_config(tmp_path, choice_loss=True))
+
+
 def test_replay_keeps_recent_items_and_mixes_them_with_old_ones():
     rng = random.Random(0)
     replay = world.ReplayBuffer(size=50, recent_window=10, recent_fraction=0.5)
