@@ -288,6 +288,11 @@ def choice_update(policy, optimizer, items, weights, grad_clip=1.0):
     update() raises the action's text likelihood, which moves every command that shares its characters
     and need not lift the action above its rivals in that state. One state at a time: a state's commands
     share its context, and a batch of all of them would hold every state's copies at once."""
+    unlisted = sum("choices" not in item for item in items)
+    if unlisted:  # e.g. a replay buffer resumed from a run that did not record the listed commands
+        raise SystemExit(f"choice_loss needs the commands listed in each trained state, and {unlisted} replay "
+                         f"items have none (kept by a run before choice_loss, or from a task that lists no "
+                         f"commands): start a fresh run, or set choice_loss=False")
     policy.model.train()
     optimizer.zero_grad(set_to_none=True)
     states = [(item["text"][:start], item["text"][start:end - 1], listed, weight)

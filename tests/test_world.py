@@ -121,6 +121,13 @@ def test_choice_loss_lifts_the_label_to_the_top_of_the_listed_commands():
     assert losses[-1] < losses[0] and policy.choose(context, listed) == label
 
 
+def test_choice_loss_refuses_replay_items_without_their_listed_commands():
+    item = {"text": "task t\nobs o\nact look\n", "spans": [[14, 19]]}  # kept by a run before choice_loss
+    policy = tiny_policy()
+    with pytest.raises(SystemExit, match="1 replay items have none"):
+        world.choice_update(policy, torch.optim.AdamW(policy.model.parameters()), [item], [1.0])
+
+
 def test_choice_loss_needs_act_choose(tmp_path):
     with pytest.raises(ConfigError, match="act=choose"):
         world.check_config(tiny_run_config(tmp_path, choice_loss=True))
