@@ -987,7 +987,8 @@ def learning_config(cfg, seed):
     """What a learning process needs of the config: world.py's expert iteration settings."""
     keys = ("learning_rate", "updates_per_batch", "update_batch_size", "grad_clip", "replay_size",
             "replay_recent_window", "replay_recent_fraction", "out_dir")
-    return {k: cfg[k] for k in keys} | {"mode": "expert_iteration", "seed": seed}
+    # swarm workers write their actions (act=generate), so updates train the actions' likelihood
+    return {k: cfg[k] for k in keys} | {"mode": "expert_iteration", "seed": seed, "choice_loss": False}
 
 
 def make_workers(cfg):
