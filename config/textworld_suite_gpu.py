@@ -7,6 +7,10 @@ choose_untried = True        # act=choose never repeats a command in one game st
                              # failures); experiment 1's 59.5 / 68 / 85% on the GPU were without it
 easy_games = [100, 300, 1000]
 held_out = 200
+choice_loss = True           # online updates train the ranking act=choose uses: on the CPU the likelihood update
+                             # took harder-game success 20 -> 5%, this 20 -> 32.5-40% (EXPERIMENTS.md, TextWorld)
+temperature_start = 0.3      # at 1.0 the listed commands are near-uniform: training episodes are random walks
+temperature_end = 0.1
 hard = {"challenge": "custom", "world_size": 6, "nb_objects": 6, "quest_length": 3, "max_steps": 10}
                              # quests of 3: imitation wins 20-30% (CPU size), inside the issue's 20-60% band for
                              # experiment 2; quests of 4 gave 7.5% on the GPU (EXPERIMENTS.md, TextWorld)
