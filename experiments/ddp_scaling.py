@@ -333,7 +333,7 @@ def main(argv):
         else:
             print(f"{model}: loss not measured: see {cfg['out']}/runs/*/log.txt")
     if stopped is not None:
-        raise SystemExit(f"stopped before every run finished; the report covers what they logged")
+        raise SystemExit("stopped before every run finished; the report covers what they logged")
 
 
 if __name__ == "__main__":

@@ -82,3 +82,14 @@ def test_a_stopped_experiment_leaves_no_training_processes_and_reports_what_ran(
     assert report["runs"]["tiny_speed_1gpu"]["exit_code"] is None  # stopped, not finished
     assert "tiny_speed_2gpu" not in report["runs"]  # never started
     assert (out / "runs" / "tiny_speed_1gpu" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("models, message", [
+    ("{'m': {'config': 'config/gpu_124m.py', 'speed_steps': 3, 'loss_accum': 2, 'seqs': 1}}", "unknown keys"),
+    ("{'m': {'config': 'config/nope.py', 'speed_steps': 3, 'loss_accum': 2}}", "an existing file"),
+    ("{'m': {'config': 'config/gpu_124m.py', 'speed_steps': 3, 'loss_accum': 3}}", "multiple of gpus=2"),
+])
+def test_bad_models_are_refused_before_anything_runs(tmp_path, models, message):
+    with pytest.raises(SystemExit, match=message):
+        ddp_scaling.main([f"--models={models}", "--device=cpu", f"--out={tmp_path / 'ddp'}"])
+    assert not (tmp_path / "ddp").exists()
