@@ -170,8 +170,10 @@ def jobs(cfg):
                              eval_episodes=cfg["held_out"] if experiment1 else cfg["eval_episodes"])
             plan[f"easy{n}_choose"] = (world_run, [world_config(cfg, folder(f"easy{n}_choose"), **imitation)], [])
             if experiment1:
+                # choice_loss trains act=choose's ranking, so world.py refuses it with act=generate (and this
+                # run only plays: mode=evaluate)
                 plan[f"easy{n}_generate"] = (world_run, [world_config(
-                    cfg, folder(f"easy{n}_generate"), **imitation, act="generate",
+                    cfg, folder(f"easy{n}_generate"), **imitation, act="generate", choice_loss=False,
                     init_from=cloned(folder(f"easy{n}_choose")))], [f"easy{n}_choose"])
     if 2 in cfg["experiments"]:
         imitation = dict(tasks=tw(hard, cfg["hard_games"]), imitation_episodes=cfg["imitation_per_game"] * cfg["hard_games"])
@@ -231,8 +233,9 @@ def run_job(name, function, args, cfg, threads):
 def run_all(cfg, plan, report, deadline):
     """Runs in worker processes, each as soon as the runs it waits for are done; report(results, started) after each.
     At the deadline (time.monotonic(), or None) the runs still going are stopped: their curves so far stay on disk."""
-    workers = cfg["workers"] or min(MAX_WORKERS, os.cpu_count() or 1)
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    cores = len(os.sched_getaffinity(0))  # the cores this process may use (taskset), not the machine's
+    workers = cfg["workers"] or min(MAX_WORKERS, cores)
+    threads = max(1, cores // workers)
     results, running, started = {}, {}, set()
     # spawn, not fork: a forked CUDA context does not work in the child
     pool = futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))

@@ -333,6 +333,20 @@ def test_suite_passes_the_online_learning_options_to_every_online_run():
         assert run["choice_loss"] and (run["temperature_start"], run["temperature_end"]) == (0.3, 0.1), name
 
 
+def test_every_world_run_the_suite_plans_passes_world_checks():
+    # the GPU suite once planned act=generate runs with choice_loss on, which world.py refuses at start
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(root, "experiments"))
+    import textworld_suite
+    cfg = configure(textworld_suite.DEFAULTS, [os.path.join(root, "config", "textworld_suite_gpu.py")])
+    runs = [(name, args[0]) for name, (function, args, _) in textworld_suite.jobs(cfg).items()
+            if function is textworld_suite.world_run]
+    assert {"easy1000_generate", "hard_expert_iteration", "shift_replay"} <= {name for name, _ in runs}
+    for name, run in runs:
+        world.check_config(run)
+        assert run["choice_loss"] == (run["act"] == "choose"), name
+
+
 def test_suite_reads_a_finished_run_back_and_records_a_failed_one(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sys.path.insert(0, os.path.join(root, "experiments"))
