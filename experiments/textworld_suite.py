@@ -52,6 +52,8 @@ DEFAULTS = dict(
     hard={"challenge": "custom", "world_size": 6, "nb_objects": 6, "quest_length": 4, "max_steps": 10},
     easy_games=[20, 60],       # 1: training games imitated (N)
     held_out=30,               # 1, 3: unseen easy games played
+    generate_held_out=0,       # 1: of those, how many act=generate plays (0: all); it writes each command a character
+                               # at a time, ~30x slower than choose (200 games ran past 390 s on the GPU)
     hard_games=40,             # 2: harder training games imitated, and the pool online learning plays
     online_episodes=96,        # 2: online episodes; 4: episodes before the shift, and again after it
     walkthroughs=[0, 10, 30],  # 3: walkthroughs cloned (N games; 0: the start as it is)
@@ -172,8 +174,9 @@ def jobs(cfg):
             if experiment1:
                 # choice_loss trains act=choose's ranking, so world.py refuses it with act=generate (and this
                 # run only plays: mode=evaluate)
+                generate = imitation | dict(eval_episodes=cfg["generate_held_out"] or imitation["eval_episodes"])
                 plan[f"easy{n}_generate"] = (world_run, [world_config(
-                    cfg, folder(f"easy{n}_generate"), **imitation, act="generate", choice_loss=False,
+                    cfg, folder(f"easy{n}_generate"), **generate, act="generate", choice_loss=False,
                     init_from=cloned(folder(f"easy{n}_choose")))], [f"easy{n}_choose"])
     if 2 in cfg["experiments"]:
         imitation = dict(tasks=tw(hard, cfg["hard_games"]), imitation_episodes=cfg["imitation_per_game"] * cfg["hard_games"])

@@ -345,6 +345,11 @@ def test_every_world_run_the_suite_plans_passes_world_checks():
     for name, run in runs:
         world.check_config(run)
         assert run["choice_loss"] == (run["act"] == "choose"), name
+    fewer = configure(textworld_suite.DEFAULTS, [os.path.join(root, "config", "textworld_suite_gpu.py"),
+                                                 "--generate_held_out=50"])
+    plan = textworld_suite.jobs(fewer)
+    assert plan["easy1000_generate"][1][0]["eval_episodes"] == 50
+    assert plan["easy1000_choose"][1][0]["eval_episodes"] == fewer["held_out"] == 200
 
 
 def test_suite_reads_a_finished_run_back_and_records_a_failed_one(tmp_path):
