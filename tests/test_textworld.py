@@ -381,3 +381,42 @@ def test_failures_refuses_empty_sizes_before_making_anything(tmp_path):
         with pytest.raises(SystemExit, match="need games, held_out and imitation_per_game >= 1"):
             textworld_failures.main([bad, f"--out={tmp_path / 'out'}"])
     assert not (tmp_path / "out").exists()
+
+
+def test_seeds_report_means_and_spreads_of_suite_runs(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(root, "experiments"))
+    import textworld_seeds
+    from checkpoint import read_json, write_json_atomic
+
+    def suite(seed, easy, hard, shift):
+        path = str(tmp_path / f"suite{seed}.json")
+        write_json_atomic(path, {"config": {"seed": seed, "experiments": [1, 2, 4]},
+                                 "summary": {"1_easy": easy, "2_hard": hard, "4_shift": shift}})
+        return path
+
+    def shift(before, end, new, hard_only):
+        side = {"old_before_shift": before, "old_at_end": end, "new": [[4, 0.1], [8, new]]}
+        return {"shift_replay": side, "shift_no_replay": dict(side, old_at_end=None), "hard_only": {"new": [[8, hard_only]]}}
+
+    runs = [suite(1, [{"games": 10, "choose": 0.9, "generate": None}],
+                  {"episodes": 8, "imitation": 0.2, "expert_iteration": [[0, 0.2], [8, 0.5]], "reinforce": [[0, 0.2], [4, 0.3]]},
+                  shift(0.8, 0.7, 0.4, 0.5)),
+            suite(2, [{"games": 10, "choose": 0.7, "generate": 0.1}],
+                  {"episodes": 8, "imitation": 0.1, "expert_iteration": [[0, 0.1], [8, 0.2]], "reinforce": [[0, 0.1], [8, 0.1]]},
+                  shift(0.9, 0.9, 0.2, 0.4))]
+    textworld_seeds.main([f"--runs={runs}", f"--out={tmp_path / 'seeds'}"])
+    numbers = read_json(str(tmp_path / "seeds.json"), "")
+    choose = numbers["1_easy"]["10"]["choose"]
+    assert choose["n"] == 2 and abs(choose["mean"] - 0.8) < 1e-9 and abs(choose["std"] - 0.1414) < 1e-3
+    assert numbers["1_easy"]["10"]["generate"]["values"] == [0.1]  # a run without the number is left out
+    ei, rf = numbers["2_hard"]["8"]["expert_iteration"], numbers["2_hard"]["8"]["reinforce"]
+    assert [round(v, 6) for v in ei["lift_at_end"]["values"]] == [0.3, 0.1]
+    assert rf["lift_at_end"]["values"] == [0.0] and rf["last_episode"] == [4, 8]  # seed 1's was cut at 4 of 8
+    replay = numbers["4_shift"]["shift_replay"]
+    assert [round(v, 6) for v in replay["old_drop"]["values"]] == [0.1, 0.0]
+    assert [round(v, 6) for v in replay["new_over_hard_only"]["values"]] == [0.8, 0.5]
+    assert numbers["4_shift"]["shift_no_replay"]["old_drop"]["n"] == 0
+    assert (tmp_path / "seeds.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="--runs is empty"):
+        textworld_seeds.main([f"--out={tmp_path / 'none'}"])
