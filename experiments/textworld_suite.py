@@ -53,7 +53,7 @@ DEFAULTS = dict(
     easy_games=[20, 60],       # 1: training games imitated (N)
     held_out=30,               # 1, 3: unseen easy games played
     generate_held_out=0,       # 1: of those, how many act=generate plays (0: all); it writes each command a character
-                               # at a time, ~30x slower than choose (200 games ran past 390 s on the GPU)
+                               # at a time, 4-20x slower than choose (200 games ran past 390 s on the GPU)
     hard_games=40,             # 2: harder training games imitated, and the pool online learning plays
     online_episodes=96,        # 2: online episodes; 4: episodes before the shift, and again after it
     walkthroughs=[0, 10, 30],  # 3: walkthroughs cloned (N games; 0: the start as it is)
