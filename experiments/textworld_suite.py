@@ -56,6 +56,7 @@ DEFAULTS = dict(
                                # at a time, 4-20x slower than choose (200 games ran past 390 s on the GPU)
     hard_games=40,             # 2: harder training games imitated, and the pool online learning plays
     online_episodes=96,        # 2: online episodes; 4: episodes before the shift, and again after it
+    learners=["expert_iteration", "reinforce"],  # 2: the online learners run from the imitation policy (or one)
     walkthroughs=[0, 10, 30],  # 3: walkthroughs cloned (N games; 0: the start as it is)
     pretrain_games=60,         # 3: training games whose observations the pretrained model reads
     pretrain_iters=100,        # 3: train.py steps of pretraining
@@ -181,8 +182,11 @@ def jobs(cfg):
     if 2 in cfg["experiments"]:
         imitation = dict(tasks=tw(hard, cfg["hard_games"]), imitation_episodes=cfg["imitation_per_game"] * cfg["hard_games"])
         plan["hard_imitation"] = (world_run, [world_config(cfg, folder("hard_imitation"), **imitation, mode="evaluate")], [])
-        for name, mode in (("hard_expert_iteration", dict(mode="expert_iteration", teacher_help=True)),
-                           ("hard_reinforce", dict(mode="reinforce"))):
+        for learner, mode in (("expert_iteration", dict(mode="expert_iteration", teacher_help=True)),
+                              ("reinforce", dict(mode="reinforce"))):
+            if learner not in cfg["learners"]:
+                continue
+            name = f"hard_{learner}"
             plan[name] = (world_run, [world_config(cfg, folder(name), **imitation, **mode, episodes=episodes,
                                                    init_from=cloned(folder("hard_imitation")))], ["hard_imitation"])
     if 3 in cfg["experiments"]:
@@ -375,9 +379,15 @@ def plot(cfg, results, started, path):
     save_figure(fig, path, dpi=80)
 
 
+LEARNERS = ("expert_iteration", "reinforce")
+
+
 def main(argv):
     cfg = configure(DEFAULTS, argv)
     print_config(cfg)
+    unknown = sorted(set(cfg["learners"]) - set(LEARNERS))
+    if unknown:
+        raise SystemExit(f"learners: unknown {unknown}; choose from {list(LEARNERS)}")
     os.makedirs(cfg["out"], exist_ok=True)
     start = time.perf_counter()
     make_games(cfg)

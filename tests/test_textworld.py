@@ -352,6 +352,17 @@ def test_every_world_run_the_suite_plans_passes_world_checks():
     assert plan["easy1000_choose"][1][0]["eval_episodes"] == fewer["held_out"] == 200
 
 
+def test_suite_runs_only_the_chosen_learners(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(root, "experiments"))
+    import textworld_suite
+    cfg = configure(textworld_suite.DEFAULTS, [os.path.join(root, "config", "textworld_suite_gpu.py"),
+                                               "--experiments=[2]", "--learners=['reinforce']"])
+    assert set(textworld_suite.jobs(cfg)) == {"hard_imitation", "hard_reinforce"}
+    with pytest.raises(SystemExit, match="unknown \\['ppo'\\]"):
+        textworld_suite.main(["--learners=['ppo']", f"--out={tmp_path}"])
+
+
 def test_suite_reads_a_finished_run_back_and_records_a_failed_one(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sys.path.insert(0, os.path.join(root, "experiments"))
