@@ -621,7 +621,7 @@ class GPT(nn.Module):
                 # the rotary tables carry the float dtype (a quantized model's embedding is int8); a pruned
                 # (never looped) model's layers may have fewer kv heads each
                 kv_heads = None if self.config.n_core else [block.attn.n_kv_head for block in self.blocks]
-                length = min(block_size, idx.size(1) + max_new_tokens)  # never refilled before the last token
+                length = cache_length(idx.size(1) + max_new_tokens, block_size, compile)
                 cache = KVCache(self.config, idx.size(0), idx.device, self.rotary.cos.dtype, loops, kv_heads, length)
                 if compile:  # the cache's buffers keep their addresses, so the CUDA graph may write them
                     for t in cache.k + cache.v + cache.outputs:
@@ -923,6 +923,16 @@ def check_sampling_args(temperature, top_k, top_p):
         raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def cache_length(needed, block_size, compiled):
+    """KV cache slots for a generation that needs `needed` positions: no more (its memory), so it is never
+    refilled before its last token. A compiled decode step is specialised to the cache's shape, so there the
+    length is rounded up to a power of two: calls asking for 60 or 64 new tokens share one compiled graph
+    instead of recompiling (seconds each, or a new CUDA graph) for every length."""
+    if compiled:
+        needed = 1 << (needed - 1).bit_length()
+    return min(block_size, needed)
 
 
 def sample_next_token(logits, temperature, top_k, top_p, generator=None):

@@ -57,7 +57,17 @@ def test_compiled_decode_step_matches_eager_without_recompiling():
     eager = model.generate(idx, 12, temperature=0.0)
     with torch._dynamo.config.patch(error_on_recompile=True):
         compiled = model.generate(idx, 12, temperature=0.0, compile=True)
-    assert torch.equal(compiled, eager)
+        # another length in the same power of two reuses the compiled step (16 cache slots both times)
+        shorter = model.generate(idx, 10, temperature=0.0, compile=True)
+    assert torch.equal(compiled, eager) and torch.equal(shorter, eager[:, :14])
+
+
+def test_cache_length_holds_what_a_generation_needs_and_compiled_rounds_up():
+    from model import cache_length
+    assert cache_length(20, 1024, compiled=False) == 20  # eager: no more memory than needed
+    assert cache_length(20, 1024, compiled=True) == 32
+    assert cache_length(32, 1024, compiled=True) == 32
+    assert cache_length(528, 1024, compiled=True) == 1024 and cache_length(900, 600, compiled=True) == 600
 
 
 def test_per_token_losses_average_to_the_mean_loss():
