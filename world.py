@@ -127,9 +127,9 @@ class Policy:
         probs = torch.softmax(score.float().cpu() / temperature, 0)
         return commands[int(torch.multinomial(probs, 1, generator=generator))]
 
-    @torch.no_grad()
     def command_scores(self, transcript, commands):
-        """Each command's mean log-likelihood per token as the next action line (its newline included): (len(commands),)."""
+        """Each command's mean log-likelihood per token as the next action line (its newline included): (len(commands),).
+        Scored in eval mode, as act=choose plays; gradients flow unless the caller turns them off (choice_loss)."""
         was_training = self.model.training
         self.model.eval()
         start = len(transcript) + len(ACTION_PREFIX)
@@ -281,30 +281,32 @@ def update(policy, optimizer, items, weights, grad_clip=1.0):
     return loss.item()
 
 
-def choice_update(policy, optimizer, items, weights, grad_clip=1.0):
-    """One gradient step on weight * (cross-entropy of each trained action among the commands listed in its
-    state), every command scored as Policy.choose scores it: what act=choose ranks, trained directly.
-
-    update() raises the action's text likelihood, which moves every command that shares its characters
-    and need not lift the action above its rivals in that state. One state at a time: a state's commands
-    share its context, and a batch of all of them would hold every state's copies at once."""
+def require_listed_commands(items):
+    """choice_loss trains on the commands listed in each state: refuse replay items that do not carry them."""
     unlisted = sum("choices" not in item for item in items)
     if unlisted:  # e.g. a replay buffer resumed from a run that did not record the listed commands
         raise SystemExit(f"choice_loss needs the commands listed in each trained state, and {unlisted} replay "
                          f"items have none (kept by a run before choice_loss, or from a task that lists no "
                          f"commands): start a fresh run, or set choice_loss=False")
+
+
+def choice_update(policy, optimizer, items, weights, grad_clip=1.0):
+    """One gradient step on weight * (cross-entropy of each trained action among the commands listed in its
+    state), every command scored by Policy.command_scores, as act=choose scores it: its ranking, trained directly.
+
+    update() raises the action's text likelihood, which moves every command that shares its characters
+    and need not lift the action above its rivals in that state. One state at a time: a state's commands
+    share its context, and a batch of all of them would hold every state's copies at once."""
+    require_listed_commands(items)
     policy.model.train()
     optimizer.zero_grad(set_to_none=True)
-    states = [(item["text"][:start], item["text"][start:end - 1], listed, weight)
+    # each trained action's transcript before its ACTION_PREFIX, the action, and the commands listed there
+    states = [(item["text"][:start - len(ACTION_PREFIX)], item["text"][start:end - 1], listed, weight)
               for item, weight in zip(items, weights) for (start, end), listed in zip(item["spans"], item["choices"])]
     total = 0.0
-    for context, action, listed, weight in states:
+    for transcript, action, listed, weight in states:
         commands = list(dict.fromkeys([action, *listed]))  # the trained action first, once, listed or not
-        start = len(context)
-        log_likelihood, count = policy.action_log_likelihood(
-            [{"text": f"{context}{c}\n", "spans": [[start, start + len(c) + 1]]} for c in commands])
-        score = log_likelihood / count.clamp(min=1)  # (len(commands),), Policy.command_scores with gradients
-        loss = -weight * torch.log_softmax(score, 0)[0] / len(states)
+        loss = -weight * torch.log_softmax(policy.command_scores(transcript, commands), 0)[0] / len(states)
         loss.backward()
         total += loss.item()
     if grad_clip > 0:
@@ -597,6 +599,8 @@ def resume_progress(state, optimizer, cfg):
     torch.set_rng_state(state["torch_rng"])
     rng = random.Random()
     rng.setstate(state["rng"])
+    if cfg["choice_loss"]:  # here, before anything is played or written, not at the first update
+        require_listed_commands(state["replay"])
     replay = ReplayBuffer(cfg["replay_size"], cfg["replay_recent_window"], cfg["replay_recent_fraction"], state["replay"])
     return Progress(state["step"], state["baselines"], replay, rng)
 

@@ -22,6 +22,8 @@ late choices)? Writes textworld_failures.json and textworld_failures.png.
 import os
 import sys
 
+import torch
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import world  # noqa: E402
 from checkpoint import read_json, write_json_atomic  # noqa: E402
@@ -71,7 +73,8 @@ def diagnose(policy, env, episode):
             others = [c for c in commands if c != teacher[i]] or [teacher[i]]
             shorter_by_chance = sum(len(c) < len(teacher[i]) for c in others) / len(others)  # a random wrong pick
             if teacher[i] in commands:
-                scores = policy.command_scores(prompt, commands)
+                with torch.no_grad():
+                    scores = policy.command_scores(prompt, commands)
                 rank = int((scores > scores[commands.index(teacher[i])]).sum())
             context = len(policy.tokenizer.encode(prompt + ACTION_PREFIX))
         env.step(action)

@@ -126,6 +126,14 @@ def test_choice_loss_refuses_replay_items_without_their_listed_commands():
     policy = tiny_policy()
     with pytest.raises(SystemExit, match="1 replay items have none"):
         world.choice_update(policy, torch.optim.AdamW(policy.model.parameters()), [item], [1.0])
+    # a run resumed with choice_loss is refused when its replay is read back, before any episode is played
+    optimizer = torch.optim.AdamW(policy.model.parameters())
+    state = {"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(), "rng": random.Random(0).getstate(),
+             "replay": [item], "step": 0, "baselines": {}}
+    cfg = world.configure(world.DEFAULTS, ["--choice_loss=True", "--act=choose"])
+    with pytest.raises(SystemExit, match="1 replay items have none"):
+        world.resume_progress(state, optimizer, cfg)
+    assert world.resume_progress(state, optimizer, cfg | {"choice_loss": False}).replay.items == [item]
 
 
 def test_choice_loss_needs_act_choose(tmp_path):
