@@ -86,7 +86,7 @@ def plot(runs, numbers, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    max_budget = max([int(b) for b in numbers["2_hard"]] or [0])
+    max_budget = max(numbers["2_hard"], default=0)
     ax = axes[0]
     for i, act in enumerate(("choose", "generate")):
         for n, row in numbers["1_easy"].items():
@@ -104,7 +104,7 @@ def plot(runs, numbers, path):
             continue
         for i, learner in enumerate(("expert_iteration", "reinforce")):
             points = hard[learner]
-            label = f"{learner.replace('_', ' ')}" if learner not in labelled else None
+            label = learner.replace("_", " ") if learner not in labelled else None
             labelled.add(learner)
             ax.plot([e for e, _ in points], [v - hard["imitation"] for _, v in points], marker="o", ms=3, alpha=0.7,
                     color=f"C{i}", ls="-" if hard["episodes"] == max_budget else "--", label=label)

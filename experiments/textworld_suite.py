@@ -75,6 +75,8 @@ DEFAULTS = dict(
     block_size=1024,
 )
 MAX_WORKERS = 12
+LEARNERS = {"expert_iteration": dict(mode="expert_iteration", teacher_help=True),  # 2: name -> world.py options
+            "reinforce": dict(mode="reinforce")}
 
 
 def tw(options, games):
@@ -182,12 +184,9 @@ def jobs(cfg):
     if 2 in cfg["experiments"]:
         imitation = dict(tasks=tw(hard, cfg["hard_games"]), imitation_episodes=cfg["imitation_per_game"] * cfg["hard_games"])
         plan["hard_imitation"] = (world_run, [world_config(cfg, folder("hard_imitation"), **imitation, mode="evaluate")], [])
-        for learner, mode in (("expert_iteration", dict(mode="expert_iteration", teacher_help=True)),
-                              ("reinforce", dict(mode="reinforce"))):
-            if learner not in cfg["learners"]:
-                continue
+        for learner in cfg["learners"]:
             name = f"hard_{learner}"
-            plan[name] = (world_run, [world_config(cfg, folder(name), **imitation, **mode, episodes=episodes,
+            plan[name] = (world_run, [world_config(cfg, folder(name), **imitation, **LEARNERS[learner], episodes=episodes,
                                                    init_from=cloned(folder("hard_imitation")))], ["hard_imitation"])
     if 3 in cfg["experiments"]:
         plan["pretrain"] = (pretrain, [folder("pretrain")], [])
@@ -240,7 +239,8 @@ def run_job(name, function, args, cfg, threads):
 def run_all(cfg, plan, report, deadline):
     """Runs in worker processes, each as soon as the runs it waits for are done; report(results, started) after each.
     At the deadline (time.monotonic(), or None) the runs still going are stopped: their curves so far stay on disk."""
-    cores = len(os.sched_getaffinity(0))  # the cores this process may use (taskset), not the machine's
+    # the cores this process may use (taskset on Linux), not the machine's; macOS has no affinity call
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     workers = cfg["workers"] or min(MAX_WORKERS, cores)
     threads = max(1, cores // workers)
     results, running, started = {}, {}, set()
@@ -379,13 +379,10 @@ def plot(cfg, results, started, path):
     save_figure(fig, path, dpi=80)
 
 
-LEARNERS = ("expert_iteration", "reinforce")
-
-
 def main(argv):
     cfg = configure(DEFAULTS, argv)
     print_config(cfg)
-    unknown = sorted(set(cfg["learners"]) - set(LEARNERS))
+    unknown = sorted(set(cfg["learners"]) - set(LEARNERS))  # before any game is made
     if unknown:
         raise SystemExit(f"learners: unknown {unknown}; choose from {list(LEARNERS)}")
     os.makedirs(cfg["out"], exist_ok=True)
