@@ -113,7 +113,9 @@ def test_choice_loss_lifts_the_label_to_the_top_of_the_listed_commands():
     context = transcript[:transcript.index("act ")]
     policy = tiny_policy()
     listed = ["CALL calc 1+1", f"CALL calc {env.expression}", "ANSWER 7", "look"]
-    label = min(listed, key=lambda c: float(policy.command_scores(context, listed)[listed.index(c)]))  # ranked last
+    with torch.no_grad():
+        scores = policy.command_scores(context, listed)
+    label = listed[int(scores.argmin())]  # the policy ranks it last
     start = len(context) + len(tasks.ACTION_PREFIX)
     item = {"text": f"{context}act {label}\n", "spans": [[start, start + len(label) + 1]], "choices": [listed]}
     optimizer = torch.optim.AdamW(policy.model.parameters(), lr=3e-3)
