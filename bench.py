@@ -372,9 +372,10 @@ def part_sample(cfg, bench, device):
             key = f"sample_b{batch}_{name}"
             try:
                 t0 = time.perf_counter()
-                # warm up; the compiled step at the timed run's length: its cache shape is in the graph, and a
-                # shorter warm-up would leave a recompile inside the timing (it read 42 tokens/s for 1,600)
-                model.generate(prompt, n if kw.get("compile") else 2, temperature=0.0, **kw)
+                # warm up; a cached step at the timed run's length: its cache shape is in the compiled graph and
+                # in the eager step's cuDNN attention plan, and a shorter warm-up would leave a recompile (it read
+                # 42 tokens/s for 1,600) or a new plan (0.82x) inside the timing
+                model.generate(prompt, n if kw["use_cache"] else 2, temperature=0.0, **kw)
                 warm_s = time.perf_counter() - t0
                 sync(device)
                 t0 = time.perf_counter()

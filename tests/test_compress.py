@@ -102,7 +102,7 @@ def test_a_loaded_export_holds_each_weight_once(trained, tmp_path, fmt):
     assert model.lm_head.q is model.wte.q  # the tied head reads the embedding's int8 rows
 
 
-def test_generation_cache_holds_only_the_tokens_it_needs(monkeypatch):
+def test_generation_cache_holds_the_tokens_it_needs_rounded_up_to_a_power_of_two(monkeypatch):
     import model as model_module
     sizes = []
     real = model_module.KVCache
@@ -114,8 +114,9 @@ def test_generation_cache_holds_only_the_tokens_it_needs(monkeypatch):
     monkeypatch.setattr(model_module, "KVCache", recording)
     gpt = GPT(GPTConfig(vocab_size=32, block_size=64, n_layer=1, n_head=2, n_embd=16)).eval()
     gpt.generate(torch.zeros(1, 3, dtype=torch.long), 5, temperature=0.0)
+    gpt.generate(torch.zeros(1, 3, dtype=torch.long), 6, temperature=0.0)
     gpt.generate(torch.zeros(1, 3, dtype=torch.long), 100, temperature=0.0)  # past the context: block_size slots
-    assert sizes[0] == 3 + 5 and sizes[-1] == 64
+    assert sizes[:2] == [8, 16] and sizes[-1] == 64
 
 
 def test_int4_without_a_kernel_on_the_device_is_a_clear_error():

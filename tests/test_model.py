@@ -62,12 +62,10 @@ def test_compiled_decode_step_matches_eager_without_recompiling():
     assert torch.equal(compiled, eager) and torch.equal(shorter, eager[:, :14])
 
 
-def test_cache_length_holds_what_a_generation_needs_and_compiled_rounds_up():
+def test_cache_length_rounds_what_a_generation_needs_up_to_a_power_of_two():
     from model import cache_length
-    assert cache_length(20, 1024, compiled=False) == 20  # eager: no more memory than needed
-    assert cache_length(20, 1024, compiled=True) == 32
-    assert cache_length(32, 1024, compiled=True) == 32
-    assert cache_length(528, 1024, compiled=True) == 1024 and cache_length(900, 600, compiled=True) == 600
+    assert cache_length(20, 1024) == 32 and cache_length(32, 1024) == 32 and cache_length(33, 1024) == 64
+    assert cache_length(528, 1024) == 1024 and cache_length(900, 600) == 600  # never past the context
 
 
 def test_per_token_losses_average_to_the_mean_loss():

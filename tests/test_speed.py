@@ -260,3 +260,15 @@ def test_shakespeare_char_noise_config_is_the_measured_char_best_candidate():
         measured[key] = parse_value(value)
     shipped.pop("out_dir"), measured.pop("out_dir")
     assert shipped == measured
+
+
+def test_decode_lengths_times_each_length_twice_and_writes_its_json(tmp_path, monkeypatch):
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    import decode_lengths
+    monkeypatch.chdir(ROOT)  # it measures the tree it is run from
+    out = tmp_path / "lengths.json"
+    decode_lengths.main(["--device=cpu", "--dtype=float32", "--n_layer=1", "--n_head=2", "--n_embd=16",
+                         "--block_size=64", "--vocab_size=32", "--lengths=[3, 20]", f"--out={out}"])
+    result = json.loads(out.read_text())
+    assert [c["new_tokens"] for c in result["first_pass"] + result["second_pass"]] == [3, 20, 3, 20]
+    assert result["second_pass_s"] == pytest.approx(sum(c["seconds"] for c in result["second_pass"]))
