@@ -82,56 +82,64 @@ def shifting_world(runs):
 
 
 def plot(runs, numbers, path):
+    """One panel per experiment the runs have: 1's success by N, 2's lift over imitation, 4's new games."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    max_budget = max(numbers["2_hard"], default=0)
-    ax = axes[0]
-    for i, act in enumerate(("choose", "generate")):
-        for n, row in numbers["1_easy"].items():
-            values = row[act]["values"]
-            ax.plot([n] * len(values), values, "o", alpha=0.4, color=f"C{i}")
-            if values:
-                ax.errorbar([n], [row[act]["mean"]], yerr=[row[act]["std"]], fmt="s", ms=9, capsize=6, color=f"C{i}",
-                            label=f"act={act} (mean ± std)" if n == max(numbers["1_easy"]) else None)
-    ax.axhline(0.9, color="gray", ls=":", lw=1)
-    ax.set(xscale="log", xlabel="easy training games imitated (N)", title="1. easy games (dots: runs)")
-    ax, labelled = axes[1], set()
-    for run in sorted(runs, key=lambda r: -r["summary"].get("2_hard", {}).get("episodes", 0)):  # labels: full budget
-        hard = run["summary"].get("2_hard")
-        if not hard or hard["imitation"] is None:
-            continue
-        for i, learner in enumerate(("expert_iteration", "reinforce")):
-            points = hard[learner]
-            label = learner.replace("_", " ") if learner not in labelled else None
-            labelled.add(learner)
-            ax.plot([e for e, _ in points], [v - hard["imitation"] for _, v in points], marker="o", ms=3, alpha=0.7,
-                    color=f"C{i}", ls="-" if hard["episodes"] == max_budget else "--", label=label)
-    ax.axhline(0.2, color="gray", ls=":", lw=1)
-    ax.set(xlabel="online episodes", ylabel="held-out success minus imitation's",
-           title="2. harder games: lift (lines: seeds; dashed: shorter budgets)")
-    ax, labelled = axes[2], set()
-    for run in runs:
-        shift = run["summary"].get("4_shift")
-        if not shift:
-            continue
-        for i, name in enumerate(("shift_replay", "shift_no_replay", "hard_only")):
-            points = shift[name]["new"]
-            ax.plot([e for e, _ in points], [v for _, v in points], marker="o", ms=3, alpha=0.7, color=f"C{i}",
-                    label=name.replace("_", " ") if name not in labelled else None)
-            labelled.add(name)
-    text = ", ".join(f"{name.replace('shift_', '')}: {numbers['4_shift'][name]['old_drop']['mean'] * 100:.1f} "
-                     f"± {numbers['4_shift'][name]['old_drop']['std'] * 100:.1f}"
-                     for name in ("shift_replay", "shift_no_replay") if numbers["4_shift"][name]["old_drop"]["n"])
-    ax.set(xlabel="online episodes (the shift at the first point)", title="4. new games after the shift (lines: seeds)")
-    if text:
-        ax.text(0.02, 0.97, f"old games' drop (points): {text}", transform=ax.transAxes, va="top", fontsize=8)
-    for ax in axes:
+    panels = [name for name, has in (("1", numbers["1_easy"]), ("2", numbers["2_hard"]),
+                                     ("4", any(run["summary"].get("4_shift") for run in runs))) if has]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.4 * len(panels), 4.5), squeeze=False)
+    axes = dict(zip(panels, axes[0]))
+    if "1" in axes:
+        ax = axes["1"]
+        for i, act in enumerate(("choose", "generate")):
+            for n, row in numbers["1_easy"].items():
+                values = row[act]["values"]
+                ax.plot([n] * len(values), values, "o", alpha=0.4, color=f"C{i}")
+                if values:
+                    ax.errorbar([n], [row[act]["mean"]], yerr=[row[act]["std"]], fmt="s", ms=9, capsize=6,
+                                color=f"C{i}", label=f"act={act} (mean ± std)" if n == max(numbers["1_easy"]) else None)
+        ax.axhline(0.9, color="gray", ls=":", lw=1)
+        ax.set(xscale="log", xlabel="easy training games imitated (N)", ylabel="held-out success",
+               title="1. easy games (dots: runs)")
+    if "2" in axes:
+        ax, labelled, max_budget = axes["2"], set(), max(numbers["2_hard"])
+        for run in sorted(runs, key=lambda r: -r["summary"].get("2_hard", {}).get("episodes", 0)):  # labels: full budget
+            hard = run["summary"].get("2_hard")
+            if not hard or hard["imitation"] is None:
+                continue
+            for i, learner in enumerate(("expert_iteration", "reinforce")):
+                points = hard[learner]
+                if not points:  # a run of one learner
+                    continue
+                label = learner.replace("_", " ") if learner not in labelled else None
+                labelled.add(learner)
+                ax.plot([e for e, _ in points], [v - hard["imitation"] for _, v in points], marker="o", ms=3,
+                        alpha=0.7, color=f"C{i}", ls="-" if hard["episodes"] == max_budget else "--", label=label)
+        ax.axhline(0.2, color="gray", ls=":", lw=1)
+        ax.set(xlabel="online episodes", ylabel="held-out success minus imitation's",
+               title="2. harder games: lift\n(lines: seeds; dashed: shorter budgets)")
+    if "4" in axes:
+        ax, labelled = axes["4"], set()
+        for run in runs:
+            shift = run["summary"].get("4_shift")
+            if not shift:
+                continue
+            for i, name in enumerate(("shift_replay", "shift_no_replay", "hard_only")):
+                points = shift[name]["new"]
+                ax.plot([e for e, _ in points], [v for _, v in points], marker="o", ms=3, alpha=0.7, color=f"C{i}",
+                        label=name.replace("_", " ") if name not in labelled else None)
+                labelled.add(name)
+        text = ", ".join(f"{name.replace('shift_', '')}: {numbers['4_shift'][name]['old_drop']['mean'] * 100:.1f} "
+                         f"± {numbers['4_shift'][name]['old_drop']['std'] * 100:.1f}"
+                         for name in ("shift_replay", "shift_no_replay") if numbers["4_shift"][name]["old_drop"]["n"])
+        ax.set(xlabel="online episodes (the shift at the first point)", ylabel="held-out success",
+               title="4. new games after the shift (lines: seeds)")
+        if text:
+            ax.text(0.02, 0.97, f"old games' drop (points): {text}", transform=ax.transAxes, va="top", fontsize=8)
+    for ax in axes.values():
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
-    axes[0].set_ylabel("held-out success")
-    axes[2].set_ylabel("held-out success")
     fig.tight_layout()
     save_figure(fig, path)
 

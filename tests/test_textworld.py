@@ -429,5 +429,10 @@ def test_seeds_report_means_and_spreads_of_suite_runs(tmp_path):
     assert [round(v, 6) for v in replay["new_over_hard_only"]["values"]] == [0.8, 0.5]
     assert numbers["4_shift"]["shift_no_replay"]["old_drop"]["n"] == 0
     assert (tmp_path / "seeds.png").stat().st_size > 0
+    only_reinforce = str(tmp_path / "suite3.json")  # a suite run of experiment 2 and one learner
+    write_json_atomic(only_reinforce, {"config": {"seed": 3, "experiments": [2]}, "summary": {"2_hard": {
+        "episodes": 8, "imitation": 0.2, "expert_iteration": [], "reinforce": [[0, 0.2], [8, 0.3]]}}})
+    textworld_seeds.main([f"--runs={[only_reinforce]}", f"--out={tmp_path / 'rf'}"])  # one panel: experiment 2's
+    assert read_json(str(tmp_path / "rf.json"), "")["2_hard"]["8"]["reinforce"]["lift_at_end"]["n"] == 1
     with pytest.raises(SystemExit, match="--runs is empty"):
         textworld_seeds.main([f"--out={tmp_path / 'none'}"])
