@@ -88,6 +88,9 @@ def plot(runs, numbers, path):
     import matplotlib.pyplot as plt
     panels = [name for name, has in (("1", numbers["1_easy"]), ("2", numbers["2_hard"]),
                                      ("4", any(run["summary"].get("4_shift") for run in runs))) if has]
+    if not panels:
+        print("no numbers of experiments 1, 2 or 4 in these runs: no plot")
+        return
     fig, axes = plt.subplots(1, len(panels), figsize=(5.4 * len(panels), 4.5), squeeze=False)
     axes = dict(zip(panels, axes[0]))
     if "1" in axes:
@@ -158,7 +161,7 @@ def main(argv):
     plot(runs, numbers, cfg["out"] + ".png")
     for key in ("1_easy", "2_hard", "4_shift"):
         print(key, numbers[key])
-    print(f"wrote {cfg['out']}.json and {cfg['out']}.png")
+    print(f"wrote {cfg['out']}.json" + (f" and {cfg['out']}.png" if os.path.exists(cfg["out"] + ".png") else ""))
 
 
 if __name__ == "__main__":

@@ -434,5 +434,9 @@ def test_seeds_report_means_and_spreads_of_suite_runs(tmp_path):
         "episodes": 8, "imitation": 0.2, "expert_iteration": [], "reinforce": [[0, 0.2], [8, 0.3]]}}})
     textworld_seeds.main([f"--runs={[only_reinforce]}", f"--out={tmp_path / 'rf'}"])  # one panel: experiment 2's
     assert read_json(str(tmp_path / "rf.json"), "")["2_hard"]["8"]["reinforce"]["lift_at_end"]["n"] == 1
+    cut = str(tmp_path / "suite4.json")  # stopped before any experiment had a number
+    write_json_atomic(cut, {"config": {"seed": 4, "experiments": [2]}, "summary": {}})
+    textworld_seeds.main([f"--runs={[cut]}", f"--out={tmp_path / 'cut'}"])
+    assert (tmp_path / "cut.json").exists() and not (tmp_path / "cut.png").exists()
     with pytest.raises(SystemExit, match="--runs is empty"):
         textworld_seeds.main([f"--out={tmp_path / 'none'}"])
