@@ -1,6 +1,7 @@
 """
 Cached greedy decoding at a run of different lengths, each call timed whole with its first-call costs: what a
-user of sample.py or serve.py sees when one generation asks for 100 new tokens and the next for 300. bench.py's
+caller of generate (sample.py, world.py, swarm.py; not serve.py, whose batcher keeps one block-sized cache) sees
+when one generation asks for 100 new tokens and the next for 300. bench.py's
 sample part times the steady state at one length; this times what a new length costs.
 
     python experiments/decode_lengths.py --out=decode_lengths_after.json
@@ -11,20 +12,20 @@ It imports model.py from the working directory, so run from another checkout's r
 first pass pays what each new KV cache length costs (on a GPU, a cuDNN attention plan for the eager step), the
 second shows the steady state.
 """
-import json
 import os
 import sys
 import time
 
-sys.path.insert(0, os.getcwd())  # the tree being measured: its model.py and configurator.py
+sys.path.insert(0, os.getcwd())  # the tree being measured: its model.py, configurator.py and checkpoint.py
 import torch  # noqa: E402
 
+from checkpoint import write_json_atomic  # noqa: E402
 from configurator import configure, print_config  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 DEFAULTS = dict(
     device="cuda",
-    dtype="bfloat16",
+    dtype="bfloat16",          # bfloat16 | float16 | float32
     n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304,  # gpu_124m's shape, random weights
     batch=1,
     prompt_tokens=16,
@@ -58,6 +59,8 @@ def main(argv):
     device = torch.device(cfg["device"])
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device here: pass --device=cpu (and --dtype=float32)")
+    if cfg["dtype"] not in ("bfloat16", "float16", "float32"):
+        raise SystemExit(f"dtype must be bfloat16, float16 or float32, got {cfg['dtype']!r}")
     torch.manual_seed(0)
     shape = {k: cfg[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")}
     with device:
@@ -71,8 +74,7 @@ def main(argv):
                   first_pass=first, second_pass=second,
                   first_pass_s=sum(c["seconds"] for c in first), second_pass_s=sum(c["seconds"] for c in second))
     os.makedirs(os.path.dirname(cfg["out"]) or ".", exist_ok=True)
-    with open(cfg["out"], "w") as f:
-        json.dump(result, f, indent=1)
+    write_json_atomic(cfg["out"], result)
     print(f"first pass {result['first_pass_s']:.3f} s, second pass {result['second_pass_s']:.3f} s -> {cfg['out']}")
 
 

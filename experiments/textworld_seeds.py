@@ -70,8 +70,11 @@ def shifting_world(runs):
     """Experiment 4: forgetting of the old games (before the shift -> at the end) with and without replay, and
     new-game success at the end against the policy given only the new games."""
     rows = [run["summary"]["4_shift"] for run in runs if "4_shift" in run["summary"]]
-    drop = lambda r: None if r["old_at_end"] is None or r["old_before_shift"] is None \
-        else r["old_before_shift"] - r["old_at_end"]  # noqa: E731
+
+    def drop(side):  # old-game success lost from the shift to the end (None where a run was cut)
+        if side["old_at_end"] is None or side["old_before_shift"] is None:
+            return None
+        return side["old_before_shift"] - side["old_at_end"]
     hard_only = [last(r["hard_only"]["new"]) for r in rows]
     out = {"hard_only_new_at_end": spread(hard_only)}
     for name in ("shift_replay", "shift_no_replay"):
@@ -82,15 +85,15 @@ def shifting_world(runs):
 
 
 def plot(runs, numbers, path):
-    """One panel per experiment the runs have: 1's success by N, 2's lift over imitation, 4's new games."""
+    """One panel per experiment the runs have: 1's success by N, 2's lift over imitation, 4's new games.
+    Returns whether there was anything to draw."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     panels = [name for name, has in (("1", numbers["1_easy"]), ("2", numbers["2_hard"]),
                                      ("4", any(run["summary"].get("4_shift") for run in runs))) if has]
     if not panels:
-        print("no numbers of experiments 1, 2 or 4 in these runs: no plot")
-        return
+        return False
     fig, axes = plt.subplots(1, len(panels), figsize=(5.4 * len(panels), 4.5), squeeze=False)
     axes = dict(zip(panels, axes[0]))
     if "1" in axes:
@@ -145,6 +148,7 @@ def plot(runs, numbers, path):
         ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     save_figure(fig, path)
+    return True
 
 
 def main(argv):
@@ -158,10 +162,11 @@ def main(argv):
                "1_easy": easy_games(runs), "2_hard": harder_games(runs), "4_shift": shifting_world(runs)}
     os.makedirs(os.path.dirname(cfg["out"]) or ".", exist_ok=True)
     write_json_atomic(cfg["out"] + ".json", numbers)
-    plot(runs, numbers, cfg["out"] + ".png")
+    drawn = plot(runs, numbers, cfg["out"] + ".png")
     for key in ("1_easy", "2_hard", "4_shift"):
         print(key, numbers[key])
-    print(f"wrote {cfg['out']}.json" + (f" and {cfg['out']}.png" if os.path.exists(cfg["out"] + ".png") else ""))
+    print(f"wrote {cfg['out']}.json" + (f" and {cfg['out']}.png" if drawn else
+                                        " (no plot: these runs hold no numbers of experiments 1, 2 or 4)"))
 
 
 if __name__ == "__main__":

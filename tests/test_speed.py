@@ -272,3 +272,8 @@ def test_decode_lengths_times_each_length_twice_and_writes_its_json(tmp_path, mo
     result = json.loads(out.read_text())
     assert [c["new_tokens"] for c in result["first_pass"] + result["second_pass"]] == [3, 20, 3, 20]
     assert result["second_pass_s"] == pytest.approx(sum(c["seconds"] for c in result["second_pass"]))
+    with pytest.raises(SystemExit, match="dtype must be"):
+        decode_lengths.main(["--device=cpu", "--dtype=float64", f"--out={out}"])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="no CUDA device here"):
+            decode_lengths.main([f"--out={out}"])
