@@ -29,9 +29,10 @@ import traceback
 import torch
 
 import train
+from training import StepOptions, train_step
 from configurator import configure
 from data import get_batch, open_dataset
-from model import GPT, GPTConfig
+from architecture import MODEL_KEYS, build_model
 from plot import plot_runs
 from runtime import float8_training, read_jsonl, resolve_device
 
@@ -97,8 +98,8 @@ def set_matmul_precision(fast):
     torch.backends.cudnn.allow_tf32 = fast
 
 
-def model_config(cfg, vocab_size, **shape):
-    return GPTConfig(**{k: cfg[k] for k in train.MODEL_KEYS} | shape, vocab_size=vocab_size)
+def model_args(cfg, vocab_size, **shape):
+    return {k: cfg[k] for k in MODEL_KEYS if k in cfg} | shape | {"vocab_size": vocab_size}
 
 
 def batch_source(cfg, bench, device, batch_size):
@@ -127,7 +128,7 @@ def build(cfg, bench, device, fast, batch_size=None, accum=1, compile_model=None
     fetch, vocab, data = batch_source(cfg, bench, device, batch_size)
     torch.manual_seed(0)
     with torch.device(device):  # initialise on the GPU: a 1.5B model takes long on the host
-        raw = GPT(model_config(cfg, vocab, **shape))
+        raw = build_model(model_args(cfg, vocab, **shape))
     # fused AdamW on CUDA in fast mode; device_type="cpu" asks configure_optimizers for the unfused one
     optimizer = raw.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]),
                                          device.type if fast else "cpu", lever.get("optimizer", cfg["optimizer"]),
@@ -148,8 +149,8 @@ def run_steps(run, n, grad_clip):
     """n optimizer steps; returns the last loss tensor (read by the caller: one sync at the end)."""
     batch, loss = run.get("batch") or run["fetch"](), None
     for _ in range(n):
-        loss, batch = train.train_step(run["model"], [run["optimizer"]], batch, run["fetch"], run["accum"],
-                                       run["autocast"], grad_clip, static_grads=run["static_grads"])
+        loss, batch = train_step(run["model"], [run["optimizer"]], batch, run["fetch"],
+                                 StepOptions(run["accum"], grad_clip, run["autocast"], run["static_grads"]))
     run["batch"] = batch
     return loss
 
@@ -361,7 +362,7 @@ def part_sample(cfg, bench, device):
     set_matmul_precision(True)
     torch.manual_seed(0)
     with torch.device(device):
-        model = GPT(model_config(cfg, 50304)).eval()
+        model = build_model(model_args(cfg, 50304)).eval()
     if device.type == "cuda":
         model = model.to(torch.bfloat16)
     results, n = {}, bench["new_tokens"]

@@ -6,7 +6,7 @@ The layout, a dict saved with torch.save (written and read only here):
     format      "ulm-checkpoint-1"
     kind        what wrote it: "train" | "world" (a policy) | "export" (compress.py: inference only,
                 maybe quantized, see shrink.py) | ... ; sample.py reads any kind
-    model_args  the GPTConfig fields; model  the state dict
+    model_args  every model option (architecture.py), flat; model  the state dict
     tokenizer   {"tokenizer": "char" | "gpt2", "vocab_size", "eot", "chars"?}
     config      the run's resolved config
     step        optimizer steps (train) or episodes (world) so far
@@ -22,7 +22,8 @@ import shutil
 import numpy as np
 import torch
 
-from model import GPT, GPTConfig
+from architecture import build_model
+from memory import knn_stores
 from shrink import build_export_model, fit_to_state_dict
 
 FORMAT = "ulm-checkpoint-1"
@@ -112,17 +113,21 @@ def load_model(state, device="cpu", knn_store=None):
     """The GPT a checkpoint dict describes, weights loaded, in eval mode; kNN stores from knn_store if given.
     An inference export's weights move into the model: state["model"] is gone afterwards."""
     try:
-        config = GPTConfig(**state["model_args"])
+        model = build_model(state["model_args"])
     except (TypeError, ValueError) as e:
         raise SystemExit(f"the checkpoint's model_args do not make a model this code can build: {e}")
-    if state.get("kind") == "export":  # compress.py's inference file: quantized layers, no float copy made
-        # the model takes the file's tensors out of state (no second reference keeps them alive), so
-        # int4's conversion to its kernel layout frees each layer's file tensors as it goes
-        return build_export_model(config, state.pop("model"), device)
-    weights = {k.removeprefix("_orig_mod."): v for k, v in state["model"].items()}
-    model = fit_to_state_dict(GPT(config), weights)  # a pruned model: smaller layers, fixed masks
-    model.load_state_dict(weights)
-    if knn_store and model.knn_stores():
+    try:
+        if state.get("kind") == "export":  # compress.py's inference file: quantized layers, no float copy made
+            # the model takes the file's tensors out of state (no second reference keeps them alive), so
+            # int4's conversion to its kernel layout frees each layer's file tensors as it goes
+            return build_export_model(state["model_args"], state.pop("model"), device)
+        weights = {k.removeprefix("_orig_mod."): v for k, v in state["model"].items()}
+        model = fit_to_state_dict(model, weights)  # a pruned model: smaller layers, fixed masks
+        model.load_state_dict(weights)
+    except (RuntimeError, KeyError, ValueError, AttributeError) as e:  # missing, extra or mis-shaped tensors
+        raise SystemExit(f"the checkpoint's weights do not fit the model its model_args describe "
+                         f"({type(e).__name__}: {str(e)[:300]}): the file is damaged or was edited") from None
+    if knn_store and knn_stores(model):
         load_knn_stores(model, knn_store)
     return model.to(device).eval()
 
@@ -139,13 +144,13 @@ def knn_store_dir(ckpt_path):
 
 def save_knn_stores(model, directory):
     """Each kNN memory layer's store into directory/layer{i}/ as numpy arrays."""
-    for i, store in model.knn_stores().items():
+    for i, store in knn_stores(model).items():
         save_knn_store(store, os.path.join(directory, f"layer{i}"))
 
 
 def load_knn_stores(model, directory):
     """Replace each kNN memory layer's store by the one saved in directory/layer{i}/ (memory-mapped)."""
-    for i, store in model.knn_stores().items():
+    for i, store in knn_stores(model).items():
         load_knn_store(store, os.path.join(directory, f"layer{i}"))
 
 

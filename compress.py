@@ -32,9 +32,11 @@ from tqdm import tqdm
 from checkpoint import load_checkpoint, load_model, save_checkpoint, write_json_atomic
 from configurator import configure, print_config
 from data import get_batch, open_dataset
+from looped import LoopedGPT
 from model import MLP
 from runtime import resolve_device, resolve_dtype
 from shrink import INT4_GROUP_SIZES, quantize_model
+from training import make_optimizers
 
 DEFAULTS = dict(
     mode="export",          # export | prune | measure (one file's load + generate memory, speed and loss, as JSON)
@@ -215,7 +217,7 @@ def remove_neurons(mlp, keep):
 
 def structured_prune(model, sparsity):
     """Remove the fraction `sparsity` of each layer's kv groups and MLP neurons, lowest importance first."""
-    if getattr(model.config, "n_core", 0):
+    if isinstance(model, LoopedGPT):
         raise SystemExit("structured pruning of a looped model is not supported (its core blocks share one cache "
                          "layout per loop); use --method=magnitude or 2:4")
     for block in model.blocks:
@@ -230,11 +232,10 @@ def structured_prune(model, sparsity):
 def pruned_state(state, model, cfg, val_loss):
     """A train.py checkpoint at step 0 with a fresh optimizer for the pruned model: train.py resumes it."""
     train_cfg = {**state["config"], "out_dir": cfg["out_dir"], "init_from": "resume"}
-    optimizer = model.configure_optimizers(train_cfg["weight_decay"], train_cfg["learning_rate"],
-                                           (train_cfg["beta1"], train_cfg["beta2"]), "cpu", train_cfg["optimizer"],
-                                           train_cfg["muon_lr"], train_cfg["memory_lr_scale"])
-    memory_optimizer = model.configure_memory_optimizer(train_cfg["learning_rate"], (train_cfg["beta1"], train_cfg["beta2"]),
-                                                        train_cfg["memory_lr_scale"])
+    optimizer, memory_optimizer = make_optimizers(model, train_cfg["weight_decay"], train_cfg["learning_rate"],
+                                                  (train_cfg["beta1"], train_cfg["beta2"]), "cpu",
+                                                  train_cfg["optimizer"], train_cfg["muon_lr"],
+                                                  train_cfg["memory_lr_scale"])
     sampler = torch.Generator().manual_seed(train_cfg["seed"])
     return {"model_args": state["model_args"], "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "memory_optimizer": memory_optimizer.state_dict() if memory_optimizer else None,

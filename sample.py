@@ -13,7 +13,8 @@ import torch
 
 from checkpoint import knn_store_dir, load_checkpoint, load_model
 from configurator import configure
-from model import check_sampling_args
+from generation import check_sampling_args
+from looped import LoopedGPT
 from tokenizer import tokenizer_from_meta
 from runtime import resolve_device
 
@@ -102,11 +103,12 @@ def main(argv):
         raise SystemExit(f"{path} records no tokenizer, so its token ids cannot be turned into text")
     model = load_model(state, device, knn_store=cfg["knn_store"] or knn_store_dir(path))
     tokenizer = tokenizer_from_meta(state["tokenizer"])
-    if cfg["loops"] and not model.config.n_core:
+    looped = isinstance(model, LoopedGPT)
+    if cfg["loops"] and not looped:
         raise SystemExit(f"--loops={cfg['loops']} needs a looped model; {path} has no looped core (n_core=0)")
     if cfg["loops"] < 0:
         raise SystemExit(f"--loops={cfg['loops']} must be >= 1 (or 0 for the trained loop count)")
-    if model.config.exit_tol and cfg["use_cache"]:
+    if looped and model.loop.exit_tol and cfg["use_cache"]:
         raise SystemExit("this model exits loops per token (exit_tol), which works without the KV cache only: "
                          "add --use_cache=False")
     try:

@@ -28,7 +28,6 @@ sit in one KV cache and each step feeds all of their newest tokens together.
 import asyncio
 import codecs
 import contextlib
-import copy
 import ctypes
 import hmac
 import importlib
@@ -47,7 +46,7 @@ import torch
 
 from checkpoint import load_checkpoint, load_model, write_json_atomic
 from configurator import ConfigError, configure, print_config
-from model import KVCache, check_sampling_args, sample_next_token
+from generation import check_sampling_args, sample_next_token
 from runtime import resolve_device, resolve_dtype
 from tokenizer import tokenizer_from_meta
 
@@ -155,8 +154,11 @@ class Batcher:
         self.model, self.tokenizer, self.config = model, tokenizer, model.config
         self.device = model.rotary.cos.device  # the rotary tables carry the float dtype (an export's embedding may be int8)
         self.max_batch, self.max_waiting = max_batch, max_waiting
-        self.cache = KVCache(self.config, max_batch, self.device, model.rotary.cos.dtype)
-        self.slots = torch.full((max_batch, 1, 1, self.config.block_size), NEVER, dtype=torch.long, device=self.device)
+        self.cache = model.make_cache(max_batch, self.config.block_size, self.device, model.rotary.cos.dtype)
+        # each row's own slot positions (NEVER before its start), so its mask hides the other rows' history
+        self.cache.slots = torch.full((max_batch, 1, 1, self.config.block_size), NEVER, dtype=torch.long,
+                                      device=self.device)
+        self.slots = self.cache.slots
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.rows, self.waiting, self.pos, self.closed = [], [], 0, False
         self.wake = threading.Condition()
@@ -184,14 +186,6 @@ class Batcher:
     def busy(self):
         return bool(self.rows or self.waiting)
 
-    def view(self, start, stop):
-        """A KVCache over rows start:stop of the batch (views: writes land in the batch's cache)."""
-        view = copy.copy(self.cache)
-        view.k = [t[start:stop] for t in self.cache.k]
-        view.v = [t[start:stop] for t in self.cache.v]
-        view.slots = self.slots[start:stop]
-        return view
-
     def prefill(self, i, context, logits_for="last"):
         """Write context (list of ids) into row i right-aligned before self.pos; logits of the last token
         (V,), of every token (T, V) with logits_for='all', or None."""
@@ -200,7 +194,7 @@ class Batcher:
         self.slots[i].fill_(NEVER)
         self.slots[i, ..., start:] = torch.arange(start, self.config.block_size, device=self.device)
         idx = torch.tensor([context], dtype=torch.long, device=self.device)
-        h = self.model.hidden(idx, self.view(i, i + 1), pos=start)  # (1, T, C)
+        h = self.model.hidden(idx, self.cache.rows(i, i + 1), pos=start)  # (1, T, C)
         if logits_for is None:
             return None
         h = h[0] if logits_for == "all" else h[0, -1]
@@ -237,9 +231,7 @@ class Batcher:
         """Drop row i: the last row moves into its place, so the active rows stay rows 0..n-1."""
         last = len(self.rows) - 1
         if i != last:
-            for t in self.cache.k + self.cache.v:
-                t[i].copy_(t[last])
-            self.slots[i].copy_(self.slots[last])
+            self.cache.move_row(last, i)
             self.rows[i] = self.rows[last]
         self.rows.pop()
         if not self.rows:
@@ -283,7 +275,7 @@ class Batcher:
             self.compact()
         n = len(self.rows)
         last = torch.tensor([[r.ids[-1]] for r in self.rows], dtype=torch.long, device=self.device)  # (n, 1)
-        logits = self.model.next_logits(last, self.view(0, n), pos=self.pos)  # (n, V)
+        logits = self.model.next_logits(last, self.cache.rows(0, n), pos=self.pos)  # (n, V)
         self.pos += 1
         self.sample(self.rows, logits)
 

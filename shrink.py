@@ -23,7 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import GPT, Rotary
+from architecture import build_model
+from model import Rotary
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # the group sizes torch's int4 kernels take
 CPU_CONVERT_ROWS = 256  # a multiple of the CPU int4 layout's row block (64 with AVX-512, 32 without)
@@ -246,17 +247,18 @@ def out_features(layer):
     return next(t for t in (getattr(layer, k, None) for k in ("weight", "q", "packed")) if t is not None).size(0)
 
 
-def build_export_model(config, weights, device):
+def build_export_model(model_args, weights, device):
     """The GPT of an inference export: built on the meta device (no float copy of the weights is ever
     made), its layers given the file's tensors themselves, then readied for the device's kernels.
 
     weights is emptied: afterwards the model holds the only reference to each tensor, so a layer's file
     tensors are freed as soon as int4 has converted them, and peak memory stays near the file's size.
     """
-    if config.memory_layers and config.memory == "knn":
+    if model_args.get("memory_layers") and model_args.get("memory") == "knn":
         raise SystemExit("kNN memory models cannot be exported (their store lives beside the checkpoint)")
     with torch.device("meta"):
-        model = GPT(config)
+        model = build_model(model_args)
+    config = model.config
     fit_to_state_dict(model, weights)
     model.load_state_dict(weights, assign=True)
     float_dtype = next(t.dtype for t in weights.values() if t.is_floating_point())

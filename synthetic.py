@@ -14,7 +14,7 @@ Generated corpora for questions about knowledge, offline and seeded, one word pe
     python experiments/reason_vs_knowledge.py         # word tokens, trained in-process
     python experiments/knowledge_capacity.py
 
-`fit` trains a GPT on batches from a generator with train.py's own step and schedule.
+training.fit trains a GPT on batches from these generators.
 """
 import contextlib
 import math
@@ -287,37 +287,6 @@ def pad_batch(docs, block_size, pad_id):
         x[i, :len(d) - 1] = d[:-1]
         y[i, :len(d) - 1] = d[1:]
     return torch.from_numpy(x), torch.from_numpy(y)
-
-
-def fit(model, next_batch, steps, learning_rate, device, warmup=50, weight_decay=0.0, memory_lr_scale=10.0,
-        evaluate=None, eval_every=0):
-    """Train model for steps AdamW steps (plus SparseAdam for sparse memory values) on next_batch(step) ->
-    (x, y), warmup then cosine decay, through train.py's train_step; evaluate(step) every eval_every steps
-    and at the end, in eval mode. Returns (final loss, tokens/s, tokens)."""
-    import train  # the training step and schedule of train.py, not a copy
-    optimizers = [o for o in (model.configure_optimizers(weight_decay, learning_rate, (0.9, 0.95), device.type),
-                              model.configure_memory_optimizer(learning_rate, (0.9, 0.95), memory_lr_scale)) if o]
-    schedule = dict(learning_rate=learning_rate, min_lr=learning_rate / 10, warmup_iters=warmup, max_iters=steps,
-                    lr_decay_iters=0, schedule="cosine", decay_frac=0.0)
-    batch = tuple(t.to(device) for t in next_batch(0))
-    tokens, seconds, loss = 0, 0.0, torch.tensor(float("nan"))  # tokens: a device tensor, read once at the end
-    for step in range(steps + 1):
-        if eval_every and (step % eval_every == 0 or step == steps):
-            model.eval()
-            evaluate(step)
-        if step == steps:
-            break
-        model.train()
-        for group in (g for o in optimizers for g in o.param_groups):
-            group["lr"] = train.lr_at(step, schedule) * group.get("lr_scale", 1.0)
-        t0 = time.perf_counter()
-        tokens = tokens + (batch[1] >= 0).sum()
-        loss, batch = train.train_step(model, optimizers, batch, lambda: tuple(t.to(device) for t in next_batch(step + 1)),
-                                       1, contextlib.nullcontext(), 1.0)
-        seconds += time.perf_counter() - t0
-    model.eval()
-    tokens = int(tokens)
-    return loss.item(), tokens / max(seconds, 1e-9), tokens
 
 
 # ----------------------------------------------------------------------------- text for prepare.py

@@ -54,7 +54,7 @@ import train  # noqa: E402
 from checkpoint import load_checkpoint, load_model, save_checkpoint, write_json_atomic  # noqa: E402
 from configurator import configure, print_config  # noqa: E402
 from data import open_dataset  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402 (a plain core model)
 from plot import save_figure  # noqa: E402
 from runtime import resolve_device  # noqa: E402
 from shrink import Int8Linear  # noqa: E402

@@ -1,5 +1,5 @@
 """
-What do the evaluation instruments cost? train.estimate_loss with loss-by-position and the token-probability
+What do the evaluation instruments cost? training.estimate_loss with loss-by-position and the token-probability
 watch on, against it off, on the same model and batches (target: <= 1.2x).
 
     python experiments/instrument_overhead.py --out=out/instrument_overhead.json                   # CPU, cpu_quick shape
@@ -17,12 +17,12 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import train  # noqa: E402
 from checkpoint import write_json_atomic  # noqa: E402
 from configurator import configure, print_config  # noqa: E402
 from data import open_dataset  # noqa: E402
 from instruments import EvalInstruments, unigram  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
+from training import estimate_loss  # noqa: E402
 from runtime import resolve_device  # noqa: E402
 
 DEFAULTS = dict(
@@ -44,13 +44,13 @@ def main(argv):
                           n_head=cfg["n_head"], n_embd=cfg["n_embd"])).to(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     instruments = EvalInstruments(cfg["block_size"], cfg["position_buckets"], True, True, unigram(meta))
-    args = (model, meta, cfg["eval_iters"], cfg["batch_size"], cfg["block_size"], device, autocast)
+    args = (model, meta, cfg["batch_size"], cfg["block_size"], cfg["eval_iters"], device, autocast)
 
     def timed(inst):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        train.estimate_loss(*args, instruments=inst)
+        estimate_loss(*args, instruments=inst)
         if inst is not None:
             inst.summary()  # the metrics are read every evaluation, so their host sync counts
         if device.type == "cuda":

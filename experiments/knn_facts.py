@@ -22,7 +22,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import configure, print_config  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
+from architecture import build_model  # noqa: E402
+from memory import knn_stores, memorize  # noqa: E402
 
 DEFAULTS = dict(
     out="out/knn_facts.json",
@@ -65,10 +66,10 @@ def fact(country, city):
 
 def memorize_facts(model, facts):
     """A fresh store holding exactly these facts, each written as its own document."""
-    for store in model.knn_stores().values():
+    for store in knn_stores(model).values():
         store.clear()
     if facts:
-        model.memorize(torch.tensor([fact(c, y) for c, y in facts.items()]))
+        memorize(model, torch.tensor([fact(c, y) for c, y in facts.items()]))
 
 
 @torch.no_grad()
@@ -81,11 +82,10 @@ def recall(model, facts):
 
 def train_model(cfg, vocab, world, rng):
     torch.manual_seed(cfg["seed"])
-    config = GPTConfig(vocab_size=len(vocab), block_size=8 * cfg["facts_per_sequence"], n_layer=cfg["n_layer"],
-                       n_head=cfg["n_head"], n_embd=cfg["n_embd"], memory_layers=cfg["memory_layers"], memory="knn",
-                       memory_topk=cfg["memory_topk"], knn_key_dim=cfg["knn_key_dim"],
-                       knn_capacity=cfg["knn_capacity"], knn_threshold=cfg["knn_threshold"])
-    model = GPT(config)
+    model = build_model(dict(vocab_size=len(vocab), block_size=8 * cfg["facts_per_sequence"], n_layer=cfg["n_layer"],
+                             n_head=cfg["n_head"], n_embd=cfg["n_embd"], memory_layers=cfg["memory_layers"],
+                             memory="knn", memory_topk=cfg["memory_topk"], knn_key_dim=cfg["knn_key_dim"],
+                             knn_capacity=cfg["knn_capacity"], knn_threshold=cfg["knn_threshold"]))
     optimizer = model.configure_optimizers(0.1, cfg["learning_rate"], (0.9, 0.95), "cpu")
     trained = {c: world["capital"][c] for c in world["trained"]}
     t0, history = time.time(), []

@@ -35,7 +35,9 @@ import synthetic  # noqa: E402
 from checkpoint import write_json_atomic  # noqa: E402
 from configurator import configure, print_config  # noqa: E402
 from plot import save_figure  # noqa: E402
-from model import GPT, GPTConfig, KNNMemory, ProductKeyMemory  # noqa: E402
+from architecture import build_model  # noqa: E402
+from memory import KNNMemory, ProductKeyMemory  # noqa: E402
+from training import fit  # noqa: E402
 from runtime import resolve_device, run_in_processes  # noqa: E402
 
 DEFAULTS = dict(
@@ -107,8 +109,8 @@ def build(cfg, size, kind, vocab_size, device):
         memory_key_dim=cfg["memory_key_dim"], memory_topk=cfg["memory_topk"], knn_capacity=cfg["knn_capacity"],
         knn_key_dim=cfg["memory_key_dim"], knn_threshold=cfg["knn_threshold"])
     torch.manual_seed(cfg["seed"])
-    return GPT(GPTConfig(vocab_size=vocab_size, block_size=cfg["block_size"], n_layer=n_layer, n_head=n_head,
-                         n_embd=n_embd, **memory)).to(device)
+    return build_model(dict(vocab_size=vocab_size, block_size=cfg["block_size"], n_layer=n_layer, n_head=n_head,
+                            n_embd=n_embd, **memory)).to(device)
 
 
 def speed(cfg, size, kind):
@@ -120,10 +122,10 @@ def speed(cfg, size, kind):
     batch = bio_batches(vocab, names, values, cfg["batch_size"], cfg["block_size"], cfg["seed"])(0)
     model = build(cfg, size, kind, len(vocab), device)
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    synthetic.fit(model, lambda step: batch, cfg["speed_warmup"], cfg["learning_rate"], device)
+    fit(model, lambda step: batch, cfg["speed_warmup"], cfg["learning_rate"], device)
     sync()
     t0 = time.perf_counter()
-    synthetic.fit(model, lambda step: batch, cfg["speed_steps"], cfg["learning_rate"], device)
+    fit(model, lambda step: batch, cfg["speed_steps"], cfg["learning_rate"], device)
     sync()
     tokens_per_s = cfg["speed_steps"] * int((batch[1] >= 0).sum()) / (time.perf_counter() - t0)
     ops = profile(model, lambda step: batch, cfg["profile_steps"], device) if kind != "dense" else None
@@ -137,7 +139,7 @@ def train_and_recall(cfg, size, kind):
     names, values = synthetic.bios_people(cfg["n_people"], cfg["seed"])
     model = build(cfg, size, kind, len(vocab), device)
     next_batch = bio_batches(vocab, names, values, cfg["batch_size"], cfg["block_size"], cfg["seed"])
-    loss, tok_s, tokens = synthetic.fit(model, next_batch, cfg["steps"], cfg["learning_rate"], device)
+    loss, tok_s, tokens = fit(model, next_batch, cfg["steps"], cfg["learning_rate"], device)
     accuracy, loss_bits = synthetic.recall(model, vocab, names, values, device)
     per_attribute = synthetic.bits_of_knowledge(len(names), accuracy, loss_bits)
     row = {"kind": kind, "size": list(size), "params": model.num_params(),

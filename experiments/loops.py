@@ -38,7 +38,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from checkpoint import read_json, write_json_atomic  # noqa: E402
 from configurator import configure, print_config  # noqa: E402
 from plot import save_figure  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
+from architecture import build_model  # noqa: E402
+from training import lr_at as schedule  # noqa: E402
 from runtime import resolve_device, resolve_dtype  # noqa: E402
 
 DEFAULTS = dict(
@@ -134,17 +135,17 @@ def chain_batch(rng, batch_size, hops, cfg, device):
 # ----------------------------------------------------------------------------- models
 
 def model_configs(cfg):
-    """GPTConfig of each compared model; the looped one first."""
+    """Model options of each compared model (architecture.build_model's); the looped one first."""
     shape = dict(vocab_size=vocabulary(cfg["n_vars"])["size"], block_size=3 * max_statements(cfg) + 2,
                  n_embd=cfg["n_embd"], n_head=cfg["n_head"], dropout=0.0)
     distinct = cfg["n_prelude"] + cfg["n_core"] + cfg["n_coda"]
     configs = {
-        "looped": GPTConfig(**shape, n_layer=distinct, n_prelude=cfg["n_prelude"], n_core=cfg["n_core"],
-                            n_coda=cfg["n_coda"], loops=cfg["loops"], loops_sampling=cfg["loops_sampling"],
-                            loops_min=cfg["loops_min"], loops_max=cfg["loops_max"],
-                            backprop_loops=cfg["backprop_loops"], inject=cfg["inject"]),
-        "params": GPTConfig(**shape, n_layer=distinct),
-        "compute": GPTConfig(**shape, n_layer=cfg["n_prelude"] + cfg["n_core"] * cfg["loops"] + cfg["n_coda"]),
+        "looped": dict(**shape, n_layer=distinct, n_prelude=cfg["n_prelude"], n_core=cfg["n_core"],
+                       n_coda=cfg["n_coda"], loops=cfg["loops"], loops_sampling=cfg["loops_sampling"],
+                       loops_min=cfg["loops_min"], loops_max=cfg["loops_max"],
+                       backprop_loops=cfg["backprop_loops"], inject=cfg["inject"]),
+        "params": dict(**shape, n_layer=distinct),
+        "compute": dict(**shape, n_layer=cfg["n_prelude"] + cfg["n_core"] * cfg["loops"] + cfg["n_coda"]),
     }
     unknown = set(cfg["models"]) - set(configs)
     if unknown:
@@ -153,16 +154,14 @@ def model_configs(cfg):
 
 
 def lr_at(step, cfg):
-    from train import lr_at as schedule
-    return schedule(step, {"learning_rate": cfg["learning_rate"], "min_lr": cfg["min_lr"], "schedule": "cosine",
-                           "warmup_iters": cfg["warmup_iters"], "lr_decay_iters": 0, "max_iters": cfg["steps"]})
+    return schedule(step, cfg["learning_rate"], cfg["min_lr"], cfg["warmup_iters"], cfg["steps"])
 
 
 def train_chains(name, config, cfg, device, autocast):
     """Train one model on chains of 1..train_hops hops; returns it (eval mode) and its loss curve."""
     torch.manual_seed(cfg["seed"])
     rng = random.Random(cfg["seed"])  # every model sees the same batches
-    model = GPT(config).to(device)
+    model = build_model(config).to(device)
     optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], (0.9, 0.95), device.type)
     curve = []
     model.train()
@@ -173,7 +172,7 @@ def train_chains(name, config, cfg, device, autocast):
         hops, loops = (1, cfg["train_hops"]), None
         if cfg["loops_follow_hops"]:
             hops = rng.randint(1, cfg["train_hops"])
-            loops = hops + 1 if config.n_core else None
+            loops = hops + 1 if config.get("n_core") else None
         x, y = chain_batch(rng, cfg["batch_size"], hops, cfg, device)
         with autocast:
             loss = model(x, y, loops=loops)[1]
@@ -209,11 +208,11 @@ def run_chains(cfg, device, autocast):
     for name, config in model_configs(cfg).items():
         t0 = time.perf_counter()
         model, curve = train_chains(name, config, cfg, device, autocast)
-        loop_counts = cfg["test_loops"] if config.n_core else [None]  # main() adds the training count
+        loop_counts = cfg["test_loops"] if config.get("n_core") else [None]  # main() adds the training count
         accuracy = {str(n or "fixed"): chain_accuracy(model, tests, autocast, n) for n in loop_counts}
-        results[name] = {"params": model.num_params(), "n_layer": config.n_layer, "accuracy": accuracy,
+        results[name] = {"params": model.num_params(), "n_layer": config["n_layer"], "accuracy": accuracy,
                          "curve": curve, "train_seconds": time.perf_counter() - t0}
-        at_train = accuracy[str(cfg["loops"]) if config.n_core else "fixed"]
+        at_train = accuracy[str(cfg["loops"]) if config.get("n_core") else "fixed"]
         print(f"{name}: {model.num_params():,} params; accuracy by hops "
               + " ".join(f"{h}:{a:.2f}" for h, a in at_train.items()), flush=True)
     return results

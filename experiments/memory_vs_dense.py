@@ -13,7 +13,6 @@ reached, read off the curves), tokens/s, and parameters. The first untimed_steps
 compilation) train but are not timed.
 """
 import contextlib
-import dataclasses
 import json
 import os
 import sys
@@ -23,10 +22,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import configure, print_config  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
+from architecture import build_model  # noqa: E402
 from data import get_batch, open_dataset  # noqa: E402
 from runtime import resolve_device, resolve_dtype  # noqa: E402
-from train import estimate_loss, train_step  # noqa: E402
+from training import StepOptions, estimate_loss, make_optimizers, set_lr, train_step  # noqa: E402
 
 DEFAULTS = dict(
     out="out/memory_vs_dense.json",
@@ -77,18 +76,16 @@ def build(kind, cfg, vocab_size):
                                       "memory_key_dim", "memory_gate", "memory_sparse")}
     elif kind != "dense":
         raise SystemExit(f"models must be dense or pkm, got {kind!r}")
-    return GPTConfig(vocab_size=vocab_size, **shape)
+    return dict(vocab_size=vocab_size, **shape)
 
 
 def run(kind, cfg, meta, device, dtype):
     torch.manual_seed(cfg["seed"])
     config = build(kind, cfg, meta["vocab_size"])
-    raw = GPT(config).to(device)
+    raw = build_model(config).to(device)
     betas = (0.9, cfg["beta2"])
-    optimizers = [raw.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], betas, device.type,
-                                           cfg["optimizer"], cfg["muon_lr"], cfg["memory_lr_scale"]),
-                  raw.configure_memory_optimizer(cfg["learning_rate"], betas, cfg["memory_lr_scale"])]
-    optimizers = [o for o in optimizers if o is not None]
+    optimizers = [o for o in make_optimizers(raw, cfg["weight_decay"], cfg["learning_rate"], betas, device.type,
+                                             cfg["optimizer"], cfg["muon_lr"], cfg["memory_lr_scale"]) if o]
     model = torch.compile(raw) if cfg["compile"] else raw
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
     generator = torch.Generator().manual_seed(cfg["seed"])
@@ -97,7 +94,7 @@ def run(kind, cfg, meta, device, dtype):
     step, train_time, curve = 0, 0.0, []
 
     def evaluate():
-        losses = estimate_loss(model, meta, cfg["eval_iters"], cfg["batch_size"], cfg["block_size"], device, autocast)
+        losses = estimate_loss(model, meta, cfg["batch_size"], cfg["block_size"], cfg["eval_iters"], device, autocast)
         curve.append({"step": step, "tokens": step * tokens_per_step, "train_time": round(train_time, 3),
                       "val_loss": losses["val"], "train_loss": losses["train"]})
         print(f"  {kind} step {step}: val {losses['val']:.4f} ({train_time:.1f} s)", flush=True)
@@ -117,10 +114,8 @@ def run(kind, cfg, meta, device, dtype):
         lr = lr_at_fraction(step, fraction, cfg)
         sync()
         t0 = time.perf_counter()
-        for optimizer in optimizers:
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)
-        _, batch = train_step(model, optimizers, batch, fetch, 1, autocast, grad_clip=1.0)  # train.py's own step
+        set_lr(optimizers, lr)
+        _, batch = train_step(model, optimizers, batch, fetch, StepOptions(autocast=autocast))  # train.py's own step
         sync()
         step += 1
         if step > cfg["untimed_steps"]:
@@ -130,7 +125,7 @@ def run(kind, cfg, meta, device, dtype):
     return {"params": raw.num_params(False), "params_without_embeddings": raw.num_params(),
             "steps": step, "tokens": step * tokens_per_step, "train_time": train_time,
             "tokens_per_s": timed_tokens / train_time, "final_val_loss": curve[-1]["val_loss"], "curve": curve,
-            "config": dataclasses.asdict(config)}
+            "config": config}
 
 
 def val_at_tokens(curve, tokens):

@@ -30,6 +30,7 @@ from checkpoint import write_json_atomic  # noqa: E402
 from configurator import configure, print_config  # noqa: E402
 from plot import save_figure  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
+from training import fit  # noqa: E402
 from runtime import resolve_device, run_in_processes  # noqa: E402
 
 DEFAULTS = dict(
@@ -57,7 +58,7 @@ DEFAULTS = dict(
 
 
 def doc_batches(make_doc, vocab, batch_size, block_size, seed, answers_only):
-    """next_batch(step) for synthetic.fit: fresh documents drawn with a per-step generator. answers_only
+    """next_batch(step) for training.fit: fresh documents drawn with a per-step generator. answers_only
     keeps the loss on the answers alone: the facts are random draws, their loss is noise that drowns
     the few answer tokens' signal."""
     def next_batch(step):
@@ -235,7 +236,7 @@ def train_and_test(cfg, kind, size):
 
     def evaluate(step):
         curve.append({"step": step, **accuracy(model, vocab, tests[curve_test][:cfg["curve_docs"]], device)})
-    loss, tok_s, _ = synthetic.fit(model, batches, cfg["steps"], cfg["learning_rate"], device, evaluate=evaluate,
+    loss, tok_s, _ = fit(model, batches, cfg["steps"], cfg["learning_rate"], device, evaluate=evaluate,
                                    eval_every=cfg["curve_every"])
     row = {"kind": kind, "size": list(size), "params": model.num_params(), "final_loss": loss, "tokens_per_s": tok_s,
            "tests": {k: accuracy(model, vocab, docs, device) for k, docs in tests.items()},

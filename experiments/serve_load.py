@@ -20,7 +20,6 @@ counts error responses that nobody provoked, job outcomes, and samples the serve
 out_dir/serve_soak.json and .png.
 """
 import asyncio
-import dataclasses
 import json
 import os
 import random
@@ -38,7 +37,7 @@ import torch  # noqa: E402
 
 from checkpoint import save_checkpoint  # noqa: E402
 from configurator import configure, print_config, read_config_file  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
+from architecture import MODEL_KEYS, build_model  # noqa: E402
 from runtime import resolve_device, resolve_dtype  # noqa: E402
 from tokenizer import ASSETS  # noqa: E402
 
@@ -86,10 +85,9 @@ def build_model(cfg, path):
         meta = {"tokenizer": "char", "chars": chars, "vocab_size": len(chars) + 1, "eot": len(chars)}
     else:
         meta = {"tokenizer": "gpt2", "vocab_size": 50257, "eot": 50256}
-    fields = {f.name for f in dataclasses.fields(GPTConfig)}
-    model_args = {k: v for k, v in shape.items() if k in fields} | {"vocab_size": meta["vocab_size"], "dropout": 0.0}
+    model_args = {k: v for k, v in shape.items() if k in MODEL_KEYS} | {"vocab_size": meta["vocab_size"], "dropout": 0.0}
     torch.manual_seed(cfg["seed"])
-    model = GPT(GPTConfig(**model_args)).eval()
+    model = build_model(model_args).eval()
     save_checkpoint(path, {"model_args": model_args, "model": model.state_dict(), "tokenizer": meta,
                            "config": {"config": cfg["config"]}, "step": 0, "val_loss": None}, kind="random")
     return model, meta

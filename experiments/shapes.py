@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train  # noqa: E402
 from checkpoint import load_checkpoint, load_model, write_json_atomic  # noqa: E402
 from configurator import configure, print_config  # noqa: E402
-from model import GPT, GPTConfig, KVCache  # noqa: E402
+from architecture import build_model  # noqa: E402
 from plot import read_metrics, save_figure  # noqa: E402
 from runtime import claim_out_dir, resolve_device  # noqa: E402
 
@@ -136,9 +136,9 @@ def stream_logits(model, bits):
     (the cache's slot 0), so a recurrent state can."""
     block, out, cache = model.config.block_size, [], None
     for start in range(0, bits.size(1), block):
-        fresh = KVCache(model.config, bits.size(0), bits.device, torch.float32)
-        if cache is not None:
-            for new, old in zip(fresh.outputs, cache.outputs):
+        fresh = model.make_cache(bits.size(0), block, bits.device, torch.float32)
+        if cache is not None:  # feedback.FeedbackCache: each layer's outputs
+            for new, old in zip(getattr(fresh, "outputs", []), getattr(cache, "outputs", [])):
                 new[:, 0] = old[:, -1]
         cache = fresh
         out.append(model.lm_head(model.hidden(bits[:, start:start + block], cache))[..., :2])
@@ -148,9 +148,8 @@ def stream_logits(model, bits):
 def parity_run(feedback, cfg, device):
     """Train on block-long parity streams; accuracy at each position of streams parity_test_blocks blocks long."""
     torch.manual_seed(cfg["seed"])
-    config = GPTConfig(vocab_size=2, block_size=cfg["parity_block"], n_layer=cfg["parity_layers"], n_head=4,
-                       n_embd=cfg["parity_embd"], feedback=feedback)
-    model = GPT(config).to(device)
+    model = build_model(dict(vocab_size=2, block_size=cfg["parity_block"], n_layer=cfg["parity_layers"], n_head=4,
+                             n_embd=cfg["parity_embd"], feedback=feedback)).to(device)
     optimizer = model.configure_optimizers(0.0, 3e-3, (0.9, 0.99), device.type)
     generator = torch.Generator().manual_seed(cfg["seed"])
     t0, losses = time.perf_counter(), []

@@ -39,7 +39,7 @@ CASES = [
     ("train", [*TRAIN, "--learning_rate=-0.001"], "learning_rate must not be negative"),
     ("train", [*TRAIN, "--max_iters=-5"], "max_iters must not be negative"),
     ("train", [*FRESH, "--fp8=True"], "fp8=True needs a CUDA GPU"),  # no GPU here (and in CI)
-    ("train", [*TRAIN, "--init_from=restart"], "init_from must be scratch or resume"),
+    ("train", [*TRAIN, "--init_from=restart"], "init_from must be scratch, resume, or a checkpoint"),
     ("train", [*TRAIN, "--dropout=1.5"], "dropout must be in [0, 1)"),
     ("train", [*FRESH, "--n_embd=33"], "n_embd=33 is not divisible by n_head=2"),
     ("train", [*TRAIN, "--bach_size=3"], "did you mean 'batch_size'"),

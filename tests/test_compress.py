@@ -103,15 +103,15 @@ def test_a_loaded_export_holds_each_weight_once(trained, tmp_path, fmt):
 
 
 def test_generation_cache_holds_the_tokens_it_needs_rounded_up_to_a_power_of_two(monkeypatch):
-    import model as model_module
+    import generation
     sizes = []
-    real = model_module.KVCache
+    real = generation.KVCache
 
     def recording(*args, **kwargs):
         cache = real(*args, **kwargs)
         sizes.append(cache.k[0].size(2))
         return cache
-    monkeypatch.setattr(model_module, "KVCache", recording)
+    monkeypatch.setattr(generation, "KVCache", recording)
     gpt = GPT(GPTConfig(vocab_size=32, block_size=64, n_layer=1, n_head=2, n_embd=16)).eval()
     gpt.generate(torch.zeros(1, 3, dtype=torch.long), 5, temperature=0.0)
     gpt.generate(torch.zeros(1, 3, dtype=torch.long), 6, temperature=0.0)
@@ -241,8 +241,8 @@ def test_structured_pruned_checkpoint_retrains_and_loads(trained, tmp_path):
 def test_a_quantized_feedback_model_runs():
     # feedback's recurrent pass sizes its cache from the rotary buffer: an int8 embedding has no .weight
     import shrink
-    from model import GPT, GPTConfig
+    from architecture import build_model
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=32, feedback=1)).eval()
+    model = build_model(dict(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=32, feedback=1)).eval()
     quantized = shrink.quantize_model(model, "int8", 32, torch.float32)
     assert quantized(torch.randint(0, 64, (1, 5)))[0].shape == (1, 5, 64)

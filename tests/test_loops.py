@@ -5,20 +5,21 @@ import os
 import pytest
 import torch
 
-from model import GPT, GPTConfig, KVCache
+from architecture import build_model
+from model import GPT, GPTConfig
 
 SHAPE = dict(vocab_size=50, block_size=32, n_layer=3, n_head=4, n_embd=32)
 
 
 def looped_model(**kw):
     torch.manual_seed(0)
-    return GPT(GPTConfig(**(SHAPE | dict(n_prelude=1, n_core=1, n_coda=1, loops=3) | kw))).eval()
+    return build_model(SHAPE | dict(n_prelude=1, n_core=1, n_coda=1, loops=3) | kw).eval()
 
 
 @pytest.mark.parametrize("inject", ["add", "concat", "none"])
 def test_one_loop_equals_the_plain_model_with_the_same_weights(inject):
     plain = GPT(GPTConfig(**SHAPE)).eval()
-    looped = GPT(GPTConfig(**SHAPE, n_prelude=1, n_core=1, n_coda=1, loops=1, inject=inject)).eval()
+    looped = build_model(SHAPE | dict(n_prelude=1, n_core=1, n_coda=1, loops=1, inject=inject)).eval()
     looped.load_state_dict(plain.state_dict(), strict=False)  # concat's projection starts as h + e
     idx = torch.randint(0, 50, (2, 16))
     assert torch.allclose(looped(idx)[0], plain(idx)[0], atol=1e-5)
@@ -26,7 +27,7 @@ def test_one_loop_equals_the_plain_model_with_the_same_weights(inject):
 
 
 def test_albert_sharing_is_a_core_of_every_layer_and_params_do_not_grow_with_loops():
-    shared = GPT(GPTConfig(**SHAPE | dict(n_layer=1, n_core=1, loops=4)))
+    shared = build_model(SHAPE | dict(n_layer=1, n_core=1, loops=4))
     one = GPT(GPTConfig(**SHAPE | dict(n_layer=1)))
     assert shared.num_params() == one.num_params()
 
@@ -68,7 +69,7 @@ def test_cached_chunks_match_full_forward_with_loops():
     model = looped_model()
     idx = torch.randint(0, 50, (2, 12))
     full = model.hidden(idx, loops=4)
-    cache = KVCache(model.config, 2, "cpu", torch.float32, loops=4)
+    cache = model.make_cache(2, model.config.block_size, "cpu", torch.float32, loops=4)
     parts = [model.hidden(idx[:, :5], cache, 0, loops=4), model.hidden(idx[:, 5:], cache, 5, loops=4)]
     assert torch.allclose(torch.cat(parts, dim=1), full, atol=1e-5)
     with pytest.raises(ValueError, match="loop count"):
@@ -107,7 +108,7 @@ def test_training_loop_counts_follow_the_sampling_option():
 ])
 def test_impossible_loop_settings_are_rejected(kw, match):
     with pytest.raises(ValueError, match=match):
-        GPTConfig(**(SHAPE | kw))
+        build_model(SHAPE | kw)
 
 
 def test_loops_on_a_plain_model_is_a_clear_error():
@@ -180,7 +181,7 @@ def test_loops_can_follow_each_batchs_hops(tmp_path, monkeypatch):
     seen = []
     forward = GPT.forward
     monkeypatch.setattr(GPT, "forward", lambda self, idx, targets=None, reduction="mean", loops=None:
-                        seen.append((self.training, loops)) or forward(self, idx, targets, reduction, loops))
+                        seen.append((self.training, loops)) or forward(self, idx, targets, reduction, loops=loops))
     cfg = loops.DEFAULTS | dict(steps=6, n_embd=16, n_head=2, batch_size=4, train_hops=3, test_hops=4, n_chains=2,
                                 loops=2, loops_min=1, loops_max=4, loops_follow_hops=True, models=["looped"])
     config = loops.model_configs(cfg)["looped"]

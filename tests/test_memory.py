@@ -7,7 +7,10 @@ import torch
 import train
 from checkpoint import knn_store_dir, load_checkpoint, load_knn_store, load_model, save_knn_store
 from conftest import tiny_train_config
-from model import GPT, GPTConfig, KNNStore, ProductKeyMemory, norm
+from architecture import build_model
+from memory import KNNStore, MemoryConfig, ProductKeyMemory, knn_stores, memorize
+from model import norm
+from training import distill_kl, make_optimizers
 
 PKM = dict(memory="pkm", memory_slots=256, memory_heads=2, memory_key_dim=16, memory_topk=4)
 KNN = dict(memory="knn", memory_topk=4, knn_capacity=512, knn_key_dim=16)
@@ -16,7 +19,7 @@ KNN = dict(memory="knn", memory_topk=4, knn_capacity=512, knn_key_dim=16)
 def tiny_memory_model(**kw):
     torch.manual_seed(0)
     args = dict(vocab_size=50, block_size=32, n_layer=2, n_head=4, n_embd=32, memory_layers=[1]) | kw
-    return GPT(GPTConfig(**args)).eval()
+    return build_model(args).eval()
 
 
 def metrics(cfg):
@@ -33,7 +36,7 @@ def test_pkm_layer_keeps_shapes_and_holds_the_value_table():
 
 def test_pkm_topk_equals_brute_force_over_all_slots():
     torch.manual_seed(0)
-    layer = ProductKeyMemory(GPTConfig(n_embd=32, n_head=4, **PKM | dict(memory_slots=64 ** 2, memory_topk=8)))
+    layer = ProductKeyMemory(MemoryConfig(**PKM | dict(memory_slots=64 ** 2, memory_topk=8)), 32)
     x = torch.randn(3, 5, 32)
     scores, index = layer.lookup(x)  # (15, heads, k)
     q = norm(layer.query(x).view(15, 2, 2, 8))
@@ -61,8 +64,7 @@ def test_sparse_value_gradients_touch_only_the_rows_read():
 def test_memory_values_train_with_sparse_adam_at_a_higher_lr():
     model = tiny_memory_model(**PKM)
     values = model.blocks[1].ffn.values.weight
-    adamw = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", memory_lr_scale=10.0)
-    sparse = model.configure_memory_optimizer(1e-3, (0.9, 0.95), memory_lr_scale=10.0)
+    adamw, sparse = make_optimizers(model, 0.1, 1e-3, (0.9, 0.95), "cpu", memory_lr_scale=10.0)
     assert isinstance(sparse, torch.optim.SparseAdam) and sparse.param_groups[0]["params"] == [values]
     assert sparse.param_groups[0]["lr_scale"] == 10.0
     assert all(p is not values for g in adamw.param_groups for p in g["params"])
@@ -71,11 +73,11 @@ def test_memory_values_train_with_sparse_adam_at_a_higher_lr():
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_dense_memory_values_get_an_undecayed_group_at_a_higher_lr(optimizer):
     model = tiny_memory_model(**PKM | dict(memory_sparse=False))
-    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", optimizer=optimizer, memory_lr_scale=10.0)
+    opt, sparse = make_optimizers(model, 0.1, 1e-3, (0.9, 0.95), "cpu", optimizer=optimizer, memory_lr_scale=10.0)
     group = next(g for g in opt.param_groups if any(p is model.blocks[1].ffn.values.weight for p in g["params"]))
     assert group["params"] == [model.blocks[1].ffn.values.weight]
     assert group["lr_scale"] == 10.0 and group["weight_decay"] == 0.0
-    assert model.configure_memory_optimizer(1e-3, (0.9, 0.95)) is None
+    assert sparse is None
 
 
 def test_knn_search_equals_brute_force_across_chunks():
@@ -108,8 +110,8 @@ def test_knn_store_evicts_the_least_recently_used_pair():
 def test_knn_store_round_trips_through_disk_and_can_be_swapped(tmp_path):
     model = tiny_memory_model(**KNN)
     prompt = torch.randint(0, 50, (1, 12))
-    model.memorize(torch.randint(0, 50, (4, 20)))
-    store = model.knn_stores()[1]
+    memorize(model, torch.randint(0, 50, (4, 20)))
+    store = knn_stores(model)[1]
     before = model(prompt)[0]
     save_knn_store(store, str(tmp_path / "a"))
     clock, keys = store.clock, store.keys.clone()
@@ -135,7 +137,7 @@ def test_knn_store_of_the_wrong_shape_is_refused(tmp_path):
 def test_kv_cache_generation_matches_no_cache_with_memory_layers(memory):
     model = tiny_memory_model(**memory)
     if memory["memory"] == "knn":
-        model.memorize(torch.randint(0, 50, (4, 32)))
+        memorize(model, torch.randint(0, 50, (4, 32)))
     idx = torch.randint(0, 50, (3, 5))
     cached = model.generate(idx, 40, temperature=0.0, use_cache=True)
     assert torch.equal(cached, model.generate(idx, 40, temperature=0.0, use_cache=False))
@@ -163,7 +165,7 @@ def test_resume_with_memory_layers_continues_exactly(tiny_data, memory):
     path = os.path.join(split["out_dir"], "ckpt.pt")
     model = load_model(state, knn_store=knn_store_dir(path))
     if memory["memory"] == "knn":
-        assert len(model.knn_stores()[1]) > 0
+        assert len(knn_stores(model)[1]) > 0
 
 
 def test_distillation_brings_the_student_closer_to_the_teacher_than_data_alone(tiny_data):
@@ -177,7 +179,7 @@ def test_distillation_brings_the_student_closer_to_the_teacher_than_data_alone(t
     t = load_model(load_checkpoint(os.path.join(teacher["out_dir"], "ckpt.pt")))
     idx = torch.randint(0, t.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        kl = {name: train.distill_kl(s(idx)[0], t(idx)[0], 2.0, t.config.vocab_size).item()
+        kl = {name: distill_kl(s(idx)[0], t(idx)[0], 2.0, t.config.vocab_size).item()
               for name, s in students.items()}
     assert kl["distilled"] < 0.7 * kl["data"]
 
@@ -194,7 +196,7 @@ def test_teacher_with_another_vocabulary_is_refused(tiny_data, tmp_path):
                                 dict(memory_topk=100, memory_slots=64 ** 2)])
 def test_impossible_memory_settings_are_rejected(kw):
     with pytest.raises(ValueError):
-        GPTConfig(**(dict(n_layer=2, n_embd=32, n_head=4, memory_layers=[1]) | kw))
+        build_model(dict(n_layer=2, n_embd=32, n_head=4, memory_layers=[1]) | kw)
 
 
 def test_memory_vs_dense_experiment_runs_both_models_and_writes_json(tiny_data):

@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-from model import GPT, GPTConfig, Rotary, sample_next_token
+from architecture import build_model
+from generation import cache_length, sample_next_token
+from model import GPT, GPTConfig, Rotary
 
 
 def tiny_model(**kw):
@@ -40,11 +42,10 @@ def test_kv_cache_generation_matches_no_cache_token_for_token(n_kv_head):
 
 
 def test_cached_chunks_match_full_forward():
-    from model import KVCache
     model = tiny_model()
     idx = torch.randint(0, 50, (2, 12))
     full = model.hidden(idx)
-    cache = KVCache(model.config, 2, "cpu", torch.float32)
+    cache = model.make_cache(2, model.config.block_size, "cpu", torch.float32)
     parts = [model.hidden(idx[:, :5], cache, 0), model.hidden(idx[:, 5:9], cache, 5),
              model.hidden(idx[:, 9:], cache, torch.tensor([9]))]
     assert torch.allclose(torch.cat(parts, dim=1), full, atol=1e-5)
@@ -63,7 +64,6 @@ def test_compiled_decode_step_matches_eager_without_recompiling():
 
 
 def test_cache_length_rounds_what_a_generation_needs_up_to_a_power_of_two():
-    from model import cache_length
     assert cache_length(20, 1024) == 32 and cache_length(32, 1024) == 32 and cache_length(33, 1024) == 64
     assert cache_length(528, 1024) == 1024 and cache_length(900, 600) == 600  # never past the context
 
@@ -124,7 +124,7 @@ def test_tied_embeddings_share_one_matrix_and_counts_follow():
 @pytest.mark.parametrize("kw", [dict(n_embd=30, n_head=4), dict(n_head=4, n_kv_head=3), dict(memory_layers=[5])])
 def test_impossible_shapes_are_rejected(kw):
     with pytest.raises(ValueError):
-        GPTConfig(**(dict(n_layer=2, n_embd=32, n_head=4) | kw))
+        build_model(dict(n_layer=2, n_embd=32, n_head=4) | kw)
 
 
 def test_activation_checkpointing_gives_the_same_loss_and_gradients():

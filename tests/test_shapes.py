@@ -7,7 +7,8 @@ import torch
 import train
 from checkpoint import load_checkpoint, load_model
 from conftest import tiny_train_config
-from model import GPT, GPTConfig, KVCache
+from architecture import HeadConfig, build_model, options_of
+from heads import update_heads
 
 LAYOUTS = {
     "widths": dict(mlp_ratios=[1, 6.5]),
@@ -20,7 +21,7 @@ LAYOUTS = {
 
 def tiny_model(block_size=16, **kw):
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=20, block_size=block_size, n_layer=2, n_head=4, n_embd=32, **kw)).eval()
+    model = build_model(dict(vocab_size=20, block_size=block_size, n_layer=2, n_head=4, n_embd=32, **kw)).eval()
     with torch.no_grad():  # feedback and new heads start silent; wake them so the tests can see them
         for p in model.parameters():
             if p.abs().sum() == 0:
@@ -51,7 +52,7 @@ def test_changing_a_future_token_never_changes_earlier_logits_under_every_layout
 
 def test_a_token_outside_a_layers_window_leaves_its_output_unchanged():
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=20, block_size=16, n_layer=1, n_head=2, n_embd=16, attn_windows=[4])).eval()
+    model = build_model(dict(vocab_size=20, block_size=16, n_layer=1, n_head=2, n_embd=16, attn_windows=[4])).eval()
     idx = torch.randint(0, 20, (1, 12))
     base = model(idx)[0][0, 10]  # the window of position 10 is positions 7..10
     for position, inside in ((6, False), (7, True)):
@@ -74,7 +75,7 @@ def test_feedback_parallel_pass_equals_token_by_token_recurrence():
     model = tiny_model(feedback=1)
     idx = torch.randint(0, 20, (2, 9))
     parallel = model(idx)[0]
-    cache = KVCache(model.config, 2, "cpu", torch.float32)
+    cache = model.make_cache(2, model.config.block_size, "cpu", torch.float32)
     steps = torch.stack([model.next_logits(idx[:, t:t + 1], cache, t) for t in range(9)], 1)
     assert torch.allclose(parallel, steps, atol=1e-5)
 
@@ -118,9 +119,10 @@ def test_update_heads_grows_open_layers_and_prunes_shut_heads():
     with torch.no_grad():
         model.blocks[0].attn.head_gate.fill_(1.0)  # sigmoid(10) > 0.9: all open
         model.blocks[1].attn.head_gate.copy_(torch.tensor([1.0, -1.0]))  # head 1 shut
-    assert model.update_heads([optimizer]) == []  # patience: one step is not sustained
-    model.update_heads([optimizer])
-    assert model.config.layer_heads == [3, 1]
+    heads = options_of(model, HeadConfig)
+    assert update_heads(model, heads, [optimizer]) == []  # patience: one step is not sustained
+    update_heads(model, heads, [optimizer])
+    assert heads.layer_heads == [3, 1]
     assert model.blocks[1].attn.head_gate.tolist() == [1.0]
     model(x, x)[1].backward()
     optimizer.step()
@@ -162,4 +164,4 @@ def test_growth_with_compile_is_refused_with_the_reason(tiny_cfg):
 ])
 def test_impossible_shapes_say_why(kw, match):
     with pytest.raises(ValueError, match=match):
-        GPTConfig(vocab_size=20, block_size=16, n_layer=2, n_head=4, n_embd=32, **kw)
+        build_model(dict(vocab_size=20, block_size=16, n_layer=2, n_head=4, n_embd=32, **kw))

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import train
+from training import StepOptions, train_step
 from conftest import ROOT, tiny_train_config
 from muon import Muon, orthogonalize
 
@@ -107,7 +108,7 @@ def twin_models(**options):
     torch.manual_seed(0)
     args = dict(vocab_size=70, block_size=16, n_layer=2, n_head=2, n_embd=32)
     from model import GPT, GPTConfig
-    plain, fast = GPT(GPTConfig(**args)), GPT(GPTConfig(**args, **options))
+    plain, fast = GPT(GPTConfig(**args)), GPT(GPTConfig(**args, **options))  # speed options are the core's
     fast.load_state_dict(plain.state_dict())
     return plain, fast
 
@@ -156,8 +157,8 @@ def test_static_gradients_step_like_the_default(tiny_cfg):
         source = iter(batches)
         batch = next(source)
         for _ in range(2):
-            _, batch = train.train_step(model, [opt], batch, lambda: next(source, batches[0]), 2,
-                                        torch.autocast("cpu", enabled=False), 1.0, static_grads=static)
+            _, batch = train_step(model, [opt], batch, lambda: next(source, batches[0]),
+                                  StepOptions(2, 1.0, torch.autocast("cpu", enabled=False), keep_grads=static))
     assert all(p.grad is None for p in models[0].parameters())
     assert all(p.grad is not None and not p.grad.any() for p in models[1].parameters())
     for p, q in zip(*(m.parameters() for m in models)):

@@ -10,6 +10,7 @@ import prepare
 import synthetic
 from configurator import configure
 from model import GPT, GPTConfig
+from training import fit
 
 
 @pytest.mark.parametrize("style", ["where", "cloze", "induction"])
@@ -95,7 +96,7 @@ def test_fit_learns_the_bios_and_recall_measures_it():
     def next_batch(step):
         rng = np.random.default_rng(step)
         return synthetic.pad_batch([vocab.encode(w) for w in synthetic.bios_words(rng, names, values, range(4))], 64, 1)
-    loss, tok_s, tokens = synthetic.fit(model, next_batch, 60, 1e-2, torch.device("cpu"), warmup=5)
+    loss, tok_s, tokens = fit(model, next_batch, 60, 1e-2, torch.device("cpu"), warmup=5)
     after, _ = synthetic.recall(model, vocab, names, values, torch.device("cpu"))
     assert tokens > 0 and tok_s > 0
     assert sum(after.values()) > sum(before.values()) + 1

@@ -12,6 +12,7 @@ import torch
 import plot
 import prepare
 import train
+from training import lr_at
 from checkpoint import load_checkpoint, save_checkpoint
 from configurator import configure
 from conftest import ROOT, tiny_train_config
@@ -47,12 +48,10 @@ def test_resume_continues_exactly(tiny_data):
 
 
 def test_lr_schedules_warm_up_then_decay():
-    cfg = dict(learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=100, lr_decay_iters=0, schedule="cosine",
-               decay_frac=0.2)
-    lrs = [train.lr_at(s, cfg) for s in range(101)]
+    lrs = [lr_at(s, 1.0, 0.1, 10, 100) for s in range(101)]
     assert lrs[0] == 0.1 and lrs[9] == 1.0 and abs(lrs[100] - 0.1) < 1e-9
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
-    wsd = [train.lr_at(s, cfg | {"schedule": "wsd"}) for s in range(101)]
+    wsd = [lr_at(s, 1.0, 0.1, 10, 100, "wsd", 0.2) for s in range(101)]
     assert wsd[50] == 1.0 and wsd[79] == 1.0 and wsd[90] < 1.0 and abs(wsd[100] - 0.1) < 1e-9
 
 
@@ -224,3 +223,52 @@ def test_ctrl_c_twice_quits_at_once_with_a_message():
     with pytest.raises(SystemExit) as quit_now:
         stop._handle(signal.SIGINT, None)
     assert quit_now.value.code == 130 and "without saving" in said[1]
+
+
+def test_fine_tuning_starts_a_fresh_run_from_another_runs_weights(tiny_cfg, tmp_path):
+    train.train(tiny_cfg | {"max_iters": 10})
+    source = load_checkpoint(os.path.join(tiny_cfg["out_dir"], "ckpt.pt"))
+    tuned = tiny_cfg | {"out_dir": str(tmp_path / "tuned"), "init_from": tiny_cfg["out_dir"], "max_iters": 4,
+                        "eval_interval": 2, "learning_rate": 1e-3}
+    train.train(tuned | {"max_iters": 0})  # an evaluation only: the weights are the source's, unchanged
+    start = load_checkpoint(os.path.join(tuned["out_dir"], "ckpt.pt"))
+    assert start["step"] == 0 and all(torch.equal(v, source["model"][k]) for k, v in start["model"].items())
+    train.train(tuned | {"overwrite": True})
+    state = load_checkpoint(os.path.join(tuned["out_dir"], "ckpt.pt"))
+    assert state["step"] == 4 and state["config"]["init_from"] == tiny_cfg["out_dir"]
+    with open(os.path.join(tuned["out_dir"], "config.json")) as f:
+        assert json.load(f)["init_from"] == tiny_cfg["out_dir"]
+
+
+def test_fine_tuning_on_another_tokenizer_or_from_an_int8_export_is_refused(tiny_cfg, tmp_path):
+    import compress
+    train.train(tiny_cfg | {"max_iters": 2})
+    other = tmp_path / "other.txt"
+    other.write_text("ABCDEFGHIJKLMNOPQRSTUVWXYZ " * 400)
+    prepare.prepare(configure(prepare.DEFAULTS, [f"--dataset={other}", "--name=other", "--tokenizer=char",
+                                                 f"--data_dir={tiny_cfg['data_dir']}"]))
+    with pytest.raises(SystemExit, match="does not match the checkpoint"):
+        train.train(tiny_cfg | {"dataset": "other", "out_dir": str(tmp_path / "a"), "init_from": tiny_cfg["out_dir"]})
+    ckpt = os.path.join(tiny_cfg["out_dir"], "ckpt.pt")
+    compress.export(configure(compress.DEFAULTS, [f"--ckpt={ckpt}", "--format=int8", "--measure=False"]))
+    with pytest.raises(SystemExit, match="int8 inference export"):
+        train.train(tiny_cfg | {"out_dir": str(tmp_path / "b"), "init_from": ckpt.replace(".pt", "_int8.pt")})
+    with pytest.raises(SystemExit, match="does not exist"):
+        train.train(tiny_cfg | {"out_dir": str(tmp_path / "c"), "init_from": str(tmp_path / "nowhere")})
+
+
+def test_resuming_an_export_or_a_checkpoint_without_optimizer_state_says_why(tiny_cfg):
+    train.train(tiny_cfg | {"max_iters": 2})
+    path = os.path.join(tiny_cfg["out_dir"], "ckpt.pt")
+    state = load_checkpoint(path)
+    save_checkpoint(path, {k: v for k, v in state.items() if k not in ("format", "kind", "rng")})
+    with pytest.raises(SystemExit, match="cannot be resumed: it has no rng"):
+        train.train(tiny_cfg | {"init_from": "resume"})
+    save_checkpoint(path, {k: v for k, v in state.items() if k not in ("format", "kind")}, kind="export")
+    with pytest.raises(SystemExit, match="inference export"):
+        train.train(tiny_cfg | {"init_from": "resume"})
+    broken = dict(state["model"])
+    broken.pop(next(iter(broken)))
+    save_checkpoint(path, {k: v for k, v in state.items() if k not in ("format", "kind")} | {"model": broken})
+    with pytest.raises(SystemExit, match="does not match the model"):
+        train.train(tiny_cfg | {"init_from": "resume"})
