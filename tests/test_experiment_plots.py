@@ -1,0 +1,40 @@
+"""The experiments' plots redrawn from a JSON: every panel has numbers and labelled axes, and single runs are
+not drawn as a spread."""
+import importlib.util
+import json
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_experiment(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "experiments", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def assert_labelled(fig):
+    for ax in fig.axes:
+        assert ax.get_xlabel() and ax.get_ylabel(), f"panel {ax.get_title()!r} lacks an axis label"
+        assert ax.has_data(), f"panel {ax.get_title()!r} is empty"
+
+
+def test_compress_plot_draws_only_the_parts_that_ran_with_labelled_axes(tmp_path):
+    compress_gpu = load_experiment("compress_gpu")
+    results = {"config": {"big": [36, 1536, 12]},
+               "big": {"bfloat16": {"peak_gpu_gib": 2.2, "decode_tokens_per_s": 245.0},
+                       "int4": {"peak_gpu_gib": 0.76, "decode_tokens_per_s": 336.0, "val_loss_increase": 0.001},
+                       "int8": {"skipped": "time_limit_s=1 passed"}},
+               "mid": {"skipped": "not started within time_limit_s=1"},
+               "decode": {"skipped": "not started within time_limit_s=1"}}
+    path = tmp_path / "compress_gpu.json"
+    path.write_text(json.dumps(results))
+    fig = compress_gpu.plot(results, str(tmp_path / "direct.png"))
+    assert [ax.get_ylabel() for ax in fig.axes] == ["peak GPU memory (GiB)", "decode tokens/s",
+                                                   "val loss increase over float (nats)"]
+    assert_labelled(fig)
+    compress_gpu.main([f"--replot={path}"])  # the PNG beside the JSON, nothing measured
+    assert (tmp_path / "compress_gpu.png").stat().st_size > 0
+    assert compress_gpu.plot({"big": {"skipped": "x"}}, str(tmp_path / "none.png")) is None
+    assert not (tmp_path / "none.png").exists()
