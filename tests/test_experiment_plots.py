@@ -38,3 +38,20 @@ def test_compress_plot_draws_only_the_parts_that_ran_with_labelled_axes(tmp_path
     assert (tmp_path / "compress_gpu.png").stat().st_size > 0
     assert compress_gpu.plot({"big": {"skipped": "x"}}, str(tmp_path / "none.png")) is None
     assert not (tmp_path / "none.png").exists()
+
+
+def test_swarm_learning_plot_labels_every_panel_and_replots_from_its_json(tmp_path):
+    swarm_learning = load_experiment("swarm_learning")
+    curve = {"decision": [0, 0, 1, 1, 1, 0, 1, 1], "worker": [0, 1, 0, 1, 1, 1, 0, 1]}
+    report = {"config": {"goals": 8, "temperature": 0.5, "learn_every": 1, "throughput_workers": [1, 2]},
+              "results": {"arith_frozen": {"curve": curve}, "arith_learning": {"curve": curve}},
+              "table": {"messages": {"none": {"majority_success": 0.3}, "adopt": {"majority_success": 0.4}},
+                        "throughput_episodes_per_minute": {"throughput_none_1": 100.0, "throughput_each_1": 50.0,
+                                                           "throughput_none_2": 180.0}}}
+    fig = swarm_learning.plot(report, str(tmp_path / "direct.png"))
+    assert [ax.get_title().split(":")[0] for ax in fig.axes] == ["arith", "success", "throughput (the swarms on the CPU)"]
+    assert_labelled(fig)
+    path = tmp_path / "swarm_learning_gpu.json"
+    path.write_text(json.dumps(report))
+    swarm_learning.main([f"--replot={path}"])
+    assert (tmp_path / "swarm_learning_gpu.png").stat().st_size > 0
