@@ -4,6 +4,8 @@ import importlib.util
 import json
 import os
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -55,3 +57,25 @@ def test_swarm_learning_plot_labels_every_panel_and_replots_from_its_json(tmp_pa
     path.write_text(json.dumps(report))
     swarm_learning.main([f"--replot={path}"])
     assert (tmp_path / "swarm_learning_gpu.png").stat().st_size > 0
+
+
+def test_knowledge_capacity_replot_draws_each_runs_kinds_in_one_labelled_plot(tmp_path):
+    knowledge_capacity = load_experiment("knowledge_capacity")
+
+    def row(kind, params, bits, tokens_per_s):
+        return {"kind": kind, "params": params, "bits_by_loss": bits, "train_flops": 6 * params * 1000,
+                "tokens_per_s": tokens_per_s, "bits_available": 600.0}
+    dense, pkm = tmp_path / "knowledge_capacity_gpu_dense.json", tmp_path / "knowledge_capacity_gpu_pkm.json"
+    dense.write_text(json.dumps({"results": [row("dense", 100, 20.0, 5e5), row("dense", 400, 90.0, 3e5)]}))
+    pkm.write_text(json.dumps({"speeds": [], "results": [row("pkm", 2000, 500.0, 4e5)]}))
+    knowledge_capacity.main([f"--replot={[str(dense), str(pkm)]}"])
+    assert (tmp_path / "knowledge_capacity_gpu_pkm.png").stat().st_size > 0  # beside the last JSON
+    fig = knowledge_capacity.plot([r | {"run": "gpu_dense"} for r in json.loads(dense.read_text())["results"]] +
+                                  [r | {"run": "gpu_pkm"} for r in json.loads(pkm.read_text())["results"]],
+                                  str(tmp_path / "direct.png"))
+    assert "dense (gpu_dense)" in [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert_labelled(fig)
+    speeds_only = tmp_path / "cut.json"
+    speeds_only.write_text(json.dumps({"speeds": [{"size": [1, 2, 32], "kind": "dense", "tokens_per_s": 1.0}]}))
+    with pytest.raises(SystemExit, match="no results"):
+        knowledge_capacity.main([f"--replot={[str(speeds_only)]}"])
