@@ -79,3 +79,18 @@ def test_knowledge_capacity_replot_draws_each_runs_kinds_in_one_labelled_plot(tm
     speeds_only.write_text(json.dumps({"speeds": [{"size": [1, 2, 32], "kind": "dense", "tokens_per_s": 1.0}]}))
     with pytest.raises(SystemExit, match="no results"):
         knowledge_capacity.main([f"--replot={[str(speeds_only)]}"])
+
+
+def test_textworld_seeds_draws_a_spread_only_where_two_runs_or_more_have_the_number(tmp_path):
+    textworld_seeds = load_experiment("textworld_seeds")
+    runs = [{"summary": {"1_easy": [{"games": 100, "choose": 0.6, "generate": None},
+                                    {"games": 1000, "choose": 0.9, "generate": 0.4}]}},
+            {"summary": {"1_easy": [{"games": 1000, "choose": 0.95, "generate": None}]}}]
+    numbers = {"1_easy": textworld_seeds.easy_games(runs), "2_hard": {}, "4_shift": {}}
+    fig = textworld_seeds.plot(runs, numbers, str(tmp_path / "seeds.png"))
+    assert (tmp_path / "seeds.png").stat().st_size > 0
+    (ax,) = fig.axes
+    spreads = [c for c in ax.containers if type(c).__name__ == "ErrorbarContainer"]
+    assert len(spreads) == 1  # choose at N = 1000 (two runs); choose at 100 and generate at 1000 are single runs
+    assert spreads[0].lines[0].get_xdata()[0] == 1000
+    assert_labelled(fig)
