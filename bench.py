@@ -34,7 +34,7 @@ from configurator import configure
 from data import get_batch, open_dataset
 from architecture import MODEL_KEYS, build_model
 from plot import plot_runs
-from runtime import float8_training, read_jsonl, resolve_device
+from runtime import code_version, float8_training, read_jsonl, resolve_device
 
 DEFAULTS = dict(
     suite="gpu",          # gpu | cpu
@@ -489,11 +489,9 @@ def environment(device):
                command=" ".join([sys.executable.split("/")[-1], *sys.argv]), torch=torch.__version__,
                python=platform.python_version(), device=str(device), cpu_count=os.cpu_count(),
                torch_threads=torch.get_num_threads())
-    try:
-        env["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                           text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
+    # the checkout holding this bench.py (the code measured), not the working directory's repository
+    code = code_version(__file__)
+    env |= dict(git_commit=code["commit"], git_dirty=code["dirty"], code_tree=code["tree"])
     if device.type == "cuda":
         env |= dict(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
     else:

@@ -6,13 +6,15 @@ What every run needs from its machine and its out_dir, shared by the scripts:
   run that refuses to replace a finished one unless told to;
 - Ctrl-C and SIGTERM as a request to save and stop (`StopRequest`);
 - metrics as JSON lines (`append_jsonl`, `read_jsonl`, `truncate_jsonl`);
-- several small runs side by side on one device (`run_in_processes`).
+- several small runs side by side on one device (`run_in_processes`);
+- which code a measurement ran (`code_version`).
 """
 import fcntl
 import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 
@@ -190,6 +192,31 @@ def run_in_processes(fn, jobs, workers, deadline=None):
 def named_call(name, fn, *args):
     """(name, fn(*args)): run_in_processes returns results as they finish, this says whose each is."""
     return name, fn(*args)
+
+
+# ----------------------------------------------------------------------------- which code a measurement ran
+
+def code_version(path):
+    """{"commit", "dirty", "tree"} of the git checkout that holds the file `path` (the code being measured, not
+    the working directory's repository): "commit" is its HEAD, "dirty" whether tracked .py files differ from it.
+    Both are None when the file is in no checkout or is not tracked by the one around it (a `git archive` copy
+    unpacked inside another repository must not be credited with that repository's commit)."""
+    path = os.path.abspath(path)
+    unknown = {"commit": None, "dirty": None, "tree": os.path.dirname(path)}
+
+    def git(where, *args):
+        return subprocess.run(["git", "-C", where, *args], capture_output=True, text=True, timeout=30)
+    try:
+        top = git(os.path.dirname(path), "rev-parse", "--show-toplevel")
+        if top.returncode or git(os.path.dirname(path), "ls-files", "--error-unmatch", path).returncode:
+            return unknown
+        tree = top.stdout.strip()
+        commit = git(tree, "rev-parse", "HEAD").stdout.strip()
+        changed = git(tree, "status", "--porcelain", "--untracked-files=no", "--", "*.py")
+    except (OSError, subprocess.SubprocessError):  # no git on this machine
+        return unknown
+    return {"commit": commit or None, "dirty": bool(changed.stdout.strip()) if not changed.returncode else None,
+            "tree": tree}
 
 
 # ----------------------------------------------------------------------------- float8 training

@@ -11,6 +11,7 @@ The ~1B µLM in about 1 GB: bf16 / int8 / int4 exports of the 1B and 354M shapes
         --block_size=32 --gen_tokens=8 --group_size=32 --parts='["big","decode","mid","cpu"]' --compile=False \
         --formats='["float32","int4","int8"]' --out=/tmp/cg      # a smoke test (CPU: float32)
     python experiments/compress_gpu.py --device=cpu --parts='["cpu"]' --out=out/compress_cpu   # the 1B int4 on a CPU
+    python experiments/compress_gpu.py --replot=experiments/results/compress_gpu.json   # its PNG again, from the JSON
 
 parts (each runs on its own; one that fails is recorded with its error and the rest still run; the JSON
 is rewritten after each; no part, export or decode path starts after time_limit_s: it is recorded as skipped):
@@ -51,7 +52,7 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import compress  # noqa: E402
 import train  # noqa: E402
-from checkpoint import load_checkpoint, load_model, save_checkpoint, write_json_atomic  # noqa: E402
+from checkpoint import load_checkpoint, load_model, read_json, save_checkpoint, write_json_atomic  # noqa: E402
 from configurator import configure, print_config  # noqa: E402
 from data import open_dataset  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402 (a plain core model)
@@ -79,6 +80,7 @@ DEFAULTS = dict(
     eval_iters=20,
     compile=True,             # compiled decode (CUDA graphs on a GPU, inductor's C++ on a CPU) for the speed numbers
     token_counts=[1, 16, 256, 4096, 16384],  # 2:4 part: rows of the activation
+    replot="",                # a compress_gpu JSON: redraw its PNG beside it from its numbers, measure nothing
 )
 
 
@@ -264,45 +266,83 @@ def sparse_two_four(cfg):
     return rows
 
 
+EXPORT_PANELS = (  # (key of each export's result, y label, title); a panel is drawn where some export has the key
+    ("peak_gpu_gib", "peak GPU memory (GiB)", "load + generate"),
+    ("decode_tokens_per_s", "decode tokens/s", "decode, batch 1"),
+    ("val_loss_increase", "val loss increase over float (nats)", "loss of each quantized format"),
+)
+
+
+def measured_shapes(results):
+    """{"big" / "mid": {format: result}} of the shapes whose export part ran (skipped or failed parts left out)."""
+    shapes = {}
+    for key in ("big", "mid"):
+        r = results.get(key)
+        if isinstance(r, dict) and "error" not in r and "skipped" not in r:
+            shapes[key] = {fmt: m for fmt, m in r.items() if isinstance(m, dict) and "skipped" not in m}
+    return shapes
+
+
 def plot(results, path):
-    fig, axes = plt.subplots(1, 5, figsize=(22, 4))
-    for shape_key, offset, color in (("big", -0.2, "C0"), ("mid", 0.2, "C1")):
-        r = results.get(shape_key)
-        if not isinstance(r, dict) or "error" in r or "skipped" in r:
-            continue
-        fmts = list(r)
-        for ax, key, label in ((axes[0], "peak_gpu_gib", "peak GPU GiB, load + generate"),
-                               (axes[1], "decode_tokens_per_s", "decode tokens/s, batch 1"),
-                               (axes[4], "val_loss_increase", "val loss increase over float (nats)")):
-            ax.bar([i + offset for i in range(len(fmts))], [r[f].get(key, 0) for f in fmts], width=0.4,
-                   color=color, label=shape_key)
-            ax.set_xticks(range(len(fmts)), fmts)
-            ax.set_title(label)
-    axes[0].axhline(1.0 / 1.074, color="gray", lw=0.8)  # 1 GB in GiB
-    axes[0].legend()
-    for target in (0.02, 0.10):  # the issue's bounds: int8 and int4 of the 1B
-        axes[4].axhline(target, color="gray", lw=0.8, ls="--")
+    """One panel per measurement the results hold (the exports' memory, speed and loss; the decode paths; 2:4
+    speed-ups), so a skipped part leaves no empty panel. Returns the figure, or None when nothing was measured."""
+    shapes = measured_shapes(results)
+    shape_names = {key: f"{key} ({results['config'][key][0]} x {results['config'][key][1]})"
+                   if key in results.get("config", {}) else key for key in shapes}
+    exports = [p for p in EXPORT_PANELS if any(m.get(p[0]) is not None for r in shapes.values() for m in r.values())]
     decode = results.get("decode")
-    if isinstance(decode, dict) and "paths" in decode:
-        names = [n for n, r in decode["paths"].items() if "decode_tokens_per_s" in r]
-        axes[2].barh(names, [decode["paths"][n]["decode_tokens_per_s"] for n in names], color="C2")
-        axes[2].set_title(f"decode tokens/s, {decode['layers']} layers x {decode['width']}")
-    sparse = results.get("sparse")
-    if isinstance(sparse, list):
+    paths = {n: r["decode_tokens_per_s"] for n, r in decode["paths"].items() if "decode_tokens_per_s" in r} \
+        if isinstance(decode, dict) and "paths" in decode else {}
+    sparse = [row for row in results.get("sparse", []) if "speedup" in row] if isinstance(results.get("sparse"), list) else []
+    n = len(exports) + bool(paths) + bool(sparse)
+    if not n:
+        return None
+    fig, axes = plt.subplots(1, n, figsize=(5 * n, 4), squeeze=False)
+    axes = iter(axes[0])
+    for key, ylabel, title in exports:
+        ax = next(axes)
+        fmts = list(dict.fromkeys(fmt for r in shapes.values() for fmt in r))
+        for j, (shape, r) in enumerate(shapes.items()):
+            offset = (j - (len(shapes) - 1) / 2) * 0.4
+            drawn = [i for i, fmt in enumerate(fmts) if r.get(fmt, {}).get(key) is not None]
+            bars = ax.bar([i + offset for i in drawn], [r[fmts[i]][key] for i in drawn], width=0.4, color=f"C{j}",
+                          label=shape_names[shape])
+            ax.bar_label(bars, fmt="%.3g", fontsize=7)  # a loss increase of 0.0002 is no visible bar
+        ax.set_xticks(range(len(fmts)), fmts)
+        ax.set(xlabel="export format", ylabel=ylabel, title=title)
+        if key == "peak_gpu_gib":
+            ax.axhline(1e9 / 2**30, color="gray", lw=0.8, label="1 GB")
+        if key == "val_loss_increase":
+            for target, fmt in ((0.02, "int8"), (0.10, "int4")):  # the issue's bounds for the 1B
+                ax.axhline(target, color="gray", lw=0.8, ls="--", label=f"{fmt} bound")
+        ax.legend(fontsize=8)
+    if paths:
+        ax = next(axes)
+        ax.barh(list(paths), list(paths.values()), color="C2")
+        ax.set(xlabel="decode tokens/s, batch 1", ylabel="decode path",
+               title=f"decode paths, {decode['layers']} layers x {decode['width']}")
+    if sparse:
+        ax = next(axes)
         for layer in dict.fromkeys(row["layer"] for row in sparse):
-            pts = [row for row in sparse if row["layer"] == layer and "speedup" in row]
-            axes[3].plot([p["tokens"] for p in pts], [p["speedup"] for p in pts], "-o", label=layer)
-        axes[3].set_xscale("log")
-        axes[3].axhline(1.0, color="gray", lw=0.8)
-        axes[3].set_xlabel("tokens (activation rows)")
-        axes[3].set_title("2:4 sparse / dense speed-up (bf16)")
-        axes[3].legend(fontsize=8)
+            pts = [row for row in sparse if row["layer"] == layer]
+            ax.plot([p["tokens"] for p in pts], [p["speedup"] for p in pts], "-o", label=layer)
+        ax.set_xscale("log")
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set(xlabel="tokens (activation rows)", ylabel="dense time / 2:4 sparse time",
+               title="2:4 sparse against dense (bf16)")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
+    return fig
 
 
 def main(argv):
     cfg = configure(DEFAULTS, argv)
+    if cfg["replot"]:
+        png = os.path.splitext(cfg["replot"])[0] + ".png"
+        drawn = plot(read_json(cfg["replot"], "give the JSON a compress_gpu.py run wrote"), png)
+        print(f"wrote {png}" if drawn else f"no plot: {cfg['replot']} holds no measurement")
+        return
     print_config(cfg)
     device = resolve_device(cfg["device"])
     cfg["device"] = device.type

@@ -8,7 +8,8 @@ sample part times the steady state at one length; this times what a new length c
     cd ../old_tree && python ../main/experiments/decode_lengths.py --out=decode_lengths_before.json
 
 It imports model.py from the working directory, so run from another checkout's root it measures that tree
-(issue 16's target 4 compared main with the commit before the issue this way). The lengths run twice: the
+(issue 16's target 4 compared main with the commit before the issue this way); the JSON's "code" names that
+tree's commit, and whether its .py files had uncommitted changes. The lengths run twice: the
 first pass pays what each new KV cache length costs (on a GPU, a cuDNN attention plan for the eager step), the
 second shows the steady state.
 """
@@ -16,6 +17,8 @@ import os
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from runtime import code_version  # noqa: E402  this script's own: an older measured tree's runtime.py lacks it
 sys.path.insert(0, os.getcwd())  # the tree being measured: its model.py, configurator.py and checkpoint.py
 import torch  # noqa: E402
 
@@ -69,7 +72,9 @@ def main(argv):
     prompt = torch.randint(cfg["vocab_size"], (cfg["batch"], cfg["prompt_tokens"]), device=device)
     model.generate(prompt, 2, temperature=0.0)  # the device's one-time start (context, library handles)
     first, second = time_lengths(model, prompt, cfg["lengths"]), time_lengths(model, prompt, cfg["lengths"])
-    result = dict(config=cfg, tree=os.getcwd(), torch=torch.__version__,
+    # the commit of the checkout whose model.py ran (a tree copied without its .git has none: say so)
+    result = dict(config=cfg, tree=os.getcwd(), code=code_version(sys.modules[GPT.__module__].__file__),
+                  torch=torch.__version__,
                   device_name=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                   first_pass=first, second_pass=second,
                   first_pass_s=sum(c["seconds"] for c in first), second_pass_s=sum(c["seconds"] for c in second))

@@ -21,7 +21,9 @@ it needs knn_capacity of roughly n_people x 600 (100 people: 65,536 holds 99% of
 facts, 4,096 only 27%; EXPERIMENTS.md); the exact search costs time in proportion to it. On a GPU:
     python experiments/knowledge_capacity.py --device=cuda --workers=3 --n_people=100 "--sizes=[[1, 2, 32]]" \
         --steps=1200 --batch_size=64 --memory_slots=4096 --memory_key_dim=32 --knn_capacity=65536 --out=out/kc_knn_gpu
-Writes <out>/knowledge_capacity.json and .png.
+Writes <out>/knowledge_capacity.json and .png. Runs of one kind each drawn together, training nothing:
+    python experiments/knowledge_capacity.py --replot="['experiments/results/knowledge_capacity_gpu_dense.json', \
+        'experiments/results/knowledge_capacity_gpu_pkm.json']"    # -> knowledge_capacity_gpu_pkm.png
 """
 import os
 import sys
@@ -32,7 +34,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import synthetic  # noqa: E402
-from checkpoint import write_json_atomic  # noqa: E402
+from checkpoint import read_json, write_json_atomic  # noqa: E402
 from configurator import configure, print_config  # noqa: E402
 from plot import save_figure  # noqa: E402
 from architecture import build_model  # noqa: E402
@@ -61,6 +63,7 @@ DEFAULTS = dict(
     device="cpu",
     workers=1,              # models trained at once in separate processes (small models underuse a GPU)
     seed=1337,
+    replot=[],              # knowledge_capacity JSONs: draw their rows together in the PNG beside the last, train nothing
 )
 
 
@@ -158,15 +161,19 @@ def train_and_recall(cfg, size, kind):
 
 
 def plot(results, path):
+    """Bits stored against parameters and FLOPs, and tokens/s: one line per kind (per kind and run where the rows
+    carry a "run" name, as --replot gives them). Returns the figure."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    for i, kind in enumerate(dict.fromkeys(r["kind"] for r in results)):
-        rows = [r for r in results if r["kind"] == kind]
-        axes[0].plot([r["params"] for r in rows], [r["bits_by_loss"] for r in rows], marker="o", color=f"C{i}", label=kind)
-        axes[1].plot([r["train_flops"] for r in rows], [r["bits_by_loss"] for r in rows], marker="o", color=f"C{i}", label=kind)
-        axes[2].plot([r["params"] for r in rows], [r["tokens_per_s"] for r in rows], marker="o", color=f"C{i}", label=kind)
+    lines = dict.fromkeys((r["kind"], r.get("run")) for r in results)
+    for i, (kind, run) in enumerate(lines):
+        rows = [r for r in results if (r["kind"], r.get("run")) == (kind, run)]
+        label = f"{kind} ({run})" if run else kind
+        axes[0].plot([r["params"] for r in rows], [r["bits_by_loss"] for r in rows], marker="o", color=f"C{i}", label=label)
+        axes[1].plot([r["train_flops"] for r in rows], [r["bits_by_loss"] for r in rows], marker="o", color=f"C{i}", label=label)
+        axes[2].plot([r["params"] for r in rows], [r["tokens_per_s"] for r in rows], marker="o", color=f"C{i}", label=label)
     xs = np.array(sorted(r["params"] for r in results))
     axes[0].plot(xs, 2 * xs, "k--", lw=0.8, label="2 bits/param (Allen-Zhu & Li)")
     axes[0].axhline(results[0]["bits_available"], color="gray", ls=":", label="all the corpus holds")
@@ -184,10 +191,26 @@ def plot(results, path):
     axes[2].set_title("speed")
     fig.tight_layout()
     save_figure(fig, path)
+    return fig
+
+
+def replot(paths):
+    """The rows of several runs' JSONs in one PNG beside the last (a run of one kind is drawn beside another's)."""
+    results = []
+    for path in paths:
+        name = os.path.splitext(os.path.basename(path))[0].removeprefix("knowledge_capacity_")
+        results += [r | {"run": name} for r in read_json(path, "give JSONs knowledge_capacity.py wrote").get("results", [])]
+    if not results:
+        raise SystemExit(f"no results in {paths}: a run cut before its first model finished has only speeds")
+    png = os.path.splitext(paths[-1])[0] + ".png"
+    plot(results, png)
+    print(f"wrote {png}")
 
 
 def main(argv):
     cfg = configure(DEFAULTS, argv)
+    if cfg["replot"]:
+        return replot(cfg["replot"])
     print_config(cfg)
     unknown = set(cfg["kinds"]) - {"dense", "pkm", "knn"}
     if unknown:
@@ -202,8 +225,9 @@ def main(argv):
     for size, kind in runs:
         speeds[str(size), kind] = speed(cfg, size, kind)
         print(f"{kind} {size}: {speeds[str(size), kind][0]:,.0f} training tokens/s alone", flush=True)
-    write_json_atomic(json_path, {"config": cfg, "speeds": [{"size": s, "kind": k, "tokens_per_s": v[0]}
-                                                            for (s, k), v in speeds.items()]})
+    # every write keeps the speeds: a run cut by a time limit still has the tokens/s of the models it did not train
+    speed_rows = [{"size": s, "kind": k, "tokens_per_s": v[0]} for (s, k), v in speeds.items()]
+    write_json_atomic(json_path, {"config": cfg, "speeds": speed_rows})
     results = []
     for row in run_in_processes(train_and_recall, [(cfg, size, kind) for size, kind in runs], cfg["workers"]):
         row["tokens_per_s"], profile_ops = speeds[str(row["size"]), row["kind"]]
@@ -211,7 +235,7 @@ def main(argv):
             row["profile"] = profile_ops
         results.append(row)
         results.sort(key=lambda r: runs.index((r["size"], r["kind"])))
-        write_json_atomic(json_path, {"config": cfg, "results": results})
+        write_json_atomic(json_path, {"config": cfg, "speeds": speed_rows, "results": results})
     targets = []
     for size in cfg["sizes"]:
         dense = next((r for r in results if r["size"] == size and r["kind"] == "dense"), None)
@@ -220,7 +244,7 @@ def main(argv):
                             "bits_ratio_at_equal_steps": r["bits_by_loss"] / max(dense["bits_by_loss"], 1e-9),
                             "bits_per_flop_ratio": r["bits_per_flop"] / max(dense["bits_per_flop"], 1e-30),
                             "tokens_per_s_ratio": r["tokens_per_s"] / dense["tokens_per_s"]})
-    write_json_atomic(json_path, {"config": cfg, "results": results, "vs_dense": targets})
+    write_json_atomic(json_path, {"config": cfg, "speeds": speed_rows, "results": results, "vs_dense": targets})
     for t in targets:
         print(f"{t['kind']} {t['size']}: {t['bits_ratio_at_equal_steps']:.2f}x the dense bits at equal steps, "
               f"{t['bits_per_flop_ratio']:.2f}x bits/FLOP, {t['tokens_per_s_ratio']:.2f}x tokens/s")

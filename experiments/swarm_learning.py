@@ -6,6 +6,7 @@ do text messages beat the adopt rule, does a guide's hint help, and what does le
     python experiments/swarm_learning.py config/swarm_learning_full.py --out=out/swarm_learning_full   # 500 goals, 16 cores
     python experiments/swarm_learning.py config/swarm_messages_cpu.py   # messages and hints, a worker trained to read them
     python experiments/swarm_learning.py config/swarm_throughput_full.py --out=/tmp/swarm_tp   # throughput only
+    python experiments/swarm_learning.py --replot=experiments/results/swarm_learning_gpu.json  # its PNG again
 
 One command makes everything: the policies (world.py's imitation, stopped early so a worker is
 half-trained; PEERS and HINT lines in half the arith transcripts so workers can read them), guides 2x
@@ -33,7 +34,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import swarm  # noqa: E402
 import world  # noqa: E402
-from checkpoint import write_json_atomic  # noqa: E402
+from checkpoint import read_json, write_json_atomic  # noqa: E402
 from configurator import configure, print_config  # noqa: E402
 from plot import save_figure  # noqa: E402
 from runtime import StopRequest, named_call, read_jsonl, run_in_processes  # noqa: E402
@@ -74,6 +75,7 @@ DEFAULTS = dict(
                       clone_iters=700, imitation_notes=0.5),
     rooms_worker=dict(n_layer=2, n_head=4, n_embd=64, block_size=256, imitation_episodes=200, teacher_noise=0.3,
                       imitation_iters=200, clone_iters=300),
+    replot="",                # a swarm_learning JSON: redraw its PNG beside it from its numbers, run nothing
     worker_ckpt="",           # every arith run starts from this policy (a learnt worker: a learning run's
                               # checkpoints/worker_0.pt, a world.py policy.pt) instead of imitating arith_worker
     notes_training={},        # the messages / guide runs' worker trained further (behaviour cloning) on teacher
@@ -334,7 +336,7 @@ def rolling(values, window):
 
 def plot(report, path):
     """Success over goals (arith, rooms), the headline numbers as bars, and episodes/min over workers: the
-    panels the report has numbers for."""
+    panels the report has numbers for. Returns the figure."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -361,11 +363,15 @@ def plot(report, path):
     fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5 * max(1, len(panels)), 4), squeeze=False)
     for ax, panel in zip(axes[0], panels):
         if panel == "bars":
-            ax.bar(range(len(bars)), list(bars.values()), color=[f"C{i % 10}" for i in range(len(bars))])
-            ax.set_xticks(range(len(bars)), list(bars), fontsize=6, rotation=45, ha="right")
-            ax.set_ylim(0, 1)
+            names = [name.replace("\n", " ") for name in bars]  # horizontal: a dozen names stay readable
+            ax.barh(range(len(bars)), list(bars.values()), color=[f"C{i % 10}" for i in range(len(bars))])
+            ax.set_yticks(range(len(bars)), names, fontsize=7)
+            ax.invert_yaxis()
+            ax.set_xlim(0, 1)
             ax.set_title("success: alone (greedy, held-out seeds) / swarm majority", fontsize=9)
-            ax.grid(alpha=0.3, axis="y")
+            ax.set_xlabel("success rate")
+            ax.set_ylabel("run")
+            ax.grid(alpha=0.3, axis="x")
         elif panel == "reading":
             names = [f"{how}{note}" for how in ("greedy", "sampled")
                      for note in ("", "_right_hint", "_right_peers", "_right_peers_all")]
@@ -380,6 +386,8 @@ def plot(report, path):
             ax.set_ylim(0, 1)
             ax.set_title(f"the messages' worker alone: does it read the right plan? (sampled at {cfg['temperature']})",
                          fontsize=8)
+            ax.set_xlabel("decoding, and the plan in the worker's context")
+            ax.set_ylabel("success rate")
             ax.grid(alpha=0.3, axis="y")
             ax.legend(fontsize=7)
         elif panel == "throughput":
@@ -406,15 +414,22 @@ def plot(report, path):
                 ax.plot(rolling(curve["worker"], window), color=f"C{i}", lw=1, ls="--", label=f"{label}: one worker")
             ax.set_title(f"{panel}: success over goals (rolling mean of {window})")
             ax.set_xlabel("goal")
+            ax.set_ylabel(f"success rate (rolling mean of {window} goals)")
             ax.set_ylim(-0.02, 1.02)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, path, dpi=90)
+    return fig
 
 
 def main(argv):
     cfg = configure(DEFAULTS, argv)
+    if cfg["replot"]:
+        png = os.path.splitext(cfg["replot"])[0] + ".png"
+        plot(read_json(cfg["replot"], "give the JSON a swarm_learning.py run wrote"), png)
+        print(f"wrote {png}")
+        return
     unknown = set(cfg["parts"]) - set(PARTS)
     if unknown:
         raise SystemExit(f"unknown parts {sorted(unknown)}; parts are {', '.join(PARTS)}")

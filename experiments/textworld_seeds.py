@@ -86,28 +86,31 @@ def shifting_world(runs):
 
 def plot(runs, numbers, path):
     """One panel per experiment the runs have: 1's success by N, 2's lift over imitation, 4's new games.
-    Returns whether there was anything to draw."""
+    Returns the figure, or None when there was nothing to draw."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     panels = [name for name, has in (("1", numbers["1_easy"]), ("2", numbers["2_hard"]),
                                      ("4", any(run["summary"].get("4_shift") for run in runs))) if has]
     if not panels:
-        return False
+        return None
     fig, axes = plt.subplots(1, len(panels), figsize=(5.4 * len(panels), 4.5), squeeze=False)
     axes = dict(zip(panels, axes[0]))
     if "1" in axes:
-        ax = axes["1"]
+        ax, labelled = axes["1"], set()
         for i, act in enumerate(("choose", "generate")):
             for n, row in numbers["1_easy"].items():
                 values = row[act]["values"]
-                ax.plot([n] * len(values), values, "o", alpha=0.4, color=f"C{i}")
-                if values:
+                ax.plot([n] * len(values), values, "o", alpha=0.5, color=f"C{i}",
+                        label=f"act={act}: a run" if values and act not in labelled else None)
+                labelled |= {act} if values else set()
+                if len(values) > 1:  # one run has no spread: its dot is all there is
                     ax.errorbar([n], [row[act]["mean"]], yerr=[row[act]["std"]], fmt="s", ms=9, capsize=6,
-                                color=f"C{i}", label=f"act={act} (mean ± std)" if n == max(numbers["1_easy"]) else None)
+                                color=f"C{i}", label=f"act={act}: mean ± std" if f"{act} spread" not in labelled else None)
+                    labelled.add(f"{act} spread")
         ax.axhline(0.9, color="gray", ls=":", lw=1)
         ax.set(xscale="log", xlabel="easy training games imitated (N)", ylabel="held-out success",
-               title="1. easy games (dots: runs)")
+               title="1. easy games (dots: runs; squares: mean ± std of 2 or more)")
     if "2" in axes:
         ax, labelled, max_budget = axes["2"], set(), max(numbers["2_hard"])
         for run in sorted(runs, key=lambda r: -r["summary"].get("2_hard", {}).get("episodes", 0)):  # labels: full budget
@@ -148,7 +151,7 @@ def plot(runs, numbers, path):
         ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     save_figure(fig, path)
-    return True
+    return fig
 
 
 def main(argv):
@@ -162,7 +165,7 @@ def main(argv):
                "1_easy": easy_games(runs), "2_hard": harder_games(runs), "4_shift": shifting_world(runs)}
     os.makedirs(os.path.dirname(cfg["out"]) or ".", exist_ok=True)
     write_json_atomic(cfg["out"] + ".json", numbers)
-    drawn = plot(runs, numbers, cfg["out"] + ".png")
+    drawn = plot(runs, numbers, cfg["out"] + ".png") is not None
     for key in ("1_easy", "2_hard", "4_shift"):
         print(key, numbers[key])
     print(f"wrote {cfg['out']}.json" + (f" and {cfg['out']}.png" if drawn else

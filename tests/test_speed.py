@@ -272,9 +272,34 @@ def test_decode_lengths_times_each_length_twice_and_writes_its_json(tmp_path, mo
                          "--block_size=64", "--vocab_size=32", "--lengths=[3, 20]", f"--out={out}"])
     result = json.loads(out.read_text())
     assert [c["new_tokens"] for c in result["first_pass"] + result["second_pass"]] == [3, 20, 3, 20]
+    head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert result["code"]["commit"] == head  # the checkout whose model.py ran
     assert result["second_pass_s"] == pytest.approx(sum(c["seconds"] for c in result["second_pass"]))
     with pytest.raises(SystemExit, match="dtype must be"):
         decode_lengths.main(["--device=cpu", "--dtype=float64", f"--out={out}"])
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="no CUDA device here"):
             decode_lengths.main([f"--out={out}"])
+
+
+def test_code_version_names_the_checkout_holding_the_measured_file_and_whether_it_is_dirty(tmp_path):
+    from runtime import code_version
+    repo = tmp_path / "tree"
+    repo.mkdir()
+    (repo / "model.py").write_text("x = 1\n")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    for args in (["init", "-q"], ["add", "model.py"], ["commit", "-qm", "one file"]):
+        subprocess.run(git + args, check=True, capture_output=True)
+    head = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert code_version(str(repo / "model.py")) == {"commit": head, "dirty": False, "tree": str(repo)}
+    (repo / "notes.txt").write_text("not code")  # untracked and not .py: still clean
+    assert code_version(str(repo / "model.py"))["dirty"] is False
+    (repo / "model.py").write_text("x = 2\n")
+    assert code_version(str(repo / "model.py"))["dirty"] is True
+    copy = repo / "before"  # a tree unpacked by git archive inside another checkout: not that checkout's commit
+    copy.mkdir()
+    (copy / "model.py").write_text("x = 0\n")
+    assert code_version(str(copy / "model.py"))["commit"] is None
+    outside = tmp_path / "loose.py"  # in no checkout at all
+    outside.write_text("")
+    assert code_version(str(outside)) == {"commit": None, "dirty": None, "tree": str(tmp_path)}

@@ -149,6 +149,7 @@ def test_knowledge_capacity_runs_tiny(tmp_path):
     assert [r["kind"] for r in result["results"]] == ["dense", "pkm", "knn"]
     assert all(r["bits_by_loss"] >= 0 and r["train_flops"] > 0 for r in result["results"])
     assert {t["kind"] for t in result["vs_dense"]} == {"pkm", "knn"} and result["results"][1]["profile"]
+    assert [s["kind"] for s in result["speeds"]] == ["dense", "pkm", "knn"]  # kept beside the results (a cut run has them)
     assert (tmp_path / "knowledge_capacity.png").exists()
 
 
