@@ -33,6 +33,7 @@ class ModelAgent:
     learns from shared experience when the hello carries LearningSettings."""
 
     def __init__(self, hello, out=None):
+        self.learning = learning_settings(hello.get("learning"))  # before loading anything: a mismatch says so at once
         import torch
 
         import world  # the policy and its learning pieces (moving to their own module: issue 26)
@@ -44,7 +45,6 @@ class ModelAgent:
         path = world.policy_file(hello["checkpoint"])
         state = world.load_policy_checkpoint(path)
         self.policy = world.policy_from_checkpoint(state, str(self.device), path)
-        self.learning = learning_settings(hello.get("learning"))
         if self.learning:
             self.optimizer = world.make_optimizer(self.policy, self.learning.learning_rate)
             self.progress = self.resumed(state, path) if hello.get("resume") else world.Progress(

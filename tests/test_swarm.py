@@ -37,9 +37,10 @@ def swarm_config(tmp_path, **overrides):
     return cfg
 
 
-def fake_args(tmp_path, *modes):
-    """swarm.py's command-line arguments for fake workers of these modes."""
-    return [f"--checkpoints={[fake(tmp_path, f'fake:{mode}') for mode in modes]!r}", f"--worker_command={fake_command()}"]
+def fake_args(tmp_path, *modes, command="{python} {fakes}"):
+    """swarm.py's command-line arguments for fake workers of these modes, started by `command`."""
+    return [f"--checkpoints={[fake(tmp_path, f'fake:{mode}') for mode in modes]!r}",
+            f"--worker_command={fake_command(command)}"]
 
 
 def events(cfg):
@@ -60,6 +61,13 @@ def gone(pid):
         except ProcessLookupError:
             return True
         return False
+
+
+def wait_until_gone(pids, timeout=20):
+    deadline = time.monotonic() + timeout
+    while not all(gone(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return [p for p in pids if not gone(p)]
 
 
 def wait_for_events(path, event, count, timeout=60):
@@ -239,6 +247,50 @@ def test_workers_of_a_coordinator_killed_with_sigkill_exit_by_themselves(tmp_pat
                 os.killpg(p, signal.SIGKILL)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_shell_wrapped_workers_do_not_outlive_a_killed_coordinator(tmp_path, sig):
+    # the worker's parent is the shell, which waits for it: only the group kill (SIGTERM) or the kernel's
+    # parent-death signal down the chain coordinator -> shell -> worker (SIGKILL) ends them
+    out_dir = tmp_path / "swarm"
+    coordinator = subprocess.Popen([sys.executable, SWARM, "--workers=2", f"--out_dir={out_dir}", "--reply_timeout=60.0",
+                                    *fake_args(tmp_path, "hang", command="sh -c '{python} {fakes}; echo done'")],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    pids = []
+    try:
+        rows = [json.loads(line) for line in wait_for_events(out_dir / "swarm.jsonl", "send", 2)]
+        shells = [e["pid"] for e in rows if e["event"] == "start"]
+        workers = [e["message"]["pid"] for e in rows if e["event"] == "receive"]
+        pids = shells + workers
+        assert len(shells) == len(workers) == 2 and not set(shells) & set(workers) and not any(gone(p) for p in pids)
+        coordinator.send_signal(sig)
+        coordinator.wait(timeout=20)
+        assert wait_until_gone(pids) == []
+    finally:
+        coordinator.kill()
+        coordinator.wait()
+        for p in pids:
+            if not gone(p):
+                os.kill(p, signal.SIGKILL)
+
+
+def test_a_worker_stuck_in_a_call_exits_when_its_input_ends_and_nobody_reads_it(tmp_path):
+    # what a worker behind ssh sees of a dead coordinator: its parent lives on, its pipes are closed
+    proc = subprocess.Popen([sys.executable, FAKES], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        hello = {"type": "hello", "protocol": swarm_protocol.PROTOCOL, "worker": 0, "checkpoint": fake(tmp_path, "fake:hang"),
+                 "seed": 0, "temperature": 1.0, "device": "cpu", "threads": 1}
+        assert talk(proc, hello)["type"] == "ready"
+        proc.stdin.write(json.dumps({"type": "goal", "round": 1, "goal": {"task": "arith", "seed": 1}}) + "\n")
+        proc.stdin.flush()
+        time.sleep(0.5)
+        assert proc.poll() is None  # hung in its "model call"
+        proc.stdin.close()
+        proc.stdout.close()
+        assert proc.wait(timeout=10) != 0
+    finally:
+        proc.kill()
+        proc.wait()
+
 def test_garbage_on_a_worker_stdin_gets_an_error_reply_and_the_worker_keeps_serving(tmp_path):
     hello = {"type": "hello", "protocol": swarm_protocol.PROTOCOL, "worker": 0, "checkpoint": fake(tmp_path, "fake:echo"),
              "seed": 0, "temperature": 1.0, "device": "cpu", "threads": 1}
@@ -255,6 +307,15 @@ def test_garbage_on_a_worker_stdin_gets_an_error_reply_and_the_worker_keeps_serv
     assert "not a JSON line" in out.stderr
 
 
+def test_learning_settings_a_worker_does_not_know_are_named_at_the_hello():
+    hello = {"type": "hello", "protocol": swarm_protocol.PROTOCOL, "worker": 0, "checkpoint": "nowhere.pt", "seed": 0,
+             "temperature": 1.0, "device": "cpu", "threads": 1, "learning": {"learning_rate": 0.1, "mode": "x"}}
+    out = subprocess.run([sys.executable, WORKER], input=json.dumps(hello) + "\n", capture_output=True, text=True,
+                         cwd=ROOT, timeout=30)
+    message = json.loads(out.stdout)["message"]
+    assert out.returncode == 2 and "do not fit this worker" in message and "updates_per_batch" in message
+
+
 def test_a_garbage_hello_is_refused_without_a_traceback():
     out = subprocess.run([sys.executable, WORKER], input="{oops\n", capture_output=True, text=True,
                          cwd=ROOT, timeout=30)
@@ -267,6 +328,33 @@ def test_a_swarm_whose_workers_all_crash_does_not_exit_0_and_its_summary_counts_
         swarm.run(cfg)
     summary = json.loads((tmp_path / "swarm" / "summary.json").read_text())
     assert summary["worker_failures"] == 4 and summary["single_worker_success"] == 0.0
+
+
+@pytest.mark.parametrize("where", ["under a file", "read-only"])
+def test_an_out_dir_that_cannot_be_written_is_a_clear_error(tmp_path, where):
+    if where == "read-only" and os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders")
+    (tmp_path / "file").write_text("")
+    (tmp_path / "ro").mkdir(mode=0o555)
+    out_dir = tmp_path / ("file" if where == "under a file" else "ro") / "swarm"
+    with pytest.raises(SystemExit, match=f"cannot write {out_dir}.*writable folder"):
+        swarm.run(swarm_config(tmp_path, out_dir=str(out_dir)))
+
+
+def test_a_disk_that_fills_mid_run_stops_it_with_a_message_and_no_worker_left(tmp_path, monkeypatch):
+    import errno
+
+    def append(path, row):
+        if row["event"] == "proposals":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        runtime_append(path, row)
+    runtime_append = swarm.append_jsonl
+    monkeypatch.setattr(swarm, "append_jsonl", append)
+    cfg = swarm_config(tmp_path)
+    with pytest.raises(SystemExit, match="cannot write .*swarm.jsonl: No space left on device"):
+        swarm.run(cfg)
+    starts = [e for e in events(cfg) if e["event"] == "start"]
+    assert len(starts) == 3 and all(gone(e["pid"]) for e in starts)
 
 
 def test_single_worker_success_counts_a_crashed_worker_as_a_failure():
@@ -499,6 +587,15 @@ def test_a_real_learner_broadcasts_weights_that_real_workers_load(tmp_path, tiny
     assert not any(e["event"] in ("restart", "drop") for e in events(cfg))
 
 
+def test_a_learning_run_of_fake_workers_resumes_from_their_checkpoints(tmp_path):
+    cfg = swarm_config(tmp_path, learning="each", save_every=1, num_goals=2)
+    swarm.run(cfg)
+    summary = swarm.run(cfg | {"num_goals": 4, "resume": True})
+    assert summary["goals"] == 4 and summary["resumed_at_goal"] == 2 and summary["worker_failures"] == 0
+    with open(os.path.join(cfg["out_dir"], "checkpoints", "worker_0.pt")) as f:
+        assert json.load(f) == {"fake": "teacher", "learned": 4}  # one shared success a goal, two before the resume
+
+
 def test_resume_without_a_checkpoint_says_so(tmp_path):
     cfg = swarm_config(tmp_path, num_goals=1)
     swarm.run(cfg)
@@ -550,6 +647,22 @@ def test_a_reply_over_the_length_cap_counts_as_a_failure(tmp_path):
     assert summary["goals"] == 2
     reasons = [e["reason"] for e in events(cfg) if e["event"] in ("restart", "drop")]
     assert len(reasons) == 2 and all("over the cap" in r for r in reasons)
+
+
+def test_a_worker_printing_without_a_newline_is_read_no_further_and_dropped(tmp_path):
+    import tracemalloc
+    cfg = swarm_config(tmp_path, checkpoints=["fake:teacher", "fake:floodraw"], workers=2, num_goals=2)
+    tracemalloc.start()
+    try:
+        summary = swarm.run(cfg)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert summary["goals"] == 2 and summary["decision_success"] == 1.0
+    assert peak < 8 << 20  # it printed 400 MiB (twice): the coordinator read one line's cap of each
+    reasons = [e["reason"] for e in events(cfg) if e["event"] in ("restart", "drop")]
+    assert len(reasons) == 2, reasons
+    assert all(f"more than {swarm_protocol.MAX_LINE_BYTES} bytes" in r and "not read" in r for r in reasons)
 
 
 def test_note_lines_are_capped_and_plans_read_as_one_line():
