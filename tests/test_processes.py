@@ -8,23 +8,8 @@ import time
 import pytest
 
 import processes
+from child_processes import clean_up, gone, wait_until_gone
 from conftest import ROOT
-
-
-def gone(pid):
-    """The process has exited (a zombie nobody reaps counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except FileNotFoundError:
-        return True
-
-
-def wait_until_gone(pids, timeout=10):
-    deadline = time.monotonic() + timeout
-    while not all(gone(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return [p for p in pids if not gone(p)]
 
 
 def test_stop_ends_the_whole_group_a_shells_children_included():
@@ -99,8 +84,4 @@ def test_run_in_processes_leaves_no_worker_when_stopped(sig):
         assert parent.wait(timeout=20) != 0
         assert wait_until_gone(workers) == []
     finally:
-        parent.kill()
-        parent.wait()
-        for p in workers:
-            if not gone(p):
-                os.kill(p, signal.SIGKILL)
+        clean_up(parent, workers)

@@ -12,6 +12,7 @@ import swarm
 import swarm_protocol
 import tasks
 from configurator import ConfigError, configure
+from child_processes import clean_up, gone, wait_until_gone
 from conftest import ROOT
 from swarm_fakes import fake_checkpoint, fake_command
 
@@ -46,28 +47,6 @@ def fake_args(tmp_path, *modes, command="{python} {fakes}"):
 def events(cfg):
     with open(os.path.join(cfg["out_dir"], "swarm.jsonl")) as f:
         return [json.loads(line) for line in f]  # every line is whole JSON, even after failures
-
-
-def gone(pid):
-    """The process has exited (a zombie left unreaped by a PID 1 that does not reap counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except FileNotFoundError:
-        return True
-    except OSError:  # no /proc (macOS)
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        return False
-
-
-def wait_until_gone(pids, timeout=20):
-    deadline = time.monotonic() + timeout
-    while not all(gone(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return [p for p in pids if not gone(p)]
 
 
 def wait_for_events(path, event, count, timeout=60):
@@ -266,11 +245,7 @@ def test_shell_wrapped_workers_do_not_outlive_a_killed_coordinator(tmp_path, sig
         coordinator.wait(timeout=20)
         assert wait_until_gone(pids) == []
     finally:
-        coordinator.kill()
-        coordinator.wait()
-        for p in pids:
-            if not gone(p):
-                os.kill(p, signal.SIGKILL)
+        clean_up(coordinator, pids)
 
 
 def test_a_worker_stuck_in_a_call_exits_when_its_input_ends_and_nobody_reads_it(tmp_path):
