@@ -79,6 +79,7 @@ WORKER_PROGRAM = os.path.join(HERE, "swarm_worker.py")
 LEARNING = ("none", "each", "learner")
 DEBATES = ("adopt", "text")
 MAX_ACTIONS = 64           # actions kept from one proposal (every task ends far sooner)
+MAX_WORKERS = 256          # a typo of 3000 started 2,500 processes and stalled a 2-core machine for minutes
 
 DEFAULTS = dict(
     out_dir="out/swarm",
@@ -504,11 +505,15 @@ def resume_point(path):
     """From a run's swarm.jsonl: the goal records up to its last checkpoint, and that checkpoint event."""
     records, snapshot = [], None
     for e in read_jsonl(path):
-        if e["event"] == "result":
+        kind = e.get("event") if isinstance(e, dict) else None
+        if (kind == "result" and "record" not in e) or (kind == "checkpoint" and not (
+                isinstance(e.get("paths"), dict) and isinstance(e.get("next_goal"), int))):
+            raise SystemExit(f"{path} has a {kind} event swarm.py did not write ({str(e)[:120]}): it cannot be resumed")
+        if kind == "result":
             records.append(e["record"])
-        elif e["event"] == "checkpoint":
+        elif kind == "checkpoint":
             snapshot = (len(records), e)
-        elif e["event"] == "resume":  # goals after the checkpoint the last session resumed from were played again
+        elif kind == "resume":  # goals after the checkpoint the last session resumed from were played again
             records = records[:snapshot[0]] if snapshot else []
     if snapshot is None:
         raise SystemExit(f"nothing to resume: {path} holds no checkpoint yet (only learning runs save them, every "
@@ -550,6 +555,9 @@ def check_config(cfg):
     for key in AT_LEAST_ONE:
         if cfg[key] < 1:
             raise ConfigError(f"{key} must be at least 1, got {cfg[key]}")
+    if cfg["workers"] > MAX_WORKERS:
+        raise ConfigError(f"workers={cfg['workers']} is more than {MAX_WORKERS}: each worker is a process with its own "
+                          f"model, all started before the first goal")
     if not cfg["checkpoints"] or not cfg["temperatures"]:
         raise ConfigError("checkpoints and temperatures need at least one entry each")
     for t in cfg["temperatures"]:
@@ -583,8 +591,8 @@ def check_config(cfg):
             raise ConfigError(f"no checkpoint at {path}: train a policy first (see BENCHMARKS.md, Swarm)")
     if cfg["debate_rounds"] < 0:
         raise ConfigError("debate_rounds must be at least 0")
-    if cfg["reply_timeout"] <= 0 or cfg["start_timeout"] <= 0:
-        raise ConfigError("reply_timeout and start_timeout must be positive")
+    if not (0 < cfg["reply_timeout"] <= threading.TIMEOUT_MAX and 0 < cfg["start_timeout"] <= threading.TIMEOUT_MAX):
+        raise ConfigError(f"reply_timeout and start_timeout must be positive, at most {threading.TIMEOUT_MAX:.0f} s")
     if not (cfg["device"] == "cpu" or cfg["device"].startswith("cuda")):
         raise ConfigError(f"device must be cpu, cuda or cuda:0,1,..., got {cfg['device']!r}")
     if cfg["device"].startswith("cuda"):

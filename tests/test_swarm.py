@@ -398,6 +398,9 @@ def test_human_flag_reads_decisions_from_the_terminal_of_the_command(tmp_path):
     ({"temperatures": ["hot"]}, "temperatures must be numbers >= 0"),
     ({"device": "tpu"}, "device must be"),
     ({"threads": 0}, "threads must be at least 1"),
+    ({"workers": 3000}, "workers=3000 is more than 256"),
+    ({"reply_timeout": 1e400}, "reply_timeout and start_timeout must be positive, at most"),
+    ({"start_timeout": float("nan")}, "reply_timeout and start_timeout must be positive, at most"),
 ])
 def test_bad_config_is_a_clear_error_before_any_worker_starts(tmp_path, overrides, message):
     cfg = swarm_config(tmp_path, **overrides)
@@ -578,6 +581,11 @@ def test_resume_without_a_checkpoint_says_so(tmp_path):
         swarm.run(cfg | {"resume": True})
     with pytest.raises(SystemExit, match="nothing to resume"):
         swarm.run(cfg | {"resume": True, "out_dir": str(tmp_path / "empty")})
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "swarm.jsonl").write_text('{"step": 1}\n[2]\n{"event": "checkpoint", "goals_done": 1}\n')
+    with pytest.raises(SystemExit, match="a checkpoint event swarm.py did not write"):
+        swarm.run(cfg | {"resume": True, "out_dir": str(foreign)})
 
 
 # ----------------------------------------------------------------------------- messages and the guide
