@@ -8,7 +8,8 @@ experiments/ddp_scaling.py's training runs, serve.py's jobs):
 - `read_lines` reads a child's output line by line with every read bounded: a child that prints without
   a newline cannot make its parent hold more than one line's limit.
 - `stop` ends children: SIGTERM to each whole group, a grace period, then SIGKILL to whatever is left of
-  each group; every child is reaped.
+  each group; every child is reaped. A supervisor that must not block (a server's job loop) uses the
+  pieces: `signal_group` now, `exited` on each round, `stop(proc, grace=0)` once it has exited or is late.
 
 run_in_processes (runtime.py) runs Python functions in multiprocessing's pool instead (pickled calls and
 results): its workers share `die_with_parent` only.
@@ -83,7 +84,9 @@ def _running(proc):
         return False
 
 
-def _signal_group(proc, sig):
+def signal_group(proc, sig):
+    """Send sig to the child's whole process group (e.g. SIGINT: a script's Ctrl-C path) without waiting.
+    Safe until the child is reaped (by `stop`, or Popen's poll or wait): check with `exited`, not poll."""
     try:
         os.killpg(proc.pid, sig)  # its group: a child of `start` leads one
     except ProcessLookupError:  # no group of that id: a child not started by `start`, signalled alone
@@ -92,7 +95,8 @@ def _signal_group(proc, sig):
 
 
 def exited(proc, timeout=0.0):
-    """Whether proc exits within `timeout` seconds (it is not reaped: `stop` still reaches its group)."""
+    """Whether proc has exited, waiting up to `timeout` seconds (0: a glance). It is not reaped, so `stop`
+    still reaches what it left in its group and reads its exit code."""
     deadline = time.monotonic() + timeout
     while _running(proc):
         if time.monotonic() >= deadline:
@@ -101,21 +105,21 @@ def exited(proc, timeout=0.0):
     return True
 
 
-def stop_all(procs, grace=5.0):
-    """End children started by `start`: SIGTERM to each group, up to `grace` seconds for them to exit (0:
+def stop_all(procs, grace=5.0, sig=signal.SIGTERM):
+    """End children started by `start`: `sig` to each group, up to `grace` seconds for them to exit (0:
     none), then SIGKILL to whatever is left of each group, the leader's own children included. Every child
     is reaped and its pipes closed. Returns their exit codes (negative: the signal that ended it)."""
     procs = list(procs)
     if grace > 0:
         for proc in procs:
             if _running(proc):
-                _signal_group(proc, signal.SIGTERM)
+                signal_group(proc, sig)
         deadline = time.monotonic() + grace
         while any(_running(p) for p in procs) and time.monotonic() < deadline:
             time.sleep(0.02)
     for proc in procs:
         if proc.returncode is None:  # unreaped, even if it exited: what it left in its group goes too
-            _signal_group(proc, signal.SIGKILL)
+            signal_group(proc, signal.SIGKILL)
     codes = [proc.wait() for proc in procs]
     for proc in procs:
         for stream in (proc.stdin, proc.stdout, proc.stderr):
@@ -127,6 +131,6 @@ def stop_all(procs, grace=5.0):
     return codes
 
 
-def stop(proc, grace=5.0):
+def stop(proc, grace=5.0, sig=signal.SIGTERM):
     """stop_all for one child; its exit code."""
-    return stop_all([proc], grace)[0]
+    return stop_all([proc], grace, sig)[0]

@@ -35,6 +35,17 @@ def test_stop_gives_the_exit_code_of_a_child_that_ended_by_itself():
     assert processes.stop(proc) == 7 and processes.stop(proc) == 7  # stopping twice is harmless
 
 
+def test_a_supervisor_that_must_not_block_signals_now_and_reaps_later():
+    # serve.py's job loop: SIGINT (the script's Ctrl-C path: save, then stop), a glance each round, then the code
+    proc = processes.start(["sh", "-c", "trap 'exit 3' INT; echo ready; while :; do sleep 0.1; done"],
+                           stdout=subprocess.PIPE)
+    proc.stdout.readline()
+    assert not processes.exited(proc)
+    processes.signal_group(proc, signal.SIGINT)
+    assert processes.exited(proc, timeout=10) and proc.returncode is None  # exited, not reaped yet
+    assert processes.stop(proc, grace=0) == 3
+
+
 def test_children_die_with_a_parent_killed_by_sigkill():
     code = ("import subprocess, sys, time; sys.path.insert(0, sys.argv[1]); import processes; "
             "p = processes.start(['sleep', '60']); print(p.pid, flush=True); time.sleep(60)")
