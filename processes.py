@@ -41,9 +41,12 @@ def start(argv, *, stdin=None, stdout=None, stderr=None, env=None, cwd=None, dea
     """subprocess.Popen(argv) in a session of its own, its pipes binary (wrap them, or use read_lines).
 
     death_signal: what the child gets when this process dies (Linux; SIGKILL for a worker that has nothing
-    to save, SIGTERM for a run that saves on it, None for a child meant to outlive us). Only the child
-    itself gets it; its own children go with it through the group when `stop` ends it. An argv that
-    cannot run raises OSError, as Popen does."""
+    to save, SIGTERM or SIGINT for a run that saves on it, None for a child meant to outlive us), strictly
+    when the thread that called start ends: call it from one that lives as long as the child should. Only
+    the child itself gets it, not its group: a grandchild (behind a shell) goes along if it dies with its
+    own parent too, as swarm_worker.py does; while this process lives, `stop` ends the whole group.
+    With a death_signal Popen forks rather than spawns (a preexec step), which costs a large parent a
+    little more. An argv that cannot run raises OSError, as Popen does."""
     preexec = None
     if death_signal is not None and sys.platform.startswith("linux"):
         prctl, parent = _prctl(), os.getpid()
