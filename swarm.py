@@ -8,72 +8,53 @@ proposals and revise, and an aggregator (or a human) decides.
     python swarm.py config/swarm_arith.py --learning=each --teacher_help=True   # workers learn from every goal
     python swarm.py config/swarm_arith.py --learning=each --resume=True         # continue from the last checkpoint
 
-A goal is one episode of a world task (tasks.py) on a held-out seed: {"task": "arith", "seed": 1000000007}. Each worker plays
-the episode with its own policy checkpoint, seed and temperature and proposes its actions. Optional
-debate rounds send every worker the others' proposals; it keeps its own or adopts the one its model
-finds most likely (debate="adopt"), or plays again with the others' plans in its context as a `PEERS:`
-line (debate="text"; tasks.py's transcript format). A guide (a larger checkpoint) may play first and
-give every worker its plan as a `HINT:` line (hint=True), and end the round with its own plan when it
-is confident (guide_stop). Every proposal is then replayed in a fresh environment (the world's reward is the
-verifier), a guide model (a larger checkpoint, run as one more subprocess) may score them by
-likelihood, and each aggregator in `aggregators` picks one: the first one decides, the others are
-scored on the same proposals so one run compares them all. Everything lands in out_dir: swarm.jsonl
-(every message, proposal, score and decision with timestamps, flushed as written), summary.json and
-worker_<i>.log (each worker's stderr).
+The run: config -> workers -> goals (each: propose, debate, verify, aggregate, decide) -> learning from
+the outcomes -> summary. The pieces around it, each a module:
+    swarm_worker.py    the worker program (python swarm_worker.py): a policy checkpoint serving the protocol
+    swarm_protocol.py  what the coordinator and the workers say to each other (JSON lines; its docstring)
+    swarm_console.py   a person in the loop (--human)
+    processes.py       children in their own process groups that never outlive the coordinator
+
+A goal is one episode of a world task (tasks.py) on a held-out seed: {"task": "arith", "seed": 1000000007}.
+Each worker plays the episode with its own policy checkpoint, seed and temperature and proposes its
+actions. Optional debate rounds send every worker the others' proposals; it keeps its own or adopts the
+one its model finds most likely (debate="adopt"), or plays again with the others' plans in its context
+as a `PEERS:` line (debate="text"; tasks.py's transcript format). A guide (a larger checkpoint) may play
+first and give every worker its plan as a `HINT:` line (hint=True), and end the round with its own plan
+when it is confident (guide_stop). Every proposal is then replayed in a fresh environment (the world's
+reward is the verifier), a guide model (run as one more subprocess) may score them by likelihood, and
+each aggregator in `aggregators` picks one: the first one decides, the others are scored on the same
+proposals so one run compares them all. Everything lands in out_dir: swarm.jsonl (every message,
+proposal, score and decision with timestamps, flushed as written), summary.json and worker_<i>.log
+(each worker's stderr).
 
 Learning (learning="each" or "learner"): after every `learn_every` goals the coordinator shares the
 verified outcome, the successful proposals (or, with teacher_help, every failed proposal, which the
 worker labels with the teacher's action where it first went wrong), and the processes that learn
-update their weights with world.py's expert-iteration code (replay buffer, gradient steps). With
+update their weights with world.py's expert-iteration pieces (replay buffer, gradient steps). With
 "each" every worker learns from it on its own; with "learner" one more process learns and every
 `broadcast_every` goals the workers load its weights. Learning processes save a checkpoint under
 out_dir/checkpoints/ every `save_every` goals and at the end; --resume=True continues the run from the
 last one. A learner that dies (twice) leaves the workers with its last weights; the run goes on and
 says so.
 
-Workers anywhere: `worker_command` is a template ({python}, {swarm}) of the command that starts one
-worker, e.g. "ssh gpu1 {python} {swarm} --worker" or "srun -n1 {python} {swarm} --worker"; the protocol
-runs over that command's stdin/stdout, so anything that carries them works (weights travel as file
-paths: learning across machines needs a shared out_dir).
+Workers anywhere: `worker_command` is a template ({python}, {worker}) of the command that starts one
+worker, e.g. "ssh gpu1 {python} {worker}" or "srun -n1 {python} {worker}"; the protocol runs over that
+command's stdin/stdout, so anything that carries them works (weights travel as file paths: learning
+across machines needs a shared out_dir). The older form "{python} {swarm} --worker" still works.
 
-Reliability: a worker that crashes, misses the reply timeout or prints a line that is not protocol is
-logged, killed, restarted once, then dropped; the goal completes with the others. Workers run in their
-own sessions (process groups) and are killed on exit, Ctrl-C, SIGTERM or error, so none outlives the
-coordinator. A worker also watches for its coordinator's death, even inside a hung model call: on
-Linux the kernel kills it when its parent dies (PR_SET_PDEATHSIG), and anywhere, the end of its input
-with a new parent process makes it exit at once.
-
-Protocol (version 2): one JSON object per line over the worker's stdin/stdout; every object has a
-"type". stderr is free text (logs, tracebacks). The coordinator speaks first:
-
-    -> {"type": "hello", "protocol": 2, "worker": 0, "checkpoint": "out/p/ckpt.pt", "seed": 0,
-        "temperature": 1.0, "device": "cpu", "threads": 1, "learning": null or {...}, "resume": false}
-    <- {"type": "ready", "protocol": 2, "worker": 0, "pid": 4242}       (or {"type": "error", ...})
-    -> {"type": "goal", "round": 7, "goal": {"task": "arith", "seed": 100007}, "notes": ["HINT: ..."]}
-    <- {"type": "proposal", "round": 7, "answer": "ANSWER 1665", "actions": ["CALL calc 37*45", ...],
-        "confidence": 0.93}                                              (confidence: asked of the guide)
-    -> {"type": "message", "round": 8, "goal": {...}, "proposals": [{"worker": 1, "answer": ..., "actions": [...]}, ...]}
-    <- {"type": "proposal", "round": 8, "answer": ..., "actions": [...], "adopted_from": 1}
-    -> {"type": "score", "round": 9, "goal": {...}, "proposals": [{"actions": [...]}, ...]}
-    <- {"type": "scores", "round": 9, "scores": [-0.31, -1.2, ...]}     (mean log-prob per action token)
-    -> {"type": "learn", "round": 10, "experience": [{"goal": {...}, "actions": [...], "notes": [...],
-        "teacher": false}, ...]}
-    <- {"type": "learned", "round": 10, "items": 3, "loss": 0.41}
-    -> {"type": "save", "round": 11, "path": "out/swarm/checkpoints/worker_0.pt"}
-    <- {"type": "saved", "round": 11, "path": ...}
-    -> {"type": "weights", "round": 12, "path": "out/swarm/checkpoints/learner.pt"}
-    <- {"type": "loaded", "round": 12, "path": ...}
-    -> {"type": "stop"}                                                  (the worker exits 0)
-
-A reply must carry the round of its request; anything else (not JSON, no such type, wrong round) is
-garbage and counts as a failure of that worker. A worker answers a line it cannot read with
-{"type": "error", "message": ...} and keeps serving.
+Reliability: a worker that crashes, misses the reply timeout or prints a line that is not protocol (or
+one over 64 KiB, which is never read whole) is logged, killed, restarted once, then dropped; the goal
+completes with the others. Workers run in their own process groups, and the whole group (a wrapping
+shell's children included) is killed on exit, Ctrl-C, SIGTERM or error; a coordinator killed with
+kill -9 takes them along too (processes.py, swarm_worker.py).
 """
 import atexit
+import contextlib
+import dataclasses
 import json
 import os
 import queue
-import random
 import shlex
 import signal
 import subprocess
@@ -84,19 +65,21 @@ from collections import Counter
 
 from tqdm import tqdm
 
+import processes
+import swarm_console
 import tasks
 from configurator import ConfigError, configure, print_config
 from runtime import append_jsonl, claim_out_dir, read_jsonl
+from swarm_protocol import MAX_LINE_BYTES, PROTOCOL, LearningSettings, parse_reply, play_proposal
 
-# torch (through world.py's Policy) is imported by the model-backed worker only: the coordinator and the
-# fake test workers start without it
+# no torch here: the coordinator starts in a fraction of a second, and only the workers load models
 
-PROTOCOL = 2
-FAKE_MODES = ("echo", "teacher", "crash", "hang", "garbage", "flood", "crashlearn")  # "fake:MODE" checkpoints, for tests
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKER_PROGRAM = os.path.join(HERE, "swarm_worker.py")
 LEARNING = ("none", "each", "learner")
 DEBATES = ("adopt", "text")
-MAX_REPLY_CHARS = 1 << 16  # a reply line longer than this is not a proposal: the worker is misbehaving
 MAX_ACTIONS = 64           # actions kept from one proposal (every task ends far sooner)
+MAX_WORKERS = 256          # a typo of 3000 started 2,500 processes and stalled a 2-core machine for minutes
 
 DEFAULTS = dict(
     out_dir="out/swarm",
@@ -105,7 +88,7 @@ DEFAULTS = dict(
     task_options={},              # passed to tasks.make_env, e.g. {"tool": ""} for arithmetic from memory
     num_goals=50,                 # goal i is the held-out episode tasks.EVAL_SEED_BASE + i (world.py evaluates on them too)
     workers=8,
-    checkpoints=["out/policy_arith/ckpt.pt"],  # cycled over the workers; "fake:echo" etc. in tests
+    checkpoints=["out/policy_arith/ckpt.pt"],  # cycled over the workers
     temperatures=[1.0],           # cycled over the workers
     seed=0,                       # worker i samples with seed + i
     aggregators=["majority", "verifier"],  # majority | verifier | guide; the first decides
@@ -132,8 +115,8 @@ DEFAULTS = dict(
     replay_size=4000,
     replay_recent_window=256,
     replay_recent_fraction=0.5,
-    worker_command="",            # how to start a worker: a template with {python} and {swarm}, e.g.
-                                  # "ssh host {python} {swarm} --worker"; empty: a local subprocess
+    worker_command="",            # how to start a worker: a template with {python} and {worker}, e.g.
+                                  # "ssh host {python} {worker}"; empty: a local subprocess
     human=False,                  # pause after each goal: accept / edit / reject / stop, set the next goal,
                                   # broadcast a message, pause / resume, from the terminal
     device="cpu",                 # cpu | cuda (GPU 0) | cuda:0,1 (workers spread over these GPUs)
@@ -172,286 +155,25 @@ def guide_choice(proposals):
 AGGREGATORS = {"majority": majority_vote, "verifier": best_of_n_verifier, "guide": guide_choice}
 
 
-# ----------------------------------------------------------------------------- world glue
-
-def goal_env(goal):
-    return tasks.make_env(goal["task"], **goal.get("options", {}))
-
-
-def play_proposal(goal, actions, notes=()):
-    """The episode a proposal's actions make in a fresh environment: the world's reward is the verifier."""
-    return tasks.play_actions(goal_env(goal), actions, goal["seed"], notes)
-
+# ----------------------------------------------------------------------------- goals
 
 def goals_for(cfg):
     return [{"task": cfg["task"], "options": cfg["task_options"], "seed": tasks.EVAL_SEED_BASE + i}
             for i in range(cfg["num_goals"])]
 
 
-# ----------------------------------------------------------------------------- the worker process
-
-def send(stream, message):
-    stream.write(json.dumps(message) + "\n")
-    stream.flush()
 
 
-class ModelAgent:
-    """A worker backed by a world policy checkpoint: plays episodes, scores and revises proposals, and
-    learns from shared experience with world.py's expert-iteration code when the hello asks it to."""
+# ----------------------------------------------------------------------------- the coordinator's workers
 
-    def __init__(self, hello):
-        import torch
-
-        import world
-        from runtime import resolve_device
-        self.torch, self.world = torch, world
-        torch.set_num_threads(hello["threads"])  # N workers share the cores instead of each taking all
-        self.device = resolve_device(hello["device"])
-        self.seed, self.temperature = hello["seed"], hello["temperature"]
-        path = world.policy_file(hello["checkpoint"])
-        state = world.load_policy_checkpoint(path)
-        self.policy = world.policy_from_checkpoint(state, str(self.device), path)
-        self.learning = hello.get("learning")
-        if self.learning:
-            self.optimizer = world.make_optimizer(self.policy, self.learning["learning_rate"])
-            if hello.get("resume"):  # a checkpoint this worker saved: its optimizer, replay buffer and rng go on
-                self.progress = world.resume_progress(state, self.optimizer, self.learning)
-            else:
-                self.progress = world.Progress(0, {}, world.ReplayBuffer(
-                    self.learning["replay_size"], self.learning["replay_recent_window"],
-                    self.learning["replay_recent_fraction"]), random.Random(self.learning["seed"]))
-
-    def propose(self, goal, notes=(), confidence=False):
-        # a distinct, reproducible sampling seed per (worker, goal, turn)
-        act = self.policy.actor(self.temperature, self.seed * 1_000_003 + goal["seed"])
-        episode = tasks.play_episode(goal_env(goal), act, goal["seed"], notes)
-        proposal = {"answer": episode["actions"][-1] if episode["actions"] else "", "actions": episode["actions"]}
-        if confidence:  # the mean per-token probability of its own plan: how sure the guide is
-            proposal["confidence"] = float(self.torch.tensor(self.score(goal, [proposal], notes)[0]).exp())
-        return proposal
-
-    def score(self, goal, proposals, notes=()):
-        """Each proposal's mean log-prob per action token, each action given the transcript before it
-        (as the policy saw it when it acted)."""
-        scores = []
-        for p in proposals:
-            episode = play_proposal(goal, p["actions"], notes)
-            items = [{"text": episode["transcript"][:end], "spans": [[start, end]]}
-                     for start, end in episode["action_spans"]]
-            try:
-                with self.torch.no_grad():
-                    log_likelihood, count = self.policy.action_log_likelihood(items)
-            except ValueError:  # a character this model cannot write: it would never propose this
-                scores.append(float("-inf"))
-                continue
-            scores.append(float(log_likelihood.sum() / count.sum()) if count.sum() else float("-inf"))
-        return scores
-
-    def revise(self, goal, own, proposals):
-        """Keep the own proposal or adopt the peer's that this model finds most likely."""
-        candidates = [own] + proposals
-        scores = self.score(goal, candidates)
-        best = max(range(len(candidates)), key=lambda i: scores[i])
-        chosen = dict(candidates[best])
-        chosen["adopted_from"] = candidates[best].get("worker")
-        return chosen
-
-    def learn(self, experience):
-        """Expert iteration on shared experience (world.py's replay buffer and update): a success is
-        imitated whole; a failure marked teacher gets the teacher's action where it first went wrong."""
-        if not self.learning:
-            raise SystemExit("this worker was started without learning; it cannot learn")
-        world, seen = self.world, set()
-        for e in experience:
-            episode = play_proposal(e["goal"], e["actions"], e.get("notes", ()))
-            new = world.teacher_items(episode, self.progress.episode) if e.get("teacher") else \
-                [world.episode_item(episode, self.progress.episode)] if episode["success"] else []
-            for item in new:
-                # failed plans that went wrong at the same state get the same teacher label: learn it once
-                # (measured: 4 copies of each label per goal drove arith from 62% to 37% in 40 goals)
-                key = (item["text"], str(item["spans"]))
-                if key not in seen:
-                    seen.add(key)
-                    self.progress.replay.add(item, self.progress.rng)
-            self.progress.episode += 1
-        items = len(seen)
-        loss = world.learn(self.policy, self.optimizer, [], self.progress, self.learning)
-        return {"items": items, "loss": None if loss != loss else loss}  # NaN (nothing to learn yet) is not JSON
-
-    def save(self, path):
-        if self.learning:
-            self.world.save_policy(path, self.policy, self.optimizer, self.learning, self.progress)
-        return {"path": path}
-
-    def load_weights(self, path):
-        state = self.world.load_policy_checkpoint(path)
-        self.policy.model.load_state_dict(state["model"])
-        return {"path": path}
-
-
-class FakeAgent:
-    """Test stand-ins: echo proposes a fixed answer, teacher the world's teacher actions; crash, hang
-    and garbage misbehave on their first goal, flood answers it with a line over the cap, crashlearn
-    dies in its first weight update. They learn by counting: their "weights" are a JSON file."""
-
-    def __init__(self, hello, out):
-        self.mode, self.out = hello["checkpoint"].removeprefix("fake:"), out
-        if self.mode not in FAKE_MODES:
-            raise SystemExit(f"unknown fake worker {hello['checkpoint']!r}; known: {', '.join(FAKE_MODES)}")
-        self.learned = 0
-
-    def propose(self, goal, notes=(), confidence=False):
-        if self.mode == "crash":
-            os._exit(3)
-        if self.mode == "hang":
-            while True:
-                time.sleep(60)
-        if self.mode == "garbage":
-            self.out.write("Traceback? no: this line is not JSON\n")
-            self.out.flush()
-            return {"answer": "too late", "actions": []}
-        if self.mode == "flood":
-            return {"answer": "x", "actions": ["x" * MAX_REPLY_CHARS]}
-        if self.mode == "teacher":
-            env = goal_env(goal)
-            episode = tasks.play_episode(env, tasks.teacher_act(env), goal["seed"])
-            proposal = {"answer": episode["actions"][-1], "actions": episode["actions"]}
-        else:
-            proposal = {"answer": "ECHO", "actions": ["ECHO"]}
-        return dict(proposal, confidence=1.0) if confidence else proposal
-
-    def score(self, goal, proposals):
-        return [float(p["answer"] == "ECHO") for p in proposals]
-
-    def revise(self, goal, own, proposals):
-        return dict(own, adopted_from=None)
-
-    def learn(self, experience):
-        if self.mode == "crashlearn":
-            os._exit(4)
-        self.learned += len(experience)
-        return {"items": len(experience), "loss": 0.0}
-
-    def save(self, path):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(f"{path}.tmp", "w") as f:
-            json.dump({"learned": self.learned}, f)
-        os.replace(f"{path}.tmp", path)
-        return {"path": path}
-
-    def load_weights(self, path):
-        with open(path) as f:
-            self.learned = json.load(f)["learned"]
-        return {"path": path}
-
-
-# what each message to a worker must carry besides its type
-MESSAGE_FIELDS = {"hello": ("protocol", "worker", "checkpoint", "seed", "temperature", "device", "threads"),
-                  "goal": ("goal",), "message": ("goal", "own", "proposals"), "score": ("goal", "proposals"),
-                  "learn": ("experience",), "save": ("path",), "weights": ("path",), "stop": ()}
-REPLY_TYPES = {"goal": "proposal", "message": "proposal", "score": "scores", "learn": "learned", "save": "saved",
-               "weights": "loaded"}
-
-
-def read_message(line, expect=None):
-    """The message on one line of a worker's input, or a string saying why it is not one."""
+@contextlib.contextmanager
+def writing(path):
+    """An OSError while writing under out_dir (read-only, full, not a folder) as a message, not a traceback."""
     try:
-        msg = json.loads(line)
-    except json.JSONDecodeError:
-        return f"not a JSON line: {line[:80]!r}"
-    kinds = [expect] if expect else [k for k in MESSAGE_FIELDS if k != "hello"]
-    if not isinstance(msg, dict) or msg.get("type") not in kinds:
-        return f"expected a message of type {' or '.join(kinds)}, got {line[:80]!r}"
-    missing = [k for k in MESSAGE_FIELDS[msg["type"]] if k not in msg]
-    if missing:
-        return f"a {msg['type']} message needs {', '.join(missing)}; got {line[:80]!r}"
-    goals = [msg["goal"]] if "goal" in msg else [e.get("goal") if isinstance(e, dict) else e
-                                                  for e in msg.get("experience", [])]
-    for goal in goals:
-        problem = goal_problem(goal)
-        if problem:
-            return problem
-    return msg
+        yield
+    except OSError as e:
+        raise SystemExit(f"cannot write {path}: {e.strerror or e}; give --out_dir a writable folder with free space")
 
-
-def goal_problem(goal):
-    """Why a goal cannot be played, or None."""
-    if not isinstance(goal, dict) or not isinstance(goal.get("seed"), int):
-        return f"a goal is {{\"task\": NAME, \"seed\": INT, \"options\": {{...}}}}, got {goal!r}"
-    try:
-        goal_env(goal)
-    except (ValueError, TypeError) as e:
-        return f"goal {goal!r}: {e}"
-    return None
-
-
-def die_with_parent():
-    """Linux: the kernel kills this process when its parent dies (PR_SET_PDEATHSIG), even inside a hung
-    call. Strictly, when the parent's thread that started it ends: the coordinator starts workers from
-    the thread that runs the whole swarm."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def read_lines(stream, lines, parent):
-    """Feed the worker's input into the queue `lines`, then None at its end. At the end, a new parent
-    process means the coordinator is gone: exit at once, whatever the main thread is stuck in."""
-    for line in stream:
-        lines.put(line)
-    lines.put(None)
-    while True:  # a daemon thread: it ends with the process when the main thread finishes normally
-        if os.getppid() != parent:
-            os._exit(1)
-        time.sleep(0.2)
-
-
-def worker_main(stdin=sys.stdin, stdout=sys.stdout):
-    """Serve the protocol until stop, or until the end of input once every request is answered."""
-    parent = os.getppid()
-    die_with_parent()
-    hello = read_message(stdin.readline() or "null", expect="hello")
-    if isinstance(hello, str) or hello["protocol"] != PROTOCOL:
-        problem = hello if isinstance(hello, str) else f"speaks protocol {hello['protocol']}"
-        print(f"worker: expected a protocol {PROTOCOL} hello: {problem}", file=sys.stderr)
-        send(stdout, {"type": "error", "message": f"expected a protocol {PROTOCOL} hello: {problem}"})
-        return 2
-    try:
-        agent = FakeAgent(hello, stdout) if str(hello["checkpoint"]).startswith("fake:") else ModelAgent(hello)
-    except SystemExit as e:  # a checkpoint that cannot be a policy: the coordinator logs why
-        print(f"worker {hello['worker']}: {e}", file=sys.stderr)
-        send(stdout, {"type": "error", "message": str(e)})
-        return 2
-    send(stdout, {"type": "ready", "protocol": PROTOCOL, "worker": hello["worker"], "pid": os.getpid()})
-    lines = queue.Queue()
-    threading.Thread(target=read_lines, args=(stdin, lines, parent), daemon=True).start()
-    for line in iter(lines.get, None):
-        msg = read_message(line)
-        if isinstance(msg, str):
-            print(f"worker {hello['worker']}: {msg}", file=sys.stderr)
-            send(stdout, {"type": "error", "message": msg})
-            continue
-        kind, rnd = msg["type"], msg.get("round")
-        if kind == "stop":
-            return 0
-        if kind == "goal":
-            reply = agent.propose(msg["goal"], [str(n) for n in msg.get("notes", [])], bool(msg.get("confidence")))
-        elif kind == "message":
-            reply = agent.revise(msg["goal"], msg["own"], msg["proposals"])
-        elif kind == "score":
-            reply = {"scores": agent.score(msg["goal"], msg["proposals"])}
-        elif kind == "learn":
-            reply = agent.learn(msg["experience"])
-        elif kind == "save":
-            reply = agent.save(msg["path"])
-        else:
-            reply = agent.load_weights(msg["path"])
-        send(stdout, {"type": REPLY_TYPES[kind], "round": rnd, **reply})
-    return 0
-
-
-# ----------------------------------------------------------------------------- the coordinator
 
 class EventLog:
     """swarm.jsonl: one timestamped JSON event per line, flushed as written, so a crash loses nothing."""
@@ -460,7 +182,8 @@ class EventLog:
         self.path = path
 
     def log(self, event, **fields):
-        append_jsonl(self.path, {"time": round(time.time(), 3), "event": event, **fields})
+        with writing(self.path):
+            append_jsonl(self.path, {"time": round(time.time(), 3), "event": event, **fields})
 
 
 class Worker:
@@ -470,7 +193,7 @@ class Worker:
         self.index, self.role = index, role
         self.hello = {"type": "hello", "protocol": PROTOCOL, "worker": index, "checkpoint": checkpoint,
                       "seed": seed, "temperature": temperature, "device": device, "threads": threads,
-                      "learning": learning, "resume": False}
+                      "learning": dataclasses.asdict(learning) if learning else None, "resume": False}
         self.proc, self.generation, self.failures, self.dropped = None, 0, 0, False
         self.start_error = None
 
@@ -480,13 +203,13 @@ class Worker:
 
 
 class Pool:
-    """Starts worker processes, talks to them, and restarts or drops the ones that fail."""
+    """Starts worker processes (processes.py), talks to them, and restarts or drops the ones that fail."""
 
-    def __init__(self, workers, out_dir, log, reply_timeout, start_timeout, command=""):
+    def __init__(self, workers, out_dir, log, reply_timeout, start_timeout, argv):
         self.workers, self.out_dir, self.log = workers, out_dir, log
         self.reply_timeout, self.start_timeout = reply_timeout, start_timeout
-        self.command = command_argv(command)
-        self.replies = queue.Queue()  # (worker index, generation, line or None at end of output)
+        self.argv = argv
+        self.replies = queue.Queue()  # (worker index, generation, a line, LineTooLong, or None at end of output)
         self.round = 0
 
     def alive(self, role="worker"):
@@ -500,14 +223,14 @@ class Pool:
             # the worker sees only its GPU, as cuda:0
             env["CUDA_VISIBLE_DEVICES"] = device.removeprefix("cuda:")
         hello = dict(w.hello, device="cuda" if device.startswith("cuda") else device)
-        stderr = open(os.path.join(self.out_dir, f"{w.role}_{w.index}.log"), "a")
-        # its own session: Ctrl-C in the terminal reaches only us, and killpg takes the whole group
-        try:
-            w.proc, w.start_error = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                                     stderr=stderr, text=True, bufsize=1, env=env,
-                                                     start_new_session=True, cwd=os.getcwd()), None
+        log_path = os.path.join(self.out_dir, f"{w.role}_{w.index}.log")
+        with writing(log_path):
+            stderr = open(log_path, "a")
+        try:  # its own process group, killed with us (processes.start); the main thread starts every worker
+            w.proc, w.start_error = processes.start(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                                    stderr=stderr, env=env, cwd=os.getcwd()), None
         except OSError as e:  # the command does not exist or cannot run: a failure like a crash at start
-            w.proc, w.start_error = None, f"could not run {' '.join(self.command)!r}: {e.strerror or e}"
+            w.proc, w.start_error = None, f"could not run {' '.join(self.argv)!r}: {e.strerror or e}"
             self.log("start_failed", worker=w.index, role=w.role, reason=w.start_error)
             self.replies.put((w.index, w.generation, None))
             return
@@ -518,15 +241,22 @@ class Pool:
         self._write(w, hello)
 
     def _read(self, index, generation, stream):
-        for line in stream:
-            self.replies.put((index, generation, line))
+        """Every line of a worker's output into the replies queue; each read holds at most MAX_LINE_BYTES."""
+        try:
+            for line in processes.read_lines(stream, MAX_LINE_BYTES):
+                self.replies.put((index, generation, line))
+        except processes.LineTooLong as e:
+            self.replies.put((index, generation, e))  # not read further: the worker is killed
+            return
+        except (OSError, ValueError):  # the pipe was closed under us: the worker is being stopped
+            pass
         self.replies.put((index, generation, None))
 
     def _write(self, w, message):
         try:
-            w.proc.stdin.write(json.dumps(message) + "\n")
+            w.proc.stdin.write((json.dumps(message) + "\n").encode())
             w.proc.stdin.flush()
-        except (BrokenPipeError, OSError, ValueError):
+        except (OSError, ValueError):
             pass  # a dead worker: its end of output reports the failure
 
     def start_all(self):
@@ -556,10 +286,7 @@ class Pool:
             if w is None or generation != w.generation:
                 continue  # the rest of a process we already gave up on
             del waiting[index]
-            if line is None:
-                failed.append((w, w.start_error or f"exited with code {w.proc.wait()} (crash?)"))
-                continue
-            reply = parse_reply(line, expect, rnd)
+            reply = self.failure(w, line) or parse_reply(line, expect, rnd)
             if isinstance(reply, str):
                 failed.append((w, reply))
                 continue
@@ -569,10 +296,22 @@ class Pool:
             self.fail(w, reason)
         return replies
 
+    def failure(self, w, line):
+        """Why a worker's output ended or overflowed, or None for a line to parse."""
+        if isinstance(line, processes.LineTooLong):
+            return f"printed {line}, over the cap on a protocol line: the rest was not read"
+        if line is None:
+            if w.start_error:
+                return w.start_error
+            processes.exited(w.proc, 1.0)  # its output ended: let it finish exiting, then read its code
+            return f"exited with code {processes.stop(w.proc, grace=1.0)} (crash?)"
+        return None
+
     def fail(self, w, reason):
         """Log the failure, kill the process; restart it the first time, drop the worker the second."""
         w.failures += 1
-        kill(w.proc)
+        if w.proc is not None:
+            processes.stop(w.proc, grace=0)
         if w.failures == 1:
             self.log("restart", worker=w.index, role=w.role, reason=reason)
             tqdm.write(f"{w.name} failed ({reason}); restarting it once (see {self.out_dir}/{w.role}_{w.index}.log)")
@@ -584,66 +323,31 @@ class Pool:
             tqdm.write(f"{w.name} failed again ({reason}); dropped (its log: {self.out_dir}/{w.role}_{w.index}.log)")
 
     def close(self):
+        """Ask every worker to stop, give them a second, then end their process groups (processes.stop_all)."""
+        procs = [w.proc for w in self.workers if w.proc is not None]
         for w in self.workers:
-            if w.proc is not None and w.proc.poll() is None:
+            if w.proc is not None and w.proc.returncode is None:
                 self._write(w, {"type": "stop"})
-        for w in self.workers:
-            if w.proc is not None:
-                kill(w.proc, grace=1.0)
+        deadline = time.monotonic() + 1.0
+        for proc in procs:
+            processes.exited(proc, max(0.0, deadline - time.monotonic()))
+        processes.stop_all(procs, grace=1.0)
 
 
 def command_argv(template):
-    """The argv that starts one worker: worker_command with {python} and {swarm} filled in, or a local subprocess."""
-    here = os.path.abspath(__file__)
+    """The argv that starts one worker: worker_command with {python}, {worker} (and the older {swarm})
+    filled in, or swarm_worker.py in a local subprocess."""
     if not template:
-        return [sys.executable, here, "--worker"]
+        return [sys.executable, WORKER_PROGRAM]
     try:
-        argv = shlex.split(template.format(python=sys.executable, swarm=here))
+        argv = shlex.split(template.format(python=sys.executable, worker=WORKER_PROGRAM,
+                                           swarm=os.path.join(HERE, "swarm.py")))
     except (KeyError, IndexError, ValueError) as e:
         raise ConfigError(f"worker_command {template!r} cannot be filled in ({e!r}): it may use {{python}} and "
-                          f"{{swarm}} (write {{{{ and }}}} for literal braces), with shell-style quoting")
+                          f"{{worker}} (write {{{{ and }}}} for literal braces), with shell-style quoting")
     if not argv:
         raise ConfigError("worker_command is blank; leave it empty for a local subprocess")
     return argv
-
-
-def parse_reply(line, expect, rnd):
-    """The reply dict, or a string saying why the line is garbage."""
-    if len(line) > MAX_REPLY_CHARS:
-        return f"sent a reply of {len(line)} characters, over the cap of {MAX_REPLY_CHARS}"
-    try:
-        reply = json.loads(line)
-    except json.JSONDecodeError:
-        return f"printed garbage: {line[:80]!r}"
-    if not isinstance(reply, dict) or reply.get("type") != expect:
-        return f"expected a {expect} message, got {line[:120]!r}"
-    if rnd is not None and reply.get("round") != rnd:
-        return f"reply for round {reply.get('round')} while round {rnd} was asked"
-    if expect == "ready" and reply.get("protocol") != PROTOCOL:
-        return f"speaks protocol {reply.get('protocol')}, we speak {PROTOCOL}"
-    return reply
-
-
-def kill(proc, grace=0.0):
-    """Stop a worker's whole process group: a polite wait, then SIGKILL; always reaped."""
-    if proc is None:
-        return
-    if grace and proc.poll() is None:
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait()
-    for stream in (proc.stdin, proc.stdout):
-        try:
-            stream.close()
-        except (OSError, ValueError):
-            pass
 
 
 # ----------------------------------------------------------------------------- one goal
@@ -801,11 +505,15 @@ def resume_point(path):
     """From a run's swarm.jsonl: the goal records up to its last checkpoint, and that checkpoint event."""
     records, snapshot = [], None
     for e in read_jsonl(path):
-        if e["event"] == "result":
+        kind = e.get("event") if isinstance(e, dict) else None
+        if (kind == "result" and "record" not in e) or (kind == "checkpoint" and not (
+                isinstance(e.get("paths"), dict) and isinstance(e.get("next_goal"), int))):
+            raise SystemExit(f"{path} has a {kind} event swarm.py did not write ({str(e)[:120]}): it cannot be resumed")
+        if kind == "result":
             records.append(e["record"])
-        elif e["event"] == "checkpoint":
+        elif kind == "checkpoint":
             snapshot = (len(records), e)
-        elif e["event"] == "resume":  # goals after the checkpoint the last session resumed from were played again
+        elif kind == "resume":  # goals after the checkpoint the last session resumed from were played again
             records = records[:snapshot[0]] if snapshot else []
     if snapshot is None:
         raise SystemExit(f"nothing to resume: {path} holds no checkpoint yet (only learning runs save them, every "
@@ -813,93 +521,17 @@ def resume_point(path):
     return records[:snapshot[0]], snapshot[1]
 
 
-# ----------------------------------------------------------------------------- a person in the loop
+# ----------------------------------------------------------------------------- the decision
 
-HUMAN_HELP = ("[a]ccept, [e]dit (type the final action), [r]eject, [s]top, or first: g [TASK] SEED (set the next "
-              "goal), m TEXT (a message to every worker), [p]ause")
-
-
-def ask_human(goal, proposals, chosen, inp, out, control=None, log=None, cfg=None):
-    """Show the proposals and the aggregate; ('accept'|'edit'|'reject'|'stop', edited answer or None).
-    Before the verdict a person may queue the next goal (control["next_goals"]), broadcast a message to
-    every worker for the next goal (control["notes"]) and pause; each of those is logged."""
-    control = control if control is not None else {"next_goals": [], "notes": []}
-    log = log or (lambda *a, **k: None)
-    out.write(f"\ngoal {goal}\n")
-    for i, p in enumerate(proposals):
-        mark = "*" if i == chosen else " "
-        out.write(f" {mark} worker {p['worker']}: {p['answer']!r} (reward {p['reward']})\n")
-    out.write(f"aggregate: {proposals[chosen]['answer']!r}\n" if chosen is not None else "aggregate: none\n")
-    while True:
-        out.write(f"{HUMAN_HELP}? ")
-        out.flush()
-        line = inp.readline()
-        if not line:
-            return "stop", None  # end of input: nobody is there to decide
-        choice, _, rest = line.strip().partition(" ")
-        choice, rest = choice.lower(), rest.strip()
-        if choice in ("a", "accept") and chosen is not None:
-            return "accept", None
-        if choice in ("e", "edit"):
-            out.write("final action: ")
-            out.flush()
-            return "edit", inp.readline().strip()
-        if choice in ("r", "reject"):
-            return "reject", None
-        if choice in ("s", "stop"):
-            return "stop", None
-        if choice in ("g", "goal") and rest:
-            human_goal(rest, cfg or {"task": goal["task"], "task_options": goal.get("options", {})}, control, log, out)
-        elif choice in ("m", "message") and rest:
-            text = " ".join(rest.split())
-            room = tasks.MAX_NOTE_CHARS - len("HUMAN: ")
-            if len(text) > room:
-                out.write(f"message cut to {room} characters (the cap on a note line)\n")
-            control["notes"].append(tasks.note_line("HUMAN", [text[:room]]))
-            log("human", action="broadcast", text=text[:room], cut=len(text) > room)
-            out.write("every worker reads it in its context for the next goal\n")
-        elif choice in ("p", "pause"):
-            log("human", action="pause")
-            out.write("paused: the swarm waits; type resume (or stop)\n")
-            while True:
-                out.flush()
-                line = inp.readline()
-                if not line or line.strip().lower() in ("s", "stop"):
-                    log("human", action="stop")
-                    return "stop", None
-                if line.strip().lower() in ("resume", "r", "c", "continue"):
-                    log("human", action="resume")
-                    out.write("resumed\n")
-                    break
-                out.write("paused: type resume (or stop)\n")
-        else:
-            log("human", action="unknown", text=line.strip()[:200])
-            out.write(f"please answer one of {HUMAN_HELP}\n")
-
-
-def human_goal(text, cfg, control, log, out):
-    """'SEED' or 'TASK SEED' as the next goal, or a line saying why not."""
-    parts = text.split()
-    task, seed = (cfg["task"], parts[0]) if len(parts) == 1 else (parts[0], parts[-1])
-    options = cfg["task_options"] if task == cfg["task"] else {}
-    goal = {"task": task, "options": options, "seed": tasks.parse_int(seed)}
-    problem = "the seed must be an integer" if goal["seed"] is None else goal_problem(goal) if len(parts) <= 2 else \
-        "write g SEED or g TASK SEED"
-    if problem:
-        out.write(f"cannot set that goal: {problem}\n")
-        return
-    control["next_goals"].append(goal)
-    log("human", action="set_goal", goal=goal)
-    out.write(f"next goal: {goal}\n")
-
-
-def decide(goal, result, cfg, log, inp, out, control=None):
+def decide(goal, result, cfg, log, inp, out, control):
     """The decision for one goal: the deciding aggregator's choice, or the person's verdict on it."""
     proposals, choices = result["proposals"], result["choices"]
     chosen = choices[cfg["aggregators"][0]]
     actions = proposals[chosen]["actions"] if chosen is not None else []
-    verdict, edited = ("accept", None) if not cfg["human"] else ask_human(goal, proposals, chosen, inp, out, control,
-                                                                          log, cfg)
+    verdict, edited = "accept", None
+    if cfg["human"]:
+        verdict, edited = swarm_console.ask(goal, proposals, chosen, inp, out, control, log, cfg["task"],
+                                            cfg["task_options"])
     if verdict == "edit":
         actions = actions[:-1] + [edited]  # the human rewrites the final action
     if verdict in ("reject", "stop") or not actions:
@@ -923,6 +555,9 @@ def check_config(cfg):
     for key in AT_LEAST_ONE:
         if cfg[key] < 1:
             raise ConfigError(f"{key} must be at least 1, got {cfg[key]}")
+    if cfg["workers"] > MAX_WORKERS:
+        raise ConfigError(f"workers={cfg['workers']} is more than {MAX_WORKERS}: each worker is a process with its own "
+                          f"model, all started before the first goal")
     if not cfg["checkpoints"] or not cfg["temperatures"]:
         raise ConfigError("checkpoints and temperatures need at least one entry each")
     for t in cfg["temperatures"]:
@@ -951,17 +586,13 @@ def check_config(cfg):
         raise ConfigError("learning_rate and grad_clip must be >= 0, replay_recent_fraction in [0, 1]")
     if cfg["resume"] and cfg["overwrite"]:
         raise ConfigError("resume=True continues the run in out_dir and overwrite=True moves it aside: pick one")
-    paths = list(cfg["checkpoints"]) + [p for p in (cfg["guide"], cfg["learner"]) if p]
-    for path in paths:
-        if path.startswith("fake:"):
-            if path.removeprefix("fake:") not in FAKE_MODES:
-                raise ConfigError(f"unknown fake worker {path!r}; known: {', '.join(FAKE_MODES)}")
-        elif not os.path.exists(path):
+    for path in list(cfg["checkpoints"]) + [p for p in (cfg["guide"], cfg["learner"]) if p]:
+        if not os.path.exists(path):
             raise ConfigError(f"no checkpoint at {path}: train a policy first (see BENCHMARKS.md, Swarm)")
     if cfg["debate_rounds"] < 0:
         raise ConfigError("debate_rounds must be at least 0")
-    if cfg["reply_timeout"] <= 0 or cfg["start_timeout"] <= 0:
-        raise ConfigError("reply_timeout and start_timeout must be positive")
+    if not (0 < cfg["reply_timeout"] <= threading.TIMEOUT_MAX and 0 < cfg["start_timeout"] <= threading.TIMEOUT_MAX):
+        raise ConfigError(f"reply_timeout and start_timeout must be positive, at most {threading.TIMEOUT_MAX:.0f} s")
     if not (cfg["device"] == "cpu" or cfg["device"].startswith("cuda")):
         raise ConfigError(f"device must be cpu, cuda or cuda:0,1,..., got {cfg['device']!r}")
     if cfg["device"].startswith("cuda"):
@@ -983,12 +614,12 @@ def worker_devices(device, n):
     return [f"cuda:{gpus[i % len(gpus)]}" for i in range(n)]
 
 
-def learning_config(cfg, seed):
-    """What a learning process needs of the config: world.py's expert iteration settings."""
-    keys = ("learning_rate", "updates_per_batch", "update_batch_size", "grad_clip", "replay_size",
-            "replay_recent_window", "replay_recent_fraction", "out_dir")
-    # swarm workers write their actions (act=generate), so updates train the actions' likelihood
-    return {k: cfg[k] for k in keys} | {"mode": "expert_iteration", "seed": seed, "choice_loss": False}
+def learning_settings(cfg, seed):
+    """What a learning process needs of the config (world.py's expert iteration), with its own seed."""
+    return LearningSettings(learning_rate=cfg["learning_rate"], updates_per_batch=cfg["updates_per_batch"],
+                            update_batch_size=cfg["update_batch_size"], grad_clip=cfg["grad_clip"],
+                            replay_size=cfg["replay_size"], replay_recent_window=cfg["replay_recent_window"],
+                            replay_recent_fraction=cfg["replay_recent_fraction"], seed=seed)
 
 
 def make_workers(cfg):
@@ -998,15 +629,15 @@ def make_workers(cfg):
     each = cfg["learning"] == "each"
     workers = [Worker(i, cfg["checkpoints"][i % len(cfg["checkpoints"])], cfg["seed"] + i,
                       float(cfg["temperatures"][i % len(cfg["temperatures"])]), devices[i], threads,
-                      learning=learning_config(cfg, cfg["seed"] + i) if each else None)
+                      learning=learning_settings(cfg, cfg["seed"] + i) if each else None)
                for i in range(n)]
     if cfg["guide"]:
         workers.append(Worker(len(workers), cfg["guide"], cfg["seed"] + n, 0.0, devices[n], threads, role="guide",
-                              learning=learning_config(cfg, cfg["seed"] + n) if cfg["guide_learns"] else None))
+                              learning=learning_settings(cfg, cfg["seed"] + n) if cfg["guide_learns"] else None))
     if cfg["learning"] == "learner":
         i = len(workers)
         workers.append(Worker(i, cfg["learner"] or cfg["checkpoints"][0], cfg["seed"] + i, 0.0, devices[i], threads,
-                              role="learner", learning=learning_config(cfg, cfg["seed"] + i)))
+                              role="learner", learning=learning_settings(cfg, cfg["seed"] + i)))
     return workers
 
 
@@ -1037,70 +668,95 @@ def summarize(records, cfg, seconds, worker_failures, timed=None):
     return summary
 
 
-def run(cfg, inp=sys.stdin, out=sys.stderr):
-    """The whole swarm run; returns the summary. Every child is gone when this returns or raises."""
-    check_config(cfg)
+
+def previous_run(cfg):
+    """(goal records, the checkpoint event) to resume from, or ([], None) for a fresh run; refuses a fresh
+    run into an out_dir holding one, unless overwrite."""
     events = os.path.join(cfg["out_dir"], "swarm.jsonl")
-    records, resumed_from = [], None
     if cfg["resume"]:
         if not os.path.exists(events):
             raise SystemExit(f"nothing to resume: {events} does not exist; start the run without --resume")
-        records, resumed_from = resume_point(events)
-    elif os.path.exists(events) and not cfg["overwrite"]:
+        return resume_point(events)
+    if os.path.exists(events) and not cfg["overwrite"]:
         raise ConfigError(f"{cfg['out_dir']} already holds a swarm run (swarm.jsonl): choose another --out_dir, "
                           f"or pass --overwrite=True to move the old run aside")
-    lock = claim_out_dir(cfg["out_dir"], cfg["resume"], cfg["overwrite"], run_files=("swarm.jsonl",))
-    log = EventLog(events).log
+    return [], None
+
+
+def resumed_workers(workers, checkpoint):
+    """Each process restarts from the checkpoint it saved (a learning process also from its optimizer and replay)."""
+    for w in workers:
+        path = checkpoint["paths"].get(f"{w.role}_{w.index}")
+        if path and path != w.hello["checkpoint"]:
+            w.hello.update(checkpoint=path, resume=w.hello["learning"] is not None)
+    return workers
+
+
+def play(pool, cfg, log, records, state, inp, out):
+    """Goal after goal until the goals run out, a person stops, or no worker is left; learning between them."""
+    goals, control, pending = goals_for(cfg), {"next_goals": [], "notes": []}, []
+    bar = tqdm(total=len(goals), initial=state["next_goal"], desc="goals", unit="goal", file=sys.stderr, disable=None)
+    # checked before every goal and after the last: a dead swarm never exits 0
+    while pool.alive() and (control["next_goals"] or state["next_goal"] < len(goals)):
+        if control["next_goals"]:
+            goal = control["next_goals"].pop(0)  # a person set it
+        else:
+            goal, state["next_goal"] = goals[state["next_goal"]], state["next_goal"] + 1
+            bar.update()
+        log("goal", goal=goal)
+        notes, control["notes"] = control["notes"], []
+        result = solve(pool, goal, cfg, log, notes)
+        decision = decide(goal, result, cfg, log, inp, out, control)
+        records.append({"goal": goal, **result, "decision": decision})
+        log("result", index=len(records) - 1, record=records[-1])
+        if decision["verdict"] == "stop":
+            break
+        if cfg["learning"] != "none":
+            pending += experience_of(goal, result, decision, cfg["teacher_help"])
+            pending = after_goal(pool, cfg, log, len(records), pending, state)
+    bar.close()
+    if pool.alive():
+        after_goal(pool, cfg, log, len(records), pending, state, final=True)
+
+
+def write_summary(out_dir, summary):
+    path = os.path.join(out_dir, "summary.json")
+    with writing(path):
+        with open(f"{path}.tmp", "w") as f:  # renamed when whole (checkpoint.write_json_atomic would import torch here)
+            json.dump(summary, f, indent=1)
+        os.replace(f"{path}.tmp", path)
+
+
+def run(cfg, inp=sys.stdin, out=sys.stderr):
+    """The whole swarm run; returns the summary. Every child is gone when this returns or raises."""
+    check_config(cfg)
+    records, resumed_from = previous_run(cfg)
+    with writing(cfg["out_dir"]):
+        lock = claim_out_dir(cfg["out_dir"], cfg["resume"], cfg["overwrite"], run_files=("swarm.jsonl",))
+    log = EventLog(os.path.join(cfg["out_dir"], "swarm.jsonl")).log
     workers = make_workers(cfg)
-    state = {"next_goal": 0, "broadcast_at": None, "saved_at": None, "learner_lost_at": None}
     if resumed_from:
-        state["next_goal"] = resumed_from["next_goal"]
-        for w in workers:
-            path = resumed_from["paths"].get(f"{w.role}_{w.index}")
-            if path and path != w.hello["checkpoint"]:
-                w.hello.update(checkpoint=path, resume=w.hello["learning"] is not None)
-    pool = Pool(workers, cfg["out_dir"], log, cfg["reply_timeout"], cfg["start_timeout"], cfg["worker_command"])
+        resumed_workers(workers, resumed_from)
+    pool = Pool(workers, cfg["out_dir"], log, cfg["reply_timeout"], cfg["start_timeout"],
+                command_argv(cfg["worker_command"]))
     atexit.register(pool.close)  # also on an exception that escapes main
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # SIGTERM unwinds like Ctrl-C
-    done_before, control, pending, t0 = len(records), {"next_goals": [], "notes": []}, [], time.perf_counter()
+    done_before, t0 = len(records), time.perf_counter()
+    state = {"next_goal": resumed_from["next_goal"] if resumed_from else 0, "broadcast_at": None, "saved_at": None,
+             "learner_lost_at": None}
     try:
         log("config", config=cfg, protocol=PROTOCOL)
         if resumed_from:
             log("resume", goals_done=done_before, next_goal=state["next_goal"])
         pool.start_all()
         startup, t0 = time.perf_counter() - t0, time.perf_counter()  # goals per minute leave out loading
-        goals = goals_for(cfg)
-        bar = tqdm(total=len(goals), initial=state["next_goal"], desc="goals", unit="goal", file=sys.stderr, disable=None)
-        # checked before every goal and after the last: a dead swarm never exits 0
-        while pool.alive() and (control["next_goals"] or state["next_goal"] < len(goals)):
-            if control["next_goals"]:
-                goal = control["next_goals"].pop(0)  # a person set it
-            else:
-                goal, state["next_goal"] = goals[state["next_goal"]], state["next_goal"] + 1
-                bar.update()
-            log("goal", goal=goal)
-            notes, control["notes"] = control["notes"], []
-            result = solve(pool, goal, cfg, log, notes)
-            decision = decide(goal, result, cfg, log, inp, out, control)
-            records.append({"goal": goal, **result, "decision": decision})
-            log("result", index=len(records) - 1, record=records[-1])
-            if decision["verdict"] == "stop":
-                break
-            if cfg["learning"] != "none":
-                pending += experience_of(goal, result, decision, cfg["teacher_help"])
-                pending = after_goal(pool, cfg, log, len(records), pending, state)
-        bar.close()
-        if pool.alive():
-            after_goal(pool, cfg, log, len(records), pending, state, final=True)
+        play(pool, cfg, log, records, state, inp, out)
         failures = sum(w.failures for w in pool.workers)
         summary = {**summarize(records, cfg, time.perf_counter() - t0, failures, records[done_before:]),
                    "startup_seconds": round(startup, 2), "learning": cfg["learning"],
                    "learner_lost_at_goal": state["learner_lost_at"], "resumed_at_goal": done_before if resumed_from else None}
         log("summary", **summary)
-        tmp = os.path.join(cfg["out_dir"], "summary.json.tmp")
-        with open(tmp, "w") as f:  # renamed when whole (checkpoint.write_json_atomic would import torch here)
-            json.dump(summary, f, indent=1)
-        os.replace(tmp, os.path.join(cfg["out_dir"], "summary.json"))
+        write_summary(cfg["out_dir"], summary)
         if not pool.alive():
             raise SystemExit(f"every worker was dropped after {len(records)} goals (summary: {cfg['out_dir']}/"
                              f"summary.json); see why in the worker logs {cfg['out_dir']}/worker_*.log")
@@ -1116,11 +772,8 @@ def run(cfg, inp=sys.stdin, out=sys.stderr):
 
 
 def main(argv):
-    if argv and argv[0] == "--worker":
-        protocol_out = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
-        os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # a stray print lands in the log, not the protocol
-        sys.stdout = sys.stderr
-        sys.exit(worker_main(sys.stdin, protocol_out))
+    if argv[:1] == ["--worker"]:  # the older worker_command form, {python} {swarm} --worker: the worker program
+        os.execv(sys.executable, [sys.executable, WORKER_PROGRAM, *argv[1:]])
     argv = ["--human=True" if a == "--human" else a for a in argv]  # a bare --human reads naturally
     cfg = configure(DEFAULTS, argv)
     print_config(cfg)

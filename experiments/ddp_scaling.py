@@ -36,6 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from checkpoint import write_json_atomic  # noqa: E402
 from configurator import configure, print_config  # noqa: E402
+import processes  # noqa: E402
 from plot import save_figure  # noqa: E402
 from runtime import read_jsonl  # noqa: E402
 
@@ -120,9 +121,9 @@ def run_all(cfg, jobs, done):
     try:
         schedule(cfg, gpus, env, free, running, done, pending, bar)
     finally:  # stopped (Ctrl-C, SIGTERM from a time limit): the runs still going keep what they logged
+        # killed at once, each whole group (torchrun's ranks too): their checkpoints are deleted anyway
+        processes.stop_all([r["proc"] for r in running.values()], grace=0)
         for name, r in running.items():
-            os.killpg(r["proc"].pid, signal.SIGKILL)
-            r["proc"].wait()
             collect(r)
             done[name] = (None, time.perf_counter() - r["t0"])
         bar.close()
@@ -157,18 +158,20 @@ def schedule(cfg, gpus, env, free, running, done, pending, bar):
             os.makedirs(run_dir)
             log = open(os.path.join(run_dir, "log.txt"), "w")
             job_env = env | ({"CUDA_VISIBLE_DEVICES": ",".join(map(str, held))} if gpus else {})
-            proc = subprocess.Popen(command(cfg, job, ckpt_dir), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                    env=job_env, start_new_session=True)
+            # its own process group; if this script dies, SIGTERM (train.py stops, torchrun stops its ranks)
+            proc = processes.start(command(cfg, job, ckpt_dir), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                   env=job_env, death_signal=signal.SIGTERM)
             running[job["name"]] = dict(proc=proc, log=log, held=held, alone=alone, run_dir=run_dir,
                                         ckpt_dir=ckpt_dir, t0=time.perf_counter())
             continue
         time.sleep(1)
         for name, r in list(running.items()):
-            if r["proc"].poll() is None:
+            if not processes.exited(r["proc"]):
                 continue
+            code = processes.stop(r["proc"], grace=0)  # reaped, and anything it left in its group ended
             collect(r)
             free |= set(r["held"])
-            done[name] = (r["proc"].returncode, time.perf_counter() - r["t0"])
+            done[name] = (code, time.perf_counter() - r["t0"])
             del running[name]
             bar.update(1)
 

@@ -25,7 +25,7 @@ TRAIN = ["--data_dir={data}", "--dataset=tiny", "--out_dir={run}", "--device=cpu
 RESUME = [*TRAIN, "--init_from=resume"]
 FRESH = [*TRAIN, "--out_dir={tmp}/fresh"]  # errors found after the out_dir is claimed
 WORLD = ["--out_dir={tmp}/world", "--device=cpu"]
-SWARM = ["--out_dir={tmp}/swarm", "--checkpoints=['fake:echo']"]
+SWARM = ["--out_dir={tmp}/swarm", "--checkpoints=['{tmp}/ok.txt']"]  # a file: these errors come before any worker
 
 CASES = [
     # train.py

@@ -9,40 +9,44 @@ import time
 import pytest
 
 import swarm
+import swarm_protocol
 import tasks
 from configurator import ConfigError, configure
+from child_processes import clean_up, gone, wait_until_gone
 from conftest import ROOT
+from swarm_fakes import fake_checkpoint, fake_command
 
 SWARM = os.path.join(ROOT, "swarm.py")
+WORKER = os.path.join(ROOT, "swarm_worker.py")
+FAKES = os.path.join(ROOT, "tests", "swarm_fakes.py")
+
+
+def fake(tmp_path, path):
+    """A checkpoint written "fake:MODE" in these tests: the file of a fake worker of that mode (tests/swarm_fakes.py)."""
+    return fake_checkpoint(str(tmp_path / "fakes"), path.removeprefix("fake:")) if path.startswith("fake:") else path
 
 
 def swarm_config(tmp_path, **overrides):
-    """Fake workers, three goals, timeouts short enough that a hung worker costs a second."""
+    """Fake workers, three goals, timeouts short enough that a hung worker costs a second. A run of real
+    policies passes worker_command=""."""
     cfg = configure(swarm.DEFAULTS, [])
     cfg.update(out_dir=str(tmp_path / "swarm"), num_goals=3, workers=3, reply_timeout=1.0, start_timeout=20.0,
-               checkpoints=["fake:teacher", "fake:echo", "fake:teacher"])
+               checkpoints=["fake:teacher", "fake:echo", "fake:teacher"], worker_command=fake_command())
     cfg.update(overrides)
+    cfg.update(checkpoints=[fake(tmp_path, p) for p in cfg["checkpoints"]], guide=fake(tmp_path, cfg["guide"]),
+               learner=fake(tmp_path, cfg["learner"]))
     return cfg
+
+
+def fake_args(tmp_path, *modes, command="{python} {fakes}"):
+    """swarm.py's command-line arguments for fake workers of these modes, started by `command`."""
+    return [f"--checkpoints={[fake(tmp_path, f'fake:{mode}') for mode in modes]!r}",
+            f"--worker_command={fake_command(command)}"]
 
 
 def events(cfg):
     with open(os.path.join(cfg["out_dir"], "swarm.jsonl")) as f:
         return [json.loads(line) for line in f]  # every line is whole JSON, even after failures
-
-
-def gone(pid):
-    """The process has exited (a zombie left unreaped by a PID 1 that does not reap counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except FileNotFoundError:
-        return True
-    except OSError:  # no /proc (macOS)
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        return False
 
 
 def wait_for_events(path, event, count, timeout=60):
@@ -64,18 +68,17 @@ def talk(proc, message):
     return json.loads(proc.stdout.readline())
 
 
-def test_protocol_round_trip_with_a_worker_process():
-    proc = subprocess.Popen([sys.executable, SWARM, "--worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True, cwd=ROOT)
+def test_protocol_round_trip_with_a_worker_process(tmp_path):
+    proc = subprocess.Popen([sys.executable, FAKES], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
-        hello = {"type": "hello", "protocol": swarm.PROTOCOL, "worker": 5, "checkpoint": "fake:teacher", "seed": 0,
-                 "temperature": 1.0, "device": "cpu", "threads": 1}
+        hello = {"type": "hello", "protocol": swarm_protocol.PROTOCOL, "worker": 5,
+                 "checkpoint": fake(tmp_path, "fake:teacher"), "seed": 0, "temperature": 1.0, "device": "cpu", "threads": 1}
         ready = talk(proc, hello)
-        assert ready == {"type": "ready", "protocol": swarm.PROTOCOL, "worker": 5, "pid": proc.pid}
+        assert ready == {"type": "ready", "protocol": swarm_protocol.PROTOCOL, "worker": 5, "pid": proc.pid}
         goal = {"task": "arith", "seed": 3}
         proposal = talk(proc, {"type": "goal", "round": 1, "goal": goal})
         assert proposal["type"] == "proposal" and proposal["round"] == 1
-        assert swarm.play_proposal(goal, proposal["actions"])["success"]
+        assert swarm_protocol.play_proposal(goal, proposal["actions"])["success"]
         scores = talk(proc, {"type": "score", "round": 2, "goal": goal, "proposals": [proposal]})
         assert scores["type"] == "scores" and scores["round"] == 2 and len(scores["scores"]) == 1
         proc.stdin.write(json.dumps({"type": "stop"}) + "\n")
@@ -86,17 +89,19 @@ def test_protocol_round_trip_with_a_worker_process():
         proc.wait()
 
 
-def test_worker_refuses_a_hello_of_another_protocol_version():
-    out = subprocess.run([sys.executable, SWARM, "--worker"], input=json.dumps({"type": "hello", "protocol": 99}) + "\n",
+@pytest.mark.parametrize("argv", [[WORKER], [SWARM, "--worker"]])  # the worker program, and the older command form
+def test_worker_refuses_a_hello_of_another_protocol_version(argv):
+    out = subprocess.run([sys.executable, *argv], input=json.dumps({"type": "hello", "protocol": 99}) + "\n",
                          capture_output=True, text=True, cwd=ROOT, timeout=30)
     reply = json.loads(out.stdout)
-    assert out.returncode == 2 and reply["type"] == "error" and f"protocol {swarm.PROTOCOL}" in reply["message"]
+    assert out.returncode == 2 and reply["type"] == "error" and f"protocol {swarm_protocol.PROTOCOL}" in reply["message"]
 
 
 @pytest.mark.parametrize("line, problem", [("not json\n", "garbage"), ('{"type": "scores", "round": 1}\n', "expected"),
-                                           ('{"type": "proposal", "round": 0}\n', "round")])
+                                           ('{"type": "proposal", "round": 0}\n', "round"),
+                                           ('{"type": "error", "message": "no such file"}\n', "error: no such file")])
 def test_replies_that_are_not_protocol_are_named_as_such(line, problem):
-    assert problem in swarm.parse_reply(line, "proposal", 1)
+    assert problem in swarm_protocol.parse_reply(line, "proposal", 1)
 
 
 # ----------------------------------------------------------------------------- aggregators
@@ -180,7 +185,7 @@ def test_ctrl_c_or_sigterm_leaves_no_orphan_workers(tmp_path, sig):
     out_dir = tmp_path / "swarm"
     # SIGINT as a terminal delivers it: a test run started in the background (`pytest &`) ignores SIGINT, and
     # its children would inherit that (measured: the coordinator then never saw the signal)
-    coordinator = subprocess.Popen([sys.executable, SWARM, "--workers=3", "--checkpoints=['fake:hang']",
+    coordinator = subprocess.Popen([sys.executable, SWARM, "--workers=3", *fake_args(tmp_path, "hang"),
                                     f"--out_dir={out_dir}", "--reply_timeout=60.0"],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
                                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
@@ -200,7 +205,7 @@ def test_ctrl_c_or_sigterm_leaves_no_orphan_workers(tmp_path, sig):
 
 def test_workers_of_a_coordinator_killed_with_sigkill_exit_by_themselves(tmp_path):
     out_dir = tmp_path / "swarm"
-    coordinator = subprocess.Popen([sys.executable, SWARM, "--workers=2", "--checkpoints=['fake:hang']",
+    coordinator = subprocess.Popen([sys.executable, SWARM, "--workers=2", *fake_args(tmp_path, "hang"),
                                     f"--out_dir={out_dir}", "--reply_timeout=60.0"],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
     try:
@@ -221,13 +226,53 @@ def test_workers_of_a_coordinator_killed_with_sigkill_exit_by_themselves(tmp_pat
                 os.killpg(p, signal.SIGKILL)
 
 
-def test_garbage_on_a_worker_stdin_gets_an_error_reply_and_the_worker_keeps_serving():
-    hello = {"type": "hello", "protocol": swarm.PROTOCOL, "worker": 0, "checkpoint": "fake:echo", "seed": 0,
-             "temperature": 1.0, "device": "cpu", "threads": 1}
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_shell_wrapped_workers_do_not_outlive_a_killed_coordinator(tmp_path, sig):
+    # the worker's parent is the shell, which waits for it: only the group kill (SIGTERM) or the kernel's
+    # parent-death signal down the chain coordinator -> shell -> worker (SIGKILL) ends them
+    out_dir = tmp_path / "swarm"
+    coordinator = subprocess.Popen([sys.executable, SWARM, "--workers=2", f"--out_dir={out_dir}", "--reply_timeout=60.0",
+                                    *fake_args(tmp_path, "hang", command="sh -c '{python} {fakes}; echo done'")],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    pids = []
+    try:
+        rows = [json.loads(line) for line in wait_for_events(out_dir / "swarm.jsonl", "send", 2)]
+        shells = [e["pid"] for e in rows if e["event"] == "start"]
+        workers = [e["message"]["pid"] for e in rows if e["event"] == "receive"]
+        pids = shells + workers
+        assert len(shells) == len(workers) == 2 and not set(shells) & set(workers) and not any(gone(p) for p in pids)
+        coordinator.send_signal(sig)
+        coordinator.wait(timeout=20)
+        assert wait_until_gone(pids) == []
+    finally:
+        clean_up(coordinator, pids)
+
+
+def test_a_worker_stuck_in_a_call_exits_when_its_input_ends_and_nobody_reads_it(tmp_path):
+    # what a worker behind ssh sees of a dead coordinator: its parent lives on, its pipes are closed
+    proc = subprocess.Popen([sys.executable, FAKES], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        hello = {"type": "hello", "protocol": swarm_protocol.PROTOCOL, "worker": 0, "checkpoint": fake(tmp_path, "fake:hang"),
+                 "seed": 0, "temperature": 1.0, "device": "cpu", "threads": 1}
+        assert talk(proc, hello)["type"] == "ready"
+        proc.stdin.write(json.dumps({"type": "goal", "round": 1, "goal": {"task": "arith", "seed": 1}}) + "\n")
+        proc.stdin.flush()
+        time.sleep(0.5)
+        assert proc.poll() is None  # hung in its "model call"
+        proc.stdin.close()
+        proc.stdout.close()
+        assert proc.wait(timeout=10) != 0
+    finally:
+        proc.kill()
+        proc.wait()
+
+def test_garbage_on_a_worker_stdin_gets_an_error_reply_and_the_worker_keeps_serving(tmp_path):
+    hello = {"type": "hello", "protocol": swarm_protocol.PROTOCOL, "worker": 0, "checkpoint": fake(tmp_path, "fake:echo"),
+             "seed": 0, "temperature": 1.0, "device": "cpu", "threads": 1}
     lines = [json.dumps(hello), "hello there", "[1, 2]", '{"type": "goal", "round": 1}',
              '{"type": "goal", "round": 2, "goal": {"task": "chess", "seed": 1}}',
              '{"type": "goal", "round": 3, "goal": {"task": "arith", "seed": 1}}', '{"type": "stop"}']
-    out = subprocess.run([sys.executable, SWARM, "--worker"], input="\n".join(lines) + "\n", capture_output=True,
+    out = subprocess.run([sys.executable, FAKES], input="\n".join(lines) + "\n", capture_output=True,
                          text=True, cwd=ROOT, timeout=60)
     replies = [json.loads(line) for line in out.stdout.splitlines()]
     assert out.returncode == 0 and "Traceback" not in out.stderr
@@ -237,8 +282,17 @@ def test_garbage_on_a_worker_stdin_gets_an_error_reply_and_the_worker_keeps_serv
     assert "not a JSON line" in out.stderr
 
 
+def test_learning_settings_a_worker_does_not_know_are_named_at_the_hello():
+    hello = {"type": "hello", "protocol": swarm_protocol.PROTOCOL, "worker": 0, "checkpoint": "nowhere.pt", "seed": 0,
+             "temperature": 1.0, "device": "cpu", "threads": 1, "learning": {"learning_rate": 0.1, "mode": "x"}}
+    out = subprocess.run([sys.executable, WORKER], input=json.dumps(hello) + "\n", capture_output=True, text=True,
+                         cwd=ROOT, timeout=30)
+    message = json.loads(out.stdout)["message"]
+    assert out.returncode == 2 and "do not fit this worker" in message and "updates_per_batch" in message
+
+
 def test_a_garbage_hello_is_refused_without_a_traceback():
-    out = subprocess.run([sys.executable, SWARM, "--worker"], input="{oops\n", capture_output=True, text=True,
+    out = subprocess.run([sys.executable, WORKER], input="{oops\n", capture_output=True, text=True,
                          cwd=ROOT, timeout=30)
     assert out.returncode == 2 and json.loads(out.stdout)["type"] == "error" and "Traceback" not in out.stderr
 
@@ -249,6 +303,33 @@ def test_a_swarm_whose_workers_all_crash_does_not_exit_0_and_its_summary_counts_
         swarm.run(cfg)
     summary = json.loads((tmp_path / "swarm" / "summary.json").read_text())
     assert summary["worker_failures"] == 4 and summary["single_worker_success"] == 0.0
+
+
+@pytest.mark.parametrize("where", ["under a file", "read-only"])
+def test_an_out_dir_that_cannot_be_written_is_a_clear_error(tmp_path, where):
+    if where == "read-only" and os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders")
+    (tmp_path / "file").write_text("")
+    (tmp_path / "ro").mkdir(mode=0o555)
+    out_dir = tmp_path / ("file" if where == "under a file" else "ro") / "swarm"
+    with pytest.raises(SystemExit, match=f"cannot write {out_dir}.*writable folder"):
+        swarm.run(swarm_config(tmp_path, out_dir=str(out_dir)))
+
+
+def test_a_disk_that_fills_mid_run_stops_it_with_a_message_and_no_worker_left(tmp_path, monkeypatch):
+    import errno
+
+    def append(path, row):
+        if row["event"] == "proposals":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        runtime_append(path, row)
+    runtime_append = swarm.append_jsonl
+    monkeypatch.setattr(swarm, "append_jsonl", append)
+    cfg = swarm_config(tmp_path)
+    with pytest.raises(SystemExit, match="cannot write .*swarm.jsonl: No space left on device"):
+        swarm.run(cfg)
+    starts = [e for e in events(cfg) if e["event"] == "start"]
+    assert len(starts) == 3 and all(gone(e["pid"]) for e in starts)
 
 
 def test_single_worker_success_counts_a_crashed_worker_as_a_failure():
@@ -294,7 +375,7 @@ def test_human_accepts_edits_rejects_and_stops_from_stdin(tmp_path):
 
 
 def test_human_flag_reads_decisions_from_the_terminal_of_the_command(tmp_path):
-    out = subprocess.run([sys.executable, SWARM, "--human", "--workers=2", "--checkpoints=['fake:teacher']",
+    out = subprocess.run([sys.executable, SWARM, "--human", "--workers=2", *fake_args(tmp_path, "teacher"),
                           f"--out_dir={tmp_path}", "--num_goals=3"], input="a\nr\n", capture_output=True,
                          text=True, cwd=ROOT, timeout=60)
     summary = json.loads(out.stdout.splitlines()[-1])
@@ -311,13 +392,15 @@ def test_human_flag_reads_decisions_from_the_terminal_of_the_command(tmp_path):
     ({"checkpoints": ["no/such/ckpt.pt"]}, "no checkpoint at no/such/ckpt.pt"),
     ({"aggregators": ["majority", "vote"]}, "unknown aggregator 'vote'"),
     ({"aggregators": ["guide"]}, "needs --guide"),
-    ({"checkpoints": ["fake:sleepy"]}, "unknown fake worker"),
     ({"task": "chess"}, "unknown task 'chess'"),
     ({"task_options": {"colour": "red"}}, "bad options"),
     ({"temperatures": [1.0, -1]}, "temperatures must be numbers >= 0"),
     ({"temperatures": ["hot"]}, "temperatures must be numbers >= 0"),
     ({"device": "tpu"}, "device must be"),
     ({"threads": 0}, "threads must be at least 1"),
+    ({"workers": 3000}, "workers=3000 is more than 256"),
+    ({"reply_timeout": 1e400}, "reply_timeout and start_timeout must be positive, at most"),
+    ({"start_timeout": float("nan")}, "reply_timeout and start_timeout must be positive, at most"),
 ])
 def test_bad_config_is_a_clear_error_before_any_worker_starts(tmp_path, overrides, message):
     cfg = swarm_config(tmp_path, **overrides)
@@ -329,7 +412,7 @@ def test_bad_config_is_a_clear_error_before_any_worker_starts(tmp_path, override
 @pytest.mark.parametrize("arg, key", [("--temperatures=[-1]", "temperatures"), ("--task_options={'tool': 3, 'x': 1}", "task_options"),
                                       ("--workers=0", "workers")])
 def test_bad_values_on_the_command_line_exit_nonzero_without_a_traceback(tmp_path, arg, key):
-    out = subprocess.run([sys.executable, SWARM, arg, "--checkpoints=['fake:echo']", f"--out_dir={tmp_path / 'swarm'}"],
+    out = subprocess.run([sys.executable, SWARM, arg, *fake_args(tmp_path, "echo"), f"--out_dir={tmp_path / 'swarm'}"],
                          capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.returncode != 0 and key in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "swarm").exists()
@@ -371,8 +454,8 @@ def tiny_policy(tmp_path):
 
 
 def test_a_tiny_swarm_of_real_policies_with_debate_and_a_guide_runs_end_to_end(tmp_path, tiny_policy):
-    cfg = swarm_config(tmp_path, checkpoints=[tiny_policy], temperatures=[0.5, 1.0], workers=2, num_goals=2,
-                       guide=tiny_policy, aggregators=["guide", "majority", "verifier"], debate_rounds=1,
+    cfg = swarm_config(tmp_path, worker_command="", checkpoints=[tiny_policy], temperatures=[0.5, 1.0], workers=2,
+                       num_goals=2, guide=tiny_policy, aggregators=["guide", "majority", "verifier"], debate_rounds=1,
                        reply_timeout=60.0, threads=1)
     summary = swarm.run(cfg)
     assert summary["goals"] == 2 and 0.0 <= summary["decision_success"] <= 1.0
@@ -425,7 +508,7 @@ def test_a_learner_trains_and_broadcasts_weights_every_k_goals(tmp_path):
     assert [e["goals_done"] for e in events(cfg) if e["event"] == "broadcast"] == [2, 4]
     assert len(sent(cfg, "weights", "worker")) == 2 * 3
     with open(os.path.join(cfg["out_dir"], "checkpoints", "learner_3.pt")) as f:
-        assert json.load(f) == {"learned": 4}  # the fake learner counts what it learnt from
+        assert json.load(f) == {"fake": "teacher", "learned": 4}  # the fake learner counts what it learnt from
 
 
 def test_a_learner_that_dies_leaves_the_workers_their_last_weights_and_the_run_goes_on(tmp_path):
@@ -452,7 +535,7 @@ def test_a_worker_that_dies_during_a_weight_update_is_restarted_then_dropped(tmp
 
 def test_a_learning_swarm_of_real_policies_saves_checkpoints_and_resumes(tmp_path, tiny_policy):
     import torch
-    cfg = swarm_config(tmp_path, checkpoints=[tiny_policy], workers=2, num_goals=2, learning="each", teacher_help=True,
+    cfg = swarm_config(tmp_path, worker_command="", checkpoints=[tiny_policy], workers=2, num_goals=2, learning="each", teacher_help=True,
                        reply_timeout=60.0, save_every=1, learning_rate=1e-2)
     swarm.run(cfg)
     learned = [e["message"] for e in events(cfg) if e["event"] == "receive" and e["message"]["type"] == "learned"]
@@ -472,7 +555,7 @@ def test_a_learning_swarm_of_real_policies_saves_checkpoints_and_resumes(tmp_pat
 
 
 def test_a_real_learner_broadcasts_weights_that_real_workers_load(tmp_path, tiny_policy):
-    cfg = swarm_config(tmp_path, checkpoints=[tiny_policy], workers=2, num_goals=2, learning="learner",
+    cfg = swarm_config(tmp_path, worker_command="", checkpoints=[tiny_policy], workers=2, num_goals=2, learning="learner",
                        teacher_help=True, broadcast_every=1, reply_timeout=60.0, learning_rate=1e-2)
     summary = swarm.run(cfg)
     assert summary["goals"] == 2 and summary["learner_lost_at_goal"] is None
@@ -482,6 +565,15 @@ def test_a_real_learner_broadcasts_weights_that_real_workers_load(tmp_path, tiny
     assert not any(e["event"] in ("restart", "drop") for e in events(cfg))
 
 
+def test_a_learning_run_of_fake_workers_resumes_from_their_checkpoints(tmp_path):
+    cfg = swarm_config(tmp_path, learning="each", save_every=1, num_goals=2)
+    swarm.run(cfg)
+    summary = swarm.run(cfg | {"num_goals": 4, "resume": True})
+    assert summary["goals"] == 4 and summary["resumed_at_goal"] == 2 and summary["worker_failures"] == 0
+    with open(os.path.join(cfg["out_dir"], "checkpoints", "worker_0.pt")) as f:
+        assert json.load(f) == {"fake": "teacher", "learned": 4}  # one shared success a goal, two before the resume
+
+
 def test_resume_without_a_checkpoint_says_so(tmp_path):
     cfg = swarm_config(tmp_path, num_goals=1)
     swarm.run(cfg)
@@ -489,6 +581,11 @@ def test_resume_without_a_checkpoint_says_so(tmp_path):
         swarm.run(cfg | {"resume": True})
     with pytest.raises(SystemExit, match="nothing to resume"):
         swarm.run(cfg | {"resume": True, "out_dir": str(tmp_path / "empty")})
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "swarm.jsonl").write_text('{"step": 1}\n[2]\n{"event": "checkpoint", "goals_done": 1}\n')
+    with pytest.raises(SystemExit, match="a checkpoint event swarm.py did not write"):
+        swarm.run(cfg | {"resume": True, "out_dir": str(foreign)})
 
 
 # ----------------------------------------------------------------------------- messages and the guide
@@ -535,6 +632,22 @@ def test_a_reply_over_the_length_cap_counts_as_a_failure(tmp_path):
     assert len(reasons) == 2 and all("over the cap" in r for r in reasons)
 
 
+def test_a_worker_printing_without_a_newline_is_read_no_further_and_dropped(tmp_path):
+    import tracemalloc
+    cfg = swarm_config(tmp_path, checkpoints=["fake:teacher", "fake:floodraw"], workers=2, num_goals=2)
+    tracemalloc.start()
+    try:
+        summary = swarm.run(cfg)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert summary["goals"] == 2 and summary["decision_success"] == 1.0
+    assert peak < 8 << 20  # it printed 400 MiB (twice): the coordinator read one line's cap of each
+    reasons = [e["reason"] for e in events(cfg) if e["event"] in ("restart", "drop")]
+    assert len(reasons) == 2, reasons
+    assert all(f"more than {swarm_protocol.MAX_LINE_BYTES} bytes" in r and "not read" in r for r in reasons)
+
+
 def test_note_lines_are_capped_and_plans_read_as_one_line():
     line = tasks.note_line("PEERS", ["ANSWER 1\nANSWER 2", "x" * 1000])
     assert line.startswith("PEERS: ANSWER 1 ANSWER 2 | xx") and len(line) == tasks.MAX_NOTE_CHARS
@@ -547,8 +660,7 @@ def wrapped(template):
     return f"sh -c '{template}'"
 
 
-@pytest.mark.parametrize("command", [wrapped("exec {python} {swarm} --worker"),
-                                     wrapped("sleep 0.3; exec {python} {swarm} --worker")])
+@pytest.mark.parametrize("command", [wrapped(f"exec {{python}} {FAKES}"), wrapped(f"sleep 0.3; exec {{python}} {FAKES}")])
 def test_workers_start_through_a_command_template_even_on_a_slow_link(tmp_path, command):
     cfg = swarm_config(tmp_path, worker_command=command)
     summary = swarm.run(cfg)
