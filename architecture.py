@@ -41,6 +41,8 @@ def check_combinations(core, memory, loop, shapes, heads, feedback):
                          "again): move it to the prelude or coda")
     if loop.n_core and (heads.layer_heads or heads.grow_heads or feedback.feedback):
         raise ValueError("layer_heads, grow_heads and feedback are not supported with a looped core (n_core > 0)")
+    if loop.prefix_token >= 0 and any(shapes.attn_windows):
+        raise ValueError("prefix_token (a prefix-LM mask) and attn_windows (sliding windows) cannot be combined")
 
 
 def make_block(core, layer, memory, shapes, heads, feedback):

@@ -203,10 +203,14 @@ class GPT(nn.Module):
         if isinstance(pos, int) and pos + T > self.config.block_size:
             raise ValueError(f"sequence of {pos + T} tokens is longer than block_size={self.config.block_size}")
         positions = pos + torch.arange(T, device=idx.device)  # (T,)
-        x = self.drop(self.wte(idx))  # (B, T, C)
+        return norm(self.run_blocks(self.embed(idx), positions, cache, **options))
+
+    def embed(self, idx):
+        """The residual stream's start (B, T, C): the tokens' embeddings."""
+        x = self.drop(self.wte(idx))
         if self.config.bf16_residual and torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))  # the blocks' bf16 outputs then keep it bf16
-        return norm(self.run_blocks(x, positions, cache, **options))
+        return x
 
     def run_blocks(self, x, positions, cache=None, **options):
         """The layers in order (B, T, C): the seam where looped.py and feedback.py run them their own way."""

@@ -34,6 +34,8 @@ DEFAULTS = dict(
     stop_at_eot=True,       # end a sample at the end-of-text token
     knn_store="",           # kNN memory models: a store folder to run with; "" uses the one beside the checkpoint
     loops=0,                # looped models: test-time loop count (think longer per token); 0 = the trained count
+    halt=False,             # looped models with a halting probe: each token loops until the probe is sure, at most
+                            # --loops (0: 4x the trained count); needs --use_cache=False
 )
 
 
@@ -67,8 +69,9 @@ def describe(state, path):
     return ", ".join(parts)
 
 
-def stream_sample(model, tokenizer, prompt_ids, cfg, device, out=sys.stdout):
-    """Write one sample to `out` as it is generated; returns (new token ids, seconds)."""
+def stream_sample(model, tokenizer, prompt_ids, cfg, device, out=sys.stdout, loops_used=None):
+    """Write one sample to `out` as it is generated; returns (new token ids, seconds). With --halt, the loops
+    each token took are appended to loops_used."""
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # BPE tokens can split a character
     new_ids, t0 = [], time.perf_counter()
@@ -76,7 +79,9 @@ def stream_sample(model, tokenizer, prompt_ids, cfg, device, out=sys.stdout):
                                        top_k=cfg["top_k"], top_p=cfg["top_p"], seed=cfg["seed"],
                                        stop_token=tokenizer.eot if cfg["stop_at_eot"] else None,
                                        use_cache=cfg["use_cache"], compile=cfg["compile"],
-                                       loops=cfg["loops"] or None):
+                                       loops=cfg["loops"] or None, halt=True if cfg.get("halt") else None):
+        if loops_used is not None:
+            loops_used.append(int(model.loops_used[0]))
         token_id = int(token[0])
         if cfg["stop_at_eot"] and token_id == tokenizer.eot:
             break
@@ -108,6 +113,13 @@ def main(argv):
         raise SystemExit(f"--loops={cfg['loops']} needs a looped model; {path} has no looped core (n_core=0)")
     if cfg["loops"] < 0:
         raise SystemExit(f"--loops={cfg['loops']} must be >= 1 (or 0 for the trained loop count)")
+    if cfg["halt"] and not (looped and model.loop.halt):
+        raise SystemExit(f"--halt=True needs a looped model trained with a halting probe (halt=True); {path} has none")
+    if cfg["halt"] and cfg["use_cache"]:
+        raise SystemExit("--halt=True stops each token's loops early, which works without the KV cache only: "
+                         "add --use_cache=False")
+    if cfg["halt"] and not cfg["loops"]:
+        cfg["loops"] = 4 * model.loop.loops  # the cap on a token's loops
     if looped and model.loop.exit_tol and cfg["use_cache"]:
         raise SystemExit("this model exits loops per token (exit_tol), which works without the KV cache only: "
                          "add --use_cache=False")
@@ -118,8 +130,12 @@ def main(argv):
     print(describe(state, path), file=sys.stderr)
     for i in range(cfg["num_samples"]):
         sys.stdout.write(prompt)
-        new_ids, seconds = stream_sample(model, tokenizer, prompt_ids, {**cfg, "seed": cfg["seed"] + i}, device)
-        print(f"\n---------- {len(new_ids)} tokens, {len(new_ids) / seconds:.1f} tokens/s", file=sys.stderr)
+        loops_used = [] if cfg["halt"] else None
+        new_ids, seconds = stream_sample(model, tokenizer, prompt_ids, {**cfg, "seed": cfg["seed"] + i}, device,
+                                         loops_used=loops_used)
+        thought = f", {sum(loops_used) / len(loops_used):.1f} loops per token (at most {cfg['loops']})" \
+            if loops_used else ""
+        print(f"\n---------- {len(new_ids)} tokens, {len(new_ids) / seconds:.1f} tokens/s{thought}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -97,29 +97,38 @@ def train_step(model, optimizers, batch, next_batch, options, loss_of=None):
 
 
 def fit(model, next_batch, steps, learning_rate, device, warmup=50, weight_decay=0.0, memory_lr_scale=10.0,
-        evaluate=None, eval_every=0, autocast=contextlib.nullcontext()):
+        evaluate=None, eval_every=0, autocast=contextlib.nullcontext(), log_every=0, name="fit", deadline=None):
     """Train model for `steps` AdamW steps (plus SparseAdam for sparse memory values) on next_batch(step) ->
     (x, y), warmup then cosine decay to a tenth; evaluate(step) every eval_every steps and at the end, in eval
-    mode. The loop the experiments share (train.py's is this plus data, checkpoints and logging).
+    mode; a line with the loss every log_every steps. With a deadline (a time.time() value) the schedule runs
+    by time too, so it has decayed when training stops at the deadline, whichever of steps and time ends
+    first. The loop the experiments share (train.py's is this plus data, checkpoints and logging).
     Returns (final loss, tokens/s, tokens)."""
     optimizers = [o for o in make_optimizers(model, weight_decay, learning_rate, (0.9, 0.95), device.type,
                                              memory_lr_scale=memory_lr_scale) if o is not None]
     options = StepOptions(autocast=autocast)
     batch = tuple(t.to(device) for t in next_batch(0))
     tokens, seconds, loss = 0, 0.0, torch.tensor(float("nan"))  # tokens: a device tensor, read once at the end
+    start = time.time()
     for step in range(steps + 1):
         if eval_every and (step % eval_every == 0 or step == steps):
             model.eval()
             evaluate(step)
         if step == steps:
             break
+        if deadline is not None and time.time() >= deadline:
+            print(f"{name}: out of time at step {step} of {steps}", flush=True)
+            break
         model.train()
-        set_lr(optimizers, lr_at(step, learning_rate, learning_rate / 10, warmup, steps))
+        at = step if deadline is None else max(step, int(steps * (time.time() - start) / (deadline - start)))
+        set_lr(optimizers, lr_at(at, learning_rate, learning_rate / 10, warmup, steps))
         t0 = time.perf_counter()
         tokens = tokens + (batch[1] >= 0).sum()
         loss, batch = train_step(model, optimizers, batch, lambda: tuple(t.to(device) for t in next_batch(step + 1)),
                                  options)
         seconds += time.perf_counter() - t0
+        if log_every and (step + 1) % log_every == 0:  # .item() waits for the device: only at log steps
+            print(f"{name} step {step + 1}/{steps}: loss {loss.item():.4f} ({seconds:.0f} s)", flush=True)
     model.eval()
     tokens = int(tokens)
     return loss.item(), tokens / max(seconds, 1e-9), tokens

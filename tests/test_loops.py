@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from architecture import build_model
+from looped import LoopedGPT
 from model import GPT, GPTConfig
 
 SHAPE = dict(vocab_size=50, block_size=32, n_layer=3, n_head=4, n_embd=32)
@@ -179,8 +180,8 @@ def test_loops_can_follow_each_batchs_hops(tmp_path, monkeypatch):
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
     import loops
     seen = []
-    forward = GPT.forward
-    monkeypatch.setattr(GPT, "forward", lambda self, idx, targets=None, reduction="mean", loops=None:
+    forward = LoopedGPT.forward
+    monkeypatch.setattr(LoopedGPT, "forward", lambda self, idx, targets=None, reduction="mean", loops=None:
                         seen.append((self.training, loops)) or forward(self, idx, targets, reduction, loops=loops))
     cfg = loops.DEFAULTS | dict(steps=6, n_embd=16, n_head=2, batch_size=4, train_hops=3, test_hops=4, n_chains=2,
                                 loops=2, loops_min=1, loops_max=4, loops_follow_hops=True, models=["looped"])
@@ -220,3 +221,131 @@ def test_shipped_loop_configs_load():
         configure(loops.DEFAULTS, [path])
     cfg = configure(train.DEFAULTS, [os.path.join(root, "config", "loops_shakespeare_char.py")])
     assert cfg["n_core"] and cfg["eval_loops"]
+
+
+# ----------------------------------------------------------------------------- issue 28: thinking by iterating
+
+def thinking_model(**kw):
+    torch.manual_seed(0)
+    return build_model(SHAPE | dict(n_prelude=1, n_core=1, n_coda=1, loops=3) | kw)
+
+
+def test_every_loop_loss_is_the_mean_of_each_loops_loss_computed_by_hand():
+    model = thinking_model(loop_loss="every").train()
+    x, y = torch.randint(0, 50, (2, 10)), torch.randint(0, 50, (2, 10))
+    loss = model(x, y)[1]
+    model.eval()  # the same weights, no dropout: each loop count's loss by the plain forward
+    by_hand = sum(model(x, y, loops=r)[1] for r in (1, 2, 3)) / 3
+    assert torch.allclose(loss, by_hand, atol=1e-5)
+
+
+def test_progressive_loss_sends_gradients_only_through_the_last_k_loops(monkeypatch):
+    model = thinking_model(loop_loss="progressive", progressive_alpha=1.0, loops=4).train()
+    x = torch.randint(0, 50, (2, 8))
+    draws = iter([torch.tensor(3), torch.tensor(1)])  # n = 3 loops without gradient, then k = 1 with it
+    monkeypatch.setattr(torch, "randint", lambda *a, **k: next(draws))
+    seen = []  # whether each core application is part of the autograd graph
+    model.blocks[1].register_forward_hook(lambda module, args, out: seen.append(out.requires_grad))
+    model(x, x)[1].backward()
+    assert seen == [False, False, False, True]
+    alpha_half = thinking_model(loop_loss="progressive", progressive_alpha=0.5, loops=4).train()
+    seen.clear()
+    alpha_half.blocks[1].register_forward_hook(lambda module, args, out: seen.append(out.requires_grad))
+    draws = iter([torch.tensor(2), torch.tensor(1)])
+    alpha_half(x, x)
+    assert seen == [False, False, True] + [True] * 4  # then the full 4 loops, every one with gradient
+
+
+def test_the_halting_probe_stops_rows_and_reports_their_loops():
+    model = thinking_model(loop_loss="every", halt=True).eval()
+    x = torch.randint(0, 50, (2, 6))
+    with torch.no_grad():
+        model.halt_head.bias.fill_(10.0)  # the probe is sure at once: one loop each
+        model(x, loops=8, halt=True)
+        assert model.loops_used.tolist() == [1, 1]
+        model.halt_head.bias.fill_(-10.0)  # never sure: the cap
+        model(x, loops=8, halt=True)
+        assert model.loops_used.tolist() == [8, 8]
+    assert model.probe_loss([torch.randn(2, 6, 32)], torch.randint(0, 50, (2, 6))).item() > 0
+    with pytest.raises(ValueError, match="without the KV cache"):
+        model.generate(x, 2, loops=4, halt=True)
+    assert model.generate(x, 2, loops=4, halt=True, use_cache=False).shape == (2, 8)
+    with pytest.raises(ValueError, match="halting probe"):
+        thinking_model(loop_loss="every").eval()(x, halt=True)
+
+
+class ScriptedProbe(torch.nn.Module):
+    """A halting head that says 'right' for the rows each call lists (one call per loop)."""
+
+    def __init__(self, answers):
+        super().__init__()
+        self.answers = iter(answers)
+
+    def forward(self, readout):
+        sure = torch.tensor(next(self.answers))[:, None].expand(readout.shape[:2])
+        return (sure.float() * 20 - 10)[..., None]
+
+
+def test_halting_freezes_a_confident_row_while_the_other_loops_on():
+    model = thinking_model(loop_loss="every", halt=True).eval()
+    x = torch.randint(0, 50, (2, 6))
+    model.halt_head = ScriptedProbe([[True, False], [True, False], [True, True]])
+    with torch.no_grad():
+        out = model.hidden(x, loops=8, halt=0.5)
+        assert model.loops_used.tolist() == [1, 3]
+        # row 0 holds the state of one loop, row 1 of three
+        assert torch.allclose(out[0], model.hidden(x[:1], loops=1)[0], atol=1e-5)
+        assert torch.allclose(out[1], model.hidden(x[1:], loops=3)[0], atol=1e-5)
+
+
+def test_the_prefix_lm_reads_the_problem_both_ways_and_the_answer_causally():
+    END = 7
+    model = thinking_model(prefix_token=END)
+    x = torch.tensor([[3, 9, 4, 12, END, 20, 21, 22]])  # problem 3 9 4 12, END, then the answer 20 21 22
+
+    def change(position):
+        changed = x.clone()
+        changed[0, position] = (changed[0, position] + 1) % 50
+        return (model(x)[0] - model(changed)[0]).abs().amax(-1)[0] > 1e-6  # which positions moved
+
+    assert change(3).tolist() == [True] * 8  # a problem token reaches every position, earlier ones too
+    assert change(6).tolist() == [False] * 6 + [True] * 2  # an answer token: only itself and after, never the problem
+    mask = model.prefix_mask(model.prefix_end(x), torch.arange(8))[0, 0]
+    assert mask[:5, :5].all() and not mask[:5, 5:].any() and torch.equal(mask[5:, 5:], torch.ones(3, 3).tril().bool())
+    cached = model.generate(x[:, :5], 6, temperature=0.0)  # the prompt is the problem: prefilled both ways
+    assert torch.equal(cached, model.generate(x[:, :5], 6, temperature=0.0, use_cache=False))
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(n_core=3, loop_loss="all"), "loop_loss"),
+    (dict(n_core=3, loop_loss="every", backprop_loops=1), "backprop_loops=0"),
+    (dict(n_core=3, loop_loss="progressive", progressive_alpha=2.0), "progressive_alpha"),
+    (dict(n_core=3, init_state="ones"), "init_state"),
+    (dict(n_core=3, state_noise=-0.1), "state_noise"),
+    (dict(n_core=3, halt=True), "halt needs loop_loss"),
+    (dict(n_core=3, loop_loss="every", halt=True, halt_threshold=1.0), "halt_threshold"),
+    (dict(n_core=3, prefix_token=50), "prefix_token"),
+    (dict(n_core=3, prefix_token=4, attn_windows=[2, 2, 2]), "cannot be combined"),
+    (dict(loop_loss="every"), "n_core"),
+])
+def test_impossible_thinking_settings_are_rejected(kw, match):
+    with pytest.raises(ValueError, match=match):
+        build_model(SHAPE | kw)
+
+
+THINKING_RUN = dict(n_layer=3, n_prelude=1, n_core=1, n_coda=1, loops=3, loop_loss="progressive", halt=True,
+                    init_state="random", state_noise=0.1, prefix_token=10)
+
+
+def test_resume_with_every_thinking_option_continues_exactly(tiny_data):
+    from checkpoint import load_checkpoint
+    from conftest import tiny_train_config
+    import train
+    whole = tiny_train_config(tiny_data, out_dir=str(tiny_data / "whole"), **THINKING_RUN)
+    train.train(whole)
+    split = whole | dict(out_dir=str(tiny_data / "split"), max_iters=10, lr_decay_iters=20)
+    train.train(split)
+    train.train(split | {"max_iters": 20, "init_from": "resume"})
+    a, b = (load_checkpoint(os.path.join(c["out_dir"], "ckpt.pt")) for c in (whole, split))
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name

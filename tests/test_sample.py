@@ -67,3 +67,21 @@ def test_samples_from_any_checkpoint_kind_without_step_or_val_loss(trained, tmp_
     sample.main([f"--ckpt={tmp_path / 'policy.pt'}", "--start=line", "--max_new_tokens=5", "--device=cpu"])
     out = capsys.readouterr()
     assert out.out.startswith("line") and "world checkpoint" in out.err and "val loss" not in out.err
+
+
+def test_sample_thinks_longer_and_halts_on_a_step_trained_looped_checkpoint(tiny_cfg, capsys):
+    thinking = dict(n_layer=3, n_prelude=1, n_core=1, n_coda=1, loops=2, loop_loss="every", halt=True)
+    train.train(tiny_cfg | thinking | {"max_iters": 4})
+    run = [f"--out_dir={tiny_cfg['out_dir']}", "--start=line", "--max_new_tokens=6", "--device=cpu"]
+    sample.main(run + ["--loops=5"])
+    assert "tokens/s" in capsys.readouterr().err
+    sample.main(run + ["--halt=True", "--use_cache=False", "--loops=6"])
+    err = capsys.readouterr().err
+    assert "loops per token (at most 6)" in err
+    with pytest.raises(SystemExit, match="use_cache=False"):
+        sample.main(run + ["--halt=True"])
+
+
+def test_halting_a_model_without_a_probe_is_a_clear_error(trained):
+    with pytest.raises(SystemExit, match="halting probe"):
+        sample.main([f"--out_dir={trained}", "--halt=True", "--use_cache=False", "--device=cpu"])

@@ -1,0 +1,259 @@
+"""
+Thinking by iterating (issue 28): does a looped model solve problems harder than any it was trained on by
+running more loops at test time?
+
+    python experiments/thinking.py config/thinking_parity.py --seed=1337 --out_dir=out/thinking/parity_s1337
+    python experiments/thinking.py config/thinking_chains.py --models="['looped','params','compute']"
+    python experiments/thinking.py --merge="['out/a/thinking.json','out/b/thinking.json']" --out_dir=out/ab
+
+Tasks (problems.py): parity (running parity trained at train_length, tested at test_lengths: the
+calibration on a known positive, Bansal et al. 2022), chains (variable chains at one fixed length, trained
+on train_hops, tested to test_hops: the headline), addition (reversed addition, trained on train_digits,
+tested at test_digits). Models: looped (prelude + core x loops + coda, with issue 28's step training), params
+(the same distinct layers run once: the same parameters) and compute (prelude + core x loops + coda distinct
+layers: the same compute at the training loop count). Each trains with training.fit on fresh problems every
+step, then is scored by exact match at every difficulty and, for the looped model, at every test loop count
+(and with its halting probe when it has one). Writes <out_dir>/thinking.json and thinking.png: accuracy
+against test-time loops, one line per difficulty, the baselines as dashed lines.
+"""
+import json
+import os
+import random
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import problems  # noqa: E402
+from architecture import build_model  # noqa: E402
+from configurator import configure, print_config  # noqa: E402
+from runtime import resolve_device  # noqa: E402
+from training import fit  # noqa: E402
+
+DEFAULTS = dict(
+    task="parity",            # parity | chains | addition
+    models=["looped"],        # looped | params | compute
+    out_dir="out/thinking",
+    merge=[],                 # thinking.json files of runs to draw together (nothing is trained)
+    seed=1337,
+    device="auto",
+    compile=False,            # compile each block (fewer kernel launches: these models are launch-bound on a GPU)
+    budget_s=0,               # > 0: training stops after this many seconds (the schedule unfinished; steps_done says)
+    # the looped model (looped.py's options); the baselines take its width and distinct layers
+    n_embd=64,
+    n_head=4,
+    n_prelude=1,
+    n_core=1,
+    n_coda=1,
+    attn_window=0,            # every layer's attention window (0: full); a local operator for parity
+    loops=8,                  # the training loop count (mean, with loops_sampling)
+    loops_sampling="fixed",
+    loops_min=1,
+    loops_max=0,
+    loop_loss="progressive",  # last | every | progressive
+    progressive_alpha=0.5,
+    init_state="zero",
+    state_noise=0.0,
+    halt=False,
+    halt_threshold=0.9,
+    prefix_lm=True,           # chains and addition: the problem is read both ways (the END token ends it)
+    # training
+    steps=2000,
+    batch_size=64,
+    learning_rate=1e-3,
+    warmup=100,
+    weight_decay=0.0,
+    # parity
+    train_length=16,
+    test_lengths=[16, 32, 64],
+    # chains
+    n_statements=16,
+    n_vars=24,
+    train_hops=[1, 4],
+    test_hops=[1, 2, 4, 6, 8, 12],
+    # addition
+    train_digits=[1, 8],
+    test_digits=[8, 16, 24],
+    # evaluation
+    test_loops=[1, 2, 4, 8, 16, 32],
+    test_problems=256,
+)
+
+
+# ----------------------------------------------------------------------------- the task
+
+def task_spec(cfg):
+    """(vocab size, block size, the problem's end token or -1, difficulties to test, train batch(step, rng),
+    test batch(difficulty, n, rng))."""
+    device = cfg["device_obj"]
+    if cfg["task"] == "parity":
+        def train_batch(rng, gen):
+            return problems.parity_batch(cfg["batch_size"], cfg["train_length"], gen, device)
+
+        def test_batch(length, n, rng, gen):
+            return problems.parity_batch(n, length, gen, device)
+        block = max(cfg["test_lengths"] + [cfg["train_length"]])
+        return problems.PARITY_VOCAB, block, -1, cfg["test_lengths"], train_batch, test_batch
+    if cfg["task"] == "chains":
+        vocab = problems.chains_vocab(cfg["n_vars"])
+
+        def train_batch(rng, gen):
+            return problems.chains_batch(cfg["batch_size"], tuple(cfg["train_hops"]), cfg["n_statements"],
+                                         cfg["n_vars"], rng, device)
+
+        def test_batch(hops, n, rng, gen):
+            return problems.chains_batch(n, hops, cfg["n_statements"], cfg["n_vars"], rng, device)
+        return vocab["size"], 2 * cfg["n_statements"] + 4, vocab["end"], cfg["test_hops"], train_batch, test_batch
+    if cfg["task"] == "addition":
+        vocab = problems.addition_vocab()
+
+        def train_batch(rng, gen):
+            return problems.addition_batch(cfg["batch_size"], rng.randint(*cfg["train_digits"]), gen, device)
+
+        def test_batch(digits, n, rng, gen):
+            return problems.addition_batch(n, digits, gen, device)
+        block = 3 * max(cfg["test_digits"] + [cfg["train_digits"][1]]) + 3
+        return vocab["size"], block, vocab["end"], cfg["test_digits"], train_batch, test_batch
+    raise SystemExit(f"task must be parity, chains or addition, got {cfg['task']!r}")
+
+
+def model_options(cfg, name, vocab_size, block_size, end_token):
+    """architecture.build_model's options for one compared model."""
+    distinct = cfg["n_prelude"] + cfg["n_core"] + cfg["n_coda"]
+    n_layer = {"looped": distinct, "params": distinct,
+               "compute": cfg["n_prelude"] + cfg["n_core"] * cfg["loops"] + cfg["n_coda"]}[name]
+    options = dict(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=cfg["n_head"],
+                   n_embd=cfg["n_embd"], dropout=0.0, attn_windows=[cfg["attn_window"]] * n_layer if cfg["attn_window"] else [])
+    prefix = end_token if cfg["prefix_lm"] else -1
+    if name == "looped":
+        keys = ("n_prelude", "n_core", "n_coda", "loops", "loops_sampling", "loops_min", "loops_max", "loop_loss",
+                "progressive_alpha", "init_state", "state_noise", "halt", "halt_threshold")
+        return options | {k: cfg[k] for k in keys} | dict(prefix_token=prefix)
+    # a plain stack with the same attention: a looped model of one loop whose core is every layer
+    return options | dict(n_core=n_layer, loops=1, prefix_token=prefix) if prefix >= 0 else options
+
+
+# ----------------------------------------------------------------------------- train and score
+
+@torch.no_grad()
+def accuracy(model, test_batch, difficulty, cfg, **options):
+    """Exact-match accuracy over test_problems fresh problems (the same ones for every loop count)."""
+    rng, gen = random.Random(cfg["seed"] + 7919 * difficulty), torch.Generator().manual_seed(cfg["seed"] + difficulty)
+    x, y = test_batch(difficulty, cfg["test_problems"], rng, gen)
+    if cfg["task"] == "chains":  # the problem up to END; its last position says the answer
+        x, y = x[:, :-1], y[:, :-1]
+    right, used = [], []
+    for start in range(0, x.size(0), 128):
+        logits = model(x[start:start + 128], **options)[0]
+        right.append(problems.exact_match(logits, y[start:start + 128]))
+        if options.get("halt"):
+            used.append(model.loops_used.float())
+    return right and torch.cat(right).float().mean().item(), used and torch.cat(used).mean().item()
+
+
+def evaluate(model, name, difficulties, test_batch, cfg):
+    """{difficulty: {loops: accuracy}} (a looped model at each test loop count, a baseline once: "fixed"),
+    and with a halting probe {difficulty: {accuracy, mean loops}}."""
+    looped = name == "looped"
+    table, halting = {}, {}
+    for d in difficulties:
+        counts = sorted(set(cfg["test_loops"]) | {cfg["loops"]}) if looped else [None]
+        table[str(d)] = {str(r) if r else "fixed": accuracy(model, test_batch, d, cfg, **({"loops": r} if r else {}))[0]
+                         for r in counts}
+        if looped and cfg["halt"]:
+            acc, used = accuracy(model, test_batch, d, cfg, loops=max(cfg["test_loops"]), halt=True)
+            halting[str(d)] = {"accuracy": acc, "mean_loops": used}
+        print(f"  {name} difficulty {d}: " + " ".join(f"{k}:{v:.2f}" for k, v in table[str(d)].items())
+              + (f" | halt {halting[str(d)]}" if str(d) in halting else ""), flush=True)
+    return table, halting
+
+
+def run_model(name, cfg, spec):
+    vocab_size, block_size, end_token, difficulties, train_batch, test_batch = spec
+    torch.manual_seed(cfg["seed"])
+    model = build_model(model_options(cfg, name, vocab_size, block_size, end_token)).to(cfg["device_obj"])
+    rng, gen = random.Random(cfg["seed"]), torch.Generator().manual_seed(cfg["seed"])
+    if cfg["compile"]:
+        for block in model.blocks:
+            block.compile(dynamic=False)
+    batches = {}
+
+    def next_batch(step):  # fit asks for each step's batch once, in order
+        if step not in batches:
+            batches.clear()
+            batches[step] = train_batch(rng, gen)
+        return batches[step]
+    t0 = time.time()
+    loss, tok_s, _ = fit(model, next_batch, cfg["steps"], cfg["learning_rate"], cfg["device_obj"], warmup=cfg["warmup"],
+                         weight_decay=cfg["weight_decay"], log_every=max(1, cfg["steps"] // 20), name=name,
+                         deadline=t0 + cfg["budget_s"] if cfg["budget_s"] else None)
+    seconds, steps_done = time.time() - t0, max(batches) - 1
+    print(f"{name}: {model.num_params():,} parameters, loss {loss:.4f} after {cfg['steps']} steps ({seconds:.0f} s)",
+          flush=True)
+    table, halting = evaluate(model, name, difficulties, test_batch, cfg)
+    return {"params": model.num_params(), "final_loss": loss, "train_seconds": seconds, "steps_done": steps_done,
+            "accuracy": table, "halting": halting}
+
+
+# ----------------------------------------------------------------------------- the plot
+
+def plot(result, png):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    runs = result["runs"]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colors = plt.cm.viridis_r
+    difficulties = list(next(iter(runs.values()))["accuracy"])
+    for i, d in enumerate(difficulties):
+        color = colors(i / max(1, len(difficulties) - 1))
+        if "looped" in runs:
+            points = {int(k): v for k, v in runs["looped"]["accuracy"][d].items()}
+            ax.plot(sorted(points), [points[k] for k in sorted(points)], marker="o", color=color,
+                    label=f"{result['difficulty']} {d}")
+        for name, style in (("params", "--"), ("compute", ":")):
+            if name in runs:
+                ax.axhline(runs[name]["accuracy"][d]["fixed"], color=color, linestyle=style, linewidth=1)
+    ax.axvline(result["config"]["loops"], color="grey", linewidth=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("test-time loops (grey: the training loop count)")
+    ax.set_ylabel("exact-match accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"{result['config']['task']}: looped (solid), same params (--), same compute (:)")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+DIFFICULTY = {"parity": "length", "chains": "hops", "addition": "digits"}
+
+
+def main(argv):
+    cfg = configure(DEFAULTS, argv)
+    print_config(cfg)
+    os.makedirs(cfg["out_dir"], exist_ok=True)
+    if cfg["merge"]:
+        runs = [json.load(open(path)) for path in cfg["merge"]]
+        result = runs[0] | {"runs": {k: v for r in runs for k, v in r["runs"].items()}}
+    else:
+        cfg["device_obj"] = resolve_device(cfg["device"])
+        spec = task_spec(cfg)
+        result = {"config": {k: v for k, v in cfg.items() if k != "device_obj"}, "difficulty": DIFFICULTY[cfg["task"]],
+                  "runs": {}}
+        for name in cfg["models"]:
+            result["runs"][name] = run_model(name, cfg, spec)
+            with open(os.path.join(cfg["out_dir"], "thinking.json"), "w") as f:
+                json.dump(result, f, indent=1)
+    with open(os.path.join(cfg["out_dir"], "thinking.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    plot(result, os.path.join(cfg["out_dir"], "thinking.png"))
+    print(f"wrote {cfg['out_dir']}/thinking.json and thinking.png")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

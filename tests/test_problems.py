@@ -1,0 +1,50 @@
+"""problems.py: the thinking experiments' tasks give the answers their rules say, at the lengths they promise."""
+import random
+
+import torch
+
+import problems
+
+
+def resolve(tokens, n_vars):
+    """The value of the asked variable, by following the statements (the reference solver)."""
+    vocab = problems.chains_vocab(n_vars)
+    query = tokens.index(vocab["query"])
+    table = dict(zip(tokens[:query:2], tokens[1:query:2]))
+    v, hops = tokens[query + 1], 0
+    while v >= 10:
+        v, hops = table[v], hops + 1
+    return v, hops
+
+
+def test_chain_problems_ask_the_hops_they_say_at_one_fixed_length():
+    rng = random.Random(0)
+    for hops in (1, 3, 8, 12):
+        x, y = problems.chains_batch(20, hops, 12, 20, rng)
+        assert x.shape == (20, 2 * 12 + 4)  # the same length however many hops
+        for row, target in zip(x.tolist(), y.tolist()):
+            value, seen = resolve(row[:-1], 20)
+            assert (value, seen) == (row[-1], hops) and target[-2] == value
+            assert all(t == -1 for i, t in enumerate(target) if i != len(row) - 2)
+
+
+def test_running_parity_is_the_xor_of_the_bits_so_far():
+    x, y = problems.parity_batch(8, 10, torch.Generator().manual_seed(0))
+    for bits, parity in zip(x.tolist(), y.tolist()):
+        assert parity == [sum(bits[:i + 1]) % 2 for i in range(10)]
+
+
+def test_reversed_addition_writes_the_sum_least_significant_digit_first():
+    x, y = problems.addition_batch(16, 5, torch.Generator().manual_seed(0))
+    for row, target in zip(x.tolist(), y.tolist()):
+        a = int("".join(map(str, row[:5]))[::-1])
+        b = int("".join(map(str, row[6:11]))[::-1])
+        assert row[5] == 10 and row[11] == 11  # '+' and END
+        assert int("".join(map(str, row[12:]))[::-1]) == a + b
+        assert [t for t in target if t != -1] == row[12:]  # the answer digits, each predicted a position early
+
+
+def test_exact_match_needs_every_scored_position():
+    y = torch.tensor([[-1, 1, 0], [-1, 1, 1]])
+    logits = torch.nn.functional.one_hot(torch.tensor([[0, 1, 0], [0, 1, 0]]), 2).float()
+    assert problems.exact_match(logits, y).tolist() == [True, False]
