@@ -19,6 +19,7 @@ against test-time loops, one line per difficulty, the baselines as dashed lines.
 import json
 import os
 import random
+import statistics
 import sys
 import time
 
@@ -37,7 +38,8 @@ DEFAULTS = dict(
     task="parity",            # parity | chains | addition
     models=["looped"],        # looped | params | compute
     out_dir="out/thinking",
-    merge=[],                 # thinking.json files of runs to draw together (nothing is trained)
+    merge=[],                 # thinking.json files to draw together (nothing is trained): runs of one name from
+                              # several seeds are averaged (mean and std over seeds)
     seed=1337,
     device="auto",
     compile=False,            # compile each block (fewer kernel launches: these models are launch-bound on a GPU)
@@ -198,7 +200,32 @@ def run_model(name, cfg, spec):
             "accuracy": table, "halting": halting}
 
 
-# ----------------------------------------------------------------------------- the plot
+# ----------------------------------------------------------------------------- several runs, the plot
+
+def combine(results):
+    """One result from several thinking.json results: the runs of one name (seeds of one configuration)
+    averaged, with the spread over seeds beside (accuracy_std, and halting's per-seed values)."""
+    seeded = {}
+    for result in results:
+        for name, run in result["runs"].items():
+            seeded.setdefault(name, []).append(run | {"seed": result["config"]["seed"]})
+    runs = {}
+    for name, group in seeded.items():
+        tables = [run["accuracy"] for run in group]
+        cells = {d: list(tables[0][d]) for d in tables[0]}
+        runs[name] = {"seeds": [run["seed"] for run in group],
+                      "params": group[0]["params"],
+                      "accuracy": {d: {k: statistics.mean(t[d][k] for t in tables) for k in ks} for d, ks in cells.items()},
+                      "accuracy_std": {d: {k: statistics.pstdev(t[d][k] for t in tables) for k in ks}
+                                       for d, ks in cells.items()},
+                      "halting": {d: {key: statistics.mean(run["halting"][d][key] for run in group)
+                                      for key in ("accuracy", "mean_loops")} | {"per_seed": [run["halting"][d]
+                                                                                             for run in group]}
+                                  for d in group[0]["halting"]},
+                      "per_seed": group}
+    return results[0] | {"runs": runs}
+
+
 
 def plot(result, png):
     import matplotlib
@@ -211,9 +238,15 @@ def plot(result, png):
     for i, d in enumerate(difficulties):
         color = colors(i / max(1, len(difficulties) - 1))
         if "looped" in runs:
-            points = {int(k): v for k, v in runs["looped"]["accuracy"][d].items()}
-            ax.plot(sorted(points), [points[k] for k in sorted(points)], marker="o", color=color,
-                    label=f"{result['difficulty']} {d}")
+            looped = runs["looped"]
+            loops = sorted(int(k) for k in looped["accuracy"][d])
+            mean = [looped["accuracy"][d][str(k)] for k in loops]
+            seeds = len(looped.get("seeds", [0]))
+            ax.plot(loops, mean, marker="o", color=color, label=f"{result['difficulty']} {d}")
+            if seeds > 1:  # the spread over seeds
+                std = [looped["accuracy_std"][d][str(k)] for k in loops]
+                ax.fill_between(loops, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                                color=color, alpha=0.15, linewidth=0)
         for name, style in (("params", "--"), ("compute", ":")):
             if name in runs:
                 ax.axhline(runs[name]["accuracy"][d]["fixed"], color=color, linestyle=style, linewidth=1)
@@ -222,7 +255,9 @@ def plot(result, png):
     ax.set_xlabel("test-time loops (grey: the training loop count)")
     ax.set_ylabel("exact-match accuracy")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title(f"{result['config']['task']}: looped (solid), same params (--), same compute (:)")
+    seeds = len(next(iter(runs.values())).get("seeds", [0]))
+    ax.set_title(f"{result['config']['task']}: looped (solid), same params (--), same compute (:)"
+                 + (f"; mean and std over {seeds} seeds" if seeds > 1 else ""))
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -238,8 +273,7 @@ def main(argv):
     print_config(cfg)
     os.makedirs(cfg["out_dir"], exist_ok=True)
     if cfg["merge"]:
-        runs = [json.load(open(path)) for path in cfg["merge"]]
-        result = runs[0] | {"runs": {k: v for r in runs for k, v in r["runs"].items()}}
+        result = combine([json.load(open(path)) for path in cfg["merge"]])
     else:
         cfg["device_obj"] = resolve_device(cfg["device"])
         spec = task_spec(cfg)
