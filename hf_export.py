@@ -21,10 +21,12 @@ import os
 import shutil
 
 import torch
+from tqdm import tqdm
 
 from architecture import DEFAULTS as MODEL_DEFAULTS
 from checkpoint import load_model
 from heads import GatedAttention
+from model import GPTConfig
 from runtime import code_version
 from tokenizer import ASSETS, EOT_TEXT
 
@@ -34,7 +36,7 @@ CARRIED = ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd
            "mlp_ratios", "attn_windows", "layer_heads")  # into config.json, layer by layer where they vary
 FOLDED = ("head_gates",)  # each head's gate multiplies its columns of the output projection: same function
 TRAINING_ONLY = ("dropout", "checkpoint_activations", "bf16_residual", "ce_chunks", "attention", "grow_heads",
-                 "grow_above", "prune_below", "grow_patience", "max_heads")  # no effect on a trained model's forward
+                 "grow_above", "prune_below", "grow_patience", "max_heads")  # training and speed: the same function
 REFUSED = {  # a mechanism modeling_ulm.py does not implement, and the options that only shape it
     "n_core": "looped depth (looped.py)",
     "memory_layers": "memory layers (memory.py)",
@@ -141,6 +143,10 @@ def model_card(state, source, command, n_params, max_error, dtype):
     val = f"{state['val_loss']:.4f}" if state.get("val_loss") is not None else "not recorded"
     shape = {k: v for k, v in args.items() if k in CARRIED + FOLDED and v != MODEL_DEFAULTS[k]}
     version = code_version(os.path.join(HERE, "hf_model", "modeling_ulm.py"))
+    padded = GPTConfig(vocab_size=args["vocab_size"]).padded_vocab_size
+    if state.get("val_loss") is not None and padded > args["vocab_size"]:
+        val += (f" (µLM's loss normalises over {padded} ids, the vocabulary padded for tensor cores; over the "
+                f"{args['vocab_size']} real ones, as this model's loss does, it is a little lower)")
     return f"""---
 library_name: transformers
 pipeline_tag: text-generation
@@ -222,16 +228,21 @@ def check_tokenizer(folder, tokenizer_meta):
 
 
 def write_folder(model, state, folder, dtype, command, source):
-    """Everything into `folder` (which exists and is empty). Returns the logits' relative difference."""
+    """Everything into `folder` (which exists and is empty), with a progress bar (a 124M model takes half a
+    minute on a CPU). Returns the logits' relative difference."""
     from hf_model.configuration_ulm import ULMConfig
     from hf_model.modeling_ulm import ULMForCausalLM
-    hf = ULMForCausalLM(ULMConfig(**hf_config(model, state["tokenizer"])))
-    hf.load_state_dict(hf_weights(model, hf.state_dict().keys()))
-    hf.generation_config.pad_token_id = state["tokenizer"]["eot"]
-    hf.to(dtype).save_pretrained(folder)
-    save_tokenizer(state["tokenizer"], model.config.block_size, folder)
-    check_tokenizer(folder, state["tokenizer"])
-    error = compare_logits(folder, model, dtype)
+    with tqdm(total=3, desc="export hf", unit="stage") as bar:
+        hf = ULMForCausalLM(ULMConfig(**hf_config(model, state["tokenizer"])))
+        hf.load_state_dict(hf_weights(model, hf.state_dict().keys()))
+        hf.generation_config.pad_token_id = state["tokenizer"]["eot"]
+        hf.to(dtype).save_pretrained(folder)
+        bar.update(1)
+        save_tokenizer(state["tokenizer"], model.config.block_size, folder)
+        check_tokenizer(folder, state["tokenizer"])
+        bar.update(1)
+        error = compare_logits(folder, model, dtype)
+        bar.update(1)
     if not error <= MAX_RELATIVE_ERROR[dtype]:
         raise SystemExit(f"transformers' logits differ from µLM's by {error:.2e} (relative): nothing written "
                          f"(a bug in hf_model/modeling_ulm.py: please report it)")

@@ -6,7 +6,8 @@ A µLM GPT for Hugging Face transformers: the forward of µLM's model.py, nothin
 RMSNorm without a gain, rotary positions rotating channel pairs (i, i + hs/2), QK-norm, a squared-ReLU MLP,
 grouped-query attention, a head tied to the embedding or not; each layer's head counts, MLP width and sliding
 window as the µLM model had them. generate() keeps keys and values in transformers' DynamicCache; an
-attention_mask (left padding for batches of prompts of different lengths) is honoured.
+attention_mask (left padding for batches of prompts of different lengths) is honoured. With labels, the loss is
+transformers' shifted cross-entropy over the real vocabulary (µLM's training loss also spans its padding ids).
 """
 import torch
 import torch.nn as nn

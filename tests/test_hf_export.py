@@ -99,8 +99,13 @@ def test_char_model_loads_in_transformers_with_the_same_logits_tokens_and_greedy
                  "chars.json", "tokenizer_config.json", "README.md"):
         assert os.path.exists(os.path.join(folder, name)), name
     assert_same_logits(folder, trained)
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
     state = load_checkpoint(trained)
+    x = torch.randint(state["model_args"]["vocab_size"], (2, 32), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():  # labels are the inputs (the model shifts them); the loss is over the real vocabulary
+        logits = load_model(state)(x[:, :-1])[0]
+        reference = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+        torch.testing.assert_close(load_hf(folder)(x, labels=x).loss, reference)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
     from tokenizer import tokenizer_from_meta
     prompt = tokenizer("line 1")["input_ids"]
     assert prompt == tokenizer_from_meta(state["tokenizer"]).encode("line 1")
