@@ -82,8 +82,7 @@ def check_exportable(state, path):
 def hf_config(model, tokenizer_meta):
     """ULMConfig's arguments: the core options, and each layer's shape as the loaded µLM model has it (a pruned
     layer has fewer heads or neurons than its options say)."""
-    cfg = model.config
-    blocks = model.blocks
+    cfg, blocks = model.config, model.blocks
     return dict(vocab_size=cfg.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
                 n_kv_head=cfg.kv_heads, n_embd=cfg.n_embd, rope_base=cfg.rope_base,
                 tie_word_embeddings=cfg.tie_embeddings,
@@ -258,10 +257,11 @@ def export_hf(state, source, out, dtype, command):
     Returns that relative difference. A model option the export cannot carry is refused before anything is written."""
     check_exportable(state, source)
     require_extras()
+    out = os.path.normpath(out)  # "folder/" and "folder" name one folder
     if os.path.exists(out):
         raise SystemExit(f"{out} already exists; pick another --out, or remove it first")
     model = load_model(state)
-    tmp = f"{out.rstrip(os.sep)}.tmp{os.getpid()}"
+    tmp = f"{out}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:

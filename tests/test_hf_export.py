@@ -165,6 +165,12 @@ def test_a_bfloat16_export_matches_ulm_with_its_weights_rounded(transformers, tr
     assert_same_logits(folder, trained, torch.bfloat16)
 
 
+def test_a_float_inference_export_exports_as_its_source_does(transformers, tmp_path):
+    ckpt = random_checkpoint(tmp_path / "ckpt.pt", n_kv_head=2)
+    exported = compress.export(configure(compress.DEFAULTS, [f"--ckpt={ckpt}", "--format=float32", "--measure=False"]))
+    assert_same_logits(export(exported, f"--out={tmp_path / 'hf'}/"), ckpt)
+
+
 def test_a_left_padded_batch_generates_what_each_prompt_does_alone(transformers, trained, tmp_path):
     from transformers import AutoTokenizer
     folder = export(trained, f"--out={tmp_path / 'hf'}")
