@@ -135,7 +135,7 @@ def save_tokenizer(tokenizer_meta, block_size, folder):
     tokenizer.save_pretrained(folder)
 
 
-def model_card(state, source, command, n_params, max_error, dtype):
+def model_card(state, command, n_params, max_error, dtype):
     """README.md: what the model is, how to load it, what it was trained on, and how this folder was made."""
     args, config, tok = state["model_args"], state.get("config", {}), state["tokenizer"]
     tokenizer = "GPT-2 BPE" if tok["tokenizer"] == "gpt2" else f"character ({tok['vocab_size']} ids)"
@@ -176,7 +176,7 @@ The prompt and the new tokens together must fit the context of {args['block_size
 | fine-tuned from | {config.get('init_from') if config.get('init_from') not in (None, 'scratch', 'resume') else '-'} |
 
 ## How this folder was made
-`{command}` from `{source}`, µLM commit {version['commit'] or 'unknown'}{' (with local changes)' if version['dirty'] else ''}.
+`{command}`, with µLM at commit {version['commit'] or 'unknown'}{' (with local changes)' if version['dirty'] else ''}.
 transformers' logits (float32 compute, {str(dtype).removeprefix('torch.')} weights) matched µLM's to {max_error:.1e}
 (the largest difference over the largest logit).
 
@@ -226,7 +226,7 @@ def check_tokenizer(folder, tokenizer_meta):
                          "hf_export.py: please report it)")
 
 
-def write_folder(model, state, folder, dtype, command, source):
+def write_folder(model, state, folder, dtype, command):
     """Everything into `folder` (which exists and is empty), with a progress bar (a 124M model takes half a
     minute on a CPU). Returns the logits' relative difference."""
     from hf_model.configuration_ulm import ULMConfig
@@ -247,7 +247,7 @@ def write_folder(model, state, folder, dtype, command, source):
                          f"(a bug in hf_model/modeling_ulm.py: please report it)")
     n_params = sum(p.numel() for p in hf.parameters())
     with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
-        f.write(model_card(state, source, command, n_params, error, dtype))
+        f.write(model_card(state, command, n_params, error, dtype))
     return error
 
 
@@ -265,7 +265,7 @@ def export_hf(state, source, out, dtype, command):
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
-        error = write_folder(model, state, tmp, dtype, command, source)
+        error = write_folder(model, state, tmp, dtype, command)
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
