@@ -17,8 +17,9 @@ stay int8). prune: magnitude (each matrix's smallest weights, to the target spar
 smaller) or 2:4 (two of every four consecutive weights, what the H100's sparse tensor cores run). The
 pruned checkpoint is a train.py checkpoint at step 0 with a fresh optimizer: train.py resumes it with
 the masks kept fixed. hf: a folder transformers loads (hf_export.py: safetensors, config, tokenizer,
-modeling code, model card), checked against µLM's logits before it is renamed into place. Each command ends with a report: size, val loss and tokens/s before and after,
-and the peak memory to load each file and generate (measured in a fresh process).
+modeling code, model card), checked against µLM's logits before it is renamed into place. Each other
+command ends with a report: size, val loss and tokens/s before and after, and the peak memory to load
+each file and generate (measured in a fresh process).
 """
 import json
 import os
