@@ -4,6 +4,7 @@ Shrink a trained µLM: an inference export (float, int8 or int4 weights), or pru
     python compress.py --ckpt=out/cpu_quick/ckpt.pt --format=int8                # -> out/cpu_quick/ckpt_int8.pt
     python compress.py --ckpt=out/run/ckpt.pt --format=int4 --group_size=128 --out=model_int4.pt
     python sample.py --ckpt=out/cpu_quick/ckpt_int8.pt --start="ROMEO:"
+    python compress.py --ckpt=out/cpu_quick/ckpt.pt --format=hf                  # -> out/cpu_quick/ckpt_hf/ (transformers)
     python compress.py --mode=prune --ckpt=out/cpu_quick/ckpt.pt --method=magnitude --sparsity=0.5 \\
         --out_dir=out/pruned50                                                   # then retrain it:
     python train.py config/cpu_quick.py --init_from=resume --out_dir=out/pruned50 --max_iters=100
@@ -15,12 +16,15 @@ stay int8). prune: magnitude (each matrix's smallest weights, to the target spar
 (whole heads and MLP neurons with the smallest weight norms: they are removed, the model gets
 smaller) or 2:4 (two of every four consecutive weights, what the H100's sparse tensor cores run). The
 pruned checkpoint is a train.py checkpoint at step 0 with a fresh optimizer: train.py resumes it with
-the masks kept fixed. Each command ends with a report: size, val loss and tokens/s before and after,
-and the peak memory to load each file and generate (measured in a fresh process).
+the masks kept fixed. hf: a folder transformers loads (hf_export.py: safetensors, config, tokenizer,
+modeling code, model card), checked against µLM's logits before it is renamed into place. Each other
+command ends with a report: size, val loss and tokens/s before and after, and the peak memory to load
+each file and generate (measured in a fresh process).
 """
 import json
 import os
 import resource
+import shlex
 import subprocess
 import sys
 import time
@@ -42,9 +46,9 @@ DEFAULTS = dict(
     mode="export",          # export | prune | measure (one file's load + generate memory, speed and loss, as JSON)
     ckpt="out/run/ckpt.pt",  # the source checkpoint; never modified
     # export
-    format="int8",          # float32 | bfloat16 | int8 | int4
+    format="int8",          # float32 | bfloat16 | int8 | int4 | hf (a Hugging Face folder; float32 unless dtype=bfloat16)
     group_size=128,         # int4: input columns sharing one scale and zero (32, 64, 128 or 256)
-    out="",                 # the export file; "" means beside the source: ckpt_int8.pt
+    out="",                 # the export file (hf: folder); "" means beside the source: ckpt_int8.pt, ckpt_hf/
     # prune
     method="magnitude",     # magnitude | structured | 2:4
     sparsity=0.5,           # the fraction of the blocks' weights (magnitude), heads and neurons (structured) removed
@@ -72,8 +76,8 @@ def check_source(state, path):
 
 
 def check_export_args(cfg, state):
-    if cfg["format"] not in ("float32", "bfloat16", "int8", "int4"):
-        raise SystemExit(f"format must be float32, bfloat16, int8 or int4, got {cfg['format']!r}")
+    if cfg["format"] not in ("float32", "bfloat16", "int8", "int4", "hf"):
+        raise SystemExit(f"format must be float32, bfloat16, int8, int4 or hf, got {cfg['format']!r}")
     if cfg["format"] != "int4":
         return
     if cfg["group_size"] not in INT4_GROUP_SIZES:
@@ -118,11 +122,27 @@ def export_state(state, fmt, group_size, dtype):
 
 
 def export_path(cfg):
-    return cfg["out"] or f"{os.path.splitext(cfg['ckpt'])[0]}_{cfg['format']}.pt"
+    return cfg["out"] or f"{os.path.splitext(cfg['ckpt'])[0]}_{cfg['format']}" + ("" if cfg["format"] == "hf" else ".pt")
+
+
+def export_hf(cfg, state):
+    """--format=hf: a folder transformers loads (hf_export.py); float32 weights unless --dtype=bfloat16."""
+    import hf_export  # needs the optional transformers: only imported for this format
+    out = export_path(cfg)
+    dtype = torch.bfloat16 if cfg["dtype"] == "bfloat16" else torch.float32
+    command = shlex.join(["python", "compress.py", f"--ckpt={cfg['ckpt']}", "--format=hf"] +
+                         ([f"--out={cfg['out']}"] if cfg["out"] else []) +
+                         (["--dtype=bfloat16"] if dtype == torch.bfloat16 else []))
+    error = hf_export.export_hf(state, cfg["ckpt"], out, dtype, command)
+    print(f"wrote {out}: transformers' logits match µLM's to {error:.1e} (relative). Load it with\n"
+          f"  AutoModelForCausalLM.from_pretrained({out!r}, trust_remote_code=True)")
+    return out
 
 
 def export(cfg):
     state = load_checkpoint(cfg["ckpt"])
+    if cfg["format"] == "hf":
+        return export_hf(cfg, state)
     check_source(state, cfg["ckpt"])
     check_export_args(cfg, state)
     # a float format is its dtype; int8/int4 keep their scales (and any float weights) in --dtype
@@ -386,7 +406,7 @@ def main(argv):
     if cfg["mode"] not in ("export", "prune"):
         raise SystemExit(f"mode must be export, prune or measure, got {cfg['mode']!r}")
     out = export(cfg) if cfg["mode"] == "export" else prune(cfg)
-    if not cfg["measure"]:
+    if not cfg["measure"] or (cfg["mode"] == "export" and cfg["format"] == "hf"):  # hf checked its logits already
         return
     before = measure_in_subprocess(cfg["ckpt"], cfg)
     after = measure_in_subprocess(out, cfg)

@@ -257,6 +257,24 @@ def test_fine_tuning_on_another_tokenizer_or_from_an_int8_export_is_refused(tiny
         train.train(tiny_cfg | {"out_dir": str(tmp_path / "c"), "init_from": str(tmp_path / "nowhere")})
 
 
+def test_fine_tuning_from_a_float_export_on_new_text_of_the_same_characters(tiny_cfg, tmp_path):
+    import compress
+    train.train(tiny_cfg | {"max_iters": 4})
+    source = os.path.join(tiny_cfg["out_dir"], "ckpt.pt")
+    exported = compress.export(configure(compress.DEFAULTS, [f"--ckpt={source}", "--format=float32",
+                                                             "--measure=False"]))
+    text = (tmp_path / "tiny.txt").read_text()[::-1]  # other text, the same character set
+    (tmp_path / "reversed.txt").write_text(text)
+    prepare.prepare(configure(prepare.DEFAULTS, [f"--dataset={tmp_path / 'reversed.txt'}", "--name=reversed",
+                                                 "--tokenizer=char", f"--data_dir={tiny_cfg['data_dir']}"]))
+    tuned = tiny_cfg | {"dataset": "reversed", "out_dir": str(tmp_path / "tuned"), "init_from": exported,
+                        "max_iters": 0}
+    train.train(tuned)
+    start, weights = load_checkpoint(os.path.join(tuned["out_dir"], "ckpt.pt")), load_checkpoint(source)["model"]
+    assert start["step"] == 0 and start["config"]["init_from"] == exported
+    assert all(torch.equal(v, weights[k]) for k, v in start["model"].items())
+
+
 def test_resuming_an_export_or_a_checkpoint_without_optimizer_state_says_why(tiny_cfg):
     train.train(tiny_cfg | {"max_iters": 2})
     path = os.path.join(tiny_cfg["out_dir"], "ckpt.pt")
