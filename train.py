@@ -3,7 +3,7 @@ Train a µLM, resume one, or fine-tune one on new data.
 
     python train.py config/shakespeare_char.py --max_iters=2000
     python train.py config/shakespeare_char.py --init_from=resume
-    python train.py --dataset=my_text --init_from=out/shakespeare_char --out_dir=out/finetuned
+    python train.py config/shakespeare_char.py --dataset=my_text --init_from=out/shakespeare_char --out_dir=out/tuned
     torchrun --standalone --nproc_per_node=2 train.py config/gpu_124m.py
 
 The story: config -> data -> model -> optimizer -> loop (evaluate, save, step) -> save. Everything lands in
@@ -176,28 +176,30 @@ def setup_distributed():
     return dist.get_rank(), local_rank, dist.get_world_size()
 
 
-def starting_point(cfg, meta, ckpt_path):
-    """(the checkpoint to start from or None, the model_args to build). Resume: out_dir's ckpt.pt, optimizer
-    and all; fine-tune: another run's weights only."""
+def starting_checkpoint(cfg, ckpt_path):
+    """The checkpoint a run starts from, or None for a fresh one. Resume: out_dir's ckpt.pt, optimizer and
+    all; fine-tune: another run's weights only (state["path"] says where it came from)."""
     if cfg["init_from"] == "scratch":
-        return None, {k: cfg[k] for k in MODEL_KEYS} | {"vocab_size": meta["vocab_size"]}
+        return None
     path = ckpt_path if cfg["init_from"] == "resume" else cfg["init_from"]
     if os.path.isdir(path):
         path = os.path.join(path, "ckpt.pt")
     state = load_checkpoint(path)
-    what = "resuming" if cfg["init_from"] == "resume" else f"fine-tuning from {path}"
     if cfg["init_from"] != "resume" and state.get("kind") == "export" and \
             state.get("quantization", {}).get("format") in ("int8", "int4"):
         raise SystemExit(f"{path} is a {state['quantization']['format']} inference export: its weights cannot "
                          f"train. Fine-tune from the training checkpoint it came from, or a float32 export")
-    state["path"] = path
-    return state, checkpoint_model_args(cfg, state, meta, what)
+    return state | {"path": path}
 
 
-def build(cfg, meta, device, ckpt_path, generator):
-    """(model, (optimizer, memory optimizer), run state, model_args): fresh, resumed or fine-tuned. A resumed
-    run also gets its random states back, the batch generator's included."""
-    state, model_args = starting_point(cfg, meta, ckpt_path)
+def build(cfg, meta, device, state, generator):
+    """(model, (optimizer, memory optimizer), run state, model_args) from the starting checkpoint (or None):
+    fresh, resumed or fine-tuned. A resumed run also gets its random states back, the batch generator's."""
+    if state is None:
+        model_args = {k: cfg[k] for k in MODEL_KEYS} | {"vocab_size": meta["vocab_size"]}
+    else:
+        what = "resuming" if cfg["init_from"] == "resume" else f"fine-tuning from {state['path']}"
+        model_args = checkpoint_model_args(cfg, state, meta, what)
     try:
         model = build_model(model_args).to(device)
     except ValueError as e:
@@ -286,12 +288,18 @@ def run_training(cfg):
         torch.backends.cudnn.allow_tf32 = True
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
 
+    # the checkpoint to start from, when resuming or fine-tuning: its context unless the run asks for a shorter one
+    state = starting_checkpoint(cfg, os.path.join(out_dir, "ckpt.pt"))
+    if state is not None and cfg["block_size"] == DEFAULTS["block_size"]:
+        cfg = cfg | {"block_size": state["model_args"]["block_size"]}
+
     # data
     meta = open_dataset(cfg["data_dir"], cfg["dataset"], cfg["block_size"])
     generator = torch.Generator().manual_seed(cfg["seed"])  # shared by all processes: see get_batch
 
     # model and optimizers (from the checkpoint when resuming or fine-tuning)
-    raw_model, optimizers, run, model_args = build(cfg, meta, device, os.path.join(out_dir, "ckpt.pt"), generator)
+    raw_model, optimizers, run, model_args = build(cfg, meta, device, state, generator)
+    del state  # its tensors are in the model now
     # from here the config describes the model that runs (a resumed run's is the checkpoint's)
     cfg = cfg | {k: model_args[k] for k in MODEL_KEYS if k != "block_size" and k in model_args}
     if run.step and master:

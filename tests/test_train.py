@@ -240,6 +240,14 @@ def test_fine_tuning_starts_a_fresh_run_from_another_runs_weights(tiny_cfg, tmp_
         assert json.load(f)["init_from"] == tiny_cfg["out_dir"]
 
 
+def test_fine_tuning_without_a_block_size_takes_the_checkpoints(tiny_cfg, tmp_path):
+    train.train(tiny_cfg | {"max_iters": 2})
+    tuned = tiny_cfg | {"out_dir": str(tmp_path / "tuned"), "init_from": tiny_cfg["out_dir"], "max_iters": 2,
+                        "block_size": train.DEFAULTS["block_size"]}  # not set: the source's 16, not 1024
+    train.train(tuned)
+    assert load_checkpoint(os.path.join(tuned["out_dir"], "ckpt.pt"))["config"]["block_size"] == 16
+
+
 def test_fine_tuning_on_another_tokenizer_or_from_an_int8_export_is_refused(tiny_cfg, tmp_path):
     import compress
     train.train(tiny_cfg | {"max_iters": 2})
