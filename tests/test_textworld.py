@@ -452,3 +452,17 @@ def test_seeds_report_means_and_spreads_of_suite_runs(tmp_path):
     with pytest.raises(SystemExit, match="--runs is empty"):
         textworld_seeds.main([f"--out={tmp_path / 'none'}"])
 
+
+def test_textworld_is_a_gymnasium_env_that_passes_the_checker(games):
+    gymnasium = pytest.importorskip("gymnasium")  # optional (requirements-extras.txt)
+    import gym_envs  # noqa: F401  (registers ulm/textworld-v0)
+    from gymnasium.utils.env_checker import check_env
+    env = gymnasium.make("ulm/textworld-v0", root=games, games=len(SEEDS), **TINY)
+    check_env(env.unwrapped)
+    obs, info = env.reset(seed=1)
+    assert obs and info["teacher_action"] in info["admissible_commands"]
+    terminated = truncated = False
+    while not (terminated or truncated):
+        obs, reward, terminated, truncated, info = env.step(info["teacher_action"])
+    assert terminated and info["success"]
+    env.close()
