@@ -6,9 +6,9 @@ One µLM script run from another, as a user would type it: `python prepare.py --
 No script imports another script (a script's globals and command line are its own); a script that
 needs another's work runs it as a child process. The child's output streams through; a failure is a
 SystemExit that shows its last lines and the command to run it alone. Ctrl-C and SIGTERM reach the
-child once, through our StopRequest: the child runs in a session of its own, so a terminal's Ctrl-C does
-not also reach it directly (two signals would make it quit without saving), and on Linux it gets SIGTERM
-(save and stop) if we die without passing one on.
+child once, through our StopRequest: the child runs in a session of its own (processes.start), so a
+terminal's Ctrl-C does not also reach it directly (two signals would make it quit without saving), and
+on Linux it gets SIGTERM (save and stop) if we die without passing one on.
 """
 import collections
 import os
@@ -20,10 +20,13 @@ import threading
 import time
 
 from configurator import parse_value
+from processes import LineTooLong, read_lines, start
+from processes import stop as stop_child
 
 ROOT = os.path.dirname(os.path.abspath(__file__))  # the scripts live here, whatever the working directory
 TAIL_LINES = 20     # lines of a failed child's output repeated in the error
 QUIT_GRACE_S = 30   # after a second stop request, seconds the child has to quit before it is killed
+MAX_LINE_BYTES = 1 << 16  # a longer line is not a log line: the child is misbehaving
 
 
 def script_command(script, overrides=(), args=()):
@@ -39,22 +42,17 @@ def literal(value):
     return value if isinstance(value, str) and parse_value(value) == value else repr(value)
 
 
-def _die_with_parent():
-    """In the child, before the script starts: SIGTERM when the parent dies, however it dies (Linux)."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: a parent killed with -9 leaves the child running
-        pass
-
-
 def _echo(stream, tail, out):
-    """Copy the child's output to ours line by line, keeping the last lines for an error message."""
-    for line in iter(stream.readline, ""):
-        out.write(line)
-        out.flush()
-        tail.append(line.rstrip("\n"))
-    stream.close()
+    """Copy the child's output to ours line by line (each read bounded), keeping the last lines for an error."""
+    try:
+        for line in read_lines(stream, MAX_LINE_BYTES):
+            out.write(line)
+            out.flush()
+            tail.append(line.rstrip("\n"))
+    except LineTooLong:
+        tail.append(f"(a line of more than {MAX_LINE_BYTES} bytes: the rest of the output was not read)")
+    finally:
+        stream.close()
 
 
 def _wait(proc, stop, signalled):
@@ -78,21 +76,17 @@ def run_script(script, overrides=(), stop=None, args=(), env=None, out=None):
     command = script_command(script, overrides, args)
     out = out or sys.stdout
     tail = collections.deque(maxlen=TAIL_LINES)
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                            env={**os.environ, **(env or {})}, start_new_session=True, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+    # its own session, and SIGTERM (save and stop) from the kernel if we die: processes.start
+    proc = start(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                 death_signal=signal.SIGTERM)
     reader = threading.Thread(target=_echo, args=(proc.stdout, tail, out), daemon=True)
     reader.start()
     signalled = False
     try:
         signalled = _wait(proc, stop, signalled)
     except BaseException:  # a second Ctrl-C (StopRequest's SystemExit), or any error of ours: the child goes too
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM if not signalled else signal.SIGINT)
-            try:
-                proc.wait(QUIT_GRACE_S)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        if proc.poll() is None:  # a second signal makes its StopRequest quit at once; killed if late
+            stop_child(proc, grace=QUIT_GRACE_S, sig=signal.SIGINT if signalled else signal.SIGTERM)
         raise
     finally:
         reader.join(5)
