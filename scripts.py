@@ -65,6 +65,11 @@ def _wait(proc, stop, signalled):
     return signalled
 
 
+def shorten(line, limit=300):
+    """A line of a child's output as an error repeats it: a whole printed config is cut."""
+    return line if len(line) <= limit else f"{line[:limit]} ... ({len(line) - limit} more characters)"
+
+
 def run_script(script, overrides=(), stop=None, args=(), env=None, out=None):
     """Run `python <script> args --key=value ...` to the end; returns its exit code (0, or what it exited
     with after we asked it to stop).
@@ -91,7 +96,7 @@ def run_script(script, overrides=(), stop=None, args=(), env=None, out=None):
     finally:
         reader.join(5)
     if proc.returncode != 0 and not signalled:
-        lines = "\n".join(f"    {line}" for line in tail) or "    (it printed nothing)"
+        lines = "\n".join(f"    {shorten(line)}" for line in tail) or "    (it printed nothing)"
         raise SystemExit(f"{script} failed (exit code {proc.returncode}); its last lines:\n{lines}\n"
                          f"the command was: {shlex.join(command)}")
     return proc.returncode
