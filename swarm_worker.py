@@ -6,7 +6,7 @@ sends a hello, then goals, messages, scores, learning and saves, until stop.
     python swarm_worker.py        # speaks the protocol on stdin/stdout; stderr is its log
 
 It plays each goal with its own seed and temperature, scores and revises proposals with its model, and
-learns from shared experience with world.py's expert-iteration pieces (replay buffer, gradient steps)
+learns from shared experience with policy.py's expert-iteration pieces (replay buffer, gradient steps)
 when the hello asks it to. It never outlives its coordinator, even inside a hung model call: on Linux
 the kernel kills it when its parent dies (PR_SET_PDEATHSIG), and anywhere, the end of its input while
 its parent changed or nobody reads its output any more makes it exit at once.
@@ -24,7 +24,7 @@ import tasks
 from processes import die_with_parent
 from swarm_protocol import PROTOCOL, REPLY_TYPES, LearningSettings, goal_env, play_proposal, read_message, send
 
-# torch and world.py (the policy and its expert-iteration pieces) are imported by ModelAgent only, so a
+# torch and policy.py (the policy and its expert-iteration pieces) are imported by ModelAgent only, so a
 # worker that fails its hello answers at once, and test workers (tests/swarm_fakes.py) start without torch
 
 
@@ -36,23 +36,23 @@ class ModelAgent:
         self.learning = learning_settings(hello.get("learning"))  # before loading anything: a mismatch says so at once
         import torch
 
-        import world  # the policy and its learning pieces (moving to their own module: issue 26)
+        import policy as policies  # the policy and its learning pieces (policy.py)
         from runtime import resolve_device
-        self.torch, self.world = torch, world
+        self.torch, self.policies = torch, policies
         torch.set_num_threads(hello["threads"])  # N workers share the cores instead of each taking all
         self.device = resolve_device(hello["device"])
         self.seed, self.temperature = hello["seed"], hello["temperature"]
-        path = world.policy_file(hello["checkpoint"])
-        state = world.load_policy_checkpoint(path)
-        self.policy = world.policy_from_checkpoint(state, str(self.device), path)
+        path = policies.policy_file(hello["checkpoint"])
+        state = policies.load_policy_checkpoint(path)
+        self.policy = policies.policy_from_checkpoint(state, str(self.device), path)
         if self.learning:
-            self.optimizer = world.make_optimizer(self.policy, self.learning.learning_rate)
-            self.progress = self.resumed(state, path) if hello.get("resume") else world.Progress(
+            self.optimizer = policies.make_optimizer(self.policy, self.learning.learning_rate)
+            self.progress = self.resumed(state, path) if hello.get("resume") else policies.Progress(
                 0, {}, self.replay_buffer(), random.Random(self.learning.seed))
 
     def replay_buffer(self, items=None):
         s = self.learning
-        return self.world.ReplayBuffer(s.replay_size, s.replay_recent_window, s.replay_recent_fraction, items)
+        return self.policies.ReplayBuffer(s.replay_size, s.replay_recent_window, s.replay_recent_fraction, items)
 
     def resumed(self, state, path):
         """A checkpoint this worker saved: its optimizer, replay buffer and random state go on."""
@@ -61,7 +61,7 @@ class ModelAgent:
             rng = random.Random()
             rng.setstate(state["rng"])
             self.torch.set_rng_state(state["torch_rng"])
-            return self.world.Progress(state["step"], state["baselines"], self.replay_buffer(state["replay"]), rng)
+            return self.policies.Progress(state["step"], state["baselines"], self.replay_buffer(state["replay"]), rng)
         except (KeyError, TypeError, ValueError) as e:
             raise SystemExit(f"{path} cannot be resumed by a learning worker ({type(e).__name__}: {e}): it is not "
                              f"a checkpoint a swarm worker saved; start the run without --resume")
@@ -107,12 +107,12 @@ class ModelAgent:
         samples, on the likelihood of the actions (swarm workers write their actions: act=generate)."""
         if not self.learning:
             raise SystemExit("this worker was started without learning; it cannot learn")
-        world, progress, s = self.world, self.progress, self.learning
+        policies, progress, s = self.policies, self.progress, self.learning
         seen = set()
         for e in experience:
             episode = play_proposal(e["goal"], e["actions"], e.get("notes", ()))
-            new = world.teacher_items(episode, progress.episode) if e.get("teacher") else \
-                [world.episode_item(episode, progress.episode)] if episode["success"] else []
+            new = policies.teacher_items(episode, progress.episode) if e.get("teacher") else \
+                [policies.episode_item(episode, progress.episode)] if episode["success"] else []
             for item in new:
                 # failed plans that went wrong at the same state get the same teacher label: learn it once
                 # (measured: 4 copies of each label per goal drove arith from 62% to 37% in 40 goals)
@@ -125,17 +125,17 @@ class ModelAgent:
         for _ in range(s.updates_per_batch):
             items = progress.replay.sample(s.update_batch_size, progress.rng)
             if items:
-                losses.append(world.update(self.policy, self.optimizer, items, [1.0] * len(items), s.grad_clip))
+                losses.append(policies.update(self.policy, self.optimizer, items, [1.0] * len(items), s.grad_clip))
         return {"items": len(seen), "loss": sum(losses) / len(losses) if losses else None}  # None: nothing yet
 
     def save(self, path):
         if self.learning:
-            self.world.save_policy(path, self.policy, self.optimizer, dataclasses.asdict(self.learning),
-                                   self.progress)
+            self.policies.save_policy(path, self.policy, self.optimizer, dataclasses.asdict(self.learning),
+                                      self.progress)
         return {"path": path}
 
     def load_weights(self, path):
-        state = self.world.load_policy_checkpoint(path)
+        state = self.policies.load_policy_checkpoint(path)
         self.policy.model.load_state_dict(state["model"])
         return {"path": path}
 

@@ -71,6 +71,8 @@ class Env:
     max_steps = 10
 
     def __init__(self, max_steps=None):
+        if max_steps is not None and not (type(max_steps) is int and max_steps >= 1):
+            raise ValueError(f"max_steps must be an integer >= 1, got {max_steps!r}")
         if max_steps is not None:
             self.max_steps = max_steps
         self.rng = None
@@ -97,6 +99,15 @@ class Env:
 
     def error(self, message):
         return "error", f"error: {message}", BAD_ACTION_PENALTY, False, False
+
+
+def int_range(name, value, least):
+    """A (low, high) pair of integers with least <= low <= high, or ValueError saying what to give."""
+    if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(type(v) is int for v in value)
+            and least <= value[0] <= value[1]):
+        raise ValueError(f"{name} is a range (low, high) of integers with {least} <= low <= high, "
+                         f"e.g. {name}=({least}, {least + 2}); got {value!r}")
+    return tuple(value)
 
 
 def clean_action(action):
@@ -135,7 +146,7 @@ class Arith(Env):
         super().__init__(max_steps)
         # tool "" means no calculator (answer from memory); a list names the tool differently per episode,
         # so a policy must read the name from the observation rather than remember it
-        self.tools, self.terms = [tool] if isinstance(tool, str) else list(tool), tuple(terms)
+        self.tools, self.terms = [tool] if isinstance(tool, str) else list(tool), int_range("terms", terms, 1)
 
     def _reset(self):
         self.tool = self.rng.choice(self.tools)
@@ -193,7 +204,9 @@ class Rooms(Env):
 
     def __init__(self, rooms=(3, 5), box_chance=0.3, max_steps=None):
         super().__init__(max_steps)
-        self.n_rooms, self.box_chance = tuple(rooms), box_chance
+        self.n_rooms, self.box_chance = int_range("rooms", rooms, 2), box_chance
+        if self.n_rooms[1] > len(ROOM_NAMES):
+            raise ValueError(f"rooms: at most {len(ROOM_NAMES)} rooms have names; got {rooms!r}")
 
     def _reset(self):
         rng = self.rng
@@ -300,6 +313,8 @@ class Guess(Env):
 
     def __init__(self, high=100, max_steps=None):
         super().__init__(max_steps)
+        if not (type(high) is int and high >= 1):
+            raise ValueError(f"high must be an integer >= 1, got {high!r}")
         self.high = high
 
     def _reset(self):
@@ -395,12 +410,20 @@ def task_class(name):
         except ImportError as e:
             raise ValueError(f"task {name!r} cannot load ({e}); pip install -r requirements.txt") from None
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; tasks are {', '.join([*TASKS, *OPTIONAL_TASKS])}")
+        raise ValueError(f"unknown task {name!r}; tasks are {', '.join([*TASKS, *OPTIONAL_TASKS])}, or "
+                         f"gym:<env id> for a Gymnasium text environment")
     return TASKS[name]
 
 
 def make_env(name, **options):
-    """The environment for a task name, built with its options (e.g. make_env('arith', tool='compute'))."""
+    """The environment for a task name, built with its options (e.g. make_env('arith', tool='compute')).
+    gym:<env id> is a Gymnasium text environment (gym_envs.py), e.g. gym:ulm/arith-v0."""
+    if name.startswith("gym:"):
+        try:
+            from gym_envs import GymTask  # Gymnasium is optional: imported for a gym: task only
+        except ImportError as e:
+            raise ValueError(f"task {name!r} needs Gymnasium ({e}); pip install -r requirements-extras.txt") from None
+        return GymTask(name, **options)
     cls = task_class(name)
     try:
         return cls(**options)

@@ -33,6 +33,7 @@ INSTALL = "pip install textworld==1.7.0"
 GAMES_DIR = os.path.join("data", "textworld")
 Z8_VERSION = 8
 SHOW = ("objective", "description", "look", "inventory", "commands")  # what an observation may carry
+AT_LEAST_ONE = ("world_size", "nb_objects", "quest_length", "quest_breadth", "nb_parallel_quests")  # tw-make's sizes
 
 
 def import_textworld():
@@ -95,6 +96,9 @@ def run_tw_make(argv):
             runpy.run_path(tw_make_path(), run_name="__main__")
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
+    except Exception as e:  # tw-make's generator gives up on options its parser let through (world_size=-3)
+        code = 1
+        printed.write(f"tw-make failed: {type(e).__name__}: {e}")
     finally:
         sys.argv = old_argv
     return code, printed.getvalue()
@@ -120,6 +124,10 @@ def check_options(challenge, options):
             parser.parse_args(tw_make_args(challenge, options) + ["--seed", "0"])
     except SystemExit:
         raise SystemExit(f"TextWorld options {options} for {challenge}: tw-make says\n{printed.getvalue().strip()}") from None
+    negative = {k: v for k, v in options.items() if type(v) in (int, float) and v < (1 if k in AT_LEAST_ONE else 0)}
+    if negative:  # tw-make's parser takes them, then its generator fails deep inside (NaN sizes)
+        raise SystemExit(f"TextWorld options {negative} for {challenge}: sizes must be at least 1 "
+                         f"({', '.join(AT_LEAST_ONE)}) and no option negative")
 
 
 def game_dir(challenge, options, root=GAMES_DIR):

@@ -6,37 +6,36 @@ A text world where a µLM acts with tools, gets feedback and keeps learning.
     python world.py config/world_continual_names.py       # the tool is renamed mid-run
     python world.py config/world_rooms_help.py --init_from=resume
 
-The story: the tasks and their transcripts (tasks.py) -> a policy (a character-level GPT that writes
-one action line per turn) -> the learning loop (imitation through prepare.py and train.py, then
-expert iteration or REINFORCE on the policy's own episodes, with teacher help and a replay buffer)
--> metrics, plots and checkpoints in out_dir: config.json, metrics.jsonl, world.png, policy.pt
-(the checkpoint layout of checkpoint.py, kind "world", step = episodes) and the imitation run.
+The story: the config -> the tasks and their transcripts (tasks.py; any Gymnasium text environment
+too, as task gym:<env id>, see gym_envs.py) -> imitation (teacher transcripts, then prepare.py and
+train.py run as commands, then behaviour cloning) -> the learning loop (expert iteration or REINFORCE
+on the policy's own episodes, with teacher help and a replay buffer: policy.py) -> held-out evaluations,
+plots and checkpoints in out_dir: config.json, metrics.jsonl, world.png, policy.pt (the checkpoint
+layout of checkpoint.py, kind "world", step = episodes) and the imitation run.
 """
 import dataclasses
-import json
-import math
 import os
-import random
 import sys
 import time
 
 import torch
 from tqdm import tqdm
 
-import prepare
-import train
-from checkpoint import load_checkpoint, load_model, read_json, save_checkpoint, write_json_atomic
+from checkpoint import load_checkpoint, write_json_atomic
 from configurator import ConfigError, check_ranges, configure, print_config
 from plot import save_figure
+from policy import (IMITATION_TRAIN, Cloning, Learning, check_policy_fits, clone_actions, episode_item, evaluate, json_roundtrip,
+                    learn, load_policy_checkpoint, make_optimizer, policy_file, policy_from_checkpoint, resume_progress,
+                    reusable_policy, save_policy, teacher_items)
 from runtime import StopRequest, append_jsonl, claim_out_dir, read_jsonl, truncate_jsonl
-from tasks import (ACTION_PREFIX, EVAL_SEED_BASE, MAX_ACTION_CHARS, make_env, play_episode, teacher_act,
-                   teacher_episodes, turn_by_turn, write_transcripts)
-from tokenizer import tokenizer_from_meta
+from scripts import run_script
+from tasks import EVAL_SEED_BASE, make_env, play_episode, teacher_episodes, write_transcripts
 
 DEFAULTS = dict(
     out_dir="out/world",
     overwrite=False,           # a fresh run into an out_dir that holds one moves the old run aside (else it refuses)
-    tasks={"arith": {}},       # task name -> make_env options: the tasks the run starts with
+    tasks={"arith": {}},       # task name -> make_env options: the tasks the run starts with (gym:<env id>: a
+                               # Gymnasium text environment, its options gymnasium.make's keywords; gym_envs.py)
     changes=[],                # [(episode, task, options)]: the world changes a rule, or adds a task, mid-run
     init_from="imitate",       # imitate (teacher transcripts -> prepare.py -> train.py) | resume | a checkpoint path
     mode="expert_iteration",   # evaluate (no learning after init_from) | expert_iteration | reinforce
@@ -81,347 +80,35 @@ DEFAULTS = dict(
 )
 MODES = ("evaluate", "expert_iteration", "reinforce")
 ACTS = ("generate", "choose")
-BETAS = (0.9, 0.99)  # the policy's AdamW, in imitation and online learning: few, noisy updates
-
-
-# ----------------------------------------------------------------------------- the policy
-
-class Policy:
-    """A GPT that writes one action line per turn, or chooses one of the commands a task lists.
-    Any tokenizer: the transcript is encoded with the model's own (characters or GPT-2 BPE)."""
-
-    def __init__(self, model, tokenizer, device="cpu"):
-        self.model, self.tokenizer, self.device = model, tokenizer, torch.device(device)
-
-    @torch.no_grad()
-    def act(self, transcript, temperature=0.0, seed=None):
-        """The next action for a transcript that ends after an observation line: tokens until a newline."""
-        was_training = self.model.training
-        self.model.eval()
-        prompt = self.tokenizer.encode(transcript + ACTION_PREFIX)
-        # a long transcript keeps its end (generate_stream slides the window as the action grows), as in training
-        idx = torch.tensor([prompt[-self.model.config.block_size:]], dtype=torch.long, device=self.device)
-        ids, text = [], ""
-        for token in self.model.generate_stream(idx, MAX_ACTION_CHARS + 1, temperature=temperature,
-                                                stop_token=self.tokenizer.eot, seed=seed):
-            if token.item() == self.tokenizer.eot:  # the end of a document is the end of the action
-                break
-            ids.append(token.item())
-            text = self.tokenizer.decode(ids)  # a BPE token may hold the newline with other characters
-            if "\n" in text:
-                break
-        self.model.train(was_training)
-        return text.split("\n", 1)[0]
-
-    @torch.no_grad()
-    def choose(self, transcript, commands, temperature=0.0, seed=None):
-        """The command whose line (and its newline) the model finds likeliest per token after the transcript;
-        with temperature > 0 a sample from softmax(mean log-likelihood / temperature). Tiny models that cannot yet
-        spell a 60-character command can still tell which of a game's commands fits (He et al. 2016, DRRN)."""
-        if not commands:
-            return ""
-        score = self.command_scores(transcript, commands)
-        if temperature <= 0:
-            return commands[int(score.argmax())]
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        probs = torch.softmax(score.float().cpu() / temperature, 0)
-        return commands[int(torch.multinomial(probs, 1, generator=generator))]
-
-    def command_scores(self, transcript, commands):
-        """Each command's mean log-likelihood per token as the next action line (its newline included): (len(commands),).
-        Scored in eval mode, as act=choose plays; gradients flow unless the caller turns them off (choice_loss)."""
-        was_training = self.model.training
-        self.model.eval()
-        start = len(transcript) + len(ACTION_PREFIX)
-        items = [{"text": f"{transcript}{ACTION_PREFIX}{c}\n", "spans": [[start, start + len(c) + 1]]} for c in commands]
-        log_likelihood, count = self.action_log_likelihood(items)
-        self.model.train(was_training)
-        # per token: the summed log-likelihood favours the shortest command ('look'), measured: 0/100
-        # held-out easy games summed against 5/15 per token, same policy (EXPERIMENTS.md, TextWorld)
-        return log_likelihood / count.clamp(min=1)
-
-    def actor(self, temperature, seed, env=None, how="generate", untried=False):
-        """An act function for play_episode that samples turn t with seed * 1009 + t + 1: an episode
-        replays exactly from (temperature, seed), in a resumed run or in a swarm worker. how=choose picks
-        among env.admissible_actions(); with untried, among those it has not taken in this state before."""
-        if how != "choose":
-            return turn_by_turn(lambda transcript, turn: self.act(transcript, temperature, seed * 1009 + turn + 1))
-        taken = {}  # env.state_key() -> commands taken in that state this episode
-
-        def choose_at(transcript, turn):
-            commands = env.admissible_actions()
-            if untried:
-                # the game is deterministic, so the same command in the same state comes back to it: a greedy
-                # policy loops there until it runs out of steps (184 of 190 failures of two CPU policies on
-                # held-out easy games, e.g. close cabinet / open cabinet; EXPERIMENTS.md, TextWorld failures)
-                tried = taken.setdefault(env.state_key(), set())
-                commands = [c for c in commands if c not in tried] or commands
-            command = self.choose(transcript, commands, temperature, seed * 1009 + turn + 1)
-            if untried:
-                tried.add(command)
-            return command
-        return turn_by_turn(choose_at)
-
-    def action_log_likelihood(self, items):
-        """The log-likelihood of each item's action tokens, summed, and how many there are: two (B,) tensors.
-
-        An item is {"text": a transcript, "spans": [[start, end], ...], the characters of its actions};
-        each action token is scored given the text before it. Gradients flow unless the caller turns them off."""
-        x, y = action_batch(self, items)
-        _, nll = self.model(x, y, reduction="none")  # (B, T), 0 where the target is -1
-        return -nll.sum(1), (y != -1).sum(1)
-
-    def tokenizer_meta(self):
-        return {**self.tokenizer.meta(), "vocab_size": self.tokenizer.n_vocab, "eot": self.tokenizer.eot}
-
-
-def policy_file(path_or_run_dir):
-    """A checkpoint path from a path or a run folder (its policy.pt, else the ckpt.pt of train.py or of an imitation)."""
-    if not os.path.isdir(path_or_run_dir):
-        return path_or_run_dir
-    candidates = [os.path.join(path_or_run_dir, name) for name in ("policy.pt", "ckpt.pt", "imitation/ckpt.pt")]
-    return next((p for p in candidates if os.path.exists(p)), candidates[0])
-
-
-def load_policy_checkpoint(path):
-    """The checkpoint dict of a world policy, or SystemExit saying how to make one."""
-    if not os.path.exists(path):
-        raise SystemExit(f"no policy at {path}: make one with python world.py config/world_arith.py "
-                         f"--out_dir={os.path.dirname(path) or '.'}, or give init_from a checkpoint path")
-    return load_checkpoint(path)
-
-
-def policy_from_checkpoint(state, device, path):
-    """The Policy a checkpoint dict holds: the one place a Policy is built from a checkpoint. Any model
-    trained by train.py or world.py (characters or GPT-2 BPE); check_policy_fits says if it can play a task."""
-    meta = state.get("tokenizer")
-    if not meta:
-        raise SystemExit(f"{path} has no tokenizer: it was not trained by train.py or world.py")
-    tokenizer, model = tokenizer_from_meta(meta), load_model(state, device)
-    if tokenizer.n_vocab > model.config.vocab_size:
-        raise SystemExit(f"{path} is broken: its {meta['tokenizer']!r} tokenizer has {tokenizer.n_vocab} tokens, its "
-                         f"model only {model.config.vocab_size}")
-    return Policy(model, tokenizer, device)
-
-
-def check_policy_fits(policy, tasks, path):
-    """A teacher episode of each task must encode with the policy's tokenizer, and its first turn (the
-    first observation and action) must fit in the policy's block; else a clear error before any play."""
-    for name, options in tasks.items():
-        env = make_env(name, **options)
-        episode = play_episode(env, teacher_act(env), 0)
-        text = episode["transcript"]
-        if policy.tokenizer.name == "char":
-            missing = "".join(sorted(set(text) - set(policy.tokenizer.chars)))
-            if missing:
-                raise SystemExit(f"{path} cannot play {name}: its character vocabulary lacks {missing!r}, which "
-                                 f"{name} transcripts use; start from a model whose data held them, or from "
-                                 f"--init_from=imitate")
-        first_turn = len(policy.tokenizer.encode(text[:episode["action_spans"][0][1]]))
-        if first_turn > policy.model.config.block_size:
-            raise SystemExit(f"{path} cannot play {name}: its block_size {policy.model.config.block_size} is "
-                             f"smaller than one turn ({first_turn} {policy.tokenizer.name} tokens); use a model "
-                             f"with a longer block (--block_size with --init_from=imitate)")
-
-
-def load_policy(path_or_run_dir, device="cpu"):
-    """A Policy from a checkpoint file or a run folder."""
-    path = policy_file(path_or_run_dir)
-    return policy_from_checkpoint(load_policy_checkpoint(path), device, path)
-
-
-def make_optimizer(policy, learning_rate):
-    return policy.model.configure_optimizers(0.0, learning_rate, BETAS, policy.device.type)
-
-
-# ----------------------------------------------------------------------------- learning from episodes
-
-def encode_item(tokenizer, item):
-    """An item's tokens and which of them are action tokens: the text is encoded piece by piece at the
-    span edges, so a BPE token never straddles an action's start or end (for characters it is the same)."""
-    edges = sorted({0, len(item["text"])} | {i for span in item["spans"] for i in span})
-    ids, trained = [], []
-    for start, end in zip(edges, edges[1:]):
-        piece = tokenizer.encode(item["text"][start:end])
-        ids += piece
-        trained += [any(s <= start and end <= e for s, e in item["spans"])] * len(piece)
-    return ids, trained
-
-
-def action_batch(policy, items):
-    """Inputs x and targets y (B, T): targets only on the items' action tokens, -1 elsewhere.
-
-    A text longer than the context keeps its end, where the latest actions are."""
-    block = policy.model.config.block_size
-    rows = []
-    for item in items:
-        ids, trained = encode_item(policy.tokenizer, item)
-        ids, trained = ids[-(block + 1):], trained[-(block + 1):]
-        rows.append((ids[:-1], [t if keep else -1 for t, keep in zip(ids[1:], trained[1:])]))
-    T = max(len(x) for x, _ in rows)
-    x = torch.tensor([x + [0] * (T - len(x)) for x, _ in rows], dtype=torch.long)
-    y = torch.tensor([y + [-1] * (T - len(y)) for _, y in rows], dtype=torch.long)
-    return x.to(policy.device), y.to(policy.device)
-
-
-def update(policy, optimizer, items, weights, grad_clip=1.0):
-    """One gradient step on weight * (mean negative log-likelihood of each item's action tokens).
-
-    Weight 1 is imitation of a good episode or a teacher label (expert iteration, teacher help);
-    weight = reward - baseline is REINFORCE (Williams 1992) with a running-mean baseline."""
-    policy.model.train()
-    log_likelihood, count = policy.action_log_likelihood(items)
-    per_item = -log_likelihood / count.clamp(min=1)
-    loss = (torch.tensor(weights, dtype=per_item.dtype, device=per_item.device) * per_item).mean()
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(policy.model.parameters(), grad_clip)
-    optimizer.step()
-    return loss.item()
-
-
-def require_listed_commands(items):
-    """choice_loss trains on the commands listed in each state: refuse replay items that do not carry them."""
-    unlisted = sum("choices" not in item for item in items)
-    if unlisted:  # e.g. a replay buffer resumed from a run that did not record the listed commands
-        raise SystemExit(f"choice_loss needs the commands listed in each trained state, and {unlisted} replay "
-                         f"items have none (kept by a run before choice_loss, or from a task that lists no "
-                         f"commands): start a fresh run, or set choice_loss=False")
-
-
-def choice_update(policy, optimizer, items, weights, grad_clip=1.0):
-    """One gradient step on weight * (cross-entropy of each trained action among the commands listed in its
-    state), every command scored by Policy.command_scores, as act=choose scores it: its ranking, trained directly.
-
-    update() raises the action's text likelihood, which moves every command that shares its characters
-    and need not lift the action above its rivals in that state. One state at a time: a state's commands
-    share its context, and a batch of all of them would hold every state's copies at once."""
-    require_listed_commands(items)
-    policy.model.train()
-    optimizer.zero_grad(set_to_none=True)
-    # each trained action's transcript before its ACTION_PREFIX, the action, and the commands listed there
-    states = [(item["text"][:start - len(ACTION_PREFIX)], item["text"][start:end - 1], listed, weight)
-              for item, weight in zip(items, weights) for (start, end), listed in zip(item["spans"], item["choices"])]
-    total = 0.0
-    for transcript, action, listed, weight in states:
-        commands = list(dict.fromkeys([action, *listed]))  # the trained action first, once, listed or not
-        loss = -weight * torch.log_softmax(policy.command_scores(transcript, commands), 0)[0] / len(states)
-        loss.backward()
-        total += loss.item()
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(policy.model.parameters(), grad_clip)
-    optimizer.step()
-    return total
-
-
-def episode_item(episode, number):
-    """A replay item that trains every action of an episode (with the commands listed at each, if any)."""
-    item = {"text": episode["transcript"], "spans": [list(s) for s in episode["action_spans"]],
-            "task": episode["task"], "episode": number}
-    return item | ({"choices": episode["choices"]} if "choices" in episode else {})
-
-
-def teacher_items(episode, number):
-    """Teacher help: at the first state where the policy's action differed from the teacher's, the
-    teacher's action is shown after the same context (DAgger, Ross et al. 2011, first step only).
-
-    Only the first: later states of a failed episode are far from what the policy will meet once it
-    learns, and in a long episode their context no longer fits the window, so the teacher's choice
-    looks arbitrary there (measured on rooms: labelling every step collapsed success to 0%)."""
-    for step, ((start, _), mine, right) in enumerate(zip(episode["action_spans"], episode["actions"],
-                                                         episode["teacher_actions"])):
-        if mine != right:
-            text = episode["transcript"][:start] + right + "\n"
-            item = {"text": text, "spans": [[start, len(text)]], "task": episode["task"], "episode": number}
-            return [item | ({"choices": [episode["choices"][step]]} if "choices" in episode else {})]
-    return []
-
-
-class ReplayBuffer:
-    """Episodes worth learning from. A batch mixes the most recent items with items from the whole
-    history, so a new task or a changed rule is learnt without erasing older skills."""
-
-    def __init__(self, size, recent_window, recent_fraction, items=None):
-        self.size, self.recent_window, self.recent_fraction = size, recent_window, recent_fraction
-        self.items = list(items or [])
-
-    def add(self, item, rng):
-        self.items.append(item)
-        if len(self.items) > self.size:  # forget a random old item, never a recent one
-            del self.items[rng.randrange(len(self.items) - self.recent_window)]
-
-    def sample(self, n, rng):
-        if not self.items:
-            return []
-        n_recent = round(n * self.recent_fraction)
-        recent = self.items[-self.recent_window:]
-        return [rng.choice(recent) for _ in range(n_recent)] + [rng.choice(self.items) for _ in range(n - n_recent)]
 
 
 # ----------------------------------------------------------------------------- imitation (prepare.py + train.py)
 
 def imitation_recipe(cfg):
     """Every setting that shapes the imitation policy, stage by stage; imitate runs from this dict and
-    reuses an earlier policy only when all of it is the same."""
+    reuses an earlier policy only when all of it is the same. prepare and train hold the command-line
+    overrides of prepare.py and train.py (their other settings are those scripts' defaults)."""
     out_dir = cfg["out_dir"]
     corpus = os.path.join(out_dir, "teacher", "transcripts.jsonl")
-    run = configure(train.DEFAULTS, []) | {k: cfg[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "device", "seed")}
-    run |= {"out_dir": os.path.join(out_dir, "imitation"), "data_dir": out_dir, "dataset": "teacher",
-            "max_iters": cfg["imitation_iters"], "batch_size": cfg["imitation_batch_size"],
-            "learning_rate": cfg["imitation_lr"], "min_lr": cfg["imitation_lr"] / 10, "warmup_iters": 50,
-            "eval_interval": max(1, cfg["imitation_iters"] // 4), "eval_iters": 10, "log_interval": 25,
-            "dropout": 0.0, "beta1": BETAS[0], "beta2": BETAS[1], "compile": False,
-            "overwrite": True}  # reached only when the recipe changed: the old imitation run is moved aside
-    return {"teacher": {"tasks": cfg["tasks"], "episodes_per_task": cfg["imitation_episodes"],
-                        "noise": cfg["teacher_noise"], "notes": cfg["imitation_notes"], "seed": cfg["seed"],
-                        "corpus": corpus},
-            "prepare": configure(prepare.DEFAULTS, []) | {"dataset": corpus, "name": "teacher", "tokenizer": "char",
-                                                          "data_dir": out_dir, "force": True},
-            "train": run,
-            "clone": {"iters": cfg["clone_iters"], "batch_size": cfg["imitation_batch_size"],
-                      "learning_rate": cfg["imitation_lr"], "final_lr_fraction": 0.1, "betas": BETAS,
-                      "weight_decay": 0.0, "grad_clip": cfg["grad_clip"], "seed": cfg["seed"], "device": cfg["device"],
-                      "path": os.path.join(out_dir, "imitation", "cloned.pt")}}
+    train = IMITATION_TRAIN | {k: cfg[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "device", "seed")} | {
+        "out_dir": os.path.join(out_dir, "imitation"), "data_dir": out_dir, "dataset": "teacher",
+        "max_iters": cfg["imitation_iters"], "batch_size": cfg["imitation_batch_size"],
+        "learning_rate": cfg["imitation_lr"], "min_lr": cfg["imitation_lr"] / 10,
+        "eval_interval": max(1, cfg["imitation_iters"] // 4),
+        "overwrite": True}  # reached only when the recipe changed: the old imitation run is moved aside
+    clone = Cloning(iters=cfg["clone_iters"], batch_size=cfg["imitation_batch_size"], learning_rate=cfg["imitation_lr"],
+                    seed=cfg["seed"], device=cfg["device"], grad_clip=cfg["grad_clip"],
+                    path=os.path.join(out_dir, "imitation", "cloned.pt"))
+    return json_roundtrip({
+        "teacher": {"tasks": cfg["tasks"], "episodes_per_task": cfg["imitation_episodes"],
+                    "noise": cfg["teacher_noise"], "notes": cfg["imitation_notes"], "seed": cfg["seed"],
+                    "corpus": corpus},
+        "prepare": {"dataset": corpus, "name": "teacher", "tokenizer": "char", "data_dir": out_dir, "force": True},
+        "train": train,
+        "clone": dataclasses.asdict(clone)})
 
 
-def reusable_imitation(recipe_path, recipe):
-    """The checkpoint of an earlier imitation made by the same recipe with a model this code still loads, or None."""
-    if not os.path.exists(recipe_path):
-        return None
-    done = read_json(recipe_path, "delete it to imitate again")
-    if done.get("recipe") != recipe or not os.path.exists(done.get("checkpoint", "")):
-        return None
-    try:
-        load_model(load_checkpoint(done["checkpoint"]))
-    except (RuntimeError, SystemExit) as e:  # the model code changed since: its weights no longer fit
-        print(f"cannot reuse {done['checkpoint']} ({str(e).splitlines()[0]}); imitating again")
-        return None
-    print(f"reusing the imitation policy {done['checkpoint']} (same recipe); delete {recipe_path} to redo it")
-    return done["checkpoint"]
-
-
-def clone_actions(path, episodes, clone, stop):
-    """Behaviour cloning: gradient steps on the action tokens of teacher episodes, from the checkpoint at
-    path; cosine decay to final_lr_fraction of the learning rate. Returns the cloned checkpoint's path."""
-    policy = load_policy(path, clone["device"])
-    optimizer = policy.model.configure_optimizers(clone["weight_decay"], clone["learning_rate"], clone["betas"],
-                                                  policy.device.type)
-    rng = random.Random(clone["seed"])
-    items = [episode_item(e, 0) for e in episodes]
-    low = clone["final_lr_fraction"]
-    for step in tqdm(range(clone["iters"]), desc="cloning actions", disable=None):
-        if stop.requested:
-            raise SystemExit("stopped during behaviour cloning: the imitation policy is unfinished; the same "
-                             "command starts it again")
-        for group in optimizer.param_groups:
-            group["lr"] = clone["learning_rate"] * (low + (1 - low) * (1 + math.cos(math.pi * step / clone["iters"])) / 2)
-        update(policy, optimizer, [rng.choice(items) for _ in range(clone["batch_size"])], [1.0] * clone["batch_size"],
-               clone["grad_clip"])
-    save_checkpoint(clone["path"], {"model_args": dataclasses.asdict(policy.model.config),
-                                    "model": policy.model.state_dict(), "tokenizer": policy.tokenizer_meta(),
-                                    "config": clone, "step": 0, "val_loss": None}, kind="world")
-    return clone["path"]
+STOPPED_IMITATING = "stopped during imitation: the imitation policy is unfinished; the same command starts it again"
 
 
 def imitate(cfg, stop):
@@ -429,10 +116,11 @@ def imitate(cfg, stop):
 
     Two stages: train.py learns the language of the world from every token of the transcripts (the
     observations too), then behaviour cloning trains on the action tokens alone, which is what makes
-    the policy copy an expression into a tool call (measured: train.py alone, 800 steps, never copied)."""
-    recipe = json_roundtrip(imitation_recipe(cfg))
+    the policy copy an expression into a tool call (measured: train.py alone, 800 steps, never copied).
+    prepare.py and train.py run as commands, as a user would type them (scripts.run_script)."""
+    recipe = imitation_recipe(cfg)
     recipe_path = os.path.join(cfg["out_dir"], "imitation", "recipe.json")
-    path = reusable_imitation(recipe_path, recipe)
+    path = reusable_policy(recipe_path, recipe)
     if path:
         return path
     teacher = recipe["teacher"]
@@ -441,97 +129,52 @@ def imitate(cfg, stop):
     write_transcripts(teacher["corpus"], episodes)
     rate = sum(e["success"] for e in episodes) / len(episodes)
     print(f"wrote {len(episodes)} teacher transcripts to {teacher['corpus']} (noise {teacher['noise']}: {rate:.0%} succeed)")
-    prepare.prepare(recipe["prepare"])
-    train.train(recipe["train"])
+    for script in ("prepare.py", "train.py"):
+        run_script(script, recipe[script.removesuffix(".py")], stop)
+        if stop.requested:  # the child saved what it had and stopped
+            raise SystemExit(STOPPED_IMITATING)
     path = os.path.join(recipe["train"]["out_dir"], "ckpt.pt")
-    if load_checkpoint(path)["step"] < recipe["train"]["max_iters"]:  # train.py saved and stopped on Ctrl-C / SIGTERM
-        raise SystemExit("stopped during imitation: the imitation policy is unfinished; the same command starts it again")
+    if load_checkpoint(path)["step"] < recipe["train"]["max_iters"]:  # train.py was stopped by someone else
+        raise SystemExit(STOPPED_IMITATING)
     if recipe["clone"]["iters"]:
-        path = clone_actions(path, episodes, recipe["clone"], stop)
+        path = clone_actions(path, episodes, Cloning(**recipe["clone"]), stop)
     write_json_atomic(recipe_path, {"recipe": recipe, "checkpoint": path})
     return path
 
 
-def json_roundtrip(obj):
-    """obj as it reads back from JSON (tuples become lists), so a recipe compares equal to its saved copy."""
-    return json.loads(json.dumps(obj))
-
-
 # ----------------------------------------------------------------------------- the learning loop
 
-def temperature_at(episode, cfg):
-    progress = min(1.0, episode / max(1, cfg["episodes"]))
-    return cfg["temperature_start"] + (cfg["temperature_end"] - cfg["temperature_start"]) * progress
+def temperature_at(episode, start, end, episodes):
+    """The sampling temperature at an episode: linear from start to end over the run's episodes."""
+    return start + (end - start) * min(1.0, episode / max(1, episodes))
 
 
-def task_options_at(episode, cfg):
+def task_options_at(episode, tasks, changes):
     """The tasks and their options after every change due by this episode."""
-    tasks = {name: dict(options) for name, options in cfg["tasks"].items()}
-    for when, name, options in sorted(cfg["changes"], key=lambda c: c[0]):
+    tasks = {name: dict(options) for name, options in tasks.items()}
+    for when, name, options in sorted(changes, key=lambda c: c[0]):
         if when <= episode:
             tasks[name] = dict(options)
     return tasks
 
 
-def evaluate(policy, tasks, n, how="generate", untried=False):
-    """Greedy play on the held-out seeds of each task: {task: {success, reward}}."""
-    result = {}
-    for name, options in tasks.items():
-        env = make_env(name, **options)
-        episodes = [play_episode(env, policy.actor(0.0, 0, env, how, untried), EVAL_SEED_BASE + i) for i in range(n)]
-        result[name] = {"success": sum(e["success"] for e in episodes) / n,
-                        "reward": sum(e["reward"] for e in episodes) / n}
-    return result
-
-
-@dataclasses.dataclass
-class Progress:
-    """What the learning loop carries from batch to batch; policy.pt keeps it, a resumed run restores it."""
-    episode: int
-    baselines: dict        # task -> running-mean reward (reinforce)
-    replay: ReplayBuffer
-    rng: random.Random     # every random choice of the loop: a resumed run replays exactly
-
-
-def play_batch(policy, envs, cfg, progress, temperature):
-    """A batch of training episodes; successes, and teacher labels of failures, go into the replay buffer.
-    Returns (episodes, teacher labels added)."""
+def play_batch(policy, envs, progress, temperature, count, act, teacher_help):
+    """`count` training episodes; successes, and teacher labels of failures, go into the replay buffer.
+    act: (how, untried) as Policy.actor takes them. Returns (episodes, teacher labels added)."""
     batch, labels, rng = [], 0, progress.rng
-    for _ in range(cfg["episodes_per_update"]):
+    for _ in range(count):
         env = envs[rng.choice(sorted(envs))]
-        act = policy.actor(temperature, rng.randrange(2 ** 31), env, cfg["act"], cfg["choose_untried"])
-        episode = play_episode(env, act, rng.randrange(EVAL_SEED_BASE))
+        actor = policy.actor(temperature, rng.randrange(2 ** 31), env, *act)
+        episode = play_episode(env, actor, rng.randrange(EVAL_SEED_BASE))
         batch.append(episode)
         if episode["success"]:
             progress.replay.add(episode_item(episode, progress.episode), rng)
-        elif cfg["teacher_help"]:
+        elif teacher_help:
             for item in teacher_items(episode, progress.episode):
                 progress.replay.add(item, rng)
                 labels += 1
         progress.episode += 1
     return batch, labels
-
-
-def learn(policy, optimizer, episodes, progress, cfg):
-    """The gradient steps after a batch of episodes; returns the mean loss."""
-    replay, baselines, rng = progress.replay, progress.baselines, progress.rng
-    step = choice_update if cfg["choice_loss"] else update
-    losses = []
-    if cfg["mode"] == "reinforce":
-        weights = []
-        for e in episodes:
-            weights.append(e["reward"] - baselines.get(e["task"], 0.0))
-            baselines[e["task"]] = cfg["baseline_decay"] * baselines.get(e["task"], e["reward"]) + \
-                (1 - cfg["baseline_decay"]) * e["reward"]
-        items = [episode_item(e, 0) for e in episodes]
-        extra = replay.sample(cfg["update_batch_size"], rng)
-        losses.append(step(policy, optimizer, items + extra, weights + [1.0] * len(extra), cfg["grad_clip"]))
-    else:
-        for _ in range(cfg["updates_per_batch"]):
-            items = replay.sample(cfg["update_batch_size"], rng)
-            if items:
-                losses.append(step(policy, optimizer, items, [1.0] * len(items), cfg["grad_clip"]))
-    return sum(losses) / len(losses) if losses else float("nan")
 
 
 def plot_world(out_dir, changes=()):
@@ -580,35 +223,10 @@ def recovery(rows, when, task, fraction=0.9):
     return {"before": levels, "recovered_at": None}
 
 
-def save_policy(path, policy, optimizer, cfg, progress):
-    """policy.pt: the checkpoint layout of checkpoint.py (kind world, step = episodes) plus what resuming needs."""
-    save_checkpoint(path, {"model_args": dataclasses.asdict(policy.model.config), "model": policy.model.state_dict(),
-                           "tokenizer": policy.tokenizer_meta(), "config": cfg, "step": progress.episode,
-                           "val_loss": None, "optimizer": optimizer.state_dict(), "baselines": progress.baselines,
-                           "replay": progress.replay.items, "rng": progress.rng.getstate(),
-                           "torch_rng": torch.get_rng_state()}, kind="world")
-
-
-def resume_progress(state, optimizer, cfg):
-    """The loop's progress and the optimizer's state from a policy.pt, so the run continues exactly."""
-    try:
-        optimizer.load_state_dict(state["optimizer"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise SystemExit(f"{cfg['out_dir']}/policy.pt cannot be resumed by this code ({e}); start a fresh run "
-                         f"with --init_from={cfg['out_dir']}/policy.pt --out_dir=<a new folder>")
-    torch.set_rng_state(state["torch_rng"])
-    rng = random.Random()
-    rng.setstate(state["rng"])
-    if cfg["choice_loss"]:  # here, before anything is played or written, not at the first update
-        require_listed_commands(state["replay"])
-    replay = ReplayBuffer(cfg["replay_size"], cfg["replay_recent_window"], cfg["replay_recent_fraction"], state["replay"])
-    return Progress(state["step"], state["baselines"], replay, rng)
-
-
 def evaluate_and_save(policy, optimizer, cfg, progress):
     """A held-out evaluation into metrics.jsonl, then policy.pt and world.png; returns the evaluation."""
-    result = evaluate(policy, task_options_at(progress.episode, cfg), cfg["eval_episodes"], cfg["act"],
-                      cfg["choose_untried"])
+    tasks = task_options_at(progress.episode, cfg["tasks"], cfg["changes"])
+    result = evaluate(policy, tasks, cfg["eval_episodes"], cfg["act"], cfg["choose_untried"])
     append_jsonl(os.path.join(cfg["out_dir"], "metrics.jsonl"), {"episode": progress.episode, "eval": result})
     tqdm.write(f"episode {progress.episode}: held-out success " +
                ", ".join(f"{t} {r['success']:.0%}" for t, r in result.items()))
@@ -636,6 +254,7 @@ def check_config(cfg):
         raise ConfigError(f"act must be one of {', '.join(ACTS)}, got {cfg['act']!r}")
     if cfg["choice_loss"] and cfg["act"] != "choose":
         raise ConfigError("choice_loss trains the ranking act=choose uses; set act=choose, or choice_loss=False")
+    check_task_shapes(cfg["tasks"], cfg["changes"])
     for name, options in run_tasks(cfg):
         try:
             env = make_env(name, **options)
@@ -644,6 +263,25 @@ def check_config(cfg):
         if cfg["act"] == "choose" and not hasattr(env, "admissible_actions"):
             raise ConfigError(f"act=choose picks among the commands a task lists, and {name} lists none; "
                               f"use act=generate, or a task that lists them (textworld)")
+        if not getattr(env, "teaches", True) and (cfg["init_from"] == "imitate" or cfg["teacher_help"]):
+            raise ConfigError(f"{name} has no teacher (its info gives no teacher_action), so it cannot be imitated "
+                              f"or help: start from a policy with --init_from=<checkpoint>, and teacher_help=False")
+
+
+def check_task_shapes(tasks, changes):
+    """tasks: {name: {option: value}} with at least one task; changes: [(episode, name, {option: value})]."""
+    example = "e.g. --tasks=\"{'arith': {}}\" (a task name and its options)"
+    if not isinstance(tasks, dict) or not tasks:
+        raise ConfigError(f"tasks must name at least one task, {example}; got {tasks!r}")
+    for name, options in tasks.items():
+        if not isinstance(name, str) or not isinstance(options, dict):
+            raise ConfigError(f"tasks maps each task name to a dict of its options, {example}; "
+                              f"got {name!r}: {options!r}")
+    for change in changes:
+        if not (isinstance(change, (list, tuple)) and len(change) == 3 and type(change[0]) is int and change[0] >= 0
+                and isinstance(change[1], str) and isinstance(change[2], dict)):
+            raise ConfigError(f"each change is (episode, task, options), e.g. (500, 'arith', {{'tool': 'compute'}}) "
+                              f"renames the tool at episode 500; got {change!r}")
 
 
 def run_tasks(cfg):
@@ -654,6 +292,11 @@ def run_tasks(cfg):
 def load_start(path, cfg):
     """The checkpoint a run starts from (loaded once) and the Policy it holds, checked against the run's tasks."""
     state = load_policy_checkpoint(path)
+    if state.get("kind") == "export":  # even mode=evaluate saves policy.pt with an optimizer's state
+        quantized = (state.get("quantization") or {}).get("format", "?")
+        raise SystemExit(f"{path} is an inference export ({quantized}, compress.py): world.py trains and saves its "
+                         f"policy, which an export's weights cannot do; start from the checkpoint it was exported "
+                         f"from (its ckpt.pt or policy.pt), or play it in swarm.py")
     policy = policy_from_checkpoint(state, cfg["device"], path)
     check_policy_fits(policy, dict(run_tasks(cfg)), path)
     return state, policy
@@ -679,7 +322,11 @@ def run(cfg):
         start = load_start(path, cfg)
     elif cfg["init_from"] != "imitate":
         start = load_start(policy_file(cfg["init_from"]), cfg)
-    lock = claim_out_dir(out_dir, resuming, cfg["overwrite"], run_files=("policy.pt", "metrics.jsonl"))
+    try:
+        lock = claim_out_dir(out_dir, resuming, cfg["overwrite"], run_files=("policy.pt", "metrics.jsonl"))
+    except OSError as e:  # a read-only disk or folder, a file in the way
+        raise SystemExit(f"cannot write to out_dir {out_dir} ({e.strerror or e}): choose an --out_dir you can "
+                         f"write to") from None
     try:
         with StopRequest(tqdm.write) as stop:
             prepare_tasks(cfg)
@@ -694,36 +341,32 @@ def learning_loop(cfg, state, policy, stop):
     start checkpoint `state` and its `policy`; returns the last held-out evaluation."""
     out_dir, resuming = cfg["out_dir"], cfg["init_from"] == "resume"
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    learning = Learning.from_config(cfg)
     torch.manual_seed(cfg["seed"])
-    optimizer = make_optimizer(policy, cfg["learning_rate"])
+    optimizer = make_optimizer(policy, learning.learning_rate)
     if resuming:
-        progress = resume_progress(state, optimizer, cfg)
+        progress = resume_progress(state, optimizer, learning, os.path.join(out_dir, "policy.pt"))
         truncate_jsonl(metrics_path, progress.episode, key="episode")
     else:
-        progress = Progress(0, {}, ReplayBuffer(cfg["replay_size"], cfg["replay_recent_window"],
-                                                cfg["replay_recent_fraction"]), random.Random(cfg["seed"]))
+        progress = learning.new_progress()
     write_json_atomic(os.path.join(out_dir, "config.json"), cfg)
     start, first_episode, evaluated = time.perf_counter(), progress.episode, 0
+    tasks_at = lambda episode: task_options_at(episode, cfg["tasks"], cfg["changes"])  # noqa: E731
 
     total = cfg["episodes"] if cfg["mode"] != "evaluate" else 0
     result = None
     if not resuming or not os.path.exists(metrics_path):
         result = evaluate_and_save(policy, optimizer, cfg, progress)
-        evaluated += cfg["eval_episodes"] * len(task_options_at(progress.episode, cfg))
+        evaluated += cfg["eval_episodes"] * len(tasks_at(progress.episode))
     bar = tqdm(total=total, initial=progress.episode, unit="episode", dynamic_ncols=True, disable=None)
     while progress.episode < total and not stop.requested:
-        tasks = task_options_at(progress.episode, cfg)
-        envs = {name: make_env(name, **options) for name, options in tasks.items()}
-        temperature = temperature_at(progress.episode, cfg)
+        envs = {name: make_env(name, **options) for name, options in tasks_at(progress.episode).items()}
+        temperature = temperature_at(progress.episode, cfg["temperature_start"], cfg["temperature_end"], total)
         t0 = time.perf_counter()
-        batch, labels = play_batch(policy, envs, cfg, progress, temperature)
-        loss = learn(policy, optimizer, batch, progress, cfg)
-        per_task = {}
-        for name in sorted({e["task"] for e in batch}):
-            mine = [e for e in batch if e["task"] == name]
-            per_task[name] = {"success": sum(e["success"] for e in mine) / len(mine),
-                              "reward": sum(e["reward"] for e in mine) / len(mine)}
-        append_jsonl(metrics_path, {"episode": progress.episode, "train": per_task, "loss": loss,
+        batch, labels = play_batch(policy, envs, progress, temperature, cfg["episodes_per_update"],
+                                   (cfg["act"], cfg["choose_untried"]), cfg["teacher_help"])
+        loss = learn(policy, optimizer, batch, progress, learning)
+        append_jsonl(metrics_path, {"episode": progress.episode, "train": per_task(batch), "loss": loss,
                                     "temperature": temperature, "teacher_labels": labels,
                                     "replay": len(progress.replay.items), "seconds": time.perf_counter() - t0})
         bar.update(len(batch))
@@ -732,7 +375,7 @@ def learning_loop(cfg, state, policy, stop):
         crossed = episode // cfg["eval_interval"] > (episode - len(batch)) // cfg["eval_interval"]
         if crossed or episode >= total or stop.requested:
             result = evaluate_and_save(policy, optimizer, cfg, progress)
-            evaluated += cfg["eval_episodes"] * len(task_options_at(progress.episode, cfg))
+            evaluated += cfg["eval_episodes"] * len(tasks_at(progress.episode))
     bar.close()
     played, seconds = progress.episode - first_episode + evaluated, time.perf_counter() - start
     print(f"played {played} episodes ({progress.episode - first_episode} training, {evaluated} held-out) in "
@@ -744,6 +387,14 @@ def learning_loop(cfg, state, policy, stop):
     if stop.requested:
         print(f"stopped at episode {progress.episode}; resume with --init_from=resume --out_dir={out_dir}")
     return result
+
+
+def per_task(episodes):
+    """{task: {success, reward}}: the means over a batch's episodes of each task."""
+    tasks = sorted({e["task"] for e in episodes})
+    mine = {name: [e for e in episodes if e["task"] == name] for name in tasks}
+    return {name: {"success": sum(e["success"] for e in mine[name]) / len(mine[name]),
+                   "reward": sum(e["reward"] for e in mine[name]) / len(mine[name])} for name in tasks}
 
 
 def main(argv):

@@ -26,6 +26,7 @@ alone with the right plan as a HINT or PEERS line.
 Writes swarm_learning.json (every number, with its config) and swarm_learning.png (success over goals, the
 headline numbers, episodes/min over workers).
 """
+import dataclasses
 import io
 import os
 import sys
@@ -33,11 +34,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import swarm  # noqa: E402
-import world  # noqa: E402
 from checkpoint import read_json, write_json_atomic  # noqa: E402
 from configurator import configure, print_config  # noqa: E402
 from plot import save_figure  # noqa: E402
+from policy import Cloning, clone_actions, json_roundtrip, load_policy, reusable_policy  # noqa: E402
 from runtime import StopRequest, named_call, read_jsonl, run_in_processes  # noqa: E402
+from scripts import run_script  # noqa: E402
 from tasks import EVAL_SEED_BASE, make_env, note_line, plan_text, play_episode, teacher_act, teacher_episodes  # noqa: E402
 
 HELD_OUT = EVAL_SEED_BASE + 10 ** 6  # one worker alone is measured here: seeds no swarm goal uses
@@ -93,17 +95,26 @@ NOTES_TRAINING = dict(
 # ----------------------------------------------------------------------------- pieces, each runnable in a process
 
 def make_policy(out, name, task, options, device):
-    """A policy by world.py's imitation (reused when its recipe is unchanged); returns its checkpoint."""
-    cfg = configure(world.DEFAULTS, []) | {"out_dir": os.path.join(out, "policies", name), "tasks": {task: {}},
-                                           "device": device} | options
-    with StopRequest(print) as stop:
-        return world.imitate(cfg, stop)
+    """A policy by world.py's imitation (python world.py --mode=evaluate ...; reused while the run in its folder
+    was made with the same settings); returns its checkpoint."""
+    out_dir = os.path.join(out, "policies", name)
+    run = {"out_dir": out_dir, "tasks": {task: {}}, "device": device, "mode": "evaluate", "eval_episodes": 1,
+           "overwrite": True} | options
+    made, config = os.path.join(out_dir, "imitation", "recipe.json"), os.path.join(out_dir, "config.json")
+    same = os.path.exists(made) and os.path.exists(config) and \
+        all(read_json(config, "delete it").get(k) == v for k, v in json_roundtrip(run).items())
+    if not same:
+        with StopRequest(print) as stop:
+            run_script("world.py", run, stop)
+        if stop.requested:
+            raise SystemExit(f"stopped while making the {name} policy; the same command goes on from its imitation")
+    return read_json(made, "delete it to imitate again")["checkpoint"]
 
 
 def alone(path, task, n, temperature, note="", copies=1):
     """One worker alone: success on n held-out seeds no swarm goal uses (greedy at temperature 0); with note
     "HINT" or "PEERS", the right plan (the teacher's) is in its context as that line, `copies` times."""
-    policy, env = world.load_policy(path), make_env(task)
+    policy, env = load_policy(path), make_env(task)
     wins = 0
     for i in range(n):
         right = [plan_text(play_episode(env, teacher_act(env), HELD_OUT + i)["actions"])] if note else []
@@ -131,18 +142,16 @@ def train_on_notes(out, path, notes, device):
     and a guide's plans, right and wrong (tasks.sample_notes), as the issue asks; returns its checkpoint
     (reused, like an imitation, while the recipe is the same)."""
     notes = NOTES_TRAINING | notes
-    clone = {"iters": notes["iters"], "batch_size": world.DEFAULTS["imitation_batch_size"],
-             "learning_rate": notes["learning_rate"], "final_lr_fraction": 0.1, "betas": world.BETAS,
-             "weight_decay": 0.0, "grad_clip": world.DEFAULTS["grad_clip"], "seed": notes["seed"], "device": device,
-             "path": os.path.join(out, "policies", "arith_worker_notes", "cloned.pt")}
-    recipe = world.json_roundtrip({"start": path, "notes": notes, "clone": clone})
+    clone = Cloning(iters=notes["iters"], batch_size=16, learning_rate=notes["learning_rate"],  # world.py's batch
+                    seed=notes["seed"], device=device, path=os.path.join(out, "policies", "arith_worker_notes", "cloned.pt"))
+    recipe = json_roundtrip({"start": path, "notes": notes, "clone": dataclasses.asdict(clone)})
     recipe_path = os.path.join(out, "policies", "arith_worker_notes", "recipe.json")
-    reused = world.reusable_imitation(recipe_path, recipe)
+    reused = reusable_policy(recipe_path, recipe)
     if reused:
         return reused
     episodes = teacher_episodes({"arith": {}}, notes["episodes"], 0.0, notes["seed"], notes["share"])
     with StopRequest(print) as stop:
-        trained = world.clone_actions(path, episodes, clone, stop)
+        trained = clone_actions(path, episodes, clone, stop)
     write_json_atomic(recipe_path, {"recipe": recipe, "checkpoint": trained})
     return trained
 
@@ -167,7 +176,7 @@ def swarm_run(out_dir, settings):
 def single_learner(out_dir, path, task, episodes, batch, cfg):
     """world.py's expert iteration from the same policy on `episodes` episodes, `batch` per update; its
     wall seconds and one worker alone afterwards."""
-    run = configure(world.DEFAULTS, []) | {
+    run = {
         "out_dir": out_dir, "overwrite": True, "tasks": {task: {}}, "init_from": path, "mode": "expert_iteration",
         "teacher_help": cfg["teacher_help"], "episodes": episodes, "episodes_per_update": batch,
         "updates_per_batch": cfg["updates_per_batch"], "update_batch_size": cfg["update_batch_size"],
@@ -175,7 +184,7 @@ def single_learner(out_dir, path, task, episodes, batch, cfg):
         "temperature_end": cfg["temperature"],
         "eval_interval": episodes + 1, "eval_episodes": 1, "seed": cfg["seed"]}
     t0 = time.perf_counter()
-    world.run(run)
+    run_script("world.py", run)
     seconds = time.perf_counter() - t0
     return {"episodes": episodes, "seconds": round(seconds, 2),
             "after": alone_both(os.path.join(out_dir, "policy.pt"), task, cfg["eval_goals"], cfg["temperature"])}

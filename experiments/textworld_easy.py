@@ -13,11 +13,11 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import world  # noqa: E402
-from checkpoint import write_json_atomic  # noqa: E402
-from configurator import configure, print_config  # noqa: E402
+from checkpoint import read_json, write_json_atomic  # noqa: E402
+from configurator import configure, print_config, read_config_file  # noqa: E402
 from plot import save_figure  # noqa: E402
 from runtime import read_jsonl  # noqa: E402
+from scripts import run_script  # noqa: E402
 
 DEFAULTS = dict(
     out="out/textworld_easy",
@@ -25,7 +25,7 @@ DEFAULTS = dict(
     games=[100, 300],        # training pool sizes N
     imitation_per_game=2,    # walkthrough episodes per training game
     device="cpu",            # the policy's device (cuda on a GPU machine); games are made on the CPU cores
-    world_args=[],           # more world.py settings, e.g. ["--clone_iters=1000"]
+    world_args=[],           # more world.py settings, e.g. ["--clone_iters=1000"] (not tasks: the config's, with games=N)
 )
 
 
@@ -35,10 +35,11 @@ def final_success(out_dir):
     return rows[-1]["eval"]["textworld"]["success"] if rows else None
 
 
-def play(cfg, out_dir):
-    """One world.py run, or the one already in out_dir; returns its held-out success."""
+def play(args, overrides, out_dir):
+    """One world.py run (python world.py ARGS --key=value ...), or the one already in out_dir; returns its
+    held-out success."""
     if final_success(out_dir) is None:
-        world.run(cfg | {"out_dir": out_dir})
+        run_script("world.py", overrides | {"out_dir": out_dir}, args=args)
     return final_success(out_dir)
 
 
@@ -62,20 +63,21 @@ def plot(results, path):
 def main(argv):
     cfg = configure(DEFAULTS, argv)
     print_config(cfg)
-    base = configure(world.DEFAULTS, [cfg["config"], *cfg["world_args"]]) | {"device": cfg["device"]}
+    args, textworld = [cfg["config"], *cfg["world_args"]], read_config_file(cfg["config"])["tasks"]["textworld"]
     results = []
     for n in cfg["games"]:
-        run = base | {"tasks": {"textworld": {**base["tasks"]["textworld"], "games": n}},
-                      "imitation_episodes": cfg["imitation_per_game"] * n}
+        run = {"tasks": {"textworld": {**textworld, "games": n}}, "imitation_episodes": cfg["imitation_per_game"] * n,
+               "device": cfg["device"]}
         folder = os.path.join(cfg["out"], f"games{n}")
-        chosen = play(run | {"act": "choose"}, folder + "_choose")
-        generated = play(run | {"act": "generate", "init_from": os.path.join(folder + "_choose", "imitation", "cloned.pt")},
-                         folder + "_generate")
+        chosen = play(args, run | {"act": "choose"}, folder + "_choose")
+        generated = play(args, run | {"act": "generate", "init_from": os.path.join(folder + "_choose", "imitation",
+                                                                                    "cloned.pt")}, folder + "_generate")
         results.append({"games": n, "choose": chosen, "generate": generated})
         print(f"N={n}: held-out success {chosen:.0%} with act=choose, {generated:.0%} with act=generate")
     os.makedirs(cfg["out"], exist_ok=True)
-    write_json_atomic(os.path.join(cfg["out"], "textworld_easy.json"),
-                      {"config": cfg, "world": base, "results": results})
+    first = [os.path.join(cfg["out"], f"games{n}_choose", "config.json") for n in cfg["games"][:1]]
+    world = read_json(first[0], "run the experiment again") if first else None  # the first run's whole world.py config
+    write_json_atomic(os.path.join(cfg["out"], "textworld_easy.json"), {"config": cfg, "world": world, "results": results})
     plot(results, os.path.join(cfg["out"], "textworld_easy.png"))
 
 

@@ -25,10 +25,11 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import world  # noqa: E402
 from checkpoint import read_json, write_json_atomic  # noqa: E402
-from configurator import configure, print_config  # noqa: E402
+from configurator import configure, print_config, read_config_file  # noqa: E402
 from plot import save_figure  # noqa: E402
+from policy import load_policy  # noqa: E402
+from scripts import run_script  # noqa: E402
 from tasks import ACTION_PREFIX, EVAL_SEED_BASE, make_env, play_episode  # noqa: E402
 
 DEFAULTS = dict(
@@ -39,7 +40,7 @@ DEFAULTS = dict(
     held_out=100,            # unseen games played by each way of choosing
     seeds=[1337],            # one imitation policy per seed
     device="cpu",
-    world_args=[],           # more world.py settings, e.g. ["--imitation_iters=150", "--clone_iters=300"]
+    world_args=[],           # more world.py settings, e.g. ["--imitation_iters=150", "--clone_iters=300"] (not tasks)
 )
 KINDS = ("lost", "out_of_context", "loop", "wandered")
 WAYS = {"choose": False, "choose_untried": True}  # name -> untried
@@ -47,15 +48,15 @@ WAYS = {"choose": False, "choose_untried": True}  # name -> untried
 
 def imitation_policy(cfg, seed):
     """The imitation policy of one seed (made by world.py, or the one already in its folder)."""
-    base = configure(world.DEFAULTS, [cfg["config"], *cfg["world_args"]])
+    textworld = read_config_file(cfg["config"])["tasks"]["textworld"] | {"games": cfg["games"]}
     out_dir = os.path.join(cfg["out"], f"policy_seed{seed}")
-    run = base | {"tasks": {"textworld": {**base["tasks"]["textworld"], "games": cfg["games"]}},
-                  "imitation_episodes": cfg["imitation_per_game"] * cfg["games"], "seed": seed, "device": cfg["device"],
-                  "out_dir": out_dir, "mode": "evaluate", "act": "choose", "eval_episodes": 1}
+    run = {"tasks": {"textworld": textworld}, "imitation_episodes": cfg["imitation_per_game"] * cfg["games"],
+           "seed": seed, "device": cfg["device"], "out_dir": out_dir, "mode": "evaluate", "act": "choose",
+           "eval_episodes": 1}
     path = os.path.join(out_dir, "imitation", "cloned.pt")
     if not os.path.exists(path):
-        world.run(run)
-    return world.load_policy(path, cfg["device"]), run["tasks"]["textworld"]
+        run_script("world.py", run, args=[cfg["config"], *cfg["world_args"]])
+    return load_policy(path, cfg["device"]), textworld
 
 
 def diagnose(policy, env, episode):

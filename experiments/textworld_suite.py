@@ -27,14 +27,13 @@ import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import prepare  # noqa: E402
 import textworld_env  # noqa: E402
-import train  # noqa: E402
-import world  # noqa: E402
-from checkpoint import read_json, write_json_atomic  # noqa: E402
+from checkpoint import load_checkpoint, read_json, write_json_atomic  # noqa: E402
 from configurator import configure, print_config  # noqa: E402
 from plot import save_figure  # noqa: E402
+from policy import IMITATION_TRAIN, Cloning, clone_actions, evaluate, load_policy  # noqa: E402
 from runtime import StopRequest, read_jsonl  # noqa: E402
+from scripts import run_script  # noqa: E402
 from tasks import ACTION_PREFIX, EVAL_SEED_BASE, teacher_episodes, write_transcripts  # noqa: E402
 
 DEFAULTS = dict(
@@ -69,6 +68,7 @@ DEFAULTS = dict(
     imitation_iters=60,        # train.py steps on whole transcripts, then ...
     clone_iters=60,            # ... behaviour-cloning steps on their actions (3: cloning only)
     imitation_batch_size=8,
+    imitation_lr=2e-3,         # imitation's and cloning's learning rate (world.py's default)
     n_layer=2,
     n_head=4,
     n_embd=64,
@@ -84,13 +84,14 @@ def tw(options, games):
     return {"textworld": {**options, "games": games}}
 
 
+WORLD_KEYS = ("device", "seed", "eval_episodes", "eval_interval", "imitation_iters", "clone_iters", "imitation_batch_size",
+              "imitation_lr", "n_layer", "n_head", "n_embd", "block_size", "replay_recent_window", "choose_untried",
+              "choice_loss", "temperature_start", "temperature_end")  # the suite's keys that are world.py's too
+
+
 def world_config(cfg, out_dir, **overrides):
-    """A world.py config for one run: the suite's shape and imitation settings, act=choose."""
-    base = configure(world.DEFAULTS, []) | {k: cfg[k] for k in (
-        "device", "seed", "eval_episodes", "eval_interval", "imitation_iters", "clone_iters", "imitation_batch_size",
-        "n_layer", "n_head", "n_embd", "block_size", "replay_recent_window", "choose_untried", "choice_loss",
-        "temperature_start", "temperature_end")}
-    return base | {"out_dir": out_dir, "act": "choose", "overwrite": True} | overrides
+    """A world.py run's command-line overrides: the suite's shape and imitation settings, act=choose."""
+    return {k: cfg[k] for k in WORLD_KEYS} | {"out_dir": out_dir, "act": "choose", "overwrite": True} | overrides
 
 
 def evals(out_dir):
@@ -107,14 +108,29 @@ def cloned(out_dir):
 # ----------------------------------------------------------------------------- the runs
 
 def world_run(cfg, wcfg, old=None):
-    """A world.py run (its curve stays in its metrics.jsonl). old: a task it left behind, played again at the end."""
-    world.run(wcfg)
+    """A world.py run, python world.py --key=value ... with the overrides wcfg (its curve stays in its
+    metrics.jsonl). old: a task it left behind, played again at the end."""
+    run_script("world.py", wcfg, env={"OMP_NUM_THREADS": str(torch_threads())})
     result = {}
     if old:
-        policy = world.load_policy(wcfg["out_dir"], cfg["device"])
-        result["old_at_end"] = world.evaluate(policy, old, cfg["eval_episodes"], "choose",
-                                              cfg["choose_untried"])["textworld"]["success"]
+        policy = load_policy(wcfg["out_dir"], cfg["device"])
+        result["old_at_end"] = evaluate(policy, old, cfg["eval_episodes"], "choose",
+                                        cfg["choose_untried"])["textworld"]["success"]
     return result
+
+
+def torch_threads():
+    """The threads this worker process was given (run_job): its children get as many."""
+    import torch
+    return torch.get_num_threads()
+
+
+def imitation_train(cfg, out_dir, data_dir, dataset, iters):
+    """train.py's overrides for a model alike world.py's imitation policies (the suite's shape)."""
+    return IMITATION_TRAIN | {k: cfg[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "device", "seed")} | {
+        "out_dir": out_dir, "data_dir": data_dir, "dataset": dataset, "max_iters": iters,
+        "batch_size": cfg["imitation_batch_size"], "learning_rate": cfg["imitation_lr"],
+        "min_lr": cfg["imitation_lr"] / 10, "eval_interval": max(1, iters // 4), "overwrite": True}
 
 
 def observation_corpus(cfg, folder):
@@ -130,15 +146,16 @@ def observation_corpus(cfg, folder):
 def pretrain(cfg, folder):
     """Experiment 3's two starting points, alike but for training: train.py on the observation corpus for
     pretrain_iters steps, and for 0 steps (its random initialisation, same vocabulary)."""
-    recipe = world.imitation_recipe(world_config(cfg, folder))
     corpus = observation_corpus(cfg, folder)
-    prepare.prepare(recipe["prepare"] | {"dataset": corpus, "name": "observations", "data_dir": folder})
+    threads = {"OMP_NUM_THREADS": str(torch_threads())}
+    run_script("prepare.py", {"dataset": corpus, "name": "observations", "tokenizer": "char", "data_dir": folder,
+                              "force": True}, env=threads)
     starts = {}
     for name, iters in (("scratch", 0), ("pretrained", cfg["pretrain_iters"])):
-        run = recipe["train"] | {"out_dir": os.path.join(folder, name), "data_dir": folder, "dataset": "observations",
-                                 "max_iters": iters, "eval_interval": max(1, iters // 4)}
-        losses = train.train(run)
-        starts[name] = {"checkpoint": os.path.join(run["out_dir"], "ckpt.pt"), "val_loss": losses["val"]}
+        run = imitation_train(cfg, os.path.join(folder, name), folder, "observations", iters)
+        run_script("train.py", run, env=threads)
+        checkpoint = os.path.join(run["out_dir"], "ckpt.pt")
+        starts[name] = {"checkpoint": checkpoint, "val_loss": load_checkpoint(checkpoint)["val_loss"]}
     return starts
 
 
@@ -148,11 +165,12 @@ def clone_and_play(cfg, start, games, folder):
     task, path = tw(cfg["easy"], max(1, games)), start
     if games:
         episodes = teacher_episodes(task, cfg["imitation_per_game"] * games, 0.0, cfg["seed"])
-        clone = world.imitation_recipe(world_config(cfg, folder))["clone"]
+        clone = Cloning(iters=cfg["clone_iters"], batch_size=cfg["imitation_batch_size"], learning_rate=cfg["imitation_lr"],
+                        seed=cfg["seed"], device=cfg["device"], path=os.path.join(folder, "imitation", "cloned.pt"))
         with StopRequest(print) as stop:
-            path = world.clone_actions(start, episodes, clone, stop)
-    policy = world.load_policy(path, cfg["device"])
-    played = world.evaluate(policy, task, cfg["held_out"], "choose", cfg["choose_untried"])
+            path = clone_actions(start, episodes, clone, stop)
+    policy = load_policy(path, cfg["device"])
+    played = evaluate(policy, task, cfg["held_out"], "choose", cfg["choose_untried"])
     return {"success": played["textworld"]["success"]}
 
 

@@ -15,6 +15,7 @@ import world
 from checkpoint import save_checkpoint
 from configurator import configure
 from model import GPT, GPTConfig
+from policy import Policy, load_policy
 from runtime import read_jsonl
 from textworld_env import TextWorld, game_is_whole, generate_games
 from tokenizer import CharTokenizer
@@ -135,6 +136,16 @@ def test_bad_challenge_and_options_say_what_is_wrong(games):
         TextWorld(root=games, world_size="big")
     with pytest.raises(ValueError, match="show can hold"):
         TextWorld(root=games, show=("smell",), **TINY)
+    with pytest.raises(SystemExit, match=r"\{'world_size': -3\} for custom: sizes must be at least 1"):
+        TextWorld(root=games, **TINY | {"world_size": -3})  # tw-make's parser took it, its generator hit a NaN
+
+
+def test_a_tw_make_crash_is_a_message_not_a_traceback(monkeypatch):
+    def crash(*args, **kwargs):
+        raise ValueError("cannot convert float NaN to integer")
+    monkeypatch.setattr("runpy.run_path", crash)
+    code, printed = textworld_env.run_tw_make(["custom", "--seed", "0"])
+    assert code == 1 and "tw-make failed: ValueError: cannot convert float NaN to integer" in printed
 
 
 def test_missing_textworld_says_how_to_install(monkeypatch):
@@ -150,7 +161,7 @@ def tiny_char_policy(block_size=1024):
     tokenizer = CharTokenizer(sorted(set(tasks.ALPHABET)))
     model = GPT(GPTConfig(vocab_size=tokenizer.n_vocab, block_size=block_size, n_layer=1, n_head=2,
                                       n_embd=32))
-    return world.Policy(model, tokenizer)
+    return Policy(model, tokenizer)
 
 
 def test_choose_takes_the_command_the_policy_scores_highest(games):
@@ -252,7 +263,7 @@ def test_a_bpe_checkpoint_from_train_py_plays_textworld_end_to_end(games, tmp_pa
                            episodes=1, update_batch_size=1, episodes_per_update=1, eval_interval=1)
         result = world.run(cfg)
         assert 0.0 <= result["textworld"]["success"] <= 1.0
-        assert world.load_policy(cfg["out_dir"]).tokenizer.name == "gpt2"
+        assert load_policy(cfg["out_dir"]).tokenizer.name == "gpt2"
 
 
 def test_a_block_too_small_for_one_turn_or_missing_characters_is_a_clear_error(games, tmp_path):
@@ -343,7 +354,7 @@ def test_every_world_run_the_suite_plans_passes_world_checks():
             if function is textworld_suite.world_run]
     assert {"easy1000_generate", "hard_expert_iteration", "shift_replay"} <= {name for name, _ in runs}
     for name, run in runs:
-        world.check_config(run)
+        world.check_config(configure(world.DEFAULTS, []) | run)  # the suite passes overrides to python world.py
         assert run["choice_loss"] == (run["act"] == "choose"), name
     fewer = configure(textworld_suite.DEFAULTS, [os.path.join(root, "config", "textworld_suite_gpu.py"),
                                                  "--generate_held_out=50"])
@@ -440,3 +451,18 @@ def test_seeds_report_means_and_spreads_of_suite_runs(tmp_path):
     assert (tmp_path / "cut.json").exists() and not (tmp_path / "cut.png").exists()
     with pytest.raises(SystemExit, match="--runs is empty"):
         textworld_seeds.main([f"--out={tmp_path / 'none'}"])
+
+
+def test_textworld_is_a_gymnasium_env_that_passes_the_checker(games):
+    gymnasium = pytest.importorskip("gymnasium")  # optional (requirements-extras.txt)
+    import gym_envs  # noqa: F401  (registers ulm/textworld-v0)
+    from gymnasium.utils.env_checker import check_env
+    env = gymnasium.make("ulm/textworld-v0", root=games, games=len(SEEDS), **TINY)
+    check_env(env.unwrapped)
+    obs, info = env.reset(seed=1)
+    assert obs and info["teacher_action"] in info["admissible_commands"]
+    terminated = truncated = False
+    while not (terminated or truncated):
+        obs, reward, terminated, truncated, info = env.step(info["teacher_action"])
+    assert terminated and info["success"]
+    env.close()

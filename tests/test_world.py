@@ -2,14 +2,12 @@ import dataclasses
 import glob
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
-import torch
 
 import sample
 import tasks
@@ -18,18 +16,13 @@ from checkpoint import load_checkpoint, save_checkpoint, write_json_atomic
 from configurator import ConfigError, configure, read_config_file
 from conftest import ROOT
 from model import GPT, GPTConfig
+from policy import json_roundtrip, load_policy, reusable_policy
 from runtime import read_jsonl
+from test_policy import tiny_policy
 from tokenizer import CharTokenizer
 
 
-# ----------------------------------------------------------------------------- policy and learning
-
-def tiny_policy(block_size=192):
-    torch.manual_seed(0)
-    tokenizer = CharTokenizer(sorted(set(tasks.ALPHABET)))
-    model = GPT(GPTConfig(vocab_size=tokenizer.n_vocab, block_size=block_size, n_layer=1, n_head=2, n_embd=32))
-    return world.Policy(model, tokenizer)
-
+# ----------------------------------------------------------------------------- a whole run
 
 def tiny_run_config(tmp_path, **overrides):
     cfg = configure(world.DEFAULTS, [])
@@ -41,116 +34,9 @@ def tiny_run_config(tmp_path, **overrides):
     return cfg
 
 
-def test_policy_writes_one_action_line():
-    action = tiny_policy().act("task arith\nobs Compute 2*3. Tools: calc.\n", temperature=1.0, seed=0)
-    assert isinstance(action, str) and "\n" not in action and len(action) <= tasks.MAX_ACTION_CHARS
-
-
-def test_policy_acts_on_transcripts_longer_than_its_context():
-    policy = tiny_policy(block_size=64)
-    assert isinstance(policy.act("task rooms\n" + "obs You are in the hall.\n" * 20, seed=1), str)
-
-
-def test_a_few_learning_steps_change_the_weights_and_lower_the_loss():
-    policy = tiny_policy()
-    env = tasks.make_env("arith")
-    items = [world.episode_item(tasks.play_episode(env, tasks.teacher_act(env), s), 0) for s in range(8)]
-    before = [p.detach().clone() for p in policy.model.parameters()]
-    optimizer = torch.optim.AdamW(policy.model.parameters(), lr=3e-3)
-    losses = [world.update(policy, optimizer, items, [1.0] * len(items)) for _ in range(10)]
-    assert losses[-1] < losses[0]
-    assert any(not torch.equal(a, b) for a, b in zip(before, policy.model.parameters()))
-
-
-def test_reinforce_weight_sign_pushes_probability_up_or_down():
-    env = tasks.make_env("arith")
-    item = world.episode_item(tasks.play_episode(env, tasks.teacher_act(env), 0), 0)
-    results = {}
-    for sign in (1.0, -1.0):
-        policy = tiny_policy()
-        optimizer = torch.optim.SGD(policy.model.parameters(), lr=0.5)
-        first = world.update(policy, optimizer, [item], [sign])
-        results[sign] = world.update(policy, optimizer, [item], [1.0]) - abs(first)
-    assert results[1.0] < 0 < results[-1.0]  # the loss of the actions fell after +1 and rose after -1
-
-
-def test_action_batch_trains_only_on_action_tokens():
-    policy = tiny_policy()
-    env = tasks.make_env("arith")
-    episode = tasks.play_episode(env, tasks.teacher_act(env), 0)
-    x, y = world.action_batch(policy, [world.episode_item(episode, 0)])
-    trained = policy.tokenizer.decode([t for t in y[0].tolist() if t != -1])
-    assert trained == "".join(a + "\n" for a in episode["actions"])
-
-
-def test_teacher_help_labels_the_states_where_the_policy_went_wrong():
-    env = tasks.make_env("arith")
-    episode = tasks.play_episode(env, lambda transcript: "ANSWER 7", 0)
-    items = world.teacher_items(episode, 3)
-    assert len(items) == 1 and items[0]["text"].endswith(f"act CALL calc {env.expression}\n")
-    start, end = items[0]["spans"][0]
-    assert items[0]["text"][start:end] == f"CALL calc {env.expression}\n"
-
-
-class ListedArith(tasks.Arith):
-    """Arith as a task that lists its commands, as textworld does: the right call, a wrong one, an answer."""
-    def admissible_actions(self):
-        return [f"CALL calc {self.expression}", "CALL calc 1+1", f"ANSWER {self.answer}"]
-
-
-def test_episodes_and_teacher_labels_keep_the_commands_listed_in_each_state():
-    env = ListedArith()
-    episode = tasks.play_episode(env, lambda transcript: "CALL calc 1+1", 0)
-    assert len(episode["choices"]) == len(episode["actions"]) and episode["choices"][0][0] == episode["teacher_actions"][0]
-    item = world.teacher_items(episode, 0)[0]
-    assert item["choices"] == [episode["choices"][0]] and world.episode_item(episode, 0)["choices"] == episode["choices"]
-    assert "choices" not in tasks.play_episode(tasks.make_env("arith"), lambda transcript: "ANSWER 1", 0)
-
-
-def test_choice_loss_lifts_the_label_to_the_top_of_the_listed_commands():
-    env = ListedArith()
-    transcript = tasks.play_episode(env, tasks.teacher_act(env), 0)["transcript"]
-    context = transcript[:transcript.index("act ")]
-    policy = tiny_policy()
-    listed = ["CALL calc 1+1", f"CALL calc {env.expression}", "ANSWER 7", "look"]
-    with torch.no_grad():
-        scores = policy.command_scores(context, listed)
-    label = listed[int(scores.argmin())]  # the policy ranks it last
-    start = len(context) + len(tasks.ACTION_PREFIX)
-    item = {"text": f"{context}act {label}\n", "spans": [[start, start + len(label) + 1]], "choices": [listed]}
-    optimizer = torch.optim.AdamW(policy.model.parameters(), lr=3e-3)
-    losses = [world.choice_update(policy, optimizer, [item], [1.0]) for _ in range(15)]
-    assert losses[-1] < losses[0] and policy.choose(context, listed) == label
-
-
-def test_choice_loss_refuses_replay_items_without_their_listed_commands():
-    item = {"text": "task t\nobs o\nact look\n", "spans": [[14, 19]]}  # kept by a run before choice_loss
-    policy = tiny_policy()
-    with pytest.raises(SystemExit, match="1 replay items have none"):
-        world.choice_update(policy, torch.optim.AdamW(policy.model.parameters()), [item], [1.0])
-    # a run resumed with choice_loss is refused when its replay is read back, before any episode is played
-    optimizer = torch.optim.AdamW(policy.model.parameters())
-    state = {"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(), "rng": random.Random(0).getstate(),
-             "replay": [item], "step": 0, "baselines": {}}
-    cfg = world.configure(world.DEFAULTS, ["--choice_loss=True", "--act=choose"])
-    with pytest.raises(SystemExit, match="1 replay items have none"):
-        world.resume_progress(state, optimizer, cfg)
-    assert world.resume_progress(state, optimizer, cfg | {"choice_loss": False}).replay.items == [item]
-
-
 def test_choice_loss_needs_act_choose(tmp_path):
     with pytest.raises(ConfigError, match="act=choose"):
         world.check_config(tiny_run_config(tmp_path, choice_loss=True))
-
-
-def test_replay_keeps_recent_items_and_mixes_them_with_old_ones():
-    rng = random.Random(0)
-    replay = world.ReplayBuffer(size=50, recent_window=10, recent_fraction=0.5)
-    for i in range(200):
-        replay.add({"episode": i}, rng)
-    assert len(replay.items) == 50 and [it["episode"] for it in replay.items[-10:]] == list(range(190, 200))
-    batch = [it["episode"] for it in replay.sample(20, rng)]
-    assert sum(e >= 190 for e in batch) >= 10 and any(e < 190 for e in batch)
 
 
 def test_world_run_writes_metrics_plot_and_a_loadable_policy(tmp_path):
@@ -159,10 +45,11 @@ def test_world_run_writes_metrics_plot_and_a_loadable_policy(tmp_path):
     rows = read_jsonl(f"{cfg['out_dir']}/metrics.jsonl")
     assert [r["episode"] for r in rows if "eval" in r] == [0, 4, 8]
     assert (tmp_path / "run" / "world.png").exists()
-    policy = world.load_policy(cfg["out_dir"])
+    policy = load_policy(cfg["out_dir"])
     assert isinstance(tasks.play_episode(tasks.make_env("arith"), policy.act, 1)["success"], bool)
     recipe = json.loads((tmp_path / "run" / "imitation" / "recipe.json").read_text())
     assert recipe["checkpoint"].endswith("cloned.pt") and recipe["recipe"]["train"]["warmup_iters"] == 50
+    assert "n_layer" in recipe["recipe"]["train"] and "grad_clip" not in recipe["recipe"]["train"]  # overrides only
 
 
 def test_a_world_policy_has_the_one_checkpoint_layout_and_sample_py_reads_it(tmp_path, capsys):
@@ -201,11 +88,10 @@ def test_resume_continues_like_an_uninterrupted_run(tmp_path):
 
 
 def test_world_changes_rename_the_tool_mid_run():
-    cfg = configure(world.DEFAULTS, [])
-    cfg["changes"] = [(100, "arith", {"tool": "compute"}), (200, "guess", {})]
-    assert world.task_options_at(99, cfg) == {"arith": {}}
-    assert world.task_options_at(150, cfg) == {"arith": {"tool": "compute"}}
-    assert set(world.task_options_at(200, cfg)) == {"arith", "guess"}
+    changes = [(100, "arith", {"tool": "compute"}), (200, "guess", {})]
+    assert world.task_options_at(99, {"arith": {}}, changes) == {"arith": {}}
+    assert world.task_options_at(150, {"arith": {}}, changes) == {"arith": {"tool": "compute"}}
+    assert set(world.task_options_at(200, {"arith": {}}, changes)) == {"arith", "guess"}
 
 
 def save_checkpoint_with_tokenizer(path, tokenizer_meta, chars=tasks.ALPHABET):
@@ -232,7 +118,54 @@ def bad_world_inputs(tmp_path):
         ({"init_from": shakespeare}, "cannot play arith: its character vocabulary lacks '.*1345"),
         ({"init_from": bpe}, "'gpt2' tokenizer has 50257 tokens, its model only"),
         ({"init_from": untagged}, "has no tokenizer"),
+        # issue 27: each of these was a traceback
+        ({"tasks": {}}, "tasks must name at least one task"),  # ZeroDivisionError
+        ({"tasks": {"arith": 5}}, "tasks maps each task name to a dict of its options"),  # a world job accepted, then died
+        ({"changes": [(5, "arith")]}, r"each change is \(episode, task, options\)"),
+        ({"tasks": {"arith": {"terms": (5, 2)}}}, r"terms is a range \(low, high\) of integers .* got \(5, 2\)"),
+        ({"tasks": {"arith": {"terms": "ab"}}}, r"terms is a range \(low, high\) of integers .* got 'ab'"),
+        ({"tasks": {"rooms": {"rooms": (3, 40)}}}, "at most 12 rooms have names"),
+        ({"init_from": int8_export(tmp_path)}, r"is an inference export \(int8, compress.py\).*start from the checkpoint"),
     ]
+
+
+def int8_export(tmp_path):
+    """compress.py's int8 export of a tiny policy (quantized weights: they play, but cannot be trained)."""
+    import compress
+    source = save_tiny_policy(tmp_path / "to_export.pt")
+    return compress.export(configure(compress.DEFAULTS, [f"--ckpt={source}", "--format=int8", "--device=cpu",
+                                                         f"--out={tmp_path / 'export_int8.pt'}"]))
+
+
+def test_resuming_a_checkpoint_without_a_learning_state_says_how_to_start_from_it(tmp_path):
+    cfg = tiny_run_config(tmp_path, init_from="resume")
+    os.makedirs(cfg["out_dir"])
+    save_tiny_policy(os.path.join(cfg["out_dir"], "policy.pt"))  # weights only, as an imitation's cloned.pt
+    with pytest.raises(SystemExit, match=r"policy.pt cannot be resumed: it holds no learning state \(no optimizer, "
+                                         r"baselines, replay.*--init_from=.*policy.pt --out_dir=<a new folder>"):
+        world.run(cfg)  # a KeyError on 'replay' before
+
+
+def unwritable_folder(tmp_path):
+    """A folder this process cannot create files in: root writes anywhere but a read-only file system."""
+    if os.geteuid() == 0:
+        return "/sys/ulm_world_test/run" if os.path.isdir("/sys") else pytest.skip("root and no read-only /sys")
+    folder = tmp_path / "read_only"
+    folder.mkdir(mode=0o500)
+    return str(folder / "run")
+
+
+def test_a_read_only_out_dir_is_a_clear_error_not_a_traceback(tmp_path):
+    start = save_tiny_policy(tmp_path / "start.pt")
+    with pytest.raises(SystemExit, match="cannot write to out_dir .*choose an --out_dir you can write to"):
+        world.run(tiny_run_config(tmp_path, init_from=start, out_dir=unwritable_folder(tmp_path)))
+
+
+def test_a_job_with_a_bad_task_shape_exits_with_a_message_before_it_writes(tmp_path):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "world.py"), "--tasks={'arith': 5}",
+                          f"--out_dir={tmp_path / 'run'}"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode != 0 and "tasks maps each task name to a dict" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "run").exists()
 
 
 def test_bad_world_inputs_stop_with_a_message_and_leave_out_dir_alone(tmp_path):
@@ -304,18 +237,46 @@ def test_arith_tool_name_can_vary_per_episode():
 
 
 def test_imitation_is_reused_only_when_every_setting_that_shaped_it_matches(tmp_path):
-    recipe = world.json_roundtrip(world.imitation_recipe(tiny_run_config(tmp_path)))
+    recipe = world.imitation_recipe(tiny_run_config(tmp_path))
     assert recipe["train"]["warmup_iters"] == 50 and recipe["train"]["beta2"] == 0.99  # the hard-coded ones too
     checkpoint, path = save_tiny_policy(tmp_path / "cloned.pt"), str(tmp_path / "recipe.json")
     write_json_atomic(path, {"recipe": recipe, "checkpoint": checkpoint})
-    assert world.reusable_imitation(path, recipe) == checkpoint
+    assert reusable_policy(path, recipe) == checkpoint
     for stage, key in [("train", "beta2"), ("train", "warmup_iters"), ("clone", "final_lr_fraction"), ("teacher", "noise")]:
-        changed = world.json_roundtrip(recipe)
+        changed = json_roundtrip(recipe)
         changed[stage][key] += 0.01
-        assert world.reusable_imitation(path, changed) is None, (stage, key)
+        assert reusable_policy(path, changed) is None, (stage, key)
 
 
 def test_world_configs_each_write_their_own_out_dir():
     paths = sorted(glob.glob(os.path.join(ROOT, "config", "world_*.py")))
     out_dirs = [read_config_file(p)["out_dir"] for p in paths]
     assert len(paths) >= 6 and len(set(out_dirs)) == len(out_dirs)
+
+
+def test_a_failing_imitation_step_shows_the_childs_last_lines_and_its_command(tmp_path):
+    cfg = tiny_run_config(tmp_path, imitation_episodes=1, block_size=1024)  # too little text for the block
+    with pytest.raises(SystemExit, match=r"(?s)train.py failed \(exit code 1\); its last lines:.*too few for "
+                                         r"block_size=1024.*the command was: .*train.py .*--block_size=1024"):
+        world.run(cfg)
+
+
+def test_sigterm_during_imitation_stops_train_py_once_with_its_checkpoint_saved(tmp_path):
+    out_dir = tmp_path / "run"
+    args = [f"--out_dir={out_dir}", "--tasks={'arith': {'max_steps': 2}}", "--imitation_episodes=50",
+            "--imitation_iters=100000", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=192"]
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "world.py"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        metrics, deadline = out_dir / "imitation" / "metrics.jsonl", time.monotonic() + 120
+        while time.monotonic() < deadline and not metrics.exists():  # train.py has logged its first evaluation
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)  # to world.py alone, as a job runner or kill does
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1 and "stopped during imitation" in out and "the same command starts it again" in out, out
+    assert "SIGTERM: saving" in out and "again: quitting now without saving" not in out, out  # one signal reached it
+    assert load_checkpoint(str(out_dir / "imitation" / "ckpt.pt"))["step"] < 100000  # saved where it stopped
+    running = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout.splitlines()
+    assert not [line for line in running if "train.py" in line and str(out_dir) in line]  # no child left behind
