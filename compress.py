@@ -39,7 +39,8 @@ from data import get_batch, open_dataset
 from looped import LoopedGPT
 from model import MLP
 from runtime import resolve_device, resolve_dtype
-from shrink import INT4_GROUP_SIZES, quantize_model
+from generation import decode_speed
+from shrink import INT4_GROUP_SIZES, quantize_model, two_four_mask
 from training import make_optimizers
 
 DEFAULTS = dict(
@@ -172,15 +173,6 @@ def magnitude_mask(weight, sparsity):
     keep = weight.numel() - round(sparsity * weight.numel())
     mask = torch.zeros(weight.numel(), dtype=torch.bool, device=weight.device)
     mask[weight.abs().flatten().topk(keep).indices] = True
-    return mask.view_as(weight)
-
-
-def two_four_mask(weight):
-    """Keep the 2 largest of every 4 consecutive input weights: the 2:4 pattern sparse tensor cores run."""
-    if weight.size(1) % 4:
-        raise SystemExit(f"2:4 sparsity needs layer widths divisible by 4, got {weight.size(1)}")
-    groups = weight.abs().view(weight.size(0), -1, 4)
-    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, groups.topk(2, dim=-1).indices, True)
     return mask.view_as(weight)
 
 
@@ -330,20 +322,6 @@ def weight_bytes(weights):
 
 
 @torch.no_grad()
-def decode_speed(model, gen_tokens, compile):
-    """(greedy tokens, decode tokens/s) of gen_tokens tokens at batch 1 from a one-token prompt."""
-    device = model.rotary.cos.device
-    prompt = torch.full((1, 1), model.config.vocab_size - 1, dtype=torch.long, device=device)
-    stream = model.generate_stream(prompt, gen_tokens, temperature=0.0, compile=compile)
-    # the prefill and, when compiling, the first decode steps (compilation, CUDA graph capture) stay untimed
-    tokens = [int(t[0]) for _, t in zip(range(4 if compile else 1), stream)]
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    timed = [int(t[0]) for t in stream]
-    return tokens + timed, len(timed) / (time.perf_counter() - t0)
-
-
 def measure(cfg):
     """Load a checkpoint or export, generate gen_tokens greedy tokens at batch 1, then the val loss: a dict."""
     device = resolve_device(cfg["device"])
@@ -400,7 +378,10 @@ def print_report(before, after):
 def main(argv):
     cfg = configure(DEFAULTS, argv)
     if cfg["mode"] == "measure":
-        print(json.dumps(measure(cfg)))
+        result = measure(cfg)
+        if cfg["report"]:
+            write_json_atomic(cfg["report"], result)
+        print(json.dumps(result))
         return
     print_config(cfg)
     if cfg["mode"] not in ("export", "prune"):

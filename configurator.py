@@ -154,6 +154,19 @@ def configure(defaults, argv, optional=()):
     return config
 
 
+def settings(argv):
+    """What a list of config files and --key=value arguments sets, unchecked and without defaults: what a
+    script reads of the command line it will give another script."""
+    config = {}
+    for arg in argv:
+        if arg.startswith("--"):
+            key, _, text = arg[2:].partition("=")
+            config[key.replace("-", "_")] = parse_value(text)
+        else:
+            config.update(read_config_file(arg))
+    return config
+
+
 def print_config(config):
     print("config:", json.dumps(config, default=str))
 

@@ -4,6 +4,7 @@ CUDA graph on a GPU). model.py's GPT.generate and generate_stream call into here
 requests over one KVCache.
 """
 import copy
+import time
 
 import torch
 
@@ -150,3 +151,17 @@ def generate(model, idx, max_new_tokens, **sampling):
     """idx (B, T) followed by up to max_new_tokens sampled tokens (B, T + n)."""
     new = list(generate_stream(model, idx, max_new_tokens, **sampling))
     return torch.cat([idx] + [t[:, None] for t in new], dim=1)
+
+
+def decode_speed(model, gen_tokens, compile):
+    """(greedy tokens, decode tokens/s) of gen_tokens tokens at batch 1 from a one-token prompt."""
+    device = model.rotary.cos.device
+    prompt = torch.full((1, 1), model.config.vocab_size - 1, dtype=torch.long, device=device)
+    stream = model.generate_stream(prompt, gen_tokens, temperature=0.0, compile=compile)
+    # the prefill and, when compiling, the first decode steps (compilation, CUDA graph capture) stay untimed
+    tokens = [int(t[0]) for _, t in zip(range(4 if compile else 1), stream)]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    timed = [int(t[0]) for t in stream]
+    return tokens + timed, len(timed) / (time.perf_counter() - t0)

@@ -282,6 +282,15 @@ def build_export_model(model_args, weights, device):
 
 # ----------------------------------------------------------------------------- masks
 
+def two_four_mask(weight):
+    """Keep the 2 largest of every 4 consecutive input weights: the 2:4 pattern sparse tensor cores run."""
+    if weight.size(1) % 4:
+        raise SystemExit(f"2:4 sparsity needs layer widths divisible by 4, got {weight.size(1)}")
+    groups = weight.abs().view(weight.size(0), -1, 4)
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, groups.topk(2, dim=-1).indices, True)
+    return mask.view_as(weight)
+
+
 def masked_weights(model):
     """[(weight, mask)] of the layers a pruning fixed at zero (empty for an unpruned model)."""
     return [(m.weight, m.weight_mask) for m in model.modules() if hasattr(m, "weight_mask")]

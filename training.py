@@ -7,6 +7,7 @@ holds no loop of its own.
 import contextlib
 import dataclasses
 import math
+import os
 import time
 
 import torch
@@ -16,6 +17,7 @@ from architecture import model_args
 from checkpoint import knn_store_dir, save_checkpoint, save_knn_stores
 from data import get_batch
 from memory import knn_stores, value_groups
+from runtime import read_jsonl
 
 EVAL_SEED = 1234  # evaluation draws the same batches every time, so evals compare exactly
 
@@ -200,6 +202,14 @@ def set_rng_states(states, generator):
     generator.set_state(states["sampler"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def last_evaluation(out_dir):
+    """{'train', 'val'} losses of a train.py run's last evaluation, from its metrics.jsonl."""
+    rows = [row for row in read_jsonl(os.path.join(out_dir, "metrics.jsonl")) if "val_loss" in row]
+    if not rows:
+        raise SystemExit(f"{out_dir} holds no evaluation yet (metrics.jsonl has no val_loss row)")
+    return {"train": rows[-1]["train_loss"], "val": rows[-1]["val_loss"]}
 
 
 def tokenizer_of(meta):

@@ -50,15 +50,16 @@ import torch._inductor.config  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import compress  # noqa: E402
-import train  # noqa: E402
 from checkpoint import load_checkpoint, load_model, read_json, save_checkpoint, write_json_atomic  # noqa: E402
 from configurator import configure, print_config  # noqa: E402
 from data import open_dataset  # noqa: E402
+from generation import decode_speed  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402 (a plain core model)
 from plot import save_figure  # noqa: E402
 from runtime import resolve_device  # noqa: E402
-from shrink import Int8Linear  # noqa: E402
+from scripts import run_script  # noqa: E402
+from shrink import Int8Linear, two_four_mask  # noqa: E402
+from training import last_evaluation  # noqa: E402
 
 DEFAULTS = dict(
     out="out/compress_gpu",
@@ -88,15 +89,15 @@ def train_shape(cfg, shape, run_dir):
     """A run of shape (n_layer, n_embd, n_head) trained briefly on the dataset through train.py: real weights
     for the loss deltas, far from converged."""
     n_layer, n_embd, n_head = shape
-    train_cfg = configure(train.DEFAULTS, [])
-    train_cfg.update(out_dir=run_dir, dataset=cfg["dataset"], device=cfg["device"], n_layer=n_layer, n_embd=n_embd,
-                     n_head=n_head, block_size=cfg["block_size"], batch_size=cfg["batch_size"],
-                     max_iters=cfg["train_iters"], eval_interval=cfg["train_iters"], eval_iters=cfg["eval_iters"],
-                     warmup_iters=max(1, cfg["train_iters"] // 10), learning_rate=cfg["learning_rate"],
-                     min_lr=cfg["learning_rate"] / 10, compile=cfg["device"] == "cuda", dropout=0.0,
-                     optimizer="muon", muon_lr=0.02)  # config/gpu_1b.py's optimizer: one buffer per matrix
+    run = dict(out_dir=run_dir, dataset=cfg["dataset"], device=cfg["device"], n_layer=n_layer, n_embd=n_embd,
+               n_head=n_head, block_size=cfg["block_size"], batch_size=cfg["batch_size"],
+               max_iters=cfg["train_iters"], eval_interval=cfg["train_iters"], eval_iters=cfg["eval_iters"],
+               warmup_iters=max(1, cfg["train_iters"] // 10), learning_rate=cfg["learning_rate"],
+               min_lr=cfg["learning_rate"] / 10, compile=cfg["device"] == "cuda", dropout=0.0,
+               optimizer="muon", muon_lr=0.02)  # config/gpu_1b.py's optimizer: one buffer per matrix
     t0 = time.perf_counter()
-    losses = train.train(train_cfg)
+    run_script("train.py", run)
+    losses = last_evaluation(run_dir)
     return {"val_loss": losses["val"], "train_loss": losses["train"], "seconds": time.perf_counter() - t0,
             "shape": shape, "iters": cfg["train_iters"], "tokens": cfg["train_iters"] * cfg["batch_size"] * cfg["block_size"]}
 
@@ -119,14 +120,22 @@ def export(cfg, src, fmt, device):
     """The fmt export of src beside it (made once)."""
     out = f"{os.path.splitext(src)[0]}_{fmt}.pt"
     if not os.path.exists(out):
-        compress.export({**compress_cfg(cfg, device), "ckpt": src, "format": fmt, "out": out})
+        run_script("compress.py", compress_settings(cfg, device) | {"ckpt": src, "format": fmt, "out": out})
     return out
 
 
-def compress_cfg(cfg, device, **overrides):
-    return {**configure(compress.DEFAULTS, []), "group_size": cfg["group_size"], "device": device, "measure": False,
-            "eval_batch_size": 8, "eval_iters": cfg["eval_iters"], "gen_tokens": cfg["gen_tokens"],
-            "compile": cfg["compile"], **overrides}
+def compress_settings(cfg, device, **overrides):
+    """compress.py's options for this experiment's exports and measurements."""
+    return {"group_size": cfg["group_size"], "device": device, "measure": False, "eval_batch_size": 8,
+            "eval_iters": cfg["eval_iters"], "gen_tokens": cfg["gen_tokens"], "compile": cfg["compile"], **overrides}
+
+
+def measure(path, settings):
+    """compress.py --mode=measure of one file, in a fresh process so its peak memory is that file's alone."""
+    report = f"{path}.measure.json"
+    run_script("compress.py", {k: v for k, v in settings.items() if k not in ("measure", "group_size")} |
+               {"mode": "measure", "ckpt": path, "report": report})
+    return read_json(report, fix="measure the file again")
 
 
 def export_and_measure(cfg, src, device, deadline, formats=None, **overrides):
@@ -138,14 +147,13 @@ def export_and_measure(cfg, src, device, deadline, formats=None, **overrides):
             results[fmt] = {"skipped": f"time_limit_s={cfg['time_limit_s']} passed"}
             continue
         path = export(cfg, src, fmt, device)
-        ccfg = compress_cfg(cfg, device, **overrides)
+        settings = compress_settings(cfg, device, **overrides)
         try:
-            results[fmt] = compress.measure_in_subprocess(path, ccfg)
+            results[fmt] = measure(path, settings)
         except SystemExit as e:  # e.g. compiling a kernel fails: measure it eager, and say so
-            if not ccfg["compile"]:
+            if not settings["compile"]:
                 raise
-            results[fmt] = {**compress.measure_in_subprocess(path, {**ccfg, "compile": False}),
-                            "compile_failed": str(e)[-500:]}
+            results[fmt] = {**measure(path, {**settings, "compile": False}), "compile_failed": str(e)[-500:]}
         r = results[fmt]
         r.pop("tokens")
         r["rss_over_file"] = (r["peak_rss_gib"] - r["rss_at_start_gib"]) * 1024 / r["file_mib"]
@@ -215,7 +223,7 @@ def decode_paths(cfg, device, deadline):
         try:
             model = build()
             with torch._inductor.config.patch(coordinate_descent_tuning="coordinate descent" in name):
-                tokens, tokens_per_s = compress.decode_speed(model, cfg["gen_tokens"], compile)
+                tokens, tokens_per_s = decode_speed(model, cfg["gen_tokens"], compile)
             results[name] = {"decode_tokens_per_s": tokens_per_s, "first_tokens": tokens[:16]}
             if device == "cuda":
                 results[name]["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -249,7 +257,7 @@ def sparse_two_four(cfg):
     rows = []
     for name, (n_out, n_in) in layers.items():
         w = torch.randn(n_out, n_in, device="cuda", dtype=torch.bfloat16)
-        w = w * compress.two_four_mask(w)
+        w = w * two_four_mask(w)
         w_sparse = to_sparse_semi_structured(w)
         for m in cfg["token_counts"]:
             x = torch.randn(m, n_in, device="cuda", dtype=torch.bfloat16)

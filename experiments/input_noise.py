@@ -6,7 +6,7 @@ equal steps on shakespeare_char: (a) clean val loss, (b) val loss on a noised co
     python experiments/input_noise.py --device=cuda --workers=3 --train_config=config/shakespeare_char_best.py \
         --max_iters=1500 --eval_iters=100 --evals=6 --time_limit_s=300 --out=out/input_noise_gpu   # one H100, < 8 min
 
-Every run is train.train with the same config, seed and steps, only `noise` differs. The noised val
+Every run is train.py with the same config, seed and steps, only `noise` differs. The noised val
 copy uses `val_noise` (all character families at once) on fixed batches; its targets stay clean.
 Noise can only cure overfitting where there is some: `train_tokens=N` trains on the first N characters
 of the training split (the same val), so a CPU-sized model overfits its slice in minutes as the GPU
@@ -24,12 +24,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import train  # noqa: E402
-from checkpoint import atomic_write, load_checkpoint, load_model, write_json_atomic  # noqa: E402
-from configurator import configure, print_config  # noqa: E402
+from checkpoint import atomic_write, load_checkpoint, load_model, read_json, write_json_atomic  # noqa: E402
+from configurator import configure, print_config, settings  # noqa: E402
 from plot import save_figure  # noqa: E402
 from data import get_batch, open_dataset  # noqa: E402
 from noise import InputNoise  # noqa: E402
+from scripts import run_script  # noqa: E402
 from runtime import read_jsonl, resolve_device, run_in_processes  # noqa: E402
 
 DEFAULTS = dict(
@@ -152,17 +152,17 @@ def plot(results, path):
 
 
 def train_and_measure(cfg, name, probs, seed, dataset):
-    """Train one run with this noise and seed (train.train, fresh folder <out>/<name>_s<seed>), then its
+    """Train one run with this noise and seed (train.py in a child process, fresh folder <out>/<name>_s<seed>), then its
     train, clean val and noised val loss, and its train/val curve."""
     device = resolve_device(cfg["device"])
     run_dir = os.path.join(cfg["out"], f"{name}_s{seed}")
     shutil.rmtree(run_dir, ignore_errors=True)  # this experiment's own run folder: always a fresh run
-    run = configure(train.DEFAULTS, [cfg["train_config"], f"--out_dir={run_dir}", f"--max_iters={cfg['max_iters']}",
-                                     f"--eval_interval={max(1, cfg['max_iters'] // cfg['evals'])}",
-                                     f"--eval_iters={cfg['eval_iters']}", f"--device={cfg['device']}", f"--seed={seed}",
-                                     f"--noise={probs!r}", *cfg["overrides"], *([f"--dataset={dataset}"] if dataset else [])])
     print(f"--- {name}, seed {seed}: noise {probs}", flush=True)
-    train.train(run)
+    run_script("train.py", dict(out_dir=run_dir, max_iters=cfg["max_iters"],
+                                eval_interval=max(1, cfg["max_iters"] // cfg["evals"]), eval_iters=cfg["eval_iters"],
+                                device=cfg["device"], seed=seed, noise=probs) | ({"dataset": dataset} if dataset else {}),
+               args=[cfg["train_config"], *cfg["overrides"]])
+    run = read_json(os.path.join(run_dir, "config.json"), fix="the run did not finish: run the experiment again")
     meta = open_dataset(run["data_dir"], run["dataset"], run["block_size"])
     model = load_model(load_checkpoint(os.path.join(run_dir, "ckpt.pt"), map_location=device), device)
     losses = final_losses(model, meta, cfg["val_noise"], cfg["eval_iters"], run["batch_size"], run["block_size"], device)
@@ -185,8 +185,9 @@ def main(argv):
         raise SystemExit(f"evals must be >= 1 and seeds a non-empty list, got {cfg['evals']} and {cfg['seeds']}")
     dataset = ""
     if cfg["train_tokens"]:
-        run = configure(train.DEFAULTS, [cfg["train_config"], *cfg["overrides"]])
-        dataset = train_slice(open_dataset(run["data_dir"], run["dataset"], run["block_size"]), cfg["train_tokens"])
+        run = settings([cfg["train_config"], *cfg["overrides"]])  # train.py's defaults where the config is silent
+        dataset = train_slice(open_dataset(run.get("data_dir", "data"), run.get("dataset", "shakespeare_char"),
+                                           run.get("block_size", 1024)), cfg["train_tokens"])
     deadline = time.monotonic() + cfg["time_limit_s"] if cfg["time_limit_s"] else None
     jobs = [(cfg, name, probs, seed, dataset) for seed in cfg["seeds"] for name, probs in cfg["runs"].items()]
     rows = []

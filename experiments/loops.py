@@ -35,12 +35,14 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from checkpoint import read_json, write_json_atomic  # noqa: E402
-from configurator import configure, print_config  # noqa: E402
-from plot import save_figure  # noqa: E402
+from architecture import DEFAULTS as MODEL_DEFAULTS  # noqa: E402
 from architecture import build_model  # noqa: E402
-from training import lr_at as schedule  # noqa: E402
+from checkpoint import read_json, write_json_atomic  # noqa: E402
+from configurator import configure, print_config, settings  # noqa: E402
+from plot import save_figure  # noqa: E402
 from runtime import resolve_device, resolve_dtype  # noqa: E402
+from scripts import run_script  # noqa: E402
+from training import lr_at as schedule  # noqa: E402
 
 DEFAULTS = dict(
     out_dir="out/loops",
@@ -281,33 +283,35 @@ def plot_chains(results, cfg, path):
 # ----------------------------------------------------------------------------- shakespeare_char
 
 def shakespeare_runs(cfg):
-    """train.py configs of the three shakespeare_char models: looped, plain at equal params, at equal FLOPs."""
-    import train
-    base = configure(train.DEFAULTS, cfg["shakespeare_args"] + [f"--device={cfg['device']}", f"--seed={cfg['seed']}"])
+    """train.py overrides of the three shakespeare_char models (over shakespeare_args): looped, plain at equal
+    params, at equal FLOPs."""
+    base = MODEL_DEFAULTS | settings(cfg["shakespeare_args"]) | {"device": cfg["device"], "seed": cfg["seed"]}
     distinct = base["n_prelude"] + base["n_core"] + base["n_coda"]
     plain = dict(n_prelude=0, n_core=0, n_coda=0, loops=1, loops_sampling="fixed", loops_min=1, loops_max=0,
                  backprop_loops=0, eval_loops=[])
+    looped = {"device": cfg["device"], "seed": cfg["seed"]}
     return {
-        "looped": base,
-        "params": base | plain | {"n_layer": distinct},
-        "flops": base | plain | {"n_layer": base["n_prelude"] + base["n_core"] * base["loops"] + base["n_coda"]},
+        "looped": looped,
+        "params": looped | plain | {"n_layer": distinct},
+        "flops": looped | plain | {"n_layer": base["n_prelude"] + base["n_core"] * base["loops"] + base["n_coda"]},
     }
 
 
 def run_shakespeare(cfg):
     """Train the three shakespeare_char models; their loss curves go to <out_dir>/shakespeare.png."""
-    import train
     from plot import plot_runs
     results = {}
-    for name, run_cfg in shakespeare_runs(cfg).items():
-        run_cfg = run_cfg | {"out_dir": os.path.join(cfg["out_dir"], f"shakespeare_{name}"), "init_from": "scratch"}
-        if os.path.exists(os.path.join(run_cfg["out_dir"], "ckpt.pt")):
-            raise SystemExit(f"{run_cfg['out_dir']} already holds a run: pick another --out_dir or remove it")
-        print(f"shakespeare_char {name}: n_layer={run_cfg['n_layer']} n_core={run_cfg['n_core']} loops={run_cfg['loops']}")
-        losses = train.train(run_cfg)
-        with open(os.path.join(run_cfg["out_dir"], "metrics.jsonl")) as f:
+    for name, overrides in shakespeare_runs(cfg).items():
+        out_dir = os.path.join(cfg["out_dir"], f"shakespeare_{name}")
+        if os.path.exists(os.path.join(out_dir, "ckpt.pt")):
+            raise SystemExit(f"{out_dir} already holds a run: pick another --out_dir or remove it")
+        print(f"shakespeare_char {name}: {overrides}")
+        run_script("train.py", overrides | {"out_dir": out_dir}, args=cfg["shakespeare_args"])
+        with open(os.path.join(out_dir, "metrics.jsonl")) as f:
             evals = [row for row in map(json.loads, f) if "val_loss" in row]
-        results[name] = {"val_loss": losses["val"], "last_eval": evals[-1], "n_layer": run_cfg["n_layer"],
+        with open(os.path.join(out_dir, "config.json")) as f:
+            n_layer = json.load(f)["n_layer"]
+        results[name] = {"val_loss": evals[-1]["val_loss"], "last_eval": evals[-1], "n_layer": n_layer,
                          "train_time": evals[-1]["train_time"]}
     plot_runs([os.path.join(cfg["out_dir"], f"shakespeare_{name}") for name in results],
               os.path.join(cfg["out_dir"], "shakespeare.png"))

@@ -20,10 +20,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import compress  # noqa: E402
-import train  # noqa: E402
-from checkpoint import write_json_atomic  # noqa: E402
+from checkpoint import load_checkpoint, write_json_atomic  # noqa: E402
 from configurator import configure, print_config  # noqa: E402
+from scripts import run_script  # noqa: E402
+from training import last_evaluation  # noqa: E402
 
 DEFAULTS = dict(
     ckpt="out/cpu_quick/ckpt.pt",
@@ -39,21 +39,20 @@ DEFAULTS = dict(
 def run_point(cfg, method, sparsity):
     """(val loss right after pruning, after retraining) for one method and sparsity."""
     out_dir = os.path.join(cfg["out"], f"{method}_{sparsity:g}")
-    prune_cfg = {**configure(compress.DEFAULTS, []), "mode": "prune", "ckpt": cfg["ckpt"], "method": method,
-                 "sparsity": sparsity, "out_dir": out_dir, "device": "cpu", "measure": False}
     if not os.path.exists(os.path.join(out_dir, "ckpt.pt")):
-        compress.prune(prune_cfg)
-    pruned = compress.load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
+        run_script("compress.py", dict(mode="prune", ckpt=cfg["ckpt"], method=method, sparsity=sparsity,
+                                       out_dir=out_dir, device="cpu", measure=False))
+    pruned = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
     before_path = os.path.join(out_dir, "pruned_val.json")
     if pruned["step"] == 0:  # not retrained yet: its val_loss is the pruned model's
         write_json_atomic(before_path, {"val_loss": pruned["val_loss"]})
     before = json.load(open(before_path))["val_loss"]
     if pruned["step"] >= cfg["retrain_iters"]:  # retrained by an earlier run of this script
         return before, pruned["val_loss"]
-    train_cfg = configure(train.DEFAULTS, [cfg["train_config"], f"--out_dir={out_dir}", "--init_from=resume",
-                                           f"--max_iters={cfg['retrain_iters']}", f"--warmup_iters={cfg['warmup_iters']}",
-                                           f"--eval_interval={cfg['retrain_iters']}"])
-    after = train.train(train_cfg)["val"]
+    run_script("train.py", dict(out_dir=out_dir, init_from="resume", max_iters=cfg["retrain_iters"],
+                                warmup_iters=cfg["warmup_iters"], eval_interval=cfg["retrain_iters"]),
+               args=[cfg["train_config"]])
+    after = last_evaluation(out_dir)["val"]
     return before, after
 
 

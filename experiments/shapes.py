@@ -9,7 +9,7 @@ Does every layer need the same shape? Per-layer widths and windows, layerwise fe
         --train_overrides="{}" --head_size_heads=6 --max_iters=300 --eval_interval=50  # larger, on a GPU
 
 Each writes <out_dir>/<experiment>.json (config, command, numbers) and <experiment>.png, with the training
-runs under <out_dir>/<experiment>/. Every run is train.train on base_config (config/cpu_quick.py: 4 layers,
+runs under <out_dir>/<experiment>/. Every run is train.py on base_config (config/cpu_quick.py: 4 layers,
 block 64, Muon; here 64 wide, batch 8, 150 steps) plus the variant's model keys, at the same seed and
 steps. "Equal time" reads each val curve at the shortest run's training seconds (linear between
 evaluations); on a shared CPU those seconds are noisy, so compare tokens/s with care.
@@ -21,12 +21,13 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import train  # noqa: E402
-from checkpoint import load_checkpoint, load_model, write_json_atomic  # noqa: E402
-from configurator import configure, print_config  # noqa: E402
+from architecture import DEFAULTS as MODEL_DEFAULTS  # noqa: E402
 from architecture import build_model  # noqa: E402
+from checkpoint import load_checkpoint, load_model, read_json, write_json_atomic  # noqa: E402
+from configurator import configure, print_config, settings  # noqa: E402
 from plot import read_metrics, save_figure  # noqa: E402
 from runtime import claim_out_dir, resolve_device  # noqa: E402
+from scripts import run_script  # noqa: E402
 
 DEFAULTS = dict(
     experiment="layouts",         # layouts | feedback | parity | heads
@@ -95,15 +96,16 @@ def variants(cfg, base):
 
 # ----------------------------------------------------------------------------- runs and their numbers
 
-def run_variant(name, model_keys, cfg, base, folder):
-    """Train one variant with train.train; its curve, speed and size."""
-    run_cfg = base | model_keys | {"out_dir": os.path.join(folder, name), "seed": cfg["seed"]}
+def run_variant(name, model_keys, cfg, overrides, folder):
+    """Train one variant (train.py on base_config with the overrides); its curve, speed and size."""
+    out_dir = os.path.join(folder, name)
     print(f"\n=== {name}: {model_keys or 'the base model'}", flush=True)
-    train.train(run_cfg)
-    rows = read_metrics(run_cfg["out_dir"])
+    run_script("train.py", overrides | model_keys | {"out_dir": out_dir, "seed": cfg["seed"]}, args=[cfg["base_config"]])
+    run = read_json(os.path.join(out_dir, "config.json"), fix="the run did not finish: run the experiment again")
+    rows = read_metrics(out_dir)
     evals = [r for r in rows if "val_loss" in r]
-    state = load_checkpoint(os.path.join(run_cfg["out_dir"], "ckpt.pt"))
-    tokens = evals[-1]["step"] * base["batch_size"] * base["block_size"] * base["gradient_accumulation_steps"]
+    state = load_checkpoint(os.path.join(out_dir, "ckpt.pt"))
+    tokens = evals[-1]["step"] * run["batch_size"] * run["block_size"] * run["gradient_accumulation_steps"]
     return {"model_keys": model_keys, "params": load_model(state).num_params(), "final_val_loss": evals[-1]["val_loss"],
             "train_time": evals[-1]["train_time"], "tokens_per_s": tokens / evals[-1]["train_time"],
             "curve": [{k: r[k] for k in ("step", "train_time", "val_loss")} for r in evals],
@@ -221,10 +223,11 @@ def main(argv):
     lock = claim_out_dir(folder, resuming=False, overwrite=cfg["overwrite"], run_files=("runs",))  # noqa: F841
     if os.path.exists(json_path) and not cfg["overwrite"]:
         raise SystemExit(f"{json_path} exists: pass --overwrite=True to rerun (the old runs are moved aside)")
-    base = configure(train.DEFAULTS, [cfg["base_config"]]) | cfg["train_overrides"] | {
-        k: cfg[k] for k in ("device", "max_iters", "eval_interval", "eval_iters")} | {"log_interval": cfg["eval_interval"]}
+    overrides = cfg["train_overrides"] | {k: cfg[k] for k in ("device", "max_iters", "eval_interval", "eval_iters")} | {
+        "log_interval": cfg["eval_interval"]}
+    base = MODEL_DEFAULTS | settings([cfg["base_config"]]) | overrides  # the model the variants change
     runs = os.path.join(folder, "runs")
-    results = {name: run_variant(name, keys, cfg, base, runs) for name, keys in variants(cfg, base).items()}
+    results = {name: run_variant(name, keys, cfg, overrides, runs) for name, keys in variants(cfg, base).items()}
     equal_time = min((r["train_time"] for r in results.values()), default=0.0)
     for r in results.values():
         r["val_loss_at_equal_time"] = val_at_time(r["curve"], equal_time)

@@ -27,13 +27,11 @@ Writes swarm_learning.json (every number, with its config) and swarm_learning.pn
 headline numbers, episodes/min over workers).
 """
 import dataclasses
-import io
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import swarm  # noqa: E402
 from checkpoint import read_json, write_json_atomic  # noqa: E402
 from configurator import configure, print_config  # noqa: E402
 from plot import save_figure  # noqa: E402
@@ -160,8 +158,8 @@ def swarm_run(out_dir, settings):
     """One swarm.py run; its summary and, per goal, the decision's success and one worker's (mean first proposal)."""
     settings = dict(settings)
     eval_goals = settings.pop("eval_goals", 0)  # one worker alone after a learning run, on this many held-out seeds
-    cfg = configure(swarm.DEFAULTS, []) | {"out_dir": out_dir, "overwrite": True, "reply_timeout": 600.0} | settings
-    summary = swarm.run(cfg, inp=io.StringIO(), out=sys.stderr)
+    run_script("swarm.py", {"out_dir": out_dir, "overwrite": True, "reply_timeout": 600.0} | settings)
+    summary = read_json(os.path.join(out_dir, "summary.json"), fix="run the experiment again")
     records = [e["record"] for e in read_jsonl(os.path.join(out_dir, "swarm.jsonl")) if e["event"] == "result"]
     curve = {"decision": [int(r["decision"]["success"]) for r in records],
              "worker": [round(sum(p["success"] for p in r["first"]) / max(1, r["asked"]), 4) for r in records],

@@ -29,7 +29,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import problems  # noqa: E402
-from architecture import build_model  # noqa: E402
+from architecture import build_model, model_args  # noqa: E402
+from checkpoint import save_checkpoint  # noqa: E402
 from configurator import configure, print_config  # noqa: E402
 from runtime import resolve_device  # noqa: E402
 from training import fit  # noqa: E402
@@ -44,6 +45,7 @@ DEFAULTS = dict(
     device="auto",
     compile=False,            # compile each block (fewer kernel launches: these models are launch-bound on a GPU)
     budget_s=0,               # > 0: training stops after this many seconds (the schedule unfinished; steps_done says)
+    save=True,                # each trained model as <out_dir>/<model>.pt (a checkpoint sample.py and serve.py read)
     # the looped model (looped.py's options); the baselines take its width and distinct layers
     n_embd=64,
     n_head=4,
@@ -196,6 +198,11 @@ def run_model(name, cfg, spec):
     print(f"{name}: {model.num_params():,} parameters, loss {loss:.4f} after {cfg['steps']} steps ({seconds:.0f} s)",
           flush=True)
     table, halting = evaluate(model, name, difficulties, test_batch, cfg)
+    if cfg["save"]:
+        save_checkpoint(os.path.join(cfg["out_dir"], f"{name}.pt"),
+                        {"model_args": model_args(model), "model": model.state_dict(), "step": steps_done,
+                         "config": {k: v for k, v in cfg.items() if k != "device_obj"}, "val_loss": None,
+                         "tokenizer": {"tokenizer": "ids", "vocab_size": vocab_size}}, kind="thinking")
     return {"params": model.num_params(), "final_loss": loss, "train_seconds": seconds, "steps_done": steps_done,
             "accuracy": table, "halting": halting}
 

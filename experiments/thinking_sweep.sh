@@ -14,4 +14,5 @@ while read -r name args; do
 done < "$sweep"
 wait
 for log in "$out"/*.log; do echo "== $log"; grep -E "parameters|difficulty|out of time|Error|error" "$log" | tail -14; done
-if [ -n "$archive" ]; then tar czf "$archive" -C "$(dirname "$out")" "$(basename "$out")"; fi
+# the archive holds the JSON, PNG and logs (the models stay behind: they are large, and a rerun makes them)
+if [ -n "$archive" ]; then tar czf "$archive" --exclude="*.pt" -C "$(dirname "$out")" "$(basename "$out")"; fi

@@ -11,8 +11,8 @@ from checkpoint import load_checkpoint, load_model
 from configurator import configure
 from conftest import tiny_train_config
 from model import GPT, GPTConfig
-from shrink import (Int4Linear, Int8Linear, dequantize_int4, dequantize_int8, quantize_int4, quantize_int8,
-                    masked_weights)
+from shrink import (Int4Linear, Int8Linear, dequantize_int4, dequantize_int8, masked_weights, quantize_int4,
+                    quantize_int8, two_four_mask)
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +197,7 @@ def test_magnitude_masks_survive_retraining_and_resume(trained, tmp_path):
 
 
 def test_two_four_mask_keeps_two_of_every_four():
-    mask = compress.two_four_mask(torch.randn(8, 32))
+    mask = two_four_mask(torch.randn(8, 32))
     assert (mask.view(8, -1, 4).sum(-1) == 2).all()
 
 
