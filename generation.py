@@ -21,6 +21,17 @@ def check_sampling_args(temperature, top_k, top_p):
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
+def check_runs(model):
+    """One token through the model: weights with the right names but wrong shapes (a damaged or edited
+    file) fail here, with a clear ValueError, rather than in the middle of a generation."""
+    try:
+        with torch.no_grad():
+            model.next_logits(torch.zeros(1, 1, dtype=torch.long, device=model.rotary.cos.device))
+    except (RuntimeError, ValueError, IndexError) as e:
+        raise ValueError(f"the model does not run ({type(e).__name__}: {str(e)[:200]}): its file is damaged "
+                         f"or was edited") from None
+
+
 def sample_next_token(logits, temperature, top_k, top_p, generator=None):
     """One token per row of logits (B, V): greedy at temperature 0, else top-k then nucleus sampling."""
     if temperature == 0:
