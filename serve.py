@@ -57,7 +57,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Str
 from pydantic import BaseModel, ConfigDict, Field
 
 import tasks
-from architecture import MODEL_KEYS, split_options
+from architecture import MODEL_KEYS, OPTION_CLASSES, check_combinations, split_options
 from batching import Batcher, Row
 from checkpoint import atomic_write, load_checkpoint, load_model, write_json_atomic
 from configurator import ConfigError, configure, print_config
@@ -403,8 +403,10 @@ def bench_paths(c):
 
 
 def check_model_options(c):
-    """train.py builds its model after it claims out_dir (overwrite=True moves the old run aside first)."""
-    split_options({k: c[k] for k in MODEL_KEYS if k in c and k != "vocab_size"})  # each mechanism checks its own
+    """The model options, checked as architecture.build_model checks them: train.py builds its model only
+    after it claims out_dir (where overwrite=True has already moved the old run aside)."""
+    options = split_options({k: c[k] for k in MODEL_KEYS if k in c and k != "vocab_size"})
+    check_combinations(*(options[cls] for cls in OPTION_CLASSES))
 
 
 # a kind of job: its script, the paths it touches (a function of the resolved config), the metrics file and

@@ -205,7 +205,7 @@ def test_a_job_config_the_script_would_refuse_is_refused_before_it_queues(http, 
 def test_overwrite_with_a_bad_value_is_refused_before_the_old_run_moves(http, root):
     old = root / "out" / "plain"
     before = sorted(os.listdir(old))
-    for bad in ({"n_head": 5}, {"learning_rate": -1.0}, {"schedule": "linear"}):
+    for bad in ({"n_head": 5}, {"learning_rate": -1.0}, {"schedule": "linear"}, {"n_core": 1}):
         r = job(http, "train", out_dir=str(old), dataset="tiny", data_dir=str(root / "data"), overwrite=True, **bad)
         assert r.status_code == 422, r.text
         assert r.json()["error"]["param"] == f"overrides.{next(iter(bad))}"
@@ -371,3 +371,25 @@ def test_a_bad_port_or_limit_is_a_clear_error():
     for arg in ("--port=-1", "--port=70000", "--max_stop_chars=0", "--max_loops=0"):
         with pytest.raises(SystemExit, match="must be"):
             serve.check_serve_config(configure(serve.DEFAULTS, [arg]))
+
+
+def test_a_looped_model_that_exits_per_token_is_refused_clearly(http, root):
+    save_model(root / "out" / "exits" / "ckpt.pt", random_model(n_prelude=1, n_core=1, n_coda=0, exit_tol=0.1))
+    r = completion(http, model="exits", prompt="lo")
+    assert r.status_code == 422 and "exit_tol" in r.json()["error"]["message"]
+
+
+def test_routes_are_plain_functions_of_a_state(root):
+    """Each route reads alone: called here without an HTTP server."""
+    import asyncio
+    cfg = serve_cfg(root, "jobs-direct")
+    state = serve.State(cfg, serve.Models(cfg, torch.device("cpu")), serve.Jobs(cfg))
+    try:
+        assert asyncio.run(serve.list_configs(state))["data"] == ["tiny.py"]
+        assert asyncio.run(serve.health(state))["generations"] == 0
+        req = serve.CompletionRequest(model="plain", prompt=["lo", "a"], n=2, stop="x")
+        assert serve.check_completion(req, cfg, TOKENIZER) == ([TOKENIZER.encode("lo"), TOKENIZER.encode("a")], ["x"])
+        with pytest.raises(serve.ApiError, match="max_tokens"):
+            serve.check_completion(serve.CompletionRequest(model="plain", max_tokens=10 ** 6), cfg, TOKENIZER)
+    finally:
+        state.jobs.shutdown()
