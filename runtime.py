@@ -93,7 +93,8 @@ class StopRequest:
 
     A second Ctrl-C quits at once, without saving: the last checkpoint on disk is kept as it is. A second
     SIGTERM changes nothing: it is a supervisor's request, which may come more than once (serve.py's
-    parent-death signal reaches a process once per thread it has), never a person's impatience.
+    parent-death signal comes each time the job's parent thread exits, and a dying server hands its
+    children from thread to thread), never a person's impatience.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)

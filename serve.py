@@ -297,7 +297,7 @@ class Models:
 # or code (swarm's worker_command, bench's nanogpt, train's compile_options: Inductor options can name a
 # compiler) stays out of reach, and so does any key a script adds later until it is listed here. Config
 # files under config_root may set anything: they are the server operator's.
-TRAIN_SETTABLE = {k for k in MODEL_KEYS} | {
+TRAIN_SETTABLE = set(MODEL_KEYS) | {
     "out_dir", "dataset", "data_dir", "init_from", "overwrite", "eval_interval", "eval_iters", "log_interval",
     "eval_loops", "batch_size", "gradient_accumulation_steps", "max_iters", "learning_rate", "min_lr", "schedule",
     "warmup_iters", "decay_frac", "lr_decay_iters", "weight_decay", "optimizer", "muon_lr", "beta1", "beta2",
@@ -464,7 +464,7 @@ def run_script_check(kind, resolved, overrides):
             check(resolved)
         except (SystemExit, ValueError, TypeError, KeyError, AttributeError) as e:
             message = str(e) or type(e).__name__
-            key = next((k for k in overrides if k in message), None)
+            key = min((k for k in overrides if k in message), key=message.find, default=None)  # named first
             raise ApiError(422, message, f"overrides.{key}" if key else "config")
 
 
@@ -506,9 +506,10 @@ def job_out_dir(kind, resolved):
 
 def _die_with_parent():
     """In the job's child process: SIGTERM when the server dies, however it dies (Linux), so a trainer saves
-    a checkpoint and stops instead of running on unwatched. The kernel sends it once per thread of the
-    child (a torch process has many), which runtime.StopRequest takes as one request: SIGTERM never means
-    "quit without saving" there, as a second Ctrl-C does."""
+    a checkpoint and stops instead of running on unwatched. It may come more than once: the kernel sends it
+    whenever the child's parent *thread* exits, and a dying server hands its children from one exiting
+    thread to the next (measured: 1 to 6 deliveries). runtime.StopRequest takes any number as one request:
+    SIGTERM never means "quit without saving" there, as a second Ctrl-C does."""
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 

@@ -1,6 +1,6 @@
 """Nothing lost, clear errors: compress.py writes exports beside training checkpoints, never over one;
 sample.py says what is wrong with a truncated or damaged export; prepare.py says when it cannot write its
-data_dir; a repeated SIGTERM (the parent-death signal, sent once per thread) still saves."""
+data_dir; a repeated SIGTERM (a parent-death signal can come several times) still saves."""
 import errno
 import hashlib
 import os
@@ -128,7 +128,7 @@ def test_sigterm_again_still_saves_while_ctrl_c_again_quits():
     said = []
     stop = StopRequest(say=said.append)
     stop._handle(signal.SIGTERM, None)
-    stop._handle(signal.SIGTERM, None)  # the parent-death signal arrives once per thread of the process
+    stop._handle(signal.SIGTERM, None)  # a dying server's threads each hand the job on, each with a signal
     assert stop.requested and len(said) == 1 and "saving a checkpoint" in said[0]
     with pytest.raises(SystemExit):
         stop._handle(signal.SIGINT, None)  # a person pressing Ctrl-C again still quits at once

@@ -444,8 +444,9 @@ def test_killing_the_server_mid_job_then_restarting_resumes_it(tmp_path):
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "SIGTERM"])
 def test_a_server_killed_mid_job_leaves_the_jobs_progress_saved(tmp_path, sig):
-    """The trainer gets the parent-death signal once per thread it has; it must save once, not take the
-    second as "quit now without saving" (the audit: ckpt.pt stayed at step 0 at step 40 in 4 of 6 trials)."""
+    """The trainer may get the parent-death signal several times (each exiting thread of the dying server
+    it is handed to sends it again); it must save once, not take the second as "quit now without saving"
+    (the audit: ckpt.pt stayed at step 0 at step 40 in 4 of 6 trials)."""
     root = make_root(tmp_path, with_model=False)
     first = Server(root)
     job = first.http.post("/v1/jobs", json={"kind": "train", "config": "tiny.py", "overrides": {
