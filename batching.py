@@ -193,20 +193,23 @@ class Batcher:
             self.prefill(i, row.ids[:-1][-self.cached_length(row):], logits_for=None)
 
     def admit(self, row):
-        """Prefill a waiting row into the next free cache row and sample its first token."""
-        row.ids = row.ids[-self.config.block_size:]  # like sample.py: the last block_size tokens of a long prompt
-        if row.seed is not None:
-            row.generator = torch.Generator(device=self.device).manual_seed(row.seed)
-        if len(row.ids) > self.pos:
-            self.compact(at_least=len(row.ids))
-        self.rows.append(row)
-        logits = self.prefill(len(self.rows) - 1, row.ids, "all" if row.echo_logprobs else "last")
-        if row.echo_logprobs:
-            logp = torch.log_softmax(logits[:-1], dim=-1)
-            targets = torch.tensor(row.ids[1:], device=self.device)[:, None]
-            row.prompt_logprobs = [None] + logp.gather(1, targets)[:, 0].tolist()
-            logits = logits[-1]
-        self.sample([row], logits[None])
+        """Prefill a row into the next free cache row and sample its first token. A failure here (its seed,
+        its prompt's forward pass) fails this row alone: it wrote only its own cache row."""
+        try:
+            if row.seed is not None:
+                row.generator = torch.Generator(device=self.device).manual_seed(row.seed)
+            self.rows.append(row)
+            logits = self.prefill(len(self.rows) - 1, row.ids, "all" if row.echo_logprobs else "last")
+            if row.echo_logprobs:
+                logp = torch.log_softmax(logits[:-1], dim=-1)
+                targets = torch.tensor(row.ids[1:], device=self.device)[:, None]
+                row.prompt_logprobs = [None] + logp.gather(1, targets)[:, 0].tolist()
+                logits = logits[-1]
+            self.sample([row], logits[None])
+        except Exception as e:
+            row.fail(f"generation failed: {error_text(e)}")
+            if self.rows and self.rows[-1] is row:
+                self.rows.pop()
 
     def remove(self, i):
         """Drop row i: the last row moves into its place, so the active rows stay rows 0..n-1."""
@@ -277,12 +280,10 @@ class Batcher:
         for row in rows:
             if row.cancelled:
                 continue
-            try:
-                self.admit(row)
-            except Exception as e:  # this row's prompt, seed or sampling: it fails alone
-                row.fail(f"generation failed: {error_text(e)}")
-                if row in self.rows:
-                    self.remove(self.rows.index(row))
+            row.ids = row.ids[-self.config.block_size:]  # like sample.py: the last block_size tokens of a long prompt
+            if len(row.ids) > self.pos:
+                self.compact(at_least=len(row.ids))  # every row's cache: a failure here is every row's
+            self.admit(row)
 
     @torch.no_grad()
     def run(self):
@@ -290,18 +291,17 @@ class Batcher:
             admitted = self.take_waiting()
             if admitted is None:
                 return
-            self.admit_all(admitted)
-            for i in reversed(range(len(self.rows))):
-                if self.rows[i].done or self.rows[i].cancelled:
-                    self.remove(i)
-            if not self.rows:
-                continue
             try:
-                if self.pos >= self.config.block_size:
-                    self.compact()
-                self.sample(self.rows, self.decode())
-            except Exception as e:  # the shared forward pass failed (a bug, out of memory): every row says so
+                self.admit_all(admitted)
+                for i in reversed(range(len(self.rows))):
+                    if self.rows[i].done or self.rows[i].cancelled:
+                        self.remove(i)
+                if self.rows:
+                    if self.pos >= self.config.block_size:
+                        self.compact()
+                    self.sample(self.rows, self.decode())
+            except Exception as e:  # the shared cache or forward pass failed (a bug, out of memory): every row says so
                 print(f"batcher error: {error_text(e)}", file=sys.stderr)
-                for row in self.rows:
+                for row in self.rows + admitted:
                     row.fail(f"generation failed: {error_text(e)}")
                 self.rows, self.pos = [], 0
