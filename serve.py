@@ -1182,7 +1182,8 @@ def make_app(cfg):
         yield
         state.jobs.shutdown()
 
-    app = FastAPI(title="µLM", lifespan=lifespan)
+    # no /docs or /redoc: their pages load scripts from a CDN, which would then run with this server's origin
+    app = FastAPI(title="µLM", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.serve = state
     for method, path, route in ROUTES:
         app.add_api_route(path, route, methods=[method])
