@@ -36,10 +36,10 @@ from tqdm import tqdm
 from checkpoint import load_checkpoint, load_model, save_checkpoint, write_json_atomic
 from configurator import configure, print_config
 from data import get_batch, open_dataset
+from generation import decode_speed
 from looped import LoopedGPT
 from model import MLP
-from runtime import resolve_device, resolve_dtype
-from generation import decode_speed
+from runtime import claim_out_dir, resolve_device, resolve_dtype
 from shrink import INT4_GROUP_SIZES, quantize_model, two_four_mask
 from training import make_optimizers
 
@@ -140,6 +140,23 @@ def export_hf(cfg, state):
     return out
 
 
+def check_export_out(out, source):
+    """An export goes beside training checkpoints, never over one: only an older export may be replaced."""
+    if os.path.abspath(out) == os.path.abspath(source):
+        raise SystemExit("--out is the source checkpoint; the source is never overwritten: pick another path")
+    if os.path.basename(out) in ("ckpt.pt", "best.pt") or os.path.isdir(out):
+        raise SystemExit(f"--out={out} is a training run's checkpoint name (or a folder): name the export "
+                         f"otherwise, e.g. {os.path.join(os.path.dirname(out), 'model_int8.pt')}")
+    if os.path.exists(out):
+        try:
+            kind = torch.load(out, map_location="cpu", weights_only=True, mmap=True).get("kind")
+        except Exception:
+            kind = "unreadable"
+        if kind != "export":
+            raise SystemExit(f"--out={out} already holds a file that is not an export ({kind or 'no kind'}): "
+                             f"compress.py replaces only its own exports; pick another --out")
+
+
 def export(cfg):
     state = load_checkpoint(cfg["ckpt"])
     if cfg["format"] == "hf":
@@ -150,8 +167,7 @@ def export(cfg):
     float_format = cfg["format"] if cfg["format"] in ("float32", "bfloat16") else None
     dtype = getattr(torch, float_format or resolve_dtype(cfg["dtype"], resolve_device(cfg["device"])))
     out = export_path(cfg)
-    if os.path.abspath(out) == os.path.abspath(cfg["ckpt"]):
-        raise SystemExit("--out is the source checkpoint; the source is never overwritten: pick another path")
+    check_export_out(out, cfg["ckpt"])
     with tqdm(total=2, desc=f"export {cfg['format']}", unit="stage") as bar:
         exported = export_state(state, cfg["format"], cfg["group_size"], dtype)
         bar.update(1)
@@ -280,7 +296,13 @@ def prune(cfg):
         zeros, params = sparsity_of(model)
         loss = val_loss_of(model, state, cfg, torch.device("cpu"))
         path = os.path.join(cfg["out_dir"], "ckpt.pt")
-        save_checkpoint(path, pruned_state(state, model, cfg, loss))
+        lock = claim_out_dir(cfg["out_dir"], resuming=True)  # a run starting there meanwhile waits for this one
+        try:
+            if os.path.exists(path):
+                raise SystemExit(f"{cfg['out_dir']} got a ckpt.pt while pruning; pick a new --out_dir")
+            save_checkpoint(path, pruned_state(state, model, cfg, loss))
+        finally:
+            lock.close()
         bar.update(1)
     removed = 1 - params * (1 - zeros) / dense_params
     print(f"wrote {path}: {removed:.1%} of the blocks' weights removed ({params:,} of {dense_params:,} left, "

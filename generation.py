@@ -8,14 +8,29 @@ import time
 
 import torch
 
+MIN_TEMPERATURE = 1e-3  # below it (but above 0, greedy) sampling is greedy in all but overflow
+NEVER = 2 ** 62  # the position of a cache slot no query may see: above every real position, so always masked
+
 
 def check_sampling_args(temperature, top_k, top_p):
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+    if temperature < 0 or 0 < temperature < MIN_TEMPERATURE:
+        # logits / 1e-300 overflow to inf, and sampling from them fails
+        raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def check_runs(model):
+    """One token through the model: weights with the right names but wrong shapes (a damaged or edited
+    file) fail here, with a clear ValueError, rather than in the middle of a generation."""
+    try:
+        with torch.no_grad():
+            model.next_logits(torch.zeros(1, 1, dtype=torch.long, device=model.rotary.cos.device))
+    except (RuntimeError, ValueError, IndexError) as e:
+        raise ValueError(f"the model does not run ({type(e).__name__}: {str(e)[:200]}): its file is damaged "
+                         f"or was edited") from None
 
 
 def sample_next_token(logits, temperature, top_k, top_p, generator=None):
@@ -79,6 +94,18 @@ class KVCache:
         if self.slots.dim() > 1:
             view.slots = self.slots[start:stop]
         return view
+
+    def start_row(self, row, start):
+        """Empty batch row `row` for a sequence whose first position is slot `start` (serve's batch rows start
+        at different slots): the row's slots before `start` are hidden from its queries, and its tensors are
+        zeroed as in a new cache (feedback.py's outputs: zeros are the state before the first position)."""
+        length = self.slots.size(-1)
+        if self.slots.dim() == 1:  # from now on each row has its own slot positions: (B, 1, 1, length)
+            self.slots = self.slots.expand(self.k[0].size(0), 1, 1, length).clone()
+        for t in self.tensors():
+            t[row].zero_()
+        self.slots[row].fill_(NEVER)
+        self.slots[row, ..., start:] = torch.arange(start, length, device=self.slots.device)
 
     def move_row(self, source, dest):
         """Copy batch row `source` over row `dest` (serve.py keeps its live rows at the front)."""

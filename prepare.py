@@ -19,6 +19,7 @@ never pair with old meta. Local files are read directly, not through the `datase
 files by name and modification time and could serve old text. An up-to-date output is not rebuilt.
 """
 import datetime
+import errno
 import glob
 import hashlib
 import json
@@ -278,6 +279,11 @@ def prepare(cfg):
         return build(cfg)
     except KeyboardInterrupt:
         raise SystemExit("interrupted: prepare.py wrote nothing (an existing output folder is unchanged)") from None
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        raise SystemExit(f"prepare.py cannot write {e.filename}: {e.strerror}. Give a --data_dir you may write "
+                         f"to (an existing output folder is unchanged)") from None
 
 
 def build(cfg):

@@ -91,7 +91,10 @@ def claim_out_dir(out_dir, resuming, overwrite=False, run_files=("ckpt.pt", "met
 class StopRequest:
     """Ctrl-C or SIGTERM asks the loop to save and stop at the next step boundary.
 
-    A second Ctrl-C quits at once, without saving: the last checkpoint on disk is kept as it is.
+    A second Ctrl-C quits at once, without saving: the last checkpoint on disk is kept as it is. A second
+    SIGTERM changes nothing: it is a supervisor's request, which may come more than once (serve.py's
+    parent-death signal comes each time the job's parent thread exits, and a dying server hands its
+    children from thread to thread), never a person's impatience.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -111,6 +114,8 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
+        if self.requested and signum == signal.SIGTERM:
+            return
         if self.requested:
             self.say(f"{name} again: quitting now without saving; the last checkpoint on disk is kept")
             raise SystemExit(130)

@@ -13,7 +13,7 @@ import torch
 
 from checkpoint import knn_store_dir, load_checkpoint, load_model
 from configurator import configure
-from generation import check_sampling_args
+from generation import check_runs, check_sampling_args
 from looped import LoopedGPT
 from tokenizer import tokenizer_from_meta
 from runtime import resolve_device
@@ -107,6 +107,10 @@ def main(argv):
     if "tokenizer" not in state:
         raise SystemExit(f"{path} records no tokenizer, so its token ids cannot be turned into text")
     model = load_model(state, device, knn_store=cfg["knn_store"] or knn_store_dir(path))
+    try:
+        check_runs(model)
+    except ValueError as e:
+        raise SystemExit(f"{path}: {e}")
     tokenizer = tokenizer_from_meta(state["tokenizer"])
     looped = isinstance(model, LoopedGPT)
     if cfg["loops"] and not looped:

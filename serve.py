@@ -8,7 +8,8 @@ An HTTP API to every µLM pipeline, and a small web page.
 Inference speaks OpenAI's completions API, so the `openai` client and curl work unchanged:
     POST /v1/completions      prompt (str or list), max_tokens, temperature, top_p, n, stop, seed,
                               stream (server-sent events ending in `data: [DONE]`), echo, logprobs,
-                              usage; extras top_k and ignore_eos (as in vLLM)
+                              usage; extras top_k and ignore_eos (as in vLLM), loops (a looped model's
+                              test-time loop count)
     GET  /v1/models           the runs under out/ with a ckpt.pt (id = the run's folder below out/) and
                               compress.py's inference exports (id = the file's path below out/, no .pt)
     POST /v1/chat/completions a 400: no µLM model has a chat format yet
@@ -22,15 +23,21 @@ in its own process group, its record in jobs_dir/<id>/ (job.json, log.txt):
     it is saved under data/uploads/ and a prepare job builds data/N/), GET /v1/configs, GET /health
     GET /                     serve.html: a playground and a runs view
 
-Concurrent completions share one forward pass per decode step (`Batcher`): the rows of every request
-sit in one KV cache and each step feeds all of their newest tokens together.
+Each route is a function of its request and the server's `State` (models, jobs, config); batching.py
+decodes concurrent completions together. A job may set only its kind's allow-listed keys, and every path
+it reads or writes stays under out_root or data_root; state-changing requests must come from this
+server's own page or a non-browser client (Host, Origin and Content-Type checks): README, "Exposing the
+server".
 """
 import asyncio
-import codecs
+import base64
 import contextlib
-import ctypes
+import dataclasses
+import difflib
+import hashlib
 import hmac
 import importlib
+import inspect
 import json
 import os
 import re
@@ -43,11 +50,19 @@ import time
 from typing import Literal, Optional, Union
 
 import torch
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
 
-from checkpoint import load_checkpoint, load_model, write_json_atomic
+import processes
+import tasks
+from architecture import MODEL_KEYS, OPTION_CLASSES, check_combinations, split_options
+from batching import Batcher, Row
+from checkpoint import atomic_write, load_checkpoint, load_model, write_json_atomic
 from configurator import ConfigError, configure, print_config
-from generation import check_sampling_args, sample_next_token
-from runtime import resolve_device, resolve_dtype
+from generation import check_runs, check_sampling_args
+from runtime import claim_out_dir, resolve_device, resolve_dtype
 from tokenizer import tokenizer_from_meta
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -56,6 +71,7 @@ DEFAULTS = dict(
     host="127.0.0.1",          # another address requires a token
     port=8000,
     token="",                  # bearer token every request must carry; "" reads $ULM_SERVE_TOKEN (or none on 127.0.0.1)
+    allowed_hosts=[],          # more names the Host header may carry (a DNS name of this machine); localhost always
     out_root="out",            # models are read from, and job outputs written under, this folder
     data_root="data",          # prepared datasets; uploads land in data_root/uploads/
     config_root=os.path.join(ROOT, "config"),  # job config files come only from here
@@ -65,12 +81,14 @@ DEFAULTS = dict(
     seed=1337,                 # the sampler of requests that give no seed
     threads=0,                 # torch CPU threads for inference; 0 keeps torch's default
     # limits: each bad value is a 400 or 422 naming the field
-    max_batch=32,              # rows decoded together in one forward pass (per model)
+    max_batch=32,              # rows decoded together in one forward pass (per model and loop count)
     max_waiting=256,           # rows waiting for a batch slot; more is a 429
     max_tokens=1024,           # cap on a request's max_tokens
     max_n=8,                   # cap on n
     max_prompts=16,            # prompts in one request
     max_prompt_chars=65536,
+    max_stop_chars=256,        # characters in one stop string
+    max_loops=64,              # cap on a looped model's test-time loops (each loop count is a KV cache of its own)
     max_body_kb=1024,          # request bodies (uploads: max_upload_mb)
     max_upload_mb=64,
     model_memory_mb=4096,      # weights + KV caches of the loaded models; the least recently used idle one goes
@@ -81,6 +99,13 @@ DEFAULTS = dict(
 )
 
 FINITE = dict(allow_inf_nan=False)
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+class ApiError(Exception):
+    def __init__(self, status, message, param=None):
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
 
 
 # ----------------------------------------------------------------------------- paths
@@ -92,223 +117,15 @@ def inside(path, root):
 
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # a dataset or upload name: no separators, no dot first
-
-
-# ----------------------------------------------------------------------------- batched generation
-
-NEVER = 2 ** 62  # the position of a cache slot a row does not own: above every query's, so always masked
-
-
-class Row:
-    """One sequence being generated: its tokens, its sampling settings, and where its events go."""
-
-    def __init__(self, context, max_new, temperature, top_k, top_p, seed, logprobs, stop, ignore_eos, echo_logprobs,
-                 tokenizer, emit):
-        self.ids = list(context)        # prompt then sampled tokens; the last one is not in the cache yet
-        self.max_new, self.temperature, self.top_k, self.top_p = max_new, temperature, top_k, top_p
-        self.generator = None if seed is None else seed  # becomes a torch.Generator on the batcher's device
-        self.logprobs, self.stop, self.ignore_eos, self.echo_logprobs = logprobs, stop, ignore_eos, echo_logprobs
-        self.tokenizer, self.emit = tokenizer, emit
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # BPE tokens can split a character
-        self.text, self.sent, self.new, self.cancelled, self.done = "", 0, 0, False, False
-
-    def add(self, token, logprob, top):
-        """Take one sampled token; emit the text that is now certain, and finish at EOT, a stop string or max_new."""
-        self.new += 1
-        finish = None
-        info = {"token": self.tokenizer.decode([token]), "logprob": logprob, "top": top}
-        if token == self.tokenizer.eot and not self.ignore_eos:
-            finish = "stop"
-        else:
-            self.ids.append(token)
-            self.text += self.decoder.decode(self.tokenizer.decode_bytes([token]))
-            cut = min((i for i in (self.text.find(s, max(0, self.sent - len(s))) for s in self.stop) if i >= 0),
-                      default=-1)
-            if cut >= 0:
-                self.text, finish = self.text[:cut], "stop"
-            elif self.new >= self.max_new:
-                finish = "length"
-        if finish:
-            ready = len(self.text)
-        else:  # hold back a tail that may be the start of a stop string
-            held = max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
-            ready = len(self.text) - held
-        delta, self.sent = self.text[self.sent:ready], max(self.sent, ready)
-        self.done = finish is not None
-        self.emit({"text": delta, "logprobs": info, "finish_reason": finish})
-
-
-class Batcher:
-    """Continuous batching over one model: every active row is a row of one KV cache, and each decode
-    step runs one forward pass over all of them.
-
-    All rows write their newest token at one shared slot `pos`; a row's earlier tokens sit right before
-    it, from its own start slot. Rotary attention depends only on the distance between positions, so a
-    row computes what it would alone; each row's mask hides the slots before its start (`slots` holds
-    NEVER there). When pos reaches block_size, `compact` rebuilds the cache with every row re-prefilled
-    right-aligned at a lower pos (a row longer than the context keeps its last block_size // 2 tokens,
-    a sliding window).
-    """
-
-    def __init__(self, model, tokenizer, max_batch, max_waiting, seed):
-        self.model, self.tokenizer, self.config = model, tokenizer, model.config
-        self.device = model.rotary.cos.device  # the rotary tables carry the float dtype (an export's embedding may be int8)
-        self.max_batch, self.max_waiting = max_batch, max_waiting
-        self.cache = model.make_cache(max_batch, self.config.block_size, self.device, model.rotary.cos.dtype)
-        # each row's own slot positions (NEVER before its start), so its mask hides the other rows' history
-        self.cache.slots = torch.full((max_batch, 1, 1, self.config.block_size), NEVER, dtype=torch.long,
-                                      device=self.device)
-        self.slots = self.cache.slots
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
-        self.rows, self.waiting, self.pos, self.closed = [], [], 0, False
-        self.wake = threading.Condition()
-        self.error = None
-        self.thread = threading.Thread(target=self.run, daemon=True, name="batcher")
-        self.thread.start()
-
-    def submit(self, rows):
-        """Queue rows for the next step; an error message if they cannot be taken."""
-        with self.wake:
-            if self.closed:
-                return "this model was just unloaded to make room; retry"
-            if len(self.waiting) + len(rows) > self.max_waiting:
-                return f"{self.max_waiting} rows are already waiting for this model (max_waiting); retry shortly"
-            self.waiting.extend(rows)
-            self.wake.notify()
-        return None
-
-    def close(self):
-        """Stop the thread once idle, so an unloaded model's weights and cache are freed."""
-        with self.wake:
-            self.closed = True
-            self.wake.notify()
-
-    def busy(self):
-        return bool(self.rows or self.waiting)
-
-    def prefill(self, i, context, logits_for="last"):
-        """Write context (list of ids) into row i right-aligned before self.pos; logits of the last token
-        (V,), of every token (T, V) with logits_for='all', or None."""
-        T = len(context)
-        start = self.pos - T
-        self.slots[i].fill_(NEVER)
-        self.slots[i, ..., start:] = torch.arange(start, self.config.block_size, device=self.device)
-        idx = torch.tensor([context], dtype=torch.long, device=self.device)
-        h = self.model.hidden(idx, self.cache.rows(i, i + 1), pos=start)  # (1, T, C)
-        if logits_for is None:
-            return None
-        h = h[0] if logits_for == "all" else h[0, -1]
-        return self.model.lm_head(h).float()[..., :self.config.vocab_size]
-
-    def cached_length(self, row):
-        """How many of a row's tokens (all but the newest) to keep in the cache at a compaction."""
-        n = len(row.ids) - 1
-        return n if n <= self.config.block_size - 2 else self.config.block_size // 2
-
-    def compact(self, at_least=0):
-        live = [(i, row) for i, row in enumerate(self.rows) if not row.done and not row.cancelled]
-        self.pos = max([self.cached_length(row) for _, row in live] + [at_least])
-        for i, row in live:
-            self.prefill(i, row.ids[:-1][-self.cached_length(row):], logits_for=None)
-
-    def admit(self, row):
-        context = row.ids[-self.config.block_size:]  # like sample.py: the last block_size tokens of a long prompt
-        row.ids = context
-        if len(context) > self.pos:
-            self.compact(at_least=len(context))
-        i = len(self.rows)
-        self.rows.append(row)
-        if row.generator is not None:
-            row.generator = torch.Generator(device=self.device).manual_seed(row.generator)
-        logits = self.prefill(i, context, "all" if row.echo_logprobs else "last")
-        if row.echo_logprobs:
-            logp = torch.log_softmax(logits[:-1], dim=-1)
-            row.prompt_logprobs = [None] + logp.gather(1, torch.tensor(context[1:], device=self.device)[:, None])[:, 0].tolist()
-            logits = logits[-1]
-        self.sample([row], logits[None])
-
-    def remove(self, i):
-        """Drop row i: the last row moves into its place, so the active rows stay rows 0..n-1."""
-        last = len(self.rows) - 1
-        if i != last:
-            self.cache.move_row(last, i)
-            self.rows[i] = self.rows[last]
-        self.rows.pop()
-        if not self.rows:
-            self.pos = 0
-
-    def sample(self, rows, logits):
-        """Sample one token per row from logits (B, V): rows with the same settings and no seed in one call."""
-        groups = {}
-        for i, row in enumerate(rows):
-            key = ("seeded", i) if row.generator is not None else (row.temperature, row.top_k, row.top_p)
-            groups.setdefault(key, []).append(i)
-        if len(groups) == 1:
-            tokens = sample_next_token(logits, rows[0].temperature, rows[0].top_k, rows[0].top_p,
-                                       rows[0].generator or self.generator)
-        else:
-            tokens = torch.empty(len(rows), dtype=torch.long, device=self.device)
-            for members in groups.values():
-                row = rows[members[0]]
-                index = torch.tensor(members, device=self.device)
-                tokens[index] = sample_next_token(logits[index], row.temperature, row.top_k, row.top_p,
-                                                  row.generator or self.generator)
-        chosen, top_values, top_ids = [None] * len(rows), None, None
-        if any(r.logprobs is not None for r in rows):
-            logp = torch.log_softmax(logits, dim=-1)  # the model's own distribution, before temperature
-            chosen = logp.gather(1, tokens[:, None])[:, 0].tolist()
-            k = max(r.logprobs or 0 for r in rows)
-            if k:
-                top = torch.topk(logp, min(k, logp.size(-1)))
-                top_values, top_ids = top.values.tolist(), top.indices.tolist()
-        tokens = tokens.tolist()
-        for i, row in enumerate(rows):
-            alternatives = None
-            if row.logprobs:
-                alternatives = {self.tokenizer.decode([t]): v for t, v in
-                                zip(top_ids[i][:row.logprobs], top_values[i][:row.logprobs])}
-            row.add(tokens[i], chosen[i], alternatives)
-
-    def step(self):
-        """One decode step: every row's newest token in one forward pass, then one new token each."""
-        if self.pos >= self.config.block_size:
-            self.compact()
-        n = len(self.rows)
-        last = torch.tensor([[r.ids[-1]] for r in self.rows], dtype=torch.long, device=self.device)  # (n, 1)
-        logits = self.model.next_logits(last, self.cache.rows(0, n), pos=self.pos)  # (n, V)
-        self.pos += 1
-        self.sample(self.rows, logits)
-
-    @torch.no_grad()
-    def run(self):
-        while True:
-            with self.wake:
-                while not self.rows and not self.waiting:
-                    if self.closed:
-                        return
-                    self.wake.wait()
-                admitted = self.waiting[:self.max_batch - len(self.rows)]
-                del self.waiting[:len(admitted)]
-            try:
-                for row in admitted:
-                    if not row.cancelled:
-                        self.admit(row)
-                for i in reversed(range(len(self.rows))):
-                    if self.rows[i].done or self.rows[i].cancelled:
-                        self.remove(i)
-                if self.rows:
-                    self.step()
-            except Exception as e:  # a bug must not hang the clients: fail every row, keep serving
-                self.error = f"{type(e).__name__}: {e}"
-                print(f"batcher error: {self.error}", file=sys.stderr)
-                for row in self.rows + admitted:
-                    if not row.done:
-                        row.done = True
-                        row.emit({"error": self.error})
-                self.rows, self.pos = [], 0
+SAFE_PATH = re.compile(r"^[A-Za-z0-9_.\-/]*$")  # a path below a root: nothing a page or a shell could misread
 
 
 # ----------------------------------------------------------------------------- models
+
+def valid_id(model_id):
+    """A model id is a path below out_root: relative, no '..', no backslash."""
+    return bool(model_id) and not os.path.isabs(model_id) and ".." not in model_id.split("/") and "\\" not in model_id
+
 
 def model_bytes(model):
     """Bytes of a model's weights and buffers, each storage once (a tied head shares the embedding's)."""
@@ -316,20 +133,27 @@ def model_bytes(model):
     return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
 
 
+def cache_bytes(model, batch_size, options):
+    """Bytes of the KV cache a Batcher would make, counted on the meta device (nothing allocated)."""
+    cache = model.make_cache(batch_size, model.config.block_size, "meta", model.rotary.cos.dtype, **options)
+    return sum(t.numel() * t.element_size() for t in cache.tensors())
+
+
 class Models:
-    """The checkpoints under out_root, loaded on first use and kept within a memory budget."""
+    """The checkpoints under out_root, loaded on first use and kept within a memory budget. A loaded model
+    has a Batcher per loop count asked of it: each loop count of a looped model is a cache layout of its own."""
 
     def __init__(self, cfg, device):
         self.cfg, self.device = cfg, device
         self.dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[resolve_dtype(cfg["dtype"], device)]
-        self.loaded = {}  # id -> {"batcher", "bytes", "mtime", "used", "step", "val_loss"}
+        self.loaded = {}  # id -> {"model", "tokenizer", "batchers": {loops: Batcher}, "bytes", "mtime", "used", "step"}
         self.info_cache = {}  # ckpt path -> (mtime, info)
         self.lock = threading.Lock()
 
     def path(self, model_id):
         """The file of a model id, or None if it is not a served model: a run folder's ckpt.pt, or an
         inference export (compress.py), named by its path below out_root without the .pt."""
-        if not model_id or os.path.isabs(model_id) or ".." in model_id.split("/") or "\\" in model_id:
+        if not valid_id(model_id):
             return None
         root = self.cfg["out_root"]
         run, export = os.path.join(root, model_id, "ckpt.pt"), os.path.join(root, model_id + ".pt")
@@ -372,89 +196,330 @@ class Models:
                                   **self.info(path)})
         return found
 
-    def get(self, model_id):
-        """The Batcher of a model, loading it (and unloading idle ones beyond the budget) if needed.
-        Raises ApiError for an unknown model or one that does not fit."""
+    def not_found(self, model_id):
+        """The error for a model id that names no served model: a file that cannot be read says so."""
+        root = self.cfg["out_root"]
+        export = os.path.join(root, f"{model_id}.pt")
+        if valid_id(model_id) and os.path.isfile(export) and inside(export, root) and "error" in self.info(export):
+            return ApiError(422, f"model {model_id!r}: {model_id}.pt is an {self.info(export)['error']} (truncated "
+                                 f"or corrupt?): export it again with compress.py", "model")
+        return ApiError(404, f"model {model_id!r} not found: GET /v1/models lists the runs under out_root", "model")
+
+    def get(self, model_id, loops=None):
+        """The Batcher of a model at a loop count (None: the trained one), loading the model (and unloading
+        idle ones beyond the budget) if needed. Raises ApiError for an unknown model or one that does not fit."""
         path = self.path(model_id)
         if path is None:
-            raise ApiError(404, f"model {model_id!r} not found: GET /v1/models lists the runs under out_root", "model")
+            raise self.not_found(model_id)
         with self.lock:
             entry = self.loaded.get(model_id)
-            if entry and entry["mtime"] != os.path.getmtime(path) and not entry["batcher"].busy():
-                self.loaded.pop(model_id)["batcher"].close()  # retrained since it was loaded: load the new weights
+            if entry and entry["mtime"] != os.path.getmtime(path) and not self.busy(entry):
+                self.unload(model_id)  # retrained since it was loaded: load the new weights
                 entry = None
             if entry is None:
-                try:
-                    state = load_checkpoint(path, map_location="cpu")
-                    if state.get("kind") == "export":  # its weights keep their format; int4 readies its kernel on the device
-                        model = load_model(state, self.device)
-                    else:
-                        model = load_model(state).to(self.device, self.dtype)
-                    tokenizer = tokenizer_from_meta(state["tokenizer"])
-                except SystemExit as e:
-                    raise ApiError(400, f"model {model_id!r}: {e}", "model")
-                c = model.config
-                cache = 2 * c.n_layer * self.cfg["max_batch"] * c.kv_heads * c.block_size * (c.n_embd // c.n_head)
-                size = model_bytes(model) + cache * model.rotary.cos.element_size()
-                self.make_room(size, model_id)
-                entry = {"batcher": Batcher(model, tokenizer, self.cfg["max_batch"], self.cfg["max_waiting"],
-                                            self.cfg["seed"]),
-                         "bytes": size, "mtime": os.path.getmtime(path), "step": state.get("step")}
-                self.loaded[model_id] = entry
+                entry = self.load(model_id, path)
+            key = self.loops_key(entry["model"], loops)
+            if key not in entry["batchers"]:
+                options = {"loops": key} if key else {}
+                self.make_room(cache_bytes(entry["model"], self.cfg["max_batch"], options), model_id)
+                entry["batchers"][key] = Batcher(entry["model"], entry["tokenizer"], self.cfg["max_batch"],
+                                                 self.cfg["max_waiting"], self.cfg["seed"], options)
             entry["used"] = time.monotonic()
-            return entry["batcher"]
+            return entry["batchers"][key]
+
+    def loops_key(self, model, loops):
+        """The loop count a request runs at (None for a model without a looped core), or ApiError."""
+        loop = getattr(model, "loop", None)
+        if loop is None:
+            if loops is not None:
+                raise ApiError(400, f"loops={loops} needs a looped model (n_core > 0); this one has no looped core",
+                               "loops")
+            return None
+        if loops is not None and loops > self.cfg["max_loops"]:
+            raise ApiError(400, f"loops={loops} is over this server's cap {self.cfg['max_loops']}", "loops")
+        return loops or loop.loops
+
+    def load(self, model_id, path):
+        """Load a model onto the device within the budget; ApiError (422) for a file that cannot be served."""
+        try:
+            state = load_checkpoint(path, map_location="cpu")
+            if state.get("kind") == "export":  # its weights keep their format; int4 readies its kernel on the device
+                model = load_model(state, self.device)
+            else:
+                model = load_model(state).to(self.device, self.dtype)
+            tokenizer = tokenizer_from_meta(state["tokenizer"])
+        except SystemExit as e:
+            raise ApiError(422, f"model {model_id!r}: {e}", "model")
+        except KeyError:
+            raise ApiError(422, f"model {model_id!r} records no tokenizer, so its tokens cannot be text", "model")
+        if getattr(model, "loop", None) and model.loop.exit_tol:
+            raise ApiError(422, f"model {model_id!r} exits loops per token (exit_tol), which works without a KV "
+                                f"cache only: it cannot be served in batches", "model")
+        try:
+            check_runs(model)
+        except ValueError as e:
+            raise ApiError(422, f"model {model_id!r}: {e}", "model")
+        size = model_bytes(model)
+        self.make_room(size, model_id)
+        entry = {"model": model, "tokenizer": tokenizer, "batchers": {}, "bytes": size,
+                 "mtime": os.path.getmtime(path), "step": state.get("step"), "used": time.monotonic()}
+        self.loaded[model_id] = entry
+        return entry
+
+    def busy(self, entry):
+        return any(b.busy() for b in entry["batchers"].values())
+
+    def unload(self, model_id):
+        for batcher in self.loaded.pop(model_id)["batchers"].values():
+            batcher.close()
+
+    def used_bytes(self):
+        return sum(e["bytes"] + sum(b.cache_bytes() for b in e["batchers"].values()) for e in self.loaded.values())
 
     def make_room(self, size, model_id):
+        """Unload idle models (least recently used first, never model_id) until size more bytes fit the budget."""
         budget = self.cfg["model_memory_mb"] * 2 ** 20
         if size > budget:
-            raise ApiError(400, f"model {model_id!r} needs {size / 2 ** 20:.0f} MB with its KV cache, more than "
+            raise ApiError(400, f"model {model_id!r} needs {size / 2 ** 20:.0f} MB more with its KV cache, more than "
                                 f"model_memory_mb={self.cfg['model_memory_mb']}", "model")
         for other in sorted(self.loaded, key=lambda k: self.loaded[k]["used"]):
-            if sum(e["bytes"] for e in self.loaded.values()) + size <= budget:
+            if self.used_bytes() + size <= budget:
                 return
-            if not self.loaded[other]["batcher"].busy():
-                self.loaded.pop(other)["batcher"].close()
-        if sum(e["bytes"] for e in self.loaded.values()) + size > budget:
+            if other != model_id and not self.busy(self.loaded[other]):
+                self.unload(other)
+        if self.used_bytes() + size > budget:
             raise ApiError(503, "the memory budget is taken by models that are generating; retry shortly", "model")
 
 
-# ----------------------------------------------------------------------------- jobs
+# ----------------------------------------------------------------------------- what a job may do
 
-# a new kind of job is one entry: its script, the config keys that name paths with the root each must
-# stay under, and the metrics file and counter that give its progress
-JOB_KINDS = {
-    "prepare": dict(script="prepare.py", paths={"data_dir": "data_root", "dataset": "data_root"}),
-    "train": dict(script="train.py", paths={"out_dir": "out_root", "data_dir": "data_root", "teacher": "out_root",
-                                            "knn_store": "out_root"},
-                  metrics="metrics.jsonl", progress=("step", "max_iters"), resumable=True),
-    "world": dict(script="world.py", paths={"out_dir": "out_root", "init_from": "out_root"},
-                  metrics="metrics.jsonl", progress=("episode", "episodes"), resumable=True),
-    "swarm": dict(script="swarm.py", paths={"out_dir": "out_root", "checkpoints": "out_root", "guide": "out_root"}),
-    "bench": dict(script="bench.py", paths={"out": "out_root", "out_dir": "out_root", "data_dir": "data_root",
-                                            "config": "config_root"}),
+# The keys a job request may override, per kind: an allow-list, so a key that names a program, a command
+# or code (swarm's worker_command, bench's nanogpt, train's compile_options: Inductor options can name a
+# compiler) stays out of reach, and so does any key a script adds later until it is listed here. Config
+# files under config_root may set anything: they are the server operator's.
+TRAIN_SETTABLE = set(MODEL_KEYS) | {
+    "out_dir", "dataset", "data_dir", "init_from", "overwrite", "eval_interval", "eval_iters", "log_interval",
+    "eval_loops", "batch_size", "gradient_accumulation_steps", "max_iters", "learning_rate", "min_lr", "schedule",
+    "warmup_iters", "decay_frac", "lr_decay_iters", "weight_decay", "optimizer", "muon_lr", "beta1", "beta2",
+    "grad_clip", "memory_lr_scale", "knn_store", "teacher", "distill_alpha", "distill_temperature", "noise",
+    "eval_position_loss", "position_buckets", "eval_token_watch", "tensorboard", "device", "dtype", "compile",
+    "fp8", "fp8_head", "seed"}
+SETTABLE = {
+    "prepare": {"dataset", "name", "tokenizer", "data_dir", "val_fraction", "max_tokens", "text_field", "num_threads",
+                "force", "synthetic_docs", "seed"},
+    "train": TRAIN_SETTABLE,
+    "world": {"out_dir", "overwrite", "tasks", "changes", "init_from", "mode", "act", "choose_untried", "teacher_help",
+              "choice_loss", "seed", "device", "imitation_episodes", "teacher_noise", "imitation_notes",
+              "imitation_iters", "clone_iters", "imitation_batch_size", "imitation_lr", "n_layer", "n_head", "n_embd",
+              "block_size", "episodes", "episodes_per_update", "updates_per_batch", "update_batch_size",
+              "learning_rate", "grad_clip", "temperature_start", "temperature_end", "baseline_decay", "replay_size",
+              "replay_recent_window", "replay_recent_fraction", "eval_interval", "eval_episodes"},
+    "swarm": {"out_dir", "overwrite", "task", "task_options", "num_goals", "workers", "checkpoints", "temperatures",
+              "seed", "aggregators", "guide", "debate_rounds", "debate", "hint", "guide_stop", "learning", "learner",
+              "guide_learns", "teacher_help", "learn_every", "broadcast_every", "save_every", "resume",
+              "learning_rate", "updates_per_batch", "update_batch_size", "grad_clip", "replay_size",
+              "replay_recent_window", "replay_recent_fraction", "device", "threads", "reply_timeout",
+              "start_timeout"},
+    "bench": {"suite", "parts", "out", "out_dir", "data_dir", "device", "config", "steps", "warmup_steps",
+              "plain_steps", "best_batch", "new_tokens", "profile", "budget_s", "smoke", "levers", "lever_budget_s",
+              "parity_lever", "parity_steps"},
 }
-NOT_PATHS = {"", "scratch", "resume", "imitate"}  # words some path keys also take
+
+
+def is_path(value):
+    """Whether a dataset value names a file or folder (else it is a dataset's name: shakespeare_char, ...)."""
+    return os.sep in value or "/" in value or os.path.exists(value)
+
+
+def task_paths(where, name, options):
+    """(key, path, root key) of a task's path options (textworld's games `root`, its default included); a
+    task's options must be a dict, and no other option may hold a path."""
+    param = f"overrides.{where.split('.')[0]}"
+    if not isinstance(name, str) or not isinstance(options, dict):
+        raise ApiError(422, f"{where}: a task is a name and a dict of its options, got {name!r}: {options!r}", param)
+    try:
+        defaults = inspect.signature(tasks.task_class(name)).parameters
+    except ValueError as e:
+        raise ApiError(422, f"{where}: {e}", param)
+    paths = []
+    for key in defaults:
+        if key == "root":
+            paths.append((f"{where}.root", options.get("root", defaults["root"].default), "data_root"))
+    for key, value in options.items():
+        if key != "root" and isinstance(value, str) and ("/" in value or os.sep in value):
+            raise ApiError(422, f"{where}.{key}={value!r}: task options hold no paths (but root)", param)
+    return paths
+
+
+def prepare_paths(c):
+    name = c["name"] or os.path.splitext(os.path.basename(os.path.normpath(c["dataset"])))[0].replace(":", "_")
+    if c["name"] and not NAME.match(c["name"]):
+        raise ApiError(422, f"name={c['name']!r}: letters, digits, '_', '-' or '.' (not first), no separators",
+                       "overrides.name")
+    paths = [("data_dir", c["data_dir"], "data_root"), ("name", os.path.join(c["data_dir"], name), "data_root")]
+    return paths + ([("dataset", c["dataset"], "data_root")] if is_path(c["dataset"]) else [])
+
+
+def train_paths(c):
+    paths = [("out_dir", c["out_dir"], "out_root"), ("data_dir", c["data_dir"], "data_root"),
+             ("dataset", os.path.join(c["data_dir"], c["dataset"]), "data_root")]
+    if c["init_from"] not in ("scratch", "resume"):
+        paths.append(("init_from", c["init_from"], "out_root"))
+    return paths + [(k, c[k], "out_root") for k in ("teacher", "knn_store") if c[k]]
+
+
+def world_paths(c):
+    if not isinstance(c["tasks"], dict) or not isinstance(c["changes"], (list, tuple)):
+        raise ApiError(422, "tasks is a dict of task name -> options, changes a list of (episode, name, options)",
+                       "overrides.tasks")
+    paths = [("out_dir", c["out_dir"], "out_root")]
+    if c["init_from"] not in ("imitate", "resume"):
+        paths.append(("init_from", c["init_from"], "out_root"))
+    for name, options in c["tasks"].items():
+        paths += task_paths(f"tasks.{name}", name, options)
+    for change in c["changes"]:
+        if not isinstance(change, (list, tuple)) or len(change) != 3 or not isinstance(change[0], int):
+            raise ApiError(422, f"changes: each change is (episode, task name, options), got {change!r}",
+                           "overrides.changes")
+        paths += task_paths(f"changes.{change[1]}", change[1], change[2])
+    return paths
+
+
+def swarm_paths(c):
+    paths = [("out_dir", c["out_dir"], "out_root")] + task_paths("task_options", c["task"], c["task_options"])
+    for key in ("checkpoints", "guide", "learner"):
+        values = c[key] if isinstance(c[key], (list, tuple)) else [c[key]]
+        paths += [(key, v, "out_root") for v in values if v and not (isinstance(v, str) and v.startswith("fake:"))]
+    return paths
+
+
+def bench_paths(c):
+    if not isinstance(c["parity_lever"], dict) or not set(c["parity_lever"]) <= TRAIN_SETTABLE - {
+            "out_dir", "data_dir", "dataset", "init_from", "teacher", "knn_store"}:
+        raise ApiError(422, "parity_lever takes train.py options that name no path or program",
+                       "overrides.parity_lever")
+    return [("out", c["out"], "out_root"), ("out_dir", c["out_dir"], "out_root"),
+            ("data_dir", c["data_dir"], "data_root"), ("config", c["config"], "config_root")]
+
+
+def check_model_options(c):
+    """The model options, checked as architecture.build_model checks them: train.py builds its model only
+    after it claims out_dir (where overwrite=True has already moved the old run aside)."""
+    options = split_options({k: c[k] for k in MODEL_KEYS if k in c and k != "vocab_size"})
+    check_combinations(*(options[cls] for cls in OPTION_CLASSES))
+
+
+# a kind of job: its script, the paths it touches (a function of the resolved config), the metrics file and
+# counter that give its progress. Each script's own check_config (and check here) runs before it is queued.
+JOB_KINDS = {
+    "prepare": dict(script="prepare.py", paths=prepare_paths),
+    "train": dict(script="train.py", paths=train_paths, check=check_model_options, metrics="metrics.jsonl",
+                  progress=("step", "max_iters"), resumable=True),
+    "world": dict(script="world.py", paths=world_paths, metrics="metrics.jsonl", progress=("episode", "episodes"),
+                  resumable=True),
+    "swarm": dict(script="swarm.py", paths=swarm_paths),
+    "bench": dict(script="bench.py", paths=bench_paths),
+}
 ACTIVE = ("queued", "running")
 
 
-def script_defaults(kind):
-    """A job script's DEFAULTS, to validate a request's config before anything runs."""
-    return importlib.import_module(JOB_KINDS[kind]["script"].removesuffix(".py")).DEFAULTS
+def script_module(kind):
+    """A job script as a module: its DEFAULTS and check_config validate a request before anything runs."""
+    return importlib.import_module(JOB_KINDS[kind]["script"].removesuffix(".py"))
 
 
-def check_job_paths(kind, config, cfg):
-    """SystemExit naming the key if a path in a job's resolved config leaves its allowed root."""
-    for key, root_key in JOB_KINDS[kind]["paths"].items():
-        values = config.get(key)
-        for value in values if isinstance(values, (list, tuple)) else [values]:
-            if not isinstance(value, str) or value in NOT_PATHS or value.startswith("fake:"):
-                continue
-            if key == "dataset" and os.sep not in value and not os.path.exists(value):
-                continue  # a named dataset (shakespeare_char, tinystories, ...)
-            if not inside(value, cfg[root_key]):
-                raise SystemExit(f"{key}={value!r} is outside {cfg[root_key]}: {kind} jobs may only use "
-                                 f"paths under {root_key}={cfg[root_key]!r}")
+def check_override_keys(kind, overrides, defaults):
+    """ApiError naming the key for an override the script does not know or a job may not set."""
+    for key in overrides:
+        param = f"overrides.{key}"
+        if key not in defaults:
+            close = difflib.get_close_matches(key, list(defaults), n=1)
+            raise ApiError(422, f"{kind} has no config key {key!r}" + (f"; did you mean {close[0]!r}?" if close else ""),
+                           param)
+        if key not in SETTABLE[kind]:
+            raise ApiError(422, f"{kind} jobs may not set {key!r} (it names a program, command or code to run, or "
+                                f"is not on the list of keys a job may set); put it in a config file under config_root "
+                                f"if the server's operator wants it", param)
 
+
+def check_job_paths(kind, resolved, overrides, roots):
+    """ApiError naming the key (the override's, where one set it) if a path a job would read or write leaves
+    its root, or names itself with characters outside [A-Za-z0-9_.-/]."""
+    for key, path, root_key in JOB_KINDS[kind]["paths"](resolved):
+        param = f"overrides.{key.split('.')[0]}" if key.split(".")[0] in overrides else "config"
+        root = roots[root_key]
+        if not isinstance(path, str) or not inside(path, root):
+            raise ApiError(422, f"{key}={path!r} is outside {root}: {kind} jobs may only use paths under "
+                                f"{root_key}={root!r}", param)
+        below = os.path.relpath(os.path.realpath(path), os.path.realpath(root))
+        if not SAFE_PATH.match(below):
+            raise ApiError(422, f"{key}={path!r}: a path may hold only letters, digits and _ . - /", param)
+
+
+def run_script_check(kind, resolved, overrides):
+    """The script's own check of a whole config (and the server's extra one), as a 422."""
+    checks = [getattr(script_module(kind), "check_config", None), JOB_KINDS[kind].get("check")]
+    for check in filter(None, checks):
+        try:
+            check(resolved)
+        except (SystemExit, ValueError, TypeError, KeyError, AttributeError) as e:
+            message = str(e) or type(e).__name__
+            key = min((k for k in overrides if k in message), key=message.find, default=None)  # named first
+            raise ApiError(422, message, f"overrides.{key}" if key else "config")
+
+
+def resolve_job(kind, config, overrides, cfg):
+    """A job request checked in full: (the script's argv after its name, the resolved config). ApiError (422)
+    naming the field for anything a job may not do or the script would refuse."""
+    if not isinstance(overrides, dict):
+        raise ApiError(422, "overrides is a JSON object of config keys and values", "overrides")
+    module = script_module(kind)
+    check_override_keys(kind, overrides, module.DEFAULTS)
+    args = []
+    if config:
+        path = config if os.path.isabs(config) else os.path.join(cfg["config_root"], config.removeprefix("config/"))
+        if not inside(path, cfg["config_root"]) or not os.path.isfile(path):
+            raise ApiError(422, f"config {config!r} is not a file in {cfg['config_root']} (GET /v1/configs lists "
+                                f"them)", "config")
+        args.append(os.path.realpath(path))
+    args += [f"--{key}={value!r}" for key, value in overrides.items()]
+    try:
+        resolved = configure(module.DEFAULTS, args)
+    except ConfigError as e:
+        key = next((k for k in overrides if f"'{k}'" in str(e)), None)
+        raise ApiError(422, str(e), f"overrides.{key}" if key else "config")
+    check_job_paths(kind, resolved, overrides, cfg)
+    run_script_check(kind, resolved, overrides)
+    return args, resolved
+
+
+def job_out_dir(kind, resolved):
+    """The folder a job writes: its out_dir (a prepare job's output dataset folder)."""
+    if kind == "prepare":
+        return next(path for key, path, _ in prepare_paths(resolved) if key == "name")
+    return resolved.get("out_dir")
+
+
+# ----------------------------------------------------------------------------- job processes
+# Jobs run through processes.py (their own process group, SIGTERM when the server dies). SIGTERM may come more
+# than once: the kernel sends it whenever the child's parent *thread* exits, and a dying server hands its
+# children from one exiting thread to the next (measured: 1 to 6 deliveries); runtime.StopRequest takes any
+# number as one request: SIGTERM never means "quit without saving", as a second Ctrl-C does.
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with contextlib.suppress(OSError):
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    return True
+
+
+# ----------------------------------------------------------------------------- jobs
 
 def log_tail(path, lines=20):
     try:
@@ -481,11 +546,14 @@ def read_rows(path, offset=0):
     return rows, offset + end
 
 
-def _die_with_parent():
-    """In the job's child process: SIGINT when the server dies, however it dies (Linux), so a trainer
-    saves a checkpoint and stops instead of running on unwatched."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGINT)  # PR_SET_PDEATHSIG
+def lock_jobs_dir(root):
+    """An flock on jobs_dir/.lock for this server's life (the kernel drops it however the server dies): a
+    second server on the same folder stops before it reads or rewrites any record."""
+    try:
+        return claim_out_dir(root, resuming=True, run_files=())
+    except SystemExit:
+        raise SystemExit(f"jobs_dir={root} is in use by another serve.py: give this one its own --jobs_dir, or "
+                         f"stop the other") from None
 
 
 class Jobs:
@@ -493,16 +561,17 @@ class Jobs:
 
     def __init__(self, cfg):
         self.cfg, self.root = cfg, cfg["jobs_dir"]
-        os.makedirs(self.root, exist_ok=True)
+        self.folder_lock = lock_jobs_dir(self.root)
         self.jobs, self.procs, self.lock = {}, {}, threading.RLock()
         for job_id in sorted(os.listdir(self.root)):
             path = os.path.join(self.root, job_id, "job.json")
-            with contextlib.suppress(OSError, ValueError):
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
                 with open(path) as f:
                     job = json.load(f)
                 if job["state"] == "running":  # the server stopped while it ran
                     self.update(job, state="interrupted", finished=time.time())
                 self.jobs[job["id"]] = job
+        self.stopping = threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True, name="jobs")
         self.thread.start()
 
@@ -514,23 +583,9 @@ class Jobs:
         write_json_atomic(os.path.join(self.folder(job), "job.json"), job)
 
     def submit(self, kind, config, overrides, resumed_from=None):
-        """Validate a request (SystemExit with the message on a bad one) and queue the job."""
-        if kind not in JOB_KINDS:
-            raise SystemExit(f"kind must be one of {', '.join(JOB_KINDS)}, got {kind!r}")
-        args = []
-        if config:
-            path = config if os.path.isabs(config) else os.path.join(self.cfg["config_root"], config.removeprefix("config/"))
-            if not inside(path, self.cfg["config_root"]) or not os.path.isfile(path):
-                raise SystemExit(f"config {config!r} is not a file in {self.cfg['config_root']} (GET /v1/configs lists them)")
-            args.append(os.path.realpath(path))
-        for key, value in overrides.items():
-            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
-                raise SystemExit(f"override key {key!r} is not a config key")
-            args.append(f"--{key}={value!r}")
-        resolved = configure(script_defaults(kind), args)
-        check_job_paths(kind, resolved, self.cfg)
-        out_dir = resolved.get("out_dir") if kind != "prepare" else os.path.join(
-            resolved["data_dir"], resolved["name"] or os.path.splitext(os.path.basename(resolved["dataset"]))[0])
+        """Validate a request (ApiError naming the field) and queue the job."""
+        args, resolved = resolve_job(kind, config, overrides, self.cfg)
+        out_dir = job_out_dir(kind, resolved)
         with self.lock:
             if sum(j["state"] == "queued" for j in self.jobs.values()) >= self.cfg["max_queued_jobs"]:
                 raise ApiError(429, f"{self.cfg['max_queued_jobs']} jobs are already queued (max_queued_jobs)")
@@ -567,95 +622,129 @@ class Jobs:
                 self.update(job, state="cancelled", finished=time.time())
             elif job["state"] == "running" and not job.get("cancel_requested"):
                 self.update(job, cancel_requested=time.time())
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(job["pid"], signal.SIGINT)  # the script's Ctrl-C path: save, then stop
+                processes.signal_group(self.procs[job["id"]], signal.SIGINT)  # the script's Ctrl-C path: save, stop
 
     def start(self, job):
-        log = open(os.path.join(self.folder(job), "log.txt"), "ab")
+        argv = [sys.executable, "-u", os.path.join(ROOT, job["argv"][0]), *job["argv"][1:]]
         try:
-            proc = subprocess.Popen([sys.executable, "-u", os.path.join(ROOT, job["argv"][0]), *job["argv"][1:]],
-                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True, preexec_fn=_die_with_parent)
+            with open(os.path.join(self.folder(job), "log.txt"), "ab") as log:
+                proc = processes.start(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                       death_signal=signal.SIGTERM)
         except OSError as e:
             self.update(job, state="failed", error=f"could not start: {e}", finished=time.time())
             return
-        finally:
-            log.close()
         self.procs[job["id"]] = proc
         self.update(job, state="running", pid=proc.pid, started=time.time())
 
     def poll(self):
         with self.lock:
             for job_id, proc in list(self.procs.items()):
-                job, code = self.jobs[job_id], proc.poll()
-                if code is None:
+                job = self.jobs[job_id]
+                if not processes.exited(proc):
                     if job.get("cancel_requested") and time.time() - job["cancel_requested"] > self.cfg["cancel_grace_s"]:
-                        with contextlib.suppress(ProcessLookupError):
-                            os.killpg(proc.pid, signal.SIGKILL)
+                        processes.signal_group(proc, signal.SIGKILL)
                     continue
+                code = processes.stop(proc, grace=0)  # reaps it, and ends whatever it left in its group
                 del self.procs[job_id]
                 state = "cancelled" if job.get("cancel_requested") else "succeeded" if code == 0 else "failed"
                 error = log_tail(os.path.join(self.folder(job), "log.txt")) if state == "failed" else None
                 self.update(job, state=state, returncode=code, finished=time.time(), error=error)
+            if self.stopping.is_set():
+                return
             queued = sorted((j for j in self.jobs.values() if j["state"] == "queued"), key=lambda j: j["created"])
             for job in queued[:max(0, self.cfg["max_running_jobs"] - len(self.procs))]:
                 self.start(job)
 
     def run(self):
-        """The one thread that starts job processes (a child's parent-death signal follows this thread)."""
-        while True:
+        """The one thread that starts job processes: a child's parent-death signal follows this thread, so
+        it lives as long as the server."""
+        while not self.stopping.wait(0.2):
             try:
                 self.poll()
             except Exception as e:  # a full disk or a vanished folder must not stop job supervision
                 print(f"jobs: {type(e).__name__}: {e}", file=sys.stderr)
-            time.sleep(0.2)
 
     def shutdown(self):
-        """The server is stopping: running jobs get their SIGINT from the kernel as it exits (parent-death
-        signal) and save; their records say interrupted, so a restarted server can resume them."""
+        """The server is stopping: running jobs get their SIGTERM as it exits (parent-death signal) and save;
+        their records say interrupted, so a restarted server can resume them. The jobs folder is let go."""
+        self.stopping.set()
+        self.thread.join(timeout=5)
         with self.lock:
             for job_id in list(self.procs):
                 self.update(self.jobs[job_id], state="interrupted", finished=time.time())
+        self.folder_lock.close()
 
 
-def process_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    with contextlib.suppress(OSError):
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    return True
+# ----------------------------------------------------------------------------- requests from browsers
+
+def host_name(host):
+    """The name in a Host header, without its port: 'localhost:8000' -> 'localhost', '[::1]:80' -> '::1'."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
-# ----------------------------------------------------------------------------- the HTTP API
+def allowed_hosts(cfg):
+    """The names a request's Host header may carry, or None for any (bound to every address: the token guards).
+    A web page on another name that resolves here (DNS rebinding) is refused."""
+    if cfg["host"] in ("0.0.0.0", "::") and not cfg["allowed_hosts"]:
+        return None
+    return {*LOOPBACK, cfg["host"].lower(), *(h.lower() for h in cfg["allowed_hosts"])}
+
+
+JSON_TYPES = ("application/json",)
+UPLOAD_TYPES = ("application/octet-stream", "application/json", "application/x-ndjson")
+
+
+def refusal(scope, headers, token, hosts):
+    """(status, message, param) for a request refused before any route sees it, or None: a foreign Host, a
+    missing or wrong token, a state-changing request from another web page, or one a web page could send
+    without asking (a form's or text/plain body: browsers send those across sites without a preflight)."""
+    host = headers.get(b"host", b"").decode("latin-1")
+    if hosts is not None and host_name(host) not in hosts:
+        return 403, (f"Host {host!r} is not this server's name (a web page on another name that resolves here?); "
+                     f"add the name to allowed_hosts if it is yours"), "host"
+    if token and scope["path"] != "/":  # the page itself holds no data; it asks for the token
+        if not hmac.compare_digest(headers.get(b"authorization", b""), f"Bearer {token}".encode()):
+            return 401, "missing or wrong bearer token (Authorization: Bearer <token>)", None
+    if scope["method"] in ("GET", "HEAD", "OPTIONS"):
+        return None
+    origin = headers.get(b"origin")
+    if origin is not None and origin.decode("latin-1") not in (f"http://{host}", f"https://{host}"):
+        return 403, f"a {scope['method']} from another web page ({origin.decode('latin-1')}) is refused", "origin"
+    if scope["method"] in ("POST", "PUT", "PATCH"):
+        kind = headers.get(b"content-type", b"").split(b";")[0].strip().lower().decode("latin-1")
+        wanted = UPLOAD_TYPES if scope["path"] == "/v1/datasets" else JSON_TYPES
+        if kind not in wanted:
+            return 415, (f"{scope['method']} {scope['path']} needs Content-Type: {' or '.join(wanted)} (got "
+                         f"{kind or 'none'}): a web page cannot send those to another site without asking"), \
+                "content-type"
+    return None
+
 
 class Guard:
-    """ASGI middleware: the bearer token (compared in constant time) and bounded request bodies.
+    """ASGI middleware: `refusal`'s checks, then bounded request bodies.
 
     Plain ASGI rather than FastAPI's @middleware, which would pass every streamed chunk through a queue.
     """
 
-    def __init__(self, app, token, body_limit, upload_limit, error):
-        self.app, self.token, self.error = app, token, error
+    def __init__(self, app, token, hosts, body_limit, upload_limit):
+        self.app, self.token, self.hosts = app, token, hosts
         self.body_limit, self.upload_limit = body_limit, upload_limit
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        if self.token and scope["path"] != "/":  # the page itself holds no data; it asks for the token
-            if not hmac.compare_digest(headers.get(b"authorization", b""), f"Bearer {self.token}".encode()):
-                return await self.error(401, "missing or wrong bearer token (Authorization: Bearer <token>)")(
-                    scope, receive, send)
+        refused = refusal(scope, headers, self.token, self.hosts)
+        if refused:
+            return await error_response(*refused)(scope, receive, send)
         limit = self.upload_limit if scope["path"] == "/v1/datasets" else self.body_limit
         length = headers.get(b"content-length")
         if length is not None:  # the HTTP server delivers no more than this many bytes
             if not length.isdigit() or int(length) > limit:
-                return await self.error(413, f"request body over {limit} bytes")(scope, receive, send)
+                return await error_response(413, f"request body over {limit} bytes")(scope, receive, send)
             return await self.app(scope, receive, send)
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
@@ -667,7 +756,7 @@ class Guard:
             body += message.get("body", b"")
             more = message.get("more_body", False)
             if len(body) > limit:
-                return await self.error(413, f"request body over {limit} bytes")(scope, receive, send)
+                return await error_response(413, f"request body over {limit} bytes")(scope, receive, send)
         replayed = False
 
         async def replay():
@@ -679,352 +768,428 @@ class Guard:
         return await self.app(scope, replay, send)
 
 
-class ApiError(Exception):
-    def __init__(self, status, message, param=None):
-        super().__init__(message)
-        self.status, self.message, self.param = status, message, param
+def error_response(status, message, param=None):
+    kind = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+            404: "not_found_error", 415: "invalid_request_error", 422: "invalid_request_error",
+            429: "rate_limit_error"}.get(status, "server_error")
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status)
+
+
+async def api_error(request, e):
+    return error_response(e.status, e.message, e.param)
+
+
+async def validation_error(request, e):
+    first = e.errors()[0]
+    if first["type"] == "json_invalid":  # its location is a character offset, not a field
+        return error_response(422, f"the body is not valid JSON: {first['msg']} (at character {first['loc'][-1]})",
+                              "body")
+    field = ".".join(str(p) for p in first["loc"] if p != "body")
+    return error_response(422, f"{field}: {first['msg']}" if field else first["msg"], field or None)
+
+
+# ----------------------------------------------------------------------------- the server's state
+
+@dataclasses.dataclass
+class State:
+    """What every route works on: the resolved serve config, the models, the jobs."""
+    cfg: dict
+    models: Models
+    jobs: Jobs
+    generations: int = 0  # rows being generated now
+
+
+def state_of(request: Request) -> State:
+    return request.app.state.serve
+
+
+class CompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    prompt: Union[str, list[str]] = "<|endoftext|>"
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0, **FINITE)
+    top_p: float = Field(1.0, gt=0, le=1, **FINITE)
+    top_k: Optional[int] = Field(None, ge=1)
+    n: int = Field(1, ge=1)
+    stop: Union[str, list[str], None] = None
+    seed: Optional[int] = Field(None, ge=0, lt=2 ** 64)  # what a torch.Generator takes
+    stream: bool = False
+    stream_options: Optional[dict] = None
+    echo: bool = False
+    logprobs: Optional[int] = Field(None, ge=0, le=5)
+    ignore_eos: bool = False
+    loops: Optional[int] = Field(None, ge=1)  # a looped model's test-time loop count; None: the trained one
+    user: Optional[str] = None
+    best_of: Optional[int] = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+
+class JobRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal[tuple(JOB_KINDS)]
+    config: str = ""
+    overrides: dict = {}
+
+
+# ----------------------------------------------------------------------------- completions
+
+def check_completion(req, cfg, tokenizer):
+    """The request's prompts as token ids and its stop strings, or ApiError naming the bad field."""
+    if req.max_tokens > cfg["max_tokens"]:
+        raise ApiError(400, f"max_tokens={req.max_tokens} is over this server's cap {cfg['max_tokens']}", "max_tokens")
+    if req.n > cfg["max_n"]:
+        raise ApiError(400, f"n={req.n} is over this server's cap {cfg['max_n']}", "n")
+    if req.seed is not None and req.seed + req.n > 2 ** 64:
+        raise ApiError(400, f"seed={req.seed}: choice i samples with seed + i, which must stay below 2**64", "seed")
+    if req.best_of not in (None, req.n):
+        raise ApiError(400, "best_of is not supported (leave it out, or equal to n)", "best_of")
+    for field in ("presence_penalty", "frequency_penalty"):
+        if getattr(req, field):
+            raise ApiError(400, f"{field} is not supported (leave it at 0)", field)
+    try:
+        check_sampling_args(req.temperature, req.top_k, req.top_p)
+    except ValueError as e:
+        raise ApiError(400, str(e), str(e).split()[0])
+    stops = [req.stop] if isinstance(req.stop, str) else req.stop or []
+    if len(stops) > 4 or not all(stops) or any(len(s) > cfg["max_stop_chars"] for s in stops):
+        raise ApiError(400, f"stop takes up to 4 non-empty strings of up to {cfg['max_stop_chars']} characters", "stop")
+    prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+    if not prompts or len(prompts) > cfg["max_prompts"]:
+        raise ApiError(400, f"prompt takes 1 to {cfg['max_prompts']} strings", "prompt")
+    if len(prompts) * req.n > cfg["max_batch"]:
+        raise ApiError(400, f"{len(prompts)} prompts x n={req.n} rows exceed max_batch={cfg['max_batch']}", "n")
+    encoded = []
+    for text in prompts:
+        if len(text) > cfg["max_prompt_chars"]:
+            raise ApiError(400, f"prompt is {len(text)} characters, over the cap {cfg['max_prompt_chars']}", "prompt")
+        try:
+            ids = [tokenizer.eot] if text in ("", "<|endoftext|>") else tokenizer.encode(text)
+        except ValueError as e:
+            raise ApiError(400, f"prompt: {e}", "prompt")
+        encoded.append(ids)
+    return encoded, stops
+
+
+class Completion:
+    """One completion request in flight: its rows on a batcher, and the events they send back."""
+
+    DISCONNECT_CHECK_S = 0.25  # how often to ask whether the client is still there
+
+    def __init__(self, req, batcher, prompts, stops):
+        self.req, self.batcher, self.prompts, self.tokenizer = req, batcher, prompts, batcher.tokenizer
+        self.loop, self.queue = asyncio.get_running_loop(), asyncio.Queue()
+        self.rows = [Row(ids, req.max_tokens, req.temperature, req.top_k, req.top_p,
+                         None if req.seed is None else req.seed + j, req.logprobs, stops, req.ignore_eos,
+                         req.echo and req.logprobs is not None, self.tokenizer, self.emitter(p * req.n + j))
+                     for p, ids in enumerate(prompts) for j in range(req.n)]
+        self.created, self.id = int(time.time()), "cmpl-" + secrets.token_hex(12)
+        self.echoes = [self.tokenizer.decode(ids) if req.echo and ids != [self.tokenizer.eot] else ""
+                       for ids in prompts]
+        self.usage = {"prompt_tokens": sum(len(ids) for ids in prompts), "completion_tokens": 0}
+
+    def emitter(self, index):
+        def emit(event):  # called on the batcher's thread
+            with contextlib.suppress(RuntimeError):  # the event loop is gone: nobody is listening
+                self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
+        return emit
+
+    async def events(self, request):
+        """(index, event) until every row has finished or failed; cancels the rows if the client goes away,
+        which it checks every DISCONNECT_CHECK_S whether tokens are coming or not."""
+        open_rows, checked = set(range(len(self.rows))), time.monotonic()
+        try:
+            while open_rows:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    index, event = await asyncio.wait_for(self.queue.get(), timeout=self.DISCONNECT_CHECK_S)
+                    if "error" in event or event["finish_reason"]:
+                        open_rows.discard(index)
+                    if "error" not in event:
+                        self.usage["completion_tokens"] += 1
+                    yield index, event
+                if time.monotonic() - checked >= self.DISCONNECT_CHECK_S:
+                    if await request.is_disconnected():
+                        return
+                    checked = time.monotonic()
+        finally:
+            for row in self.rows:
+                row.cancelled = True  # the batcher drops unfinished rows at its next step
+
+    def logprobs_of(self, index, infos, with_prompt):
+        """OpenAI's logprobs object for a choice's tokens (with the prompt's first, when echoed)."""
+        if self.req.logprobs is None:
+            return None
+        entries = infos
+        if self.req.echo and with_prompt:
+            ids = self.prompts[index // self.req.n]
+            prompt_lp = self.rows[index].prompt_logprobs or [None] * len(ids)
+            entries = [{"token": self.tokenizer.decode([t]), "logprob": lp, "top": None}
+                       for t, lp in zip(ids, prompt_lp)] + infos
+        offsets, at = [], 0
+        for e in entries:
+            offsets.append(at)
+            at += len(e["token"])
+        return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+                "top_logprobs": [e["top"] for e in entries] if self.req.logprobs else None, "text_offset": offsets}
+
+    def total_usage(self):
+        return {**self.usage, "total_tokens": self.usage["prompt_tokens"] + self.usage["completion_tokens"]}
+
+    def chunk(self, choices):
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.req.model,
+                "choices": choices}
+
+    async def stream(self, request):
+        """Server-sent events: a chunk per token, an error event for a row that fails, then [DONE]."""
+        first = set()
+        async for index, event in self.events(request):
+            if "error" in event:
+                yield "data: " + json.dumps({"error": {"message": event["error"], "type": "server_error",
+                                                       "param": None, "code": None, "index": index}}) + "\n\n"
+                continue
+            text, starts = event["text"], index not in first
+            if starts:
+                first.add(index)
+                text = self.echoes[index // self.req.n] + text
+            lp = self.logprobs_of(index, [event["logprobs"]], starts)
+            yield "data: " + json.dumps(self.chunk([{"index": index, "text": text, "logprobs": lp,
+                                                     "finish_reason": event["finish_reason"]}])) + "\n\n"
+        if (self.req.stream_options or {}).get("include_usage"):
+            yield "data: " + json.dumps({**self.chunk([]), "usage": self.total_usage()}) + "\n\n"
+        yield "data: [DONE]\n\n"
+
+    async def collect(self, request):
+        """The whole completion as one response body; ApiError if a row failed, None if the client left."""
+        texts, infos, finish = [""] * len(self.rows), [[] for _ in self.rows], [None] * len(self.rows)
+        async for index, event in self.events(request):
+            if "error" in event:
+                raise ApiError(500, f"generation failed: {event['error']}")
+            texts[index] += event["text"]
+            infos[index].append(event["logprobs"])
+            finish[index] = event["finish_reason"]
+        if any(f is None for f in finish):
+            return None
+        choices = [{"index": i, "text": self.echoes[i // self.req.n] + texts[i],
+                    "logprobs": self.logprobs_of(i, infos[i], True), "finish_reason": finish[i]}
+                   for i in range(len(self.rows))]
+        return {**self.chunk(choices), "usage": self.total_usage()}
+
+
+async def completions(req: CompletionRequest, request: Request, s: State = Depends(state_of)):
+    batcher = await asyncio.to_thread(s.models.get, req.model, req.loops)
+    prompts, stops = check_completion(req, s.cfg, batcher.tokenizer)
+    completion = Completion(req, batcher, prompts, stops)
+    refused = batcher.submit(completion.rows)
+    if refused:
+        raise ApiError(429 if "max_waiting" in refused else 503, refused)
+    s.generations += len(completion.rows)
+    if req.stream:
+        async def sse():
+            try:
+                async for text in completion.stream(request):
+                    yield text
+            finally:
+                s.generations -= len(completion.rows)
+        return StreamingResponse(sse(), media_type="text/event-stream")
+    try:
+        body = await completion.collect(request)
+    finally:
+        s.generations -= len(completion.rows)
+    return body if body is not None else PlainTextResponse("", 499)  # 499: the client went away
+
+
+async def chat():
+    raise ApiError(400, "no µLM model has a chat format yet: use POST /v1/completions with a plain-text prompt",
+                   "messages")
+
+
+# ----------------------------------------------------------------------------- the page, health, models
+
+def page_security_headers(html):
+    """Content-Security-Policy for the page: only its own inline script runs (by hash), so markup that
+    reached the page as data could run nothing; it talks to this server only and cannot be framed."""
+    hashes = " ".join("'sha256-" + base64.b64encode(hashlib.sha256(script.encode()).digest()).decode() + "'"
+                      for script in re.findall(r"<script>(.*?)</script>", html, re.S))
+    return {"Content-Security-Policy": f"default-src 'none'; script-src {hashes}; style-src 'unsafe-inline'; "
+                                       f"connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; "
+                                       f"frame-ancestors 'none'",
+            "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
+
+
+async def page():
+    with open(os.path.join(ROOT, "serve.html"), encoding="utf-8") as f:
+        html = f.read()
+    return HTMLResponse(html, headers=page_security_headers(html))
+
+
+async def health(s: State = Depends(state_of)):
+    return {"status": "ok", "device": str(s.models.device), "models_loaded": list(s.models.loaded),
+            "generations": s.generations,
+            "jobs": {state: sum(j["state"] == state for j in s.jobs.jobs.values()) for state in ACTIVE}}
+
+
+async def list_models(s: State = Depends(state_of)):
+    return {"object": "list", "data": await asyncio.to_thread(s.models.list)}
+
+
+# ----------------------------------------------------------------------------- jobs
+
+def find_job(s, job_id):
+    job = s.jobs.jobs.get(job_id)
+    if job is None:
+        raise ApiError(404, f"no job {job_id!r} (GET /v1/jobs lists them)", "id")
+    return job
+
+
+async def submit_job(s, kind, config, overrides, resumed_from=None):
+    job = await asyncio.to_thread(s.jobs.submit, kind, config, overrides, resumed_from)
+    return JSONResponse(s.jobs.view(job), 202, headers={"Location": f"/v1/jobs/{job['id']}"})
+
+
+async def create_job(req: JobRequest, s: State = Depends(state_of)):
+    return await submit_job(s, req.kind, req.config, req.overrides)
+
+
+async def list_jobs(s: State = Depends(state_of)):
+    return {"object": "list", "data": [s.jobs.view(j) for j in sorted(s.jobs.jobs.values(), key=lambda j: j["created"])]}
+
+
+async def get_job(job_id: str, s: State = Depends(state_of)):
+    return s.jobs.view(find_job(s, job_id))
+
+
+async def cancel_job(job_id: str, s: State = Depends(state_of)):
+    job = find_job(s, job_id)
+    s.jobs.cancel(job)
+    return s.jobs.view(job)
+
+
+async def resume_job(job_id: str, s: State = Depends(state_of)):
+    job = find_job(s, job_id)
+    if not JOB_KINDS[job["kind"]].get("resumable"):
+        raise ApiError(400, f"{job['kind']} jobs do not resume; submit a new one", "id")
+    if job["state"] in ACTIVE:
+        raise ApiError(409, f"job {job_id} is {job['state']}; cancel it first", "id")
+    if job.get("pid") and process_alive(job["pid"]):
+        raise ApiError(409, f"job {job_id}'s process {job['pid']} is still saving and stopping; retry shortly", "id")
+    return await submit_job(s, job["kind"], job["config"], {**job["overrides"], "init_from": "resume"}, job_id)
+
+
+async def job_log(job_id: str, tail: int = 200, s: State = Depends(state_of)):
+    return PlainTextResponse(log_tail(os.path.join(s.jobs.folder(find_job(s, job_id)), "log.txt"), tail))
+
+
+async def job_metrics(job_id: str, follow: bool = False, s: State = Depends(state_of)):
+    job = find_job(s, job_id)
+    name = JOB_KINDS[job["kind"]].get("metrics")
+    path = os.path.join(job["out_dir"], name) if name and job["out_dir"] else None
+    if not follow:
+        return {"object": "list", "data": read_rows(path)[0] if path else []}
+
+    async def rows():
+        offset = 0
+        while True:
+            done = job["state"] not in ACTIVE  # read before the file: rows written before the end are sent
+            new, offset = read_rows(path, offset) if path else ([], 0)
+            for row in new:
+                yield "data: " + json.dumps(row) + "\n\n"
+            if done:
+                yield "event: end\ndata: " + json.dumps({"state": job["state"]}) + "\n\n"
+                return
+            await asyncio.sleep(0.5)
+    return StreamingResponse(rows(), media_type="text/event-stream")
+
+
+# ----------------------------------------------------------------------------- datasets and configs
+
+async def list_datasets(s: State = Depends(state_of)):
+    data, root = [], s.cfg["data_root"]
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        meta = os.path.join(root, name, "meta.json")
+        if NAME.match(name) and os.path.isfile(meta) and inside(meta, root):
+            with contextlib.suppress(OSError, ValueError):
+                with open(meta) as f:
+                    info = json.load(f)
+                info.pop("chars", None)  # the whole vocabulary is noise here
+                data.append({"id": name, "meta": info})
+    return {"object": "list", "data": data}
+
+
+async def upload_dataset(request: Request, name: str, format: Literal["txt", "jsonl"] = "txt",
+                         tokenizer: Literal["char", "gpt2"] = "char", text_field: str = "text",
+                         s: State = Depends(state_of)):
+    if not NAME.match(name):
+        raise ApiError(400, "name must be letters, digits, '_', '-' or '.', not starting with '.' "
+                            "(no path separators)", "name")
+    body = await request.body()
+    if not body.strip():
+        raise ApiError(400, "the request body (the text or JSONL to prepare) is empty", "body")
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(400, "the body is not UTF-8 text", "body")
+    path = os.path.join(s.cfg["data_root"], "uploads", f"{name}.{format}")
+    await asyncio.to_thread(atomic_write, path, lambda f: f.write(body))
+    return await submit_job(s, "prepare", "", {"dataset": path, "name": name, "tokenizer": tokenizer,
+                                               "text_field": text_field, "data_dir": s.cfg["data_root"],
+                                               "force": True})
+
+
+async def list_configs(s: State = Depends(state_of)):
+    root = s.cfg["config_root"]
+    return {"object": "list", "data": sorted(f for f in os.listdir(root) if f.endswith(".py"))}
+
+
+ROUTES = [
+    ("GET", "/", page), ("GET", "/health", health), ("GET", "/v1/models", list_models),
+    ("POST", "/v1/completions", completions), ("POST", "/v1/chat/completions", chat),
+    ("POST", "/v1/jobs", create_job), ("GET", "/v1/jobs", list_jobs), ("GET", "/v1/jobs/{job_id}", get_job),
+    ("DELETE", "/v1/jobs/{job_id}", cancel_job), ("POST", "/v1/jobs/{job_id}/resume", resume_job),
+    ("GET", "/v1/jobs/{job_id}/log", job_log), ("GET", "/v1/jobs/{job_id}/metrics", job_metrics),
+    ("GET", "/v1/datasets", list_datasets), ("POST", "/v1/datasets", upload_dataset),
+    ("GET", "/v1/configs", list_configs),
+]
 
 
 def make_app(cfg):
     """The FastAPI app for a resolved serve config (tests call this; main() runs it under uvicorn)."""
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
-    from pydantic import BaseModel, ConfigDict, Field
-
-    class CompletionRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        model: str
-        prompt: Union[str, list[str]] = "<|endoftext|>"
-        max_tokens: int = Field(16, ge=1)
-        temperature: float = Field(1.0, ge=0, **FINITE)
-        top_p: float = Field(1.0, gt=0, le=1, **FINITE)
-        top_k: Optional[int] = Field(None, ge=1)
-        n: int = Field(1, ge=1)
-        stop: Union[str, list[str], None] = None
-        seed: Optional[int] = None
-        stream: bool = False
-        stream_options: Optional[dict] = None
-        echo: bool = False
-        logprobs: Optional[int] = Field(None, ge=0, le=5)
-        ignore_eos: bool = False
-        user: Optional[str] = None
-        best_of: Optional[int] = None
-        presence_penalty: float = 0.0
-        frequency_penalty: float = 0.0
-
-    class JobRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        kind: Literal[tuple(JOB_KINDS)]
-        config: str = ""
-        overrides: dict = {}
-
     device = resolve_device(cfg["device"])
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
-    models, jobs = Models(cfg, device), Jobs(cfg)
-    generations = {"active": 0}
+    state = State(cfg, Models(cfg, device), Jobs(cfg))
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
-        jobs.shutdown()
+        state.jobs.shutdown()
 
-    app = FastAPI(title="µLM", lifespan=lifespan)
-    app.state.models, app.state.jobs = models, jobs
-
-    def error(status, message, param=None):
-        kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                422: "invalid_request_error", 429: "rate_limit_error"}.get(status, "server_error")
-        return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status)
-
-    @app.exception_handler(ApiError)
-    async def api_error(request, e):
-        return error(e.status, e.message, e.param)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request, e):
-        first = e.errors()[0]
-        field = ".".join(str(p) for p in first["loc"] if p != "body")
-        return error(422, f"{field}: {first['msg']}" if field else first["msg"], field or None)
-
-    token = cfg["token"] or os.environ.get("ULM_SERVE_TOKEN", "")
-    app.add_middleware(Guard, token=token, body_limit=cfg["max_body_kb"] * 1024,
-                       upload_limit=cfg["max_upload_mb"] * 2 ** 20, error=error)
-
-    @app.get("/")
-    async def page():
-        return FileResponse(os.path.join(ROOT, "serve.html"))
-
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "device": str(device), "models_loaded": list(models.loaded),
-                "generations": generations["active"],
-                "jobs": {s: sum(j["state"] == s for j in jobs.jobs.values()) for s in ACTIVE}}
-
-    @app.get("/v1/models")
-    async def list_models():
-        return {"object": "list", "data": await asyncio.to_thread(models.list)}
-
-    @app.post("/v1/chat/completions")
-    async def chat():
-        raise ApiError(400, "no µLM model has a chat format yet: use POST /v1/completions with a plain-text prompt",
-                       "messages")
-
-    def check_completion(req, tokenizer):
-        """The request's rows as (prompt ids, seed) pairs, or ApiError naming the bad field."""
-        if req.max_tokens > cfg["max_tokens"]:
-            raise ApiError(400, f"max_tokens={req.max_tokens} is over this server's cap {cfg['max_tokens']}", "max_tokens")
-        if req.n > cfg["max_n"]:
-            raise ApiError(400, f"n={req.n} is over this server's cap {cfg['max_n']}", "n")
-        if req.best_of not in (None, req.n):
-            raise ApiError(400, "best_of is not supported (leave it out, or equal to n)", "best_of")
-        for field in ("presence_penalty", "frequency_penalty"):
-            if getattr(req, field):
-                raise ApiError(400, f"{field} is not supported (leave it at 0)", field)
-        try:
-            check_sampling_args(req.temperature, req.top_k, req.top_p)
-        except ValueError as e:
-            raise ApiError(400, str(e), str(e).split()[0])
-        stops = [req.stop] if isinstance(req.stop, str) else req.stop or []
-        if len(stops) > 4 or not all(stops):
-            raise ApiError(400, "stop takes up to 4 non-empty strings", "stop")
-        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        if not prompts or len(prompts) > cfg["max_prompts"]:
-            raise ApiError(400, f"prompt takes 1 to {cfg['max_prompts']} strings", "prompt")
-        if len(prompts) * req.n > cfg["max_batch"]:
-            raise ApiError(400, f"{len(prompts)} prompts x n={req.n} rows exceed max_batch={cfg['max_batch']}", "n")
-        encoded = []
-        for text in prompts:
-            if len(text) > cfg["max_prompt_chars"]:
-                raise ApiError(400, f"prompt is {len(text)} characters, over the cap {cfg['max_prompt_chars']}", "prompt")
-            try:
-                ids = [tokenizer.eot] if text in ("", "<|endoftext|>") else tokenizer.encode(text)
-            except ValueError as e:
-                raise ApiError(400, f"prompt: {e}", "prompt")
-            encoded.append(ids)
-        return encoded, stops
-
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, request: Request):
-        batcher = await asyncio.to_thread(models.get, req.model)
-        prompts, stops = check_completion(req, batcher.tokenizer)
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        rows = []
-        for p, ids in enumerate(prompts):
-            for j in range(req.n):
-                index = p * req.n + j
-
-                def emit(event, index=index):
-                    loop.call_soon_threadsafe(queue.put_nowait, (index, event))
-                rows.append(Row(ids, req.max_tokens, req.temperature, req.top_k, req.top_p,
-                                None if req.seed is None else req.seed + j, req.logprobs, stops, req.ignore_eos,
-                                req.echo and req.logprobs is not None, batcher.tokenizer, emit))
-        refused = batcher.submit(rows)
-        if refused:
-            raise ApiError(429 if "max_waiting" in refused else 503, refused)
-        generations["active"] += len(rows)
-        created, completion_id = int(time.time()), "cmpl-" + secrets.token_hex(12)
-        echoes = [batcher.tokenizer.decode(ids) if req.echo and ids != [batcher.tokenizer.eot] else "" for ids in prompts]
-        usage = {"prompt_tokens": sum(len(ids) for ids in prompts), "completion_tokens": 0}
-
-        def logprobs_of(index, infos, with_prompt):
-            """OpenAI's logprobs object for a choice's tokens (with the prompt's first, when echoed)."""
-            if req.logprobs is None:
-                return None
-            entries = infos
-            if req.echo and with_prompt:
-                ids = prompts[index // req.n]
-                prompt_lp = getattr(rows[index], "prompt_logprobs", None) or [None] * len(ids)
-                entries = [{"token": batcher.tokenizer.decode([t]), "logprob": lp, "top": None}
-                           for t, lp in zip(ids, prompt_lp)] + infos
-            offsets, at = [], 0
-            for e in entries:
-                offsets.append(at)
-                at += len(e["token"])
-            return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
-                    "top_logprobs": [e["top"] for e in entries] if req.logprobs else None, "text_offset": offsets}
-
-        async def events():
-            """(index, event) until every row has finished; cancels the rows if the consumer goes away."""
-            open_rows = set(range(len(rows)))
-            try:
-                while open_rows:
-                    try:
-                        index, event = await asyncio.wait_for(queue.get(), timeout=1.0)
-                    except asyncio.TimeoutError:
-                        if await request.is_disconnected():
-                            return
-                        continue
-                    if "error" in event:
-                        raise ApiError(500, f"generation failed: {event['error']}")
-                    usage["completion_tokens"] += 1
-                    if event["finish_reason"]:
-                        open_rows.discard(index)
-                    yield index, event
-            finally:
-                generations["active"] -= len(rows)
-                for row in rows:
-                    row.cancelled = True  # the batcher drops unfinished rows at its next step
-
-        def total_usage():
-            return {**usage, "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}
-
-        def chunk(choices):
-            return {"id": completion_id, "object": "text_completion", "created": created, "model": req.model,
-                    "choices": choices}
-
-        if req.stream:
-            async def sse():
-                first = set()
-                async for index, event in events():
-                    text, starts = event["text"], index not in first
-                    if starts:
-                        first.add(index)
-                        text = echoes[index // req.n] + text
-                    lp = logprobs_of(index, [event["logprobs"]], starts)
-                    yield "data: " + json.dumps(chunk([{"index": index, "text": text, "logprobs": lp,
-                                                        "finish_reason": event["finish_reason"]}])) + "\n\n"
-                if (req.stream_options or {}).get("include_usage"):
-                    yield "data: " + json.dumps({**chunk([]), "usage": total_usage()}) + "\n\n"
-                yield "data: [DONE]\n\n"
-            return StreamingResponse(sse(), media_type="text/event-stream")
-
-        texts, infos, finish = [""] * len(rows), [[] for _ in rows], [None] * len(rows)
-        async for index, event in events():
-            texts[index] += event["text"]
-            infos[index].append(event["logprobs"])
-            finish[index] = event["finish_reason"]
-        if any(f is None for f in finish):  # the client went away
-            return PlainTextResponse("", 499)
-        choices = [{"index": i, "text": echoes[i // req.n] + texts[i], "logprobs": logprobs_of(i, infos[i], True),
-                    "finish_reason": finish[i]} for i in range(len(rows))]
-        return {**chunk(choices), "usage": total_usage()}
-
-    # jobs
-
-    def find_job(job_id):
-        job = jobs.jobs.get(job_id)
-        if job is None:
-            raise ApiError(404, f"no job {job_id!r} (GET /v1/jobs lists them)", "id")
-        return job
-
-    def submit(kind, config, overrides, resumed_from=None):
-        try:
-            job = jobs.submit(kind, config, overrides, resumed_from)
-        except SystemExit as e:  # the configurator's message, or a path outside its root
-            raise ApiError(422, str(e), "overrides" if isinstance(e, ConfigError) else "config")
-        return JSONResponse(jobs.view(job), 202, headers={"Location": f"/v1/jobs/{job['id']}"})
-
-    @app.post("/v1/jobs")
-    async def create_job(req: JobRequest):
-        return await asyncio.to_thread(submit, req.kind, req.config, req.overrides)
-
-    @app.get("/v1/jobs")
-    async def list_jobs():
-        return {"object": "list", "data": [jobs.view(j) for j in sorted(jobs.jobs.values(), key=lambda j: j["created"])]}
-
-    @app.get("/v1/jobs/{job_id}")
-    async def get_job(job_id: str):
-        return jobs.view(find_job(job_id))
-
-    @app.delete("/v1/jobs/{job_id}")
-    async def cancel_job(job_id: str):
-        job = find_job(job_id)
-        jobs.cancel(job)
-        return jobs.view(job)
-
-    @app.post("/v1/jobs/{job_id}/resume")
-    async def resume_job(job_id: str):
-        job = find_job(job_id)
-        if not JOB_KINDS[job["kind"]].get("resumable"):
-            raise ApiError(400, f"{job['kind']} jobs do not resume; submit a new one", "id")
-        if job["state"] in ACTIVE:
-            raise ApiError(409, f"job {job_id} is {job['state']}; cancel it first", "id")
-        if job.get("pid") and process_alive(job["pid"]):
-            raise ApiError(409, f"job {job_id}'s process {job['pid']} is still saving and stopping; retry shortly", "id")
-        overrides = {**job["overrides"], "init_from": "resume"}
-        return await asyncio.to_thread(submit, job["kind"], job["config"], overrides, job_id)
-
-    @app.get("/v1/jobs/{job_id}/log")
-    async def job_log(job_id: str, tail: int = 200):
-        return PlainTextResponse(log_tail(os.path.join(jobs.folder(find_job(job_id)), "log.txt"), tail))
-
-    @app.get("/v1/jobs/{job_id}/metrics")
-    async def job_metrics(job_id: str, request: Request, follow: bool = False):
-        job = find_job(job_id)
-        name = JOB_KINDS[job["kind"]].get("metrics")
-        path = os.path.join(job["out_dir"], name) if name and job["out_dir"] else None
-        if not follow:
-            return {"object": "list", "data": read_rows(path)[0] if path else []}
-
-        async def rows():
-            offset = 0
-            while True:
-                done = job["state"] not in ACTIVE  # read before the file: rows written before the end are sent
-                new, offset = read_rows(path, offset) if path else ([], 0)
-                for row in new:
-                    yield "data: " + json.dumps(row) + "\n\n"
-                if done:
-                    yield "event: end\ndata: " + json.dumps({"state": job["state"]}) + "\n\n"
-                    return
-                await asyncio.sleep(0.5)
-        return StreamingResponse(rows(), media_type="text/event-stream")
-
-    # datasets and configs
-
-    @app.get("/v1/datasets")
-    async def list_datasets():
-        data = []
-        root = cfg["data_root"]
-        for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
-            meta = os.path.join(root, name, "meta.json")
-            if NAME.match(name) and os.path.isfile(meta) and inside(meta, root):
-                with contextlib.suppress(OSError, ValueError):
-                    with open(meta) as f:
-                        info = json.load(f)
-                    info.pop("chars", None)  # the whole vocabulary is noise here
-                    data.append({"id": name, "meta": info})
-        return {"object": "list", "data": data}
-
-    @app.post("/v1/datasets")
-    async def upload_dataset(request: Request, name: str, format: Literal["txt", "jsonl"] = "txt",
-                             tokenizer: Literal["char", "gpt2"] = "char", text_field: str = "text"):
-        if not NAME.match(name):
-            raise ApiError(400, "name must be letters, digits, '_', '-' or '.', not starting with '.' "
-                                "(no path separators)", "name")
-        body = await request.body()
-        if not body.strip():
-            raise ApiError(400, "the request body (the text or JSONL to prepare) is empty", "body")
-        try:
-            body.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ApiError(400, "the body is not UTF-8 text", "body")
-        uploads = os.path.join(cfg["data_root"], "uploads")
-        path = os.path.join(uploads, f"{name}.{format}")
-        if not inside(path, cfg["data_root"]):
-            raise ApiError(400, f"{path} would leave data_root", "name")
-        from checkpoint import atomic_write
-        await asyncio.to_thread(atomic_write, path, lambda f: f.write(body))
-        return await asyncio.to_thread(submit, "prepare", "", {"dataset": path, "name": name, "tokenizer": tokenizer,
-                                                               "text_field": text_field,
-                                                               "data_dir": cfg["data_root"], "force": True})
-
-    @app.get("/v1/configs")
-    async def list_configs():
-        root = cfg["config_root"]
-        return {"object": "list", "data": sorted(f for f in os.listdir(root) if f.endswith(".py"))}
-
+    # no /docs or /redoc: their pages load scripts from a CDN, which would then run with this server's origin
+    app = FastAPI(title="µLM", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.serve = state
+    for method, path, route in ROUTES:
+        app.add_api_route(path, route, methods=[method])
+    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_middleware(Guard, token=cfg["token"] or os.environ.get("ULM_SERVE_TOKEN", ""), hosts=allowed_hosts(cfg),
+                       body_limit=cfg["max_body_kb"] * 1024, upload_limit=cfg["max_upload_mb"] * 2 ** 20)
     return app
 
 
 def check_serve_config(cfg):
-    if cfg["host"] not in ("127.0.0.1", "localhost", "::1") and not (cfg["token"] or os.environ.get("ULM_SERVE_TOKEN")):
+    if cfg["host"] not in LOOPBACK and not (cfg["token"] or os.environ.get("ULM_SERVE_TOKEN")):
         raise SystemExit(f"host={cfg['host']} would let anyone on the network in: give --token=<secret> (or set "
                          f"ULM_SERVE_TOKEN), or keep host=127.0.0.1")
-    for key in ("max_batch", "max_waiting", "max_tokens", "max_n", "max_prompts", "max_running_jobs"):
+    if not 1 <= cfg["port"] <= 65535:
+        raise SystemExit(f"port must be between 1 and 65535, got {cfg['port']}")
+    for key in ("max_batch", "max_waiting", "max_tokens", "max_n", "max_prompts", "max_prompt_chars", "max_stop_chars",
+                "max_loops", "max_body_kb", "max_upload_mb", "model_memory_mb", "max_running_jobs"):
         if cfg[key] < 1:
             raise SystemExit(f"{key} must be at least 1, got {cfg[key]}")
+    if cfg["max_queued_jobs"] < 0 or cfg["cancel_grace_s"] < 0 or cfg["threads"] < 0:
+        raise SystemExit("max_queued_jobs, cancel_grace_s and threads must not be negative")
+    if not all(isinstance(h, str) and h for h in cfg["allowed_hosts"]):
+        raise SystemExit(f"allowed_hosts is a list of host names, got {cfg['allowed_hosts']!r}")
 
 
 def main(argv):
@@ -1034,7 +1199,8 @@ def main(argv):
     import uvicorn
     app = make_app(cfg)
     print(f"serving on http://{cfg['host']}:{cfg['port']}  (models from {cfg['out_root']}/, jobs in {cfg['jobs_dir']}/)")
-    uvicorn.run(app, host=cfg["host"], port=cfg["port"], log_level=cfg["log_level"])
+    # a stream that never ends (a followed job's metrics) must not hold a stopping server up
+    uvicorn.run(app, host=cfg["host"], port=cfg["port"], log_level=cfg["log_level"], timeout_graceful_shutdown=5)
 
 
 if __name__ == "__main__":

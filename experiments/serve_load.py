@@ -247,7 +247,8 @@ async def soak(url, pid, cfg):
     rss = []
     async with httpx.AsyncClient(base_url=url, timeout=300) as http:
         with open(os.path.join(ASSETS, "tinyshakespeare", "input.txt"), "rb") as f:
-            r = await http.post("/v1/datasets?name=soak", content=f.read(200_000))
+            r = await http.post("/v1/datasets?name=soak", content=f.read(200_000),
+                                headers={"content-type": "application/octet-stream"})
         job_id = r.json()["id"]
         while (job := (await http.get(f"/v1/jobs/{job_id}")).json())["state"] in ("queued", "running"):
             await asyncio.sleep(0.5)
