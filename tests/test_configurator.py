@@ -61,9 +61,20 @@ def test_shipped_config_files_load_into_train_defaults():
     import train
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for path in glob.glob(os.path.join(root, "config", "*.py")):
-        if "world" in path or "swarm" in path or "serve" in path or "loops_chains" in path:  # other scripts' configs
+        if any(name in path for name in ("world", "swarm", "serve", "loops_chains", "thinking")):  # other scripts'
             continue
         configure(train.DEFAULTS, [path])
+
+
+def test_the_thinking_configs_load_into_thinking_defaults():
+    import glob
+    import os
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(root, "experiments"))
+    import thinking
+    for path in glob.glob(os.path.join(root, "config", "thinking_*.py")):
+        configure(thinking.DEFAULTS, [path])
 
 
 def scripts_with_a_config():
