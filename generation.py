@@ -161,31 +161,36 @@ class Decoding:
 
 
 def capture_graph(fn, generator=None):
-    """Run fn once, then capture it as a CUDA graph and return the graph (replay() runs fn's kernels again).
+    """fn captured as a CUDA graph (not run): replay() runs its kernels. Unlike torch.cuda.graph this leaves the
+    allocator's cache alone, so a process that trains between generations keeps its memory."""
+    graph = torch.cuda.CUDAGraph()
+    if generator is not None:  # a seeded sampler: each replay must draw new numbers from it
+        graph.register_generator_state(generator)
+    graph.capture_begin()
+    try:
+        fn()
+    finally:
+        graph.capture_end()
+    return graph
 
-    The first run is a real step and makes what a capture must not (cuBLAS handles, cuDNN plans, compiled
-    kernels); both run on a side stream, as torch.cuda.graphs prescribes. Unlike torch.cuda.graph this leaves
-    the allocator's cache alone: a process that trains between generations keeps its memory."""
-    side = torch.cuda.Stream()
+
+def step_and_capture(fn, generator):
+    """Run fn (this token's step), then capture it for the next tokens; both on a side stream, as torch.cuda.graphs
+    prescribes: the first run makes, for that stream, what a capture must not (cuBLAS's workspace, cuDNN's plans,
+    compiled kernels). Returns the graph, or None (run_then_capture)."""
+    side = torch.cuda.Stream(device=torch.cuda.current_device())
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        fn()
-        side.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        if generator is not None:  # a seeded sampler: each replay must draw new numbers from it
-            graph.register_generator_state(generator)
-        graph.capture_begin()
-        try:
-            fn()
-        finally:
-            graph.capture_end()
+        graph = run_then_capture(fn, generator, side.synchronize)
     torch.cuda.current_stream().wait_stream(side)
     return graph
 
 
-def graph_or_none(fn, generator):
-    """capture_graph(fn), or None after a warning where this model's step cannot be captured (a research model
-    whose step reads values on the host): it then decodes step by step, as without graph."""
+def run_then_capture(fn, generator, wait):
+    """fn(), then its graph; None after a warning where the step cannot be captured (a research model whose step
+    reads a value on the host): that generation then decodes step by step, its token made by the first run."""
+    fn()
+    wait()
     try:
         return capture_graph(fn, generator)
     except RuntimeError as e:
@@ -229,7 +234,7 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
         reduce_overhead = device.type == "cuda" and not graph  # its graph reuses its output: clone before the next
         step = (lambda *a, **k: compiled(*a, **k).clone()) if reduce_overhead else compiled
     state = Decoding(idx, max_new_tokens, stop_token)
-    cache, pos, replay = None, 0, None  # pos: positions filled in the cache
+    cache, pos, replay, capture = None, 0, None, graph  # pos: positions filled in the cache
 
     def sample(logits):
         return sample_next_token(logits, temperature, top_k, top_p, generator)
@@ -259,9 +264,9 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
             replay.replay()
             pos += 1
         else:
-            if graph and max_new_tokens - i >= GRAPH_MIN_TOKENS:  # the capture runs this step too
-                replay = graph_or_none(cached_step, generator)
-            if replay is None:
+            if capture and max_new_tokens - i >= GRAPH_MIN_TOKENS:  # this token's step, then the capture
+                replay, capture = step_and_capture(cached_step, generator), False
+            else:
                 cached_step()
             pos += 1
         state.length += 1
