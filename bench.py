@@ -760,6 +760,7 @@ def part_kernels(cfg, bench, device):
             ref_loss, ref_grads = loss_and_grads(plain, exact, target, contextlib.nullcontext())
             set_matmul_precision(True)
             ms = time_op(lambda: loss_and_grads(fn, inputs, target, autocast), device)
+            ref_loss = ref_loss.detach()
             yield f"kernel_{name}", dict(
                 ms_fwd_bwd=ms, loss_rel_error=float((loss - ref_loss).abs() / ref_loss.abs().clamp_min(1e-12)),
                 grad_rel_errors=[float((g - r).norm() / r.norm()) for g, r in zip(grads, ref_grads)],
