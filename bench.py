@@ -36,6 +36,7 @@ import train
 from training import StepOptions, train_step
 from configurator import configure
 from data import get_batch, open_dataset
+from architecture import DEFAULTS as MODEL_DEFAULTS
 from architecture import MODEL_KEYS, build_model
 from plot import plot_runs
 from runtime import code_version, float8_training, read_jsonl, resolve_device
@@ -603,8 +604,8 @@ def decode_profiles(model, device, modes, tokens=32):
             yield f"decode_profile_b1_{mode}", dict(
                 tokens=tokens, kernels_per_token=sum(e.count for e in kernels) / tokens,
                 gpu_busy_ms_per_token=busy_ms / tokens, wall_ms_per_token=dt * 1e3 / tokens,
-                top=[dict(name=e.key[:120], us_per_token=e.self_device_time_total / tokens, calls_per_token=e.count / tokens)
-                     for e in top])
+                top=[dict(name=e.key[:120], us_per_token=e.self_device_time_total / tokens,
+                          calls_per_token=e.count / tokens) for e in top])
         except (Exception, SystemExit) as e:
             yield f"decode_profile_b1_{mode}", error_record(e)
 
@@ -622,7 +623,8 @@ def random_checkpoint(cfg, device, path):
         chars = sorted("\n !$&',-.3:;?" + string.ascii_letters)  # shakespeare_char's 65 characters
         tokenizer, vocab = {"tokenizer": "char", "chars": chars}, len(chars) + 1
     torch.manual_seed(0)
-    args = model_args(cfg, vocab)
+    # only the options set away from their defaults: a checkout from before an option was added reads it too
+    args = {k: v for k, v in model_args(cfg, vocab).items() if k == "vocab_size" or v != MODEL_DEFAULTS[k]}
     save_checkpoint(path, {"model_args": args, "model": build_model(args).state_dict(), "tokenizer": tokenizer,
                            "config": {}, "step": 0, "val_loss": None})
 
@@ -657,8 +659,9 @@ def part_sample_py(cfg, bench, device):
     median = {name: statistics.median(second for _, second in v) for name, v in speeds.items()}
     for name, (tree, extra) in runs.items():
         ratio = {"ratio_to_sample_py": median[name] / median["sample_py"]} if name != "sample_py" else {}
-        yield name, dict(tokens_per_s=median[name], first_sample_tokens_per_s=statistics.median(f for f, _ in speeds[name]),
-                         rounds=speeds[name], tree=tree, args=extra, new_tokens=bench["new_tokens"],
+        first = statistics.median(f for f, _ in speeds[name])
+        yield name, dict(tokens_per_s=median[name], first_sample_tokens_per_s=first, rounds=speeds[name], tree=tree,
+                         args=extra, new_tokens=bench["new_tokens"],
                          commit=code_version(os.path.join(tree, "sample.py"))["commit"], **ratio)
 
 

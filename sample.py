@@ -30,7 +30,8 @@ DEFAULTS = dict(
     seed=1337,
     device="auto",
     use_cache=True,         # the KV cache; False recomputes the whole context each token
-    compile=False,          # compile the cached decode step (inductor; seconds to a minute once: long samples); on a CPU, int8 exports' fast path
+    compile=False,          # compile the cached decode step (inductor: seconds to a minute, once; long samples);
+                            # on a CPU, int8 exports' fast path
     graph=True,             # on a GPU, replay the cached decode step as one CUDA graph per token; False launches
                             # its kernels one by one (the path before BENCHMARKS.md's round three)
     stop_at_eot=True,       # end a sample at the end-of-text token

@@ -64,7 +64,8 @@ part() {
 
 { nvidia-smi 2>&1 | head -15; $PY - <<'EOF'
 import importlib, torch
-print("torch", torch.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name() if torch.cuda.is_available() else "none")
+gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+print("torch", torch.__version__, "cuda", torch.version.cuda, "device", gpu)
 print("torch.optim.Muon:", hasattr(torch.optim, "Muon"))
 for name in ("liger_kernel", "torchao", "triton"):
     try:
