@@ -174,15 +174,15 @@ def capture_graph(fn, generator=None):
     return graph
 
 
-def step_and_capture(fn, generator):
+def step_and_capture(fn, generator, device):
     """Run fn (this token's step), then capture it for the next tokens; both on a side stream, as torch.cuda.graphs
     prescribes: the first run makes, for that stream, what a capture must not (cuBLAS's workspace, cuDNN's plans,
     compiled kernels). Returns the graph, or None (run_then_capture)."""
-    side = torch.cuda.Stream(device=torch.cuda.current_device())
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.device(device), torch.cuda.stream(side):
         graph = run_then_capture(fn, generator, side.synchronize)
-    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.current_stream(device).wait_stream(side)
     return graph
 
 
@@ -265,7 +265,7 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
             pos += 1
         else:
             if capture and max_new_tokens - i >= GRAPH_MIN_TOKENS:  # this token's step, then the capture
-                replay, capture = step_and_capture(cached_step, generator), False
+                replay, capture = step_and_capture(cached_step, generator, device), False
             else:
                 cached_step()
             pos += 1

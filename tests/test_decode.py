@@ -38,7 +38,7 @@ def stand_in_graphs(monkeypatch):
     monkeypatch.setattr(generation, "use_graph", lambda graph, device, use_cache: use_cache and graph is not False)
     monkeypatch.setattr(generation, "capture_graph", capture)
     # as on a GPU, less the side stream
-    monkeypatch.setattr(generation, "step_and_capture", lambda fn, g: generation.run_then_capture(fn, g, lambda: None))
+    monkeypatch.setattr(generation, "step_and_capture", lambda fn, g, device: generation.run_then_capture(fn, g, int))
     return graphs
 
 
