@@ -21,17 +21,22 @@ import gc
 import json
 import os
 import platform
+import statistics
+import string
 import subprocess
 import sys
 import time
 import traceback
 
 import torch
+import torch._functorch.config  # AOTAutograd's settings, which two levers patch
 
+import speed
 import train
 from training import StepOptions, train_step
 from configurator import configure
 from data import get_batch, open_dataset
+from architecture import DEFAULTS as MODEL_DEFAULTS
 from architecture import MODEL_KEYS, build_model
 from plot import plot_runs
 from runtime import code_version, float8_training, read_jsonl, resolve_device
@@ -57,9 +62,17 @@ DEFAULTS = dict(
     nanogpt="",           # the nanogpt part: path to a nanoGPT checkout (kept outside the repo) whose bench.py it runs
     parity_lever={},      # the parity part: train.py overrides (a lever of LEVERS, e.g. {"ce_chunks": 8}) to train against default
     parity_steps=300,     # ... for this many steps of 8 x 12 x 1024 tokens on BPE shakespeare
+    warm_only=False,      # only compile what the timed parts will (levers, gpu_1b, decode), filling inductor's on-disk
+                          # caches: a later run then compiles in seconds (experiments/speed_round3_gpu.sh)
+    levers_1b="default",  # the gpu_1b part: comma-separated names from LEVERS_1B
+    gpu_1b_accum=0,       # micro-batches per gpu_1b optimizer step (0: the config's 64, ~10 s a step)
+    decode_modes="",      # the decode part: comma-separated names from DECODE_MODES; empty = all
+    before_tree="",       # the sample_py part: a checkout of the code before a change, whose sample.py it also runs
+    sample_rounds=3,      # ... each tree once per round, in turn
 )
-GPU_PARTS = ["train", "plain", "ttl_fast", "sample", "memory", "ttl_best", "batch", "levers", "nanogpt", "gpu_1b", "parity"]
-CPU_PARTS = ["cpu_quick", "nanogpt_recipe"]
+GPU_PARTS = ["train", "plain", "ttl_fast", "sample", "memory", "ttl_best", "batch", "levers", "nanogpt", "gpu_1b", "parity",
+             "decode", "sample_py", "kernels", "muon"]
+CPU_PARTS = ["cpu_quick", "nanogpt_recipe", "sample_py"]
 H100_BF16_PEAK = 989e12
 # shapes of the memory sweep (n_layer, n_head, n_embd), smallest first: GPT-2 small, medium, large, XL
 MEMORY_SWEEP = [(12, 12, 768), (24, 16, 1024), (36, 20, 1280), (48, 25, 1600)]
@@ -122,7 +135,7 @@ def batch_source(cfg, bench, device, batch_size):
 
 def build(cfg, bench, device, fast, batch_size=None, accum=1, compile_model=None, lever=None, **shape):
     """Model, optimizer, autocast and batch source for one training measurement; lever: a dict of the
-    speed options to try (fp8, fp8_head, compile_options, optimizer), see LEVERS."""
+    speed options to try (fp8, fp8_head, fp8_recipe, compile_options, compile_blocks, optimizer), see LEVERS."""
     lever = lever or {}
     batch_size = batch_size or cfg["batch_size"]
     fetch, vocab, data = batch_source(cfg, bench, device, batch_size)
@@ -134,12 +147,17 @@ def build(cfg, bench, device, fast, batch_size=None, accum=1, compile_model=None
                                          device.type if fast else "cpu", lever.get("optimizer", cfg["optimizer"]),
                                          cfg["muon_lr"])
     if lever.get("fp8"):
-        float8_training(raw, head=lever.get("fp8_head", True))
+        float8_training(raw, head=lever.get("fp8_head", True), recipe=lever.get("fp8_recipe", "tensorwise"))
     use_bf16 = fast and device.type == "cuda"
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
     compile_model = fast if compile_model is None else compile_model
     options = lever.get("compile_options", {})
-    model = torch.compile(raw, options=options or None) if compile_model else raw
+    model = torch.compile(raw, options=options or None) if compile_model and not lever.get("compile_blocks") else raw
+    if compile_model and lever.get("compile_blocks"):
+        # regional compilation: each block compiled on its own, one graph serving every block (seconds to compile
+        # where the whole 36-layer model takes minutes); embedding, head and loss stay eager
+        for block in raw.blocks:
+            block.compile(options=options or None)
     return dict(raw=raw, model=model, optimizer=optimizer, autocast=autocast, fetch=fetch, data=data,
                 static_grads=options.get("triton.cudagraphs", False),
                 batch_size=batch_size, accum=accum, tokens_per_step=batch_size * cfg["block_size"] * accum)
@@ -165,16 +183,39 @@ def time_steps(run, n, grad_clip, device):
 
 # ----------------------------------------------------------------------------- gpu parts
 
+def lever_context(lever):
+    """The process-wide settings a lever needs while its step compiles and runs: an SDPA backend, the min-cut
+    partitioner's activation memory budget (torch recomputes the cheapest activations to fit the fraction)."""
+    stack = contextlib.ExitStack()
+    if lever.get("sdpa"):
+        from torch.nn.attention import sdpa_kernel
+        stack.enter_context(sdpa_kernel(speed.sdpa_backends(lever["sdpa"])))
+        # AOTAutograd's cache key leaves the SDPA backend out: a cached graph of another backend would be reused
+        stack.enter_context(torch._functorch.config.patch(enable_autograd_cache=False))
+    if lever.get("activation_budget"):
+        stack.enter_context(torch._functorch.config.patch(activation_memory_budget=lever["activation_budget"]))
+    return stack
+
+
 def measure_training(cfg, bench, device, fast, steps, batch_size=None, lever=None, **shape):
     """Steady-state tokens/s, ms per micro-batch, MFU and peak memory of the config's train step, with
-    its gradient accumulation (which spreads the optimizer's cost over the micro-batches)."""
+    its gradient accumulation (which spreads the optimizer's cost over the micro-batches). With --warm_only
+    one micro-batch only, which compiles the step and fills inductor's caches."""
+    with lever_context(lever or {}):
+        return timed_training(cfg, bench, device, fast, steps, batch_size, lever, **shape)
+
+
+def timed_training(cfg, bench, device, fast, steps, batch_size=None, lever=None, **shape):
     before = reset_memory(device)
     set_matmul_precision(fast)
     batch_size = batch_size or cfg["batch_size"]
     # the same tokens per optimizer step as the config, whatever the micro-batch
     accum = max(1, cfg["gradient_accumulation_steps"] * cfg["batch_size"] // batch_size)
-    run = build(cfg, bench, device, fast, batch_size, accum, lever=lever, **shape)
+    run = build(cfg, bench, device, fast, batch_size, 1 if bench["warm_only"] else accum, lever=lever, **shape)
     t0 = time.perf_counter()
+    if bench["warm_only"]:
+        loss = run_steps(run, 1, cfg["grad_clip"]).item()
+        return dict(warm_only=True, first_step_s=time.perf_counter() - t0, batch_size=batch_size, first_loss=loss)
     first_loss = run_steps(run, 1, cfg["grad_clip"]).item()  # compiles, when compiling
     compile_s = time.perf_counter() - t0
     run_steps(run, bench["warmup_steps"] if fast else 0, cfg["grad_clip"])
@@ -188,12 +229,28 @@ def measure_training(cfg, bench, device, fast, steps, batch_size=None, lever=Non
                   tokens_per_s=run["tokens_per_step"] / dt,
                   mfu=run["raw"].estimate_mfu(run["tokens_per_step"], dt, H100_BF16_PEAK),
                   peak_memory_gb=peak_memory_gb(device, before), first_step_s=compile_s, first_loss=first_loss, loss=loss)
+    if (lever or {}).get("sdpa") and device.type == "cuda":  # which attention kernels ran: the lever's proof
+        result["attention_kernels"] = attention_kernels(run)
     if bench["profile_run"]:
         try:
             result["profile"] = profile_steps(run, cfg, device)
         except (Exception, SystemExit) as e:  # the throughput above still counts
             result["profile"] = error_record(e)
     return result
+
+
+def attention_kernels(run):
+    """Names of the CUDA kernels of one micro-batch's forward and backward that look like attention's."""
+    from torch.profiler import ProfilerActivity, profile
+    x, y = run["fetch"]()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with run["autocast"]:
+            _, loss = run["model"](x, y)
+        loss.backward()
+        torch.cuda.synchronize()
+    run["optimizer"].zero_grad(set_to_none=not run["static_grads"])
+    names = {e.key for e in prof.key_averages()}
+    return sorted(n[:120] for n in names if any(w in n.lower() for w in ("flash", "fmha", "cudnn", "attention", "sdpa")))
 
 
 def profile_steps(run, cfg, device, steps=1):
@@ -246,9 +303,31 @@ LEVERS = {
     "fp8_all": dict(fp8=True, fp8_head=True),
     "max_autotune": dict(compile_options={"max_autotune": True, "coordinate_descent_tuning": True}),  # ~5 min to compile
     "fp8_all_batch24": dict(fp8=True, fp8_head=True, batch_size=24),
+    # round three (issue 32): library kernels
+    "liger_ce": dict(liger_ce=True),                      # Liger Kernel's fused linear cross-entropy
+    "sdpa_cudnn": dict(sdpa="cudnn"),                     # one SDPA backend chosen explicitly
+    "sdpa_flash": dict(sdpa="flash"),
+    "sdpa_efficient": dict(sdpa="efficient"),
+    "fp8_rowwise": dict(fp8=True, fp8_head=False, fp8_recipe="rowwise"),  # torchao, one scale per row
+    "batch48_bf16_residual": dict(batch_size=48, bf16_residual=True),    # round three's best, as one lever
+    "batch32_bf16_residual": dict(batch_size=32, bf16_residual=True),    # the same gain in 23 GB (round four)
     "best": None,  # the levers measured before it that beat default by MIN_GAIN, together
 }
-MODEL_LEVERS = ("ce_chunks", "attention", "bf16_residual")
+MODEL_LEVERS = ("ce_chunks", "attention", "bf16_residual", "liger_ce", "checkpoint_activations")
+# gpu_1b's levers (issue 32, target >= 50% MFU within 32 GB); MFU counts 6 FLOPs per parameter per token, so the
+# forward that checkpointing recomputes is work it does not credit: the levers trade that recompute for memory
+LEVERS_1B = {
+    "default": {},                                        # config/gpu_1b.py: whole-model compile, every block checkpointed
+    "blocks": dict(compile_blocks=True),                  # the same step, each block compiled on its own
+    "fp8": dict(compile_blocks=True, fp8=True, fp8_head=False),
+    "fp8_rowwise": dict(compile_blocks=True, fp8=True, fp8_head=False, fp8_recipe="rowwise"),
+    "budget": dict(compile_blocks=True, checkpoint_activations=False, activation_budget=0.5),  # the compiler
+                                                          # recomputes what it chooses, to half the activations
+    "batch4_no_ckpt": dict(compile_blocks=True, checkpoint_activations=False, batch_size=4),
+    "batch16": dict(compile_blocks=True, batch_size=16),
+    "fp8_budget": dict(compile_blocks=True, fp8=True, fp8_head=False, checkpoint_activations=False,
+                       activation_budget=0.5),
+}
 MIN_GAIN = 1.01  # a lever joins "best" only above the few percent of run-to-run noise
 
 
@@ -273,16 +352,19 @@ def measure_lever(cfg, bench, device, lever):
 
 def part_levers(cfg, bench, device):
     """gpu_124m's train step with one speed option at a time (--levers=a,b picks some), each a ratio to default;
-    `best` then measures the winners together."""
+    `best` then measures the winners together. Yields each lever's result as it is measured."""
     names = [n for n in bench["levers"].split(",") if n] or [n for n in LEVERS if n != "max_autotune"]
     unknown = [n for n in names if n not in LEVERS]
     if unknown:
         raise SystemExit(f"unknown levers {unknown}; known: {', '.join(LEVERS)}")
     results, start = {}, time.perf_counter()
-    for name in ["default"] + [n for n in names if n != "default"]:
+    # each lever is a ratio to default, measured first; warming caches needs only the levers named
+    order = names if bench.get("warm_only") else ["default"] + [n for n in names if n != "default"]
+    for name in order:
         lever = LEVERS[name] if name != "best" else combine_winners(results)
         if name != "best" and bench["lever_budget_s"] and time.perf_counter() - start > bench["lever_budget_s"]:
             results[f"lever_{name}"] = dict(error=f"skipped: past lever_budget_s={bench['lever_budget_s']}")
+            yield f"lever_{name}", results[f"lever_{name}"]
             continue
         try:
             if name == "best" and not lever:
@@ -292,10 +374,10 @@ def part_levers(cfg, bench, device):
             results[f"lever_{name}"] = error_record(e) | {"lever": lever}
         result = results[f"lever_{name}"]
         print(f"  lever_{name}: {result.get('tokens_per_s', result.get('error'))}", flush=True)
-        base = results["lever_default"].get("tokens_per_s")
+        base = results.get("lever_default", {}).get("tokens_per_s")
         if base and result.get("tokens_per_s"):
             result["ratio_to_default"] = result["tokens_per_s"] / base
-    return results
+        yield f"lever_{name}", result
 
 
 def part_parity(cfg, bench, device):
@@ -347,13 +429,34 @@ def part_nanogpt(cfg, bench, device):
 
 
 def part_gpu_1b(cfg, bench, device):
-    """config/gpu_1b.py's train step: peak memory (budget 32 GB) and MFU, with its own accumulation."""
+    """config/gpu_1b.py's train step: peak memory (budget 32 GB) and MFU, with its own accumulation (or
+    --gpu_1b_accum), for each of --levers_1b (LEVERS_1B), each a ratio to the first measured."""
     big = configure(train.DEFAULTS, ["config/gpu_1b.py"])
     if bench["smoke"]:
         big.update(n_layer=2, n_head=2, n_embd=64, block_size=64, batch_size=2, gradient_accumulation_steps=2)
-    shape = {k: big[k] for k in ("n_layer", "n_head", "n_embd", "checkpoint_activations")}
-    return {"gpu_1b": measure_training(big, bench | {"profile_run": False}, device, True, 1,
-                                       lever=dict(optimizer=big["optimizer"]), **shape)}
+    if bench["gpu_1b_accum"]:
+        big["gradient_accumulation_steps"] = bench["gpu_1b_accum"]
+    names = [n for n in bench["levers_1b"].split(",") if n]
+    unknown = [n for n in names if n not in LEVERS_1B]
+    if unknown:
+        raise SystemExit(f"unknown levers_1b {unknown}; known: {', '.join(LEVERS_1B)}")
+    base = None
+    for name in names:
+        lever = dict(optimizer=big["optimizer"]) | LEVERS_1B[name]
+        shape = {k: big[k] for k in ("n_layer", "n_head", "n_embd", "checkpoint_activations")}
+        shape |= {k: lever.pop(k) for k in MODEL_LEVERS if k in lever}
+        key = "gpu_1b" if name == "default" else f"gpu_1b_{name}"
+        try:
+            result = measure_training(big, bench | {"profile_run": False}, device, True, 1,
+                                      batch_size=lever.pop("batch_size", None), lever=lever, **shape)
+        except (Exception, SystemExit) as e:  # out of memory, a missing library: the next lever still runs
+            result = error_record(e)
+        result["lever"] = LEVERS_1B[name]
+        base = base or result.get("tokens_per_s")
+        if base and result.get("tokens_per_s"):
+            result["ratio_to_first"] = result["tokens_per_s"] / base
+        print(f"  {key}: {result.get('mfu', result.get('error'))}", flush=True)
+        yield key, result
 
 
 def part_sample(cfg, bench, device):
@@ -393,6 +496,310 @@ def part_sample(cfg, bench, device):
         if base and best:
             results[f"sample_b{batch}_cache_speedup"] = best / base
     return results
+
+
+# decode paths (issue 32, target 1): generate_stream's keywords, and the batch sizes each is measured at
+DECODE_MODES = {
+    "eager": (dict(graph=False), (1,)),                     # before round three: each kernel launched from Python
+    "compiled": (dict(graph=False, compile=True), (1,)),    # before: torch.compile's reduce-overhead CUDA graphs
+    "graph": (dict(), (1, 16)),                             # the default now: the eager step as one CUDA graph
+    "graph_compiled": (dict(compile=True), (1, 16)),        # inductor's step in that graph
+    "graph_compiled_cdt": (dict(compile=True, compile_options={"coordinate_descent_tuning": True}), (1,)),
+}  # coordinate descent tuning: inductor writes its own matrix-vector kernels at batch 1 (a reduction it can fuse)
+
+
+def decode_model(cfg, device):
+    """gpu_124m's shape with random weights, in bf16 on a GPU, for decoding."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = build_model(model_args(cfg, 50304)).eval()
+    return model.to(torch.bfloat16) if device.type == "cuda" else model
+
+
+def timed_generate(model, prompt, n, device, **kw):
+    """(tokens, seconds) of one generate call, the device's work included."""
+    sync(device)
+    t0 = time.perf_counter()
+    tokens = model.generate(prompt, n, **kw)
+    sync(device)
+    return tokens, time.perf_counter() - t0
+
+
+def part_decode(cfg, bench, device):
+    """Tokens/s of gpu_124m's decoding (random weights, bf16, 16-token prompt, --new_tokens) on each of DECODE_MODES:
+    the first call (compile and capture, with inductor's cache as it is) and the second; greedy tokens checked
+    against the eager path's; sampled decoding (sample.py's temperature and top-k) at batch 1; a profile of each
+    mode's step (kernels per token and their GPU time). Yields each measurement."""
+    import warnings
+    set_matmul_precision(True)
+    model, n = decode_model(cfg, device), bench["new_tokens"]
+    modes = [m for m in bench["decode_modes"].split(",") if m] or list(DECODE_MODES)
+    unknown = [m for m in modes if m not in DECODE_MODES]
+    if unknown:
+        raise SystemExit(f"unknown decode_modes {unknown}; known: {', '.join(DECODE_MODES)}")
+    reference = {}
+    for mode in modes:
+        kw, batches = DECODE_MODES[mode]
+        for batch in batches:
+            key = f"decode_b{batch}_{mode}"
+            try:
+                torch._dynamo.reset()  # each compiled mode compiles afresh: its first call is what a process pays
+                prompt = torch.randint(50304, (batch, 16), generator=torch.Generator().manual_seed(batch)).to(device)
+                if bench["warm_only"]:  # compile at the timed run's cache length, a few tokens only
+                    t0 = time.perf_counter()
+                    for _, _ in zip(range(8), model.generate_stream(prompt, n, temperature=0.0, **kw)):
+                        pass
+                    yield key, dict(warm_only=True, first_call_s=time.perf_counter() - t0)
+                    continue
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    _, first_s = timed_generate(model, prompt, n, device, temperature=0.0, **kw)
+                tokens, dt = timed_generate(model, prompt, n, device, temperature=0.0, **kw)
+                reference.setdefault(batch, tokens)
+                result = dict(batch=batch, new_tokens=n, tokens_per_s=batch * n / dt, ms_per_token_step=dt / n * 1e3,
+                              first_call_s=first_s, same_tokens_as_first_mode=bool(torch.equal(tokens, reference[batch])),
+                              first_mode=modes[0], warnings=[str(w.message)[:300] for w in caught], keywords=kw)
+            except (Exception, SystemExit) as e:  # one mode failing leaves the others
+                result = error_record(e)
+            yield key, result
+    if not bench["warm_only"]:
+        yield from sampled_decoding(model, device, n, [m for m in modes if 1 in DECODE_MODES[m][1]])
+        yield from decode_profiles(model, device, [m for m in modes if m != "compiled"])
+
+
+def sampled_decoding(model, device, n, modes):
+    """Batch 1 at sample.py's temperature 0.8 and top-k 200, seeded: tokens/s, and whether the first 64 tokens
+    equal the first mode's (the graph's sampler draws from the same generator)."""
+    prompt = torch.randint(50304, (1, 16), generator=torch.Generator().manual_seed(1)).to(device)
+    sampling, first = dict(temperature=0.8, top_k=200, seed=1), None
+    for mode in modes:
+        kw = DECODE_MODES[mode][0]
+        try:
+            torch._dynamo.reset()
+            short, _ = timed_generate(model, prompt, 64, device, **sampling, **kw)
+            first = short if first is None else first
+            _, dt = timed_generate(model, prompt, n, device, **sampling, **kw)
+            yield f"decode_sampled_b1_{mode}", dict(batch=1, new_tokens=n, tokens_per_s=n / dt, keywords=kw,
+                                                    same_64_tokens_as_first_mode=bool(torch.equal(short, first)))
+        except (Exception, SystemExit) as e:
+            yield f"decode_sampled_b1_{mode}", error_record(e)
+
+
+def decode_profiles(model, device, modes, tokens=32):
+    """Each mode's decode step under torch.profiler at batch 1: CUDA kernels per token, their summed GPU time per
+    token (against the wall time per token: the gap is the device idling on the host), the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+    if device.type != "cuda":
+        return
+    prompt = torch.randint(50304, (1, 16), generator=torch.Generator().manual_seed(2)).to(device)
+    for mode in modes:
+        kw = DECODE_MODES[mode][0]
+        try:
+            torch._dynamo.reset()
+            model.generate(prompt, tokens, temperature=0.0, **kw)  # compiles, plans, captures: outside the profile
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                _, dt = timed_generate(model, prompt, tokens, device, temperature=0.0, **kw)
+            kernels = [e for e in prof.key_averages() if e.self_device_time_total > 0
+                       and getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+            busy_ms = sum(e.self_device_time_total for e in kernels) / 1e3
+            top = sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[:10]
+            yield f"decode_profile_b1_{mode}", dict(
+                tokens=tokens, kernels_per_token=sum(e.count for e in kernels) / tokens,
+                gpu_busy_ms_per_token=busy_ms / tokens, wall_ms_per_token=dt * 1e3 / tokens,
+                top=[dict(name=e.key[:120], us_per_token=e.self_device_time_total / tokens,
+                          calls_per_token=e.count / tokens) for e in top])
+        except (Exception, SystemExit) as e:
+            yield f"decode_profile_b1_{mode}", error_record(e)
+
+
+SAMPLE_PY_ARGS = ["--start=Once upon a time", "--temperature=0", "--stop_at_eot=False", "--num_samples=2"]
+
+
+def random_checkpoint(cfg, device, path):
+    """A checkpoint of the config's shape with random weights, as sample.py reads it: GPT-2's tokenizer on a GPU
+    (gpu_124m), shakespeare_char's characters on a CPU (cpu_quick's size)."""
+    from checkpoint import save_checkpoint
+    if device.type == "cuda":
+        tokenizer, vocab = {"tokenizer": "gpt2"}, 50304
+    else:
+        chars = sorted("\n !$&',-.3:;?" + string.ascii_letters)  # shakespeare_char's 65 characters
+        tokenizer, vocab = {"tokenizer": "char", "chars": chars}, len(chars) + 1
+    torch.manual_seed(0)
+    # only the options set away from their defaults: a checkout from before an option was added reads it too
+    args = {k: v for k, v in model_args(cfg, vocab).items() if k == "vocab_size" or v != MODEL_DEFAULTS[k]}
+    save_checkpoint(path, {"model_args": args, "model": build_model(args).state_dict(), "tokenizer": tokenizer,
+                           "config": {}, "step": 0, "val_loss": None})
+
+
+def sample_py_speed(tree, ckpt, device, new_tokens, extra):
+    """The tokens/s that sample.py in `tree` prints for each of its two samples of new_tokens from ckpt: the first
+    pays for planning, capturing or compiling the step, the second is the steady state."""
+    argv = [sys.executable, "sample.py", f"--ckpt={ckpt}", f"--device={device}", f"--max_new_tokens={new_tokens}",
+            *SAMPLE_PY_ARGS, *extra]
+    done = subprocess.run(argv, cwd=tree, capture_output=True, text=True, timeout=600)
+    speeds = [float(l.split(" tokens, ")[1].split(" tokens/s")[0]) for l in done.stderr.splitlines() if " tokens/s" in l]
+    if done.returncode or len(speeds) != 2:
+        raise SystemExit(f"sample.py in {tree} failed (exit {done.returncode}): {done.stderr[-800:]}")
+    return speeds
+
+
+def part_sample_py(cfg, bench, device):
+    """sample.py itself, the path a user runs, on a random checkpoint of the config's shape: its tokens/s as it
+    prints them (two samples: the first pays for capturing or compiling), in --sample_rounds rounds; with
+    --before_tree also that checkout's sample.py, the trees alternating (the ratio holds on a shared CPU). The
+    decode part measures the paths before and after on a GPU; this one what a user of sample.py sees."""
+    ckpt = os.path.join(os.path.abspath(bench["out_dir"]), "sample_py", "ckpt.pt")
+    random_checkpoint(cfg, device, ckpt)
+    here = os.path.dirname(os.path.abspath(__file__))
+    runs = {"sample_py": (here, [])}
+    if bench["before_tree"]:
+        runs["sample_py_before_tree"] = (os.path.abspath(bench["before_tree"]), [])
+    speeds = {name: [] for name in runs}  # per round: [first sample, second sample]
+    for _ in range(bench["sample_rounds"]):
+        for name, (tree, extra) in runs.items():
+            speeds[name].append(sample_py_speed(tree, ckpt, device, bench["new_tokens"], extra))
+    median = {name: statistics.median(second for _, second in v) for name, v in speeds.items()}
+    for name, (tree, extra) in runs.items():
+        ratio = {"ratio_to_sample_py": median[name] / median["sample_py"]} if name != "sample_py" else {}
+        first = statistics.median(f for f, _ in speeds[name])
+        yield name, dict(tokens_per_s=median[name], first_sample_tokens_per_s=first, rounds=speeds[name], tree=tree,
+                         args=extra, new_tokens=bench["new_tokens"],
+                         commit=code_version(os.path.join(tree, "sample.py"))["commit"], **ratio)
+
+
+def kernel_cases(rows, C, V, device):
+    """(name, make, reference): make() returns (inputs needing gradients, target or None, the op as measured);
+    reference is the plain op, run in fp32 to check it. Ours as the compiler makes them, and Liger Kernel's."""
+    import torch.nn.functional as F
+    from model import Rotary
+    hs, T = 64, min(1024, rows)
+    fused = device.type == "cuda"  # compiled on a GPU; eager elsewhere (a smoke run)
+    compiled = torch.compile if fused else (lambda f: f)
+    rotary, positions = Rotary(hs, T, 10000.0).to(device), torch.arange(T, device=device)
+
+    def head():
+        w = (torch.randn(V, C, device=device) * 0.02).requires_grad_()
+        return [torch.randn(rows, C, device=device, requires_grad=True), w], torch.randint(V, (rows,), device=device)
+
+    def full(h, w, t):
+        return F.cross_entropy((h @ w.t()).float(), t)
+
+    def norm(x):
+        return F.rms_norm(x, (C,))
+
+    def liger_norm(x):
+        from liger_kernel.transformers.functional import liger_rms_norm
+        return liger_rms_norm(x, torch.ones(C, device=device), torch.finfo(x.dtype).eps, 0.0, "llama", False)
+
+    def qk():
+        q = torch.randn(rows // T, C // hs, T, hs, device=device, dtype=torch.bfloat16, requires_grad=True)
+        return [q, torch.randn_like(q).requires_grad_()], None
+
+    def rope(q, k):
+        return rotary(q, positions), rotary(k, positions)
+
+    def liger_rope(q, k):
+        from liger_kernel.transformers.functional import liger_rope
+        return liger_rope(q, k, rotary.cos.to(q.dtype), rotary.sin.to(q.dtype), rotary_dim=hs)
+    return [
+        ("head_ce_full", lambda: (*head(), compiled(full)), full),
+        ("head_ce_chunks8", lambda: (*head(), compiled(lambda h, w, t: speed.chunked_cross_entropy(
+            h[None], w, t[None], 8))), full),
+        ("head_ce_liger", lambda: (*head(), lambda h, w, t: speed.liger_cross_entropy(h[None], w, t[None])), full),
+        ("rms_norm", lambda: ([torch.randn(rows, C, device=device, requires_grad=True)], None, compiled(norm)), norm),
+        ("rms_norm_liger", lambda: ([torch.randn(rows, C, device=device, requires_grad=True)], None, liger_norm), norm),
+        ("rope", lambda: (*qk(), compiled(rope)), rope),
+        ("rope_liger", lambda: (*qk(), liger_rope), rope),
+    ]
+
+
+def op_loss(fn, inputs, target):
+    """A scalar of one op's output(s), so its backward runs: the loss itself, or a fixed projection of the outputs."""
+    if target is not None:
+        return fn(*inputs, target)
+    out = fn(*inputs)
+    outs = out if isinstance(out, tuple) else (out,)
+    return sum((o.float() * torch.linspace(-1, 1, o.size(-1), device=o.device)).sum() for o in outs)
+
+
+def loss_and_grads(fn, inputs, target, autocast):
+    for x in inputs:
+        x.grad = None
+    with autocast:
+        loss = op_loss(fn, inputs, target)
+    loss.backward()
+    return loss, [x.grad for x in inputs]
+
+
+def time_op(fn, device, repeats=20):
+    """Median ms of fn(): triton's do_bench on a GPU (CUDA events, its own warm-up), else a few timed calls."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+        return do_bench(fn, warmup=25, rep=200, return_mode="median")
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def part_kernels(cfg, bench, device):
+    """Liger Kernel's Triton kernels against the compiled ops they would replace, at gpu_124m's training shapes (12 x
+    1024 rows, 768 wide, 50,304 vocabulary, bf16 autocast): forward + backward ms, and the relative error of loss and
+    gradients against the plain op in fp32 (bf16 operands land between 1e-3 and 1e-2)."""
+    rows, C, V = (64, 64, 512) if bench["smoke"] else (12 * 1024, 768, 50304)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    for name, make, plain in kernel_cases(rows, C, V, device):
+        try:
+            torch.manual_seed(0)
+            inputs, target, fn = make()
+            loss, grads = loss_and_grads(fn, inputs, target, autocast)
+            if bench["warm_only"]:
+                yield f"kernel_{name}", dict(warm_only=True)
+                continue
+            loss, grads = loss.detach(), [g.float() for g in grads]
+            set_matmul_precision(False)  # the reference in true fp32
+            exact = [x.detach().float().requires_grad_() for x in inputs]
+            ref_loss, ref_grads = loss_and_grads(plain, exact, target, contextlib.nullcontext())
+            set_matmul_precision(True)
+            ms = time_op(lambda: loss_and_grads(fn, inputs, target, autocast), device)
+            ref_loss = ref_loss.detach()
+            yield f"kernel_{name}", dict(
+                ms_fwd_bwd=ms, loss_rel_error=float((loss - ref_loss).abs() / ref_loss.abs().clamp_min(1e-12)),
+                grad_rel_errors=[float((g - r).norm() / r.norm()) for g, r in zip(grads, ref_grads)],
+                shapes=[list(x.shape) for x in inputs])
+        except (Exception, SystemExit) as e:  # liger missing, or no GPU: the other ops still run
+            yield f"kernel_{name}", error_record(e)
+
+
+def part_muon(cfg, bench, device):
+    """Is torch.optim.Muon here, and does it match muon.py's Muon? One step of each from the same weights and
+    gradients (4 of gpu_1b's 36 layers of block matrices: q, kv, out, MLP in and out; 2 small layers in a smoke run), the
+    largest relative difference of the updated weights (both orthogonalise in bf16 on a GPU), and each one's
+    optimizer step in ms (median of 5)."""
+    from muon import Muon
+    if not hasattr(torch.optim, "Muon"):
+        return {"muon": dict(torch_has_muon=False, torch=torch.__version__)}
+    layers, C = (2, 64) if bench["smoke"] else (4, 1536)
+    shapes = [(C, C), (2 * C, C), (C, C), (4 * C, C), (C, 4 * C)] * layers
+    torch.manual_seed(0)
+    weights = [torch.randn(s, device=device) * 0.02 for s in shapes]
+    grads = [torch.randn(s, device=device) for s in shapes]
+    ours = [w.clone().requires_grad_() for w in weights]
+    theirs = [w.clone().requires_grad_() for w in weights]
+    for a, b, g in zip(ours, theirs, grads):
+        a.grad, b.grad = g.clone(), g.clone()
+    mine = Muon([{"params": ours, "muon": True, "lr": 0.02}], momentum=0.95)
+    torch_muon = torch.optim.Muon(theirs, lr=0.02, weight_decay=0.0, momentum=0.95, nesterov=True,
+                                  ns_coefficients=(3.4445, -4.7750, 2.0315), ns_steps=5, adjust_lr_fn="original")
+    mine.step()
+    torch_muon.step()
+    update_diff = max(float((a - w).sub(b - w).norm() / (a - w).norm()) for a, b, w in zip(ours, theirs, weights))
+    return {"muon": dict(torch_has_muon=True, torch=torch.__version__, matrices=len(shapes),
+                         max_update_rel_difference=update_diff,
+                         ours_step_ms=time_op(mine.step, device, 5), torch_step_ms=time_op(torch_muon.step, device, 5))}
 
 
 def part_memory(cfg, bench, device):
@@ -475,7 +882,8 @@ def part_nanogpt_recipe(cfg, bench, device):
 
 PARTS = dict(train=part_train, plain=part_plain, ttl_fast=part_ttl_fast, sample=part_sample, memory=part_memory,
              ttl_best=part_ttl_best, batch=part_batch, cpu_quick=part_cpu_quick, nanogpt_recipe=part_nanogpt_recipe,
-             levers=part_levers, nanogpt=part_nanogpt, gpu_1b=part_gpu_1b, parity=part_parity)
+             levers=part_levers, nanogpt=part_nanogpt, gpu_1b=part_gpu_1b, parity=part_parity, decode=part_decode,
+             sample_py=part_sample_py, kernels=part_kernels, muon=part_muon)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -497,6 +905,14 @@ def environment(device):
     else:
         env["load_average"] = os.getloadavg()  # the CPU may be shared: timings scale with contention
     return env
+
+
+def show(name, r):
+    if isinstance(r, dict) and "error" not in r:
+        print(f"  {name}: " + json.dumps({k: v for k, v in r.items() if k not in ("curve", "profile")}, default=str)[:400],
+              flush=True)
+    elif isinstance(r, dict):
+        print(f"  {name}: FAILED {r['error'].splitlines()[0]}", flush=True)
 
 
 def summary_rows(results):
@@ -564,17 +980,18 @@ def main(argv):
             save()
             continue
         try:
-            results = PARTS[part](cfg, bench, device)
+            # a part returns its results, or yields (name, result) pairs: each is saved as it comes, so a run
+            # stopped mid-part (a time limit) keeps what that part measured
+            out = PARTS[part](cfg, bench, device)
+            for name, r in (out.items() if isinstance(out, dict) else out):
+                report["results"][name] = r
+                show(name, r)
+                save()
         except (Exception, SystemExit) as e:  # one failure is reported; the other parts still run
             traceback.print_exc()
-            results = {part: error_record(e)}
-        report["results"].update(results)
+            report["results"][part] = error_record(e)
+            show(part, report["results"][part])
         report.setdefault("part_seconds", {})[part] = time.perf_counter() - t0
-        for name, r in results.items():
-            if isinstance(r, dict) and "error" not in r:
-                print(f"  {name}: " + json.dumps({k: v for k, v in r.items() if k not in ("curve", "profile")}, default=str)[:400])
-            elif isinstance(r, dict):
-                print(f"  {name}: FAILED {r['error'].splitlines()[0]}")
         save()
     fast, plain = report["results"].get("gpu_124m", {}), report["results"].get("gpu_124m_plain", {})
     if fast.get("tokens_per_s") and plain.get("tokens_per_s"):

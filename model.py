@@ -35,6 +35,7 @@ class GPTConfig:
                                           # ~1/3 more compute for a fraction of the activation memory
     bf16_residual: bool = False  # under bf16 autocast the residual stream is bf16 too (as in modded-nanogpt)
     ce_chunks: int = 0           # > 0: the head and cross-entropy fused over this many row chunks (speed.py)
+    liger_ce: bool = False       # the head and cross-entropy by Liger Kernel's fused Triton kernels (speed.py; CUDA)
     attention: str = "sdpa"      # sdpa | flex (FlexAttention's compiled kernel for the causal path, speed.py)
 
     def __post_init__(self):
@@ -46,6 +47,8 @@ class GPTConfig:
             raise ValueError(f"n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}")
         if self.ce_chunks < 0:
             raise ValueError(f"ce_chunks={self.ce_chunks} must be 0 (off) or a number of row chunks")
+        if self.ce_chunks and self.liger_ce:
+            raise ValueError("ce_chunks and liger_ce are two fused heads + losses: set one of them")
         if self.attention not in ("sdpa", "flex"):
             raise ValueError(f"attention must be 'sdpa' or 'flex', got {self.attention!r}")
 
@@ -229,10 +232,13 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, reduction="mean", **options):
         """Logits (B, T, V) over the real vocabulary; with targets also the cross-entropy: mean, or per
-        token (B, T) with reduction='none'. With ce_chunks, a training forward's mean loss comes from the
-        fused chunked head, and the logits are None."""
+        token (B, T) with reduction='none'. With ce_chunks or liger_ce, a training forward's mean loss comes from
+        the fused chunked head, and the logits are None."""
         h = self.hidden(idx, **options)  # (B, T, C)
-        if self.config.ce_chunks and targets is not None and reduction == "mean" and torch.is_grad_enabled():
+        if (self.config.ce_chunks or self.config.liger_ce) and targets is not None and reduction == "mean" \
+                and torch.is_grad_enabled():
+            if self.config.liger_ce:
+                return None, speed.liger_cross_entropy(h, self.lm_head.weight, targets)
             return None, speed.chunked_cross_entropy(h, self.lm_head.weight, targets, self.config.ce_chunks)
         logits = self.lm_head(h)  # (B, T, padded V)
         return logits[..., :self.config.vocab_size], self.loss(logits, targets, reduction)

@@ -242,15 +242,16 @@ def code_version(path):
 
 # ----------------------------------------------------------------------------- float8 training
 
-def float8_training(model, head=True):
-    """Swap the model's linear layers for torchao's float8 ones (dynamic per-tensor scales): the matmuls
-    run on the H100's fp8 tensor cores, weights and optimizer stay in float32. head=False leaves lm_head
-    (tied to the embedding) in bf16. CUDA with compute capability >= 8.9 only."""
+def float8_training(model, head=True, recipe="tensorwise"):
+    """Swap the model's linear layers for torchao's float8 ones (dynamic scales: one per tensor, or with
+    recipe="rowwise" one per row, finer and costlier): the matmuls run on the H100's fp8 tensor cores, weights and
+    optimizer stay in float32. head=False leaves lm_head (tied to the embedding) in bf16. CUDA with compute
+    capability >= 8.9 only."""
     import torch  # here, not at the top: the swarm coordinator imports runtime without torch
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
         raise SystemExit("fp8=True needs a CUDA GPU with fp8 tensor cores (H100, L4, RTX 4090 or newer)")
     try:
-        from torchao.float8 import convert_to_float8_training
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     except ImportError:
         raise SystemExit("fp8=True needs torchao: pip install torchao")
 
@@ -258,4 +259,4 @@ def float8_training(model, head=True):
         if fqn == "lm_head" and not head:
             return False
         return isinstance(module, torch.nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0
-    return convert_to_float8_training(model, module_filter_fn=wanted)
+    return convert_to_float8_training(model, module_filter_fn=wanted, config=Float8LinearConfig.from_recipe_name(recipe))

@@ -13,7 +13,7 @@ import torch
 
 from checkpoint import knn_store_dir, load_checkpoint, load_model
 from configurator import configure
-from generation import check_runs, check_sampling_args
+from generation import check_runs, check_sampling_args, host_tokens
 from looped import LoopedGPT
 from tokenizer import tokenizer_from_meta
 from runtime import resolve_device
@@ -30,7 +30,10 @@ DEFAULTS = dict(
     seed=1337,
     device="auto",
     use_cache=True,         # the KV cache; False recomputes the whole context each token
-    compile=False,          # compile the cached decode step: a CUDA graph on a GPU (long samples); on a CPU, int8 exports' fast path
+    compile=False,          # compile the cached decode step (inductor: seconds to a minute, once; long samples);
+                            # on a CPU, int8 exports' fast path
+    graph=True,             # on a GPU, replay the cached decode step as one CUDA graph per token; False launches
+                            # its kernels one by one (the path before BENCHMARKS.md's round three)
     stop_at_eot=True,       # end a sample at the end-of-text token
     knn_store="",           # kNN memory models: a store folder to run with; "" uses the one beside the checkpoint
     loops=0,                # looped models: test-time loop count (think longer per token); 0 = the trained count
@@ -75,14 +78,18 @@ def stream_sample(model, tokenizer, prompt_ids, cfg, device, out=sys.stdout, loo
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # BPE tokens can split a character
     new_ids, t0 = [], time.perf_counter()
-    for token in model.generate_stream(idx, cfg["max_new_tokens"], temperature=cfg["temperature"],
-                                       top_k=cfg["top_k"], top_p=cfg["top_p"], seed=cfg["seed"],
-                                       stop_token=tokenizer.eot if cfg["stop_at_eot"] else None,
-                                       use_cache=cfg["use_cache"], compile=cfg["compile"],
-                                       loops=cfg["loops"] or None, halt=True if cfg.get("halt") else None):
+    stream = model.generate_stream(idx, cfg["max_new_tokens"], temperature=cfg["temperature"],
+                                   top_k=cfg["top_k"], top_p=cfg["top_p"], seed=cfg["seed"],
+                                   stop_token=tokenizer.eot if cfg["stop_at_eot"] else None,
+                                   use_cache=cfg["use_cache"], compile=cfg["compile"],
+                                   graph=None if cfg["graph"] else False,  # None: where it can (a GPU)
+                                   loops=cfg["loops"] or None, halt=True if cfg.get("halt") else None)
+    # a GPU's tokens are read a few steps behind it, so it never waits for the printing; --halt reads each
+    # step's loop count as it happens, so it reads each token at once
+    for row in host_tokens(stream, lag=0 if loops_used is not None else 8):
         if loops_used is not None:
             loops_used.append(int(model.loops_used[0]))
-        token_id = int(token[0])
+        token_id = row[0]
         if cfg["stop_at_eot"] and token_id == tokenizer.eot:
             break
         new_ids.append(token_id)

@@ -1,8 +1,12 @@
 """
 Speed options the core GPT can call into, off by default (bench.py's levers part measures each; BENCHMARKS.md
-has the numbers): the head and cross-entropy fused over row chunks, and FlexAttention for the causal path.
+has the numbers): the head and cross-entropy fused over row chunks (ours, or Liger Kernel's), and FlexAttention
+for the causal path.
 """
 import torch
+
+LIGER_CE_CHUNKS = 4  # row chunks of Liger's fused head + loss: its own default at 768 wide would be 48 (one chunk per
+                     # ~1.5 MB of logits), each a few host launches: launch-bound where a few large chunks are not
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
@@ -39,6 +43,34 @@ class ChunkedCrossEntropy(torch.autograd.Function):
 def chunked_cross_entropy(h, weight, targets, chunks):
     """Mean cross-entropy of the head weight (V, C) applied to h (B, T, C) against targets (B, T)."""
     return ChunkedCrossEntropy.apply(h.flatten(0, 1), weight, targets.flatten(), chunks)
+
+
+def liger_cross_entropy(h, weight, targets):
+    """Mean cross-entropy of the head weight (V, C) applied to h (B, T, C) against targets (B, T), by Liger
+    Kernel's fused linear cross-entropy (Hsu et al. 2024): Triton kernels, LIGER_CE_CHUNKS row chunks, each
+    chunk's logits turned into their gradient in place. Targets of -1 are ignored; the padding columns are in
+    the softmax, as in the full path. CUDA only. Its forward reads the count of targets on the host (one sync per
+    micro-batch, and a graph break under torch.compile): bench.py's levers part measures whether it pays anyway."""
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    except ImportError:
+        raise SystemExit("liger_ce=True needs Liger Kernel on a CUDA GPU: pip install liger-kernel "
+                         "(requirements-extras.txt)")
+    C, V = h.size(-1), weight.size(0)
+    # Liger sizes its chunks to hold at most chunk_mem_const x (rows x C) logits
+    return liger_fused_linear_cross_entropy(h.reshape(-1, C), weight, targets.reshape(-1), ignore_index=-1,
+                                            chunk_mem_const=-(-V // (LIGER_CE_CHUNKS * C)))
+
+
+def sdpa_backends(name):
+    """The scaled_dot_product_attention backend that torch.nn.attention.sdpa_kernel(...) should allow, by name
+    (bench.py's sdpa levers; by default torch picks one per call: cuDNN's for gpu_124m's training step on an H100)."""
+    from torch.nn.attention import SDPBackend
+    backends = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    if name not in backends:
+        raise ValueError(f"sdpa backend must be one of {', '.join(backends)}, got {name!r}")
+    return [backends[name]]
 
 
 def flex_causal_attention(q, k, v):

@@ -174,7 +174,7 @@ def test_best_lever_combines_the_levers_that_beat_default(monkeypatch, tmp_path)
         key = tuple((k, next(iter(v)) if isinstance(v, dict) else v) for k, v in lever.items())
         return dict(tokens_per_s=speeds.get(key, 150.0), ms_per_step=1.0)
     monkeypatch.setattr(bench, "measure_lever", fake)
-    results = bench.part_levers({}, {"levers": "batch32,ce_chunks8,cudagraphs,best", "lever_budget_s": 0}, "cpu")
+    results = dict(bench.part_levers({}, {"levers": "batch32,ce_chunks8,cudagraphs,best", "lever_budget_s": 0}, "cpu"))
     # ce_chunks8's 0.5% is noise; the two others join, their Inductor options united
     assert results["lever_best"]["lever"] == dict(compile_options={"triton.cudagraphs": True}, batch_size=32)
     assert results["lever_best"]["ratio_to_default"] == 1.5
