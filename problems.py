@@ -20,13 +20,19 @@ import torch
 
 # ----------------------------------------------------------------------------- running parity
 
-PARITY_VOCAB = 2  # tokens 0 and 1; the target at each position is a token too
+PARITY_VOCAB = 3  # bits 0 and 1 (the targets are tokens too), and BOS
+PARITY_BOS = 2
 
 
 def parity_batch(batch_size, length, generator, device="cpu"):
-    """Bits x (B, length) and their running parity y (B, length)."""
-    x = torch.randint(0, 2, (batch_size, length), generator=generator)
-    return x.to(device), (x.cumsum(1) % 2).to(device)
+    """BOS then bits: x (B, 1 + length), and the running parity y (B, 1 + length) of the bits (nothing is
+    scored at BOS). Why BOS: attention averages the values it reads, so without a distinct token before the
+    first bit, a string that opens with 1 1 gives both positions the same inputs, the same states, and the
+    same answer, where parity wants 1 then 0 (a looped model trained without it failed exactly those strings)."""
+    bits = torch.randint(0, 2, (batch_size, length), generator=generator)
+    x = torch.cat((torch.full((batch_size, 1), PARITY_BOS), bits), 1)
+    y = torch.cat((torch.full((batch_size, 1), -1), bits.cumsum(1) % 2), 1)
+    return x.to(device), y.to(device)
 
 
 # ----------------------------------------------------------------------------- variable chains

@@ -99,7 +99,7 @@ def task_spec(cfg):
 
         def test_batch(length, n, rng, gen):
             return problems.parity_batch(n, length, gen, device)
-        block = max(cfg["test_lengths"] + [cfg["train_length"]])
+        block = max(cfg["test_lengths"] + [cfg["train_length"]]) + 1  # BOS
         return problems.PARITY_VOCAB, block, -1, cfg["test_lengths"], train_batch, test_batch
     if cfg["task"] == "chains":
         vocab = problems.chains_vocab(cfg["n_vars"])

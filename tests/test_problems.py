@@ -28,10 +28,12 @@ def test_chain_problems_ask_the_hops_they_say_at_one_fixed_length():
             assert all(t == -1 for i, t in enumerate(target) if i != len(row) - 2)
 
 
-def test_running_parity_is_the_xor_of_the_bits_so_far():
+def test_running_parity_is_the_xor_of_the_bits_so_far_after_a_bos():
     x, y = problems.parity_batch(8, 10, torch.Generator().manual_seed(0))
-    for bits, parity in zip(x.tolist(), y.tolist()):
-        assert parity == [sum(bits[:i + 1]) % 2 for i in range(10)]
+    for row, parity in zip(x.tolist(), y.tolist()):
+        bits = row[1:]
+        assert row[0] == problems.PARITY_BOS and parity[0] == -1
+        assert parity[1:] == [sum(bits[:i + 1]) % 2 for i in range(10)]
 
 
 def test_reversed_addition_writes_the_sum_least_significant_digit_first():
