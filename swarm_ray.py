@@ -24,6 +24,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import socket
 import sys
 import threading
@@ -136,9 +137,7 @@ class WorkerActor:
         self.inbox, self.outbox = Lines(), Output()
         self.log = Log(sys.__stderr__)
         sys.stderr = sys.stdout = self.log  # this process is this actor's alone
-        module, name = agent.split(":")
-        make_agent = getattr(importlib.import_module(module), name)
-        threading.Thread(target=self.serve, args=(make_agent,), daemon=True, name="swarm worker").start()
+        threading.Thread(target=self.serve, args=(agent_class(agent),), daemon=True, name="swarm worker").start()
 
     def serve(self, make_agent):
         reason = None
@@ -162,6 +161,20 @@ class WorkerActor:
         """Whether the worker's loop has ended, waiting up to `wait` s (after the messages sent before this)."""
         with self.outbox.ready:
             return self.outbox.ready.wait_for(lambda: self.outbox.ended, timeout=wait)
+
+
+def agent_class(agent):
+    """The class `module:Class` names; or, where this node cannot load it, a stand-in whose answer to the
+    hello says why (as a worker program whose agent cannot start answers with an error)."""
+    module, name = agent.split(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        message = f"ray_agent={agent!r} cannot be loaded on this node: {type(e).__name__}: {e}"
+
+        def refuse(hello, out):
+            raise SystemExit(message)
+        return refuse
 
 
 # ----------------------------------------------------------------------------- the coordinator's side
@@ -268,7 +281,8 @@ class RayActors:
             try:
                 out = self.ray.get(actor.read.options(concurrency_group="output").remote(READ_WAIT_S))
             except Exception as e:  # RayActorError: it died (crashed, or killed), or Ray is shutting down
-                self.endings[(index, generation)] = f"its actor died ({str(e).strip().splitlines()[0]})"
+                first = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()[0]  # without Ray's colours
+                self.endings[(index, generation)] = f"its actor died ({first})"
                 break
             if out["log"]:
                 with open(log_path, "a") as f:

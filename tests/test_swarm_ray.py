@@ -158,3 +158,10 @@ def test_an_actors_output_is_cut_into_lines_each_bounded_as_a_pipes():
     done.end("its worker loop ended with code 0")
     assert done.take(0) == {"lines": ["last\n"], "too_long": False, "ended": True,
                             "reason": "its worker loop ended with code 0"}
+
+
+def test_an_agent_a_node_cannot_load_answers_the_hello_with_why():
+    refuse = swarm_ray.agent_class("swarm_fakes:NoSuchAgent")
+    with pytest.raises(SystemExit, match="cannot be loaded on this node: AttributeError: .*NoSuchAgent"):
+        refuse({"worker": 0}, None)
+    assert swarm_ray.agent_class("swarm_fakes:FakeAgent").__name__ == "FakeAgent"
