@@ -32,7 +32,7 @@ import problems  # noqa: E402
 from architecture import build_model, model_args  # noqa: E402
 from checkpoint import save_checkpoint  # noqa: E402
 from configurator import configure, print_config  # noqa: E402
-from runtime import resolve_device  # noqa: E402
+from runtime import code_version, resolve_device  # noqa: E402
 from training import fit  # noqa: E402
 
 DEFAULTS = dict(
@@ -287,7 +287,7 @@ def main(argv):
         cfg["device_obj"] = resolve_device(cfg["device"])
         spec = task_spec(cfg)
         result = {"config": {k: v for k, v in cfg.items() if k != "device_obj"}, "difficulty": DIFFICULTY[cfg["task"]],
-                  "runs": {}}
+                  "code": code_version(__file__), "runs": {}}
         for name in cfg["models"]:
             result["runs"][name] = run_model(name, cfg, spec)
             with open(os.path.join(cfg["out_dir"], "thinking.json"), "w") as f:
