@@ -117,7 +117,7 @@ def generator_step(model, optimizer, disc, prompts, lm_batch, settings, seed):
     advantage = reward - reward.mean()
     model.train()
     P = prompts.size(1)
-    _, nll = model(fake[:, :-1], fake[:, 1:], reduction="none")  # (B, length - 1)
+    _, nll = model(fake[:, :-1].contiguous(), fake[:, 1:].contiguous(), reduction="none")  # (B, length - 1)
     log_likelihood = -nll[:, P - 1:].mean(1)  # (B,): per sampled token, the prompt's tokens left out
     pg = -(advantage * log_likelihood).mean()
     lm = model(*lm_batch)[1]
