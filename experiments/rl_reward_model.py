@@ -59,6 +59,8 @@ def learning_run(out_dir, start, task, task_options, learner, seed, run, reward_
     if learner == "reward_model" and reward_model:
         settings["reward_model"] = reward_model
     run_script("world.py", settings, stop)
+    if stop.requested:  # world.py saved its policy and stopped: its curve is unfinished
+        raise SystemExit(f"stopped during {out_dir}; the results JSON holds the runs that finished")
     rows = read_jsonl(os.path.join(out_dir, "metrics.jsonl"))
     return [(r["episode"], r["eval"][task]["success"]) for r in rows if "eval" in r]
 
