@@ -58,9 +58,11 @@ DISTINCT_N, OVERLAP_N = 4, 6
 def generator_checkpoint(out, config_file, iters, data_dir, dataset, stop):
     """train.py's generator (config_file's recipe, `iters` steps) in out/generator; reused when it has them."""
     path = os.path.join(out, "generator", "ckpt.pt")
-    if not (os.path.exists(path) and load_checkpoint(path)["step"] >= iters):
+    step = load_checkpoint(path)["step"] if os.path.exists(path) else None
+    if step is None or step < iters:  # a stopped one resumes (train.py's resume continues exactly)
+        start = {"overwrite": True} if step is None else {"init_from": "resume"}
         run_script("train.py", {"out_dir": os.path.dirname(path), "max_iters": iters, "data_dir": data_dir,
-                                "dataset": dataset, "overwrite": True}, stop, args=[config_file])
+                                "dataset": dataset} | start, stop, args=[config_file])
         if stop.requested:
             raise SystemExit("stopped while training the generator; the same command starts it again")
     return path
