@@ -19,6 +19,7 @@ import dataclasses
 import os
 import statistics
 import sys
+import time
 
 import numpy as np
 import torch
@@ -92,6 +93,7 @@ def run_arm(path, meta, tokenizer, settings, cfg, seed, val_grams):
     data = torch.Generator().manual_seed(seed)
     rows = [{"round": 0, **evaluate(model, {}, meta, tokenizer, settings, cfg["measure_samples"], cfg["eval_iters"],
                                     val_grams, seed)}]
+    start = time.perf_counter()
     for r in range(1, cfg["rounds"] + 1):
         row = adversarial_round(model, disc, g_opt, d_opt, meta, settings, data, seed * 100003 + r)
         if r % cfg["eval_every"] == 0 or r == cfg["rounds"]:
@@ -99,7 +101,8 @@ def run_arm(path, meta, tokenizer, settings, cfg, seed, val_grams):
                                                 cfg["eval_iters"], val_grams, seed)})
             print(f"seed {seed} round {r}: discriminator accuracy {row['accuracy']:.2f}, val loss "
                   f"{rows[-1]['val_loss']:.4f}, distinct-{DISTINCT_N} {rows[-1][f'distinct_{DISTINCT_N}']:.3f}, "
-                  f"val {OVERLAP_N}-gram overlap {rows[-1][f'val_overlap_{OVERLAP_N}']:.3f}", flush=True)
+                  f"val {OVERLAP_N}-gram overlap {rows[-1][f'val_overlap_{OVERLAP_N}']:.3f} "
+                  f"({time.perf_counter() - start:.0f} s)", flush=True)
     return rows
 
 
