@@ -83,8 +83,9 @@ def evaluate(model, disc_row, meta, tokenizer, settings, n, eval_iters, val_gram
     return {"val_loss": val, **measure(texts, val_grams), **disc_row, "sample": texts[0]}
 
 
-def run_arm(path, meta, tokenizer, settings, cfg, seed, val_grams):
-    """One arm from the generator at path: rounds, with an evaluation every eval_every; returns its rows."""
+def run_arm(path, meta, tokenizer, settings, cfg, seed, val_grams, stop):
+    """One arm from the generator at path: rounds, with an evaluation every eval_every; returns its rows (up to
+    the round where a stop request came, if one did)."""
     torch.manual_seed(seed)
     model = load_model(load_checkpoint(path)).train()
     disc = Discriminator.from_generator(model)
@@ -95,6 +96,8 @@ def run_arm(path, meta, tokenizer, settings, cfg, seed, val_grams):
                                     val_grams, seed)}]
     start = time.perf_counter()
     for r in range(1, cfg["rounds"] + 1):
+        if stop.requested:
+            break
         row = adversarial_round(model, disc, g_opt, d_opt, meta, settings, data, seed * 100003 + r)
         if r % cfg["eval_every"] == 0 or r == cfg["rounds"]:
             rows.append({"round": r, **evaluate(model, row, meta, tokenizer, settings, cfg["measure_samples"],
@@ -183,7 +186,7 @@ def main(argv):
                     break
                 settings = dataclasses.replace(base, **ARMS[arm])
                 result["runs"].setdefault(arm, {})[str(seed)] = run_arm(path, meta, tokenizer, settings, cfg, seed,
-                                                                        val_grams)
+                                                                        val_grams, stop)
                 result["summary"] = summary(result["runs"])
                 write_json_atomic(cfg["results"], result)  # after every arm: a stop keeps what finished
                 plot(result, png)
