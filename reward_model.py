@@ -3,7 +3,7 @@ Reinforcement learning through backpropagation (issue 33, item 2; research note 
 learns the reward that output receives ... then the original model's loss is calculated by setting the
 final loss to 0 and backpropagating through the reward model."
 
-    python world.py config/world_arith_reward_model.py     # world.py's mode=reward_model
+    python world.py config/world_arith.py --mode=reward_model --episodes=320    # world.py's learner
 
 Two models learn from the policy's own episodes. The reward model, a small GPT with a scalar head, reads
 a transcript up to the end of an action and predicts the return that action got (the rewards from that
