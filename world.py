@@ -9,7 +9,8 @@ A text world where a µLM acts with tools, gets feedback and keeps learning.
 The story: the config -> the tasks and their transcripts (tasks.py; any Gymnasium text environment
 too, as task gym:<env id>, see gym_envs.py) -> imitation (teacher transcripts, then prepare.py and
 train.py run as commands, then behaviour cloning) -> the learning loop (expert iteration or REINFORCE
-on the policy's own episodes, with teacher help and a replay buffer: policy.py) -> held-out evaluations,
+on the policy's own episodes, with teacher help and a replay buffer: policy.py; or the gradient through a
+learned reward model: reward_model.py) -> held-out evaluations,
 plots and checkpoints in out_dir: config.json, metrics.jsonl, world.png, policy.pt (the checkpoint
 layout of checkpoint.py, kind "world", step = episodes) and the imitation run.
 """
@@ -24,6 +25,7 @@ from tqdm import tqdm
 from checkpoint import load_checkpoint, write_json_atomic
 from configurator import ConfigError, check_ranges, configure, print_config
 from plot import save_figure
+from reward_model import check_mode, save_learner, start_learner
 from policy import (IMITATION_TRAIN, Cloning, Learning, check_policy_fits, clone_actions, episode_item, evaluate, json_roundtrip,
                     learn, load_policy_checkpoint, make_optimizer, policy_file, policy_from_checkpoint, resume_progress,
                     reusable_policy, save_policy, teacher_items)
@@ -38,7 +40,9 @@ DEFAULTS = dict(
                                # Gymnasium text environment, its options gymnasium.make's keywords; gym_envs.py)
     changes=[],                # [(episode, task, options)]: the world changes a rule, or adds a task, mid-run
     init_from="imitate",       # imitate (teacher transcripts -> prepare.py -> train.py) | resume | a checkpoint path
-    mode="expert_iteration",   # evaluate (no learning after init_from) | expert_iteration | reinforce
+    mode="expert_iteration",   # evaluate (no learning after init_from) | expert_iteration | reinforce | reward_model
+                               # (the policy's gradient through a learned reward model: reward_model.py)
+    reward_model={},           # mode=reward_model's options (reward_model.RewardLearning): its shape, its fitting
     act="generate",            # generate: write each action token by token | choose: score every command the
                                # task lists (textworld) by its log-likelihood, take the best (sample when warm)
     choose_untried=False,      # act=choose never takes a command again in a game state where it took it before
@@ -78,7 +82,7 @@ DEFAULTS = dict(
     eval_interval=160,         # episodes between held-out evaluations (and checkpoints)
     eval_episodes=100,         # held-out seeds per task, played greedily
 )
-MODES = ("evaluate", "expert_iteration", "reinforce")
+MODES = ("evaluate", "expert_iteration", "reinforce", "reward_model")
 ACTS = ("generate", "choose")
 
 
@@ -223,13 +227,16 @@ def recovery(rows, when, task, fraction=0.9):
     return {"before": levels, "recovered_at": None}
 
 
-def evaluate_and_save(policy, optimizer, cfg, progress):
-    """A held-out evaluation into metrics.jsonl, then policy.pt and world.png; returns the evaluation."""
+def evaluate_and_save(policy, optimizer, cfg, progress, learner=None):
+    """A held-out evaluation into metrics.jsonl, then policy.pt (and the reward model's learner, if any) and
+    world.png; returns the evaluation."""
     tasks = task_options_at(progress.episode, cfg["tasks"], cfg["changes"])
     result = evaluate(policy, tasks, cfg["eval_episodes"], cfg["act"], cfg["choose_untried"])
     append_jsonl(os.path.join(cfg["out_dir"], "metrics.jsonl"), {"episode": progress.episode, "eval": result})
     tqdm.write(f"episode {progress.episode}: held-out success " +
                ", ".join(f"{t} {r['success']:.0%}" for t, r in result.items()))
+    if learner:  # first, so a policy.pt on disk always has its reward model's state beside it
+        save_learner(os.path.join(cfg["out_dir"], "reward_model.pt"), learner)
     save_policy(os.path.join(cfg["out_dir"], "policy.pt"), policy, optimizer, cfg, progress)
     plot_world(cfg["out_dir"], cfg["changes"])
     return result
@@ -254,6 +261,7 @@ def check_config(cfg):
         raise ConfigError(f"act must be one of {', '.join(ACTS)}, got {cfg['act']!r}")
     if cfg["choice_loss"] and cfg["act"] != "choose":
         raise ConfigError("choice_loss trains the ranking act=choose uses; set act=choose, or choice_loss=False")
+    check_mode(cfg)
     check_task_shapes(cfg["tasks"], cfg["changes"])
     for name, options in run_tasks(cfg):
         try:
@@ -344,6 +352,8 @@ def learning_loop(cfg, state, policy, stop):
     learning = Learning.from_config(cfg)
     torch.manual_seed(cfg["seed"])
     optimizer = make_optimizer(policy, learning.learning_rate)
+    learner = start_learner(policy, cfg["reward_model"], cfg["seed"], os.path.join(out_dir, "reward_model.pt"),
+                            resuming) if cfg["mode"] == "reward_model" else None
     if resuming:
         progress = resume_progress(state, optimizer, learning, os.path.join(out_dir, "policy.pt"))
         truncate_jsonl(metrics_path, progress.episode, key="episode")
@@ -356,7 +366,7 @@ def learning_loop(cfg, state, policy, stop):
     total = cfg["episodes"] if cfg["mode"] != "evaluate" else 0
     result = None
     if not resuming or not os.path.exists(metrics_path):
-        result = evaluate_and_save(policy, optimizer, cfg, progress)
+        result = evaluate_and_save(policy, optimizer, cfg, progress, learner)
         evaluated += cfg["eval_episodes"] * len(tasks_at(progress.episode))
     bar = tqdm(total=total, initial=progress.episode, unit="episode", dynamic_ncols=True, disable=None)
     while progress.episode < total and not stop.requested:
@@ -365,8 +375,12 @@ def learning_loop(cfg, state, policy, stop):
         t0 = time.perf_counter()
         batch, labels = play_batch(policy, envs, progress, temperature, cfg["episodes_per_update"],
                                    (cfg["act"], cfg["choose_untried"]), cfg["teacher_help"])
-        loss = learn(policy, optimizer, batch, progress, learning)
-        append_jsonl(metrics_path, {"episode": progress.episode, "train": per_task(batch), "loss": loss,
+        if learner:
+            losses = learner.learn(policy, optimizer, batch, cfg["updates_per_batch"], cfg["grad_clip"])
+        else:
+            losses = {"loss": learn(policy, optimizer, batch, progress, learning)}
+        loss = losses["loss"]
+        append_jsonl(metrics_path, {"episode": progress.episode, "train": per_task(batch), **losses,
                                     "temperature": temperature, "teacher_labels": labels,
                                     "replay": len(progress.replay.items), "seconds": time.perf_counter() - t0})
         bar.update(len(batch))
@@ -374,7 +388,7 @@ def learning_loop(cfg, state, policy, stop):
         episode = progress.episode
         crossed = episode // cfg["eval_interval"] > (episode - len(batch)) // cfg["eval_interval"]
         if crossed or episode >= total or stop.requested:
-            result = evaluate_and_save(policy, optimizer, cfg, progress)
+            result = evaluate_and_save(policy, optimizer, cfg, progress, learner)
             evaluated += cfg["eval_episodes"] * len(tasks_at(progress.episode))
     bar.close()
     played, seconds = progress.episode - first_episode + evaluated, time.perf_counter() - start

@@ -1,0 +1,113 @@
+import random
+
+import pytest
+import torch
+
+import reward_model as rm
+import tasks
+import world
+from configurator import ConfigError
+from runtime import read_jsonl
+from test_policy import tiny_policy
+from test_world import save_tiny_policy, tiny_run_config
+
+STATE = "task arith\nobs Compute 2*3. Tools: calc.\n"
+
+
+def tiny_reward_model(policy, n_embd=32):
+    torch.manual_seed(1)
+    config = policy.model.config
+    return rm.RewardModel(config.vocab_size, config.block_size, 1, 2, n_embd)
+
+
+class DetachedInput(torch.nn.Module):
+    """The same reward model, cut from its input: what the policy would learn with no path through it."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.body = inner, inner.body
+
+    def forward(self, tokens, lengths):
+        return self.inner(tokens.detach(), lengths)
+
+
+def policy_grads(policy, reward_model):
+    policy.model.zero_grad(set_to_none=True)
+    rm.policy_loss(policy, reward_model, [STATE, STATE], 1.0, torch.Generator().manual_seed(0)).backward()
+    return [p.grad for p in policy.model.parameters()]
+
+
+def test_the_policy_gets_gradient_only_through_the_reward_model():
+    policy = tiny_policy()
+    reward_model = tiny_reward_model(policy)
+    through = policy_grads(policy, reward_model)
+    assert sum(g.abs().sum().item() for g in through if g is not None) > 0
+    cut = policy_grads(policy, DetachedInput(reward_model))  # the same loss, the path through the model cut
+    assert all(g is None or g.abs().sum().item() == 0 for g in cut)
+
+
+def test_relaxed_action_is_the_sampled_text_forward():
+    policy = tiny_policy()
+    prompt = policy.tokenizer.encode(STATE + tasks.ACTION_PREFIX)
+    newline = {policy.tokenizer.encode("\n")[0]}
+    ids, noise = rm.sample_action(policy.model, prompt, newline, policy.tokenizer.eot, 1.0,
+                                  torch.Generator().manual_seed(3))
+    soft = rm.relaxed_action(policy.model, prompt, ids, noise, 1.0)  # (n, V)
+    assert soft.shape == (len(ids), policy.model.config.vocab_size)
+    assert soft.argmax(-1).tolist() == ids and torch.allclose(soft.sum(-1), torch.ones(len(ids)))
+    assert soft.requires_grad
+
+
+def test_reward_model_fits_a_toy_reward():
+    """Reward 1 for an action that starts with ANSWER, 0 for CALL: the model reads the action's text."""
+    policy = tiny_policy()
+    reward_model = tiny_reward_model(policy)
+    optimizer = torch.optim.AdamW(reward_model.parameters(), lr=3e-3)
+    rng = random.Random(0)
+    items = [{"text": f"{STATE}act {verb} {rng.randint(1, 99)}\n", "return": float(verb == "ANSWER")}
+             for verb in ("ANSWER", "CALL") for _ in range(20)]
+    for _ in range(60):
+        loss = rm.fit_reward_model(reward_model, optimizer, rng.sample(items, 16), policy.tokenizer, 192)
+    assert loss < 0.05
+
+
+def test_transitions_carry_the_return_from_each_action_on():
+    env = tasks.make_env("arith")
+    episode = tasks.play_episode(env, tasks.teacher_act(env), 5)  # CALL then ANSWER: +1 at the end
+    assert [t["return"] for t in rm.transitions(episode)] == [1.0, 1.0]
+    assert all(t["text"].endswith("\n") and t["text"].split("\n")[-2].startswith("act ") for t in rm.transitions(episode))
+    bad = tasks.play_actions(env, ["WHAT", "ANSWER 0"], 5)  # a malformed action (-0.1), then a wrong answer
+    assert [round(t["return"], 3) for t in rm.transitions(bad)] == [-0.1, 0.0]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"mode": "reward_model", "teacher_help": True}, "teacher_help=False"),
+    ({"mode": "reward_model", "teacher_help": False, "act": "choose"}, "act=generate"),
+    ({"mode": "reinforce", "reward_model": {"n_layer": 1}}, "for mode=reward_model"),
+    ({"mode": "reward_model", "teacher_help": False, "reward_model": {"n_layers": 1}}, "did you mean 'n_layer'"),
+    ({"mode": "reward_model", "teacher_help": False, "reward_model": {"fit_steps": 0}}, "positive number"),
+])
+def test_impossible_reward_model_combinations_are_clear_errors(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        world.check_config(tiny_run_config(tmp_path, **overrides))
+
+
+def test_a_reward_model_run_learns_saves_and_resumes_exactly(tmp_path):
+    start = save_tiny_policy(tmp_path / "start.pt")
+    options = dict(mode="reward_model", teacher_help=False, init_from=start, tasks={"arith": {"max_steps": 1}},
+                   eval_episodes=1,
+                   reward_model={"n_layer": 1, "n_head": 2, "n_embd": 16, "fit_steps": 2, "fit_batch_size": 4,
+                                 "policy_batch_size": 2, "warmup_episodes": 4})
+    whole = tiny_run_config(tmp_path, out_dir=str(tmp_path / "whole"), **options)
+    world.run(whole)
+    rows = read_jsonl(f"{whole['out_dir']}/metrics.jsonl")
+    trained = [r for r in rows if "train" in r]
+    assert all(r["reward_model_loss"] >= 0 for r in trained) and trained[-1]["loss"] == trained[-1]["loss"]  # not NaN
+    assert (tmp_path / "whole" / "reward_model.pt").exists()
+    split = tiny_run_config(tmp_path, out_dir=str(tmp_path / "split"), **options | {"episodes": 4})
+    world.run(split)
+    world.run(split | {"episodes": 8, "init_from": "resume"})
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    assert strip(rows) == strip(read_jsonl(f"{split['out_dir']}/metrics.jsonl"))
