@@ -1,7 +1,7 @@
 # Thinking by iterating, on language (issue 28, experiment 4; a report, no target): a step-trained looped model
 # on shakespeare_char at CPU size, against plain models of the same parameters (3 layers) and the same FLOPs per
 # token at its 4 training loops (6 layers), with val loss at 1..16 test-time loops.
-#   python experiments/loops.py --part=shakespeare --shakespeare_args="['config/thinking_language_cpu.py']" --device=cpu
+#   python experiments/loops.py --part=shakespeare --shakespeare_args="['config/loops_language_cpu.py']" --device=cpu
 out_dir = "out/thinking_language_cpu"
 dataset = "shakespeare_char"
 n_layer = 3
