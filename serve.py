@@ -50,7 +50,7 @@ import time
 from typing import Literal, Optional, Union
 
 import torch
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -697,10 +697,22 @@ SWARM_EVENTS = ("config", "goal", "proposals", "aggregate", "awaiting_human", "h
 
 
 def run_status(folder):
-    """running while the process that claimed the folder lives (runtime.claim_out_dir writes its pid into
-    .lock), else stopped."""
+    """running while a process holds the folder's lock (runtime.claim_out_dir's flock on .lock), else stopped.
+    Read from /proc/locks, never by taking the lock (a run starting that instant would be refused); where there
+    is no /proc, by whether the pid the lock file names still lives."""
+    lock = os.path.join(folder, ".lock")
+    try:
+        stat = os.stat(lock)
+        with open("/proc/locks") as f:
+            key = f"{os.major(stat.st_dev):02x}:{os.minor(stat.st_dev):02x}:{stat.st_ino}"
+            return "running" if any(line.split()[5:6] == [key] for line in f if "FLOCK" in line) else "stopped"
+    except FileNotFoundError as e:
+        if e.filename == lock:
+            return "stopped"
+    except OSError:
+        return "stopped"
     with contextlib.suppress(OSError, ValueError, IndexError):
-        with open(os.path.join(folder, ".lock")) as f:
+        with open(lock) as f:
             text = f.read().split()
         if text[0] == "pid" and process_alive(int(text[1])):
             return "running"
@@ -1320,14 +1332,16 @@ async def run_metrics(run_id: str, s: State = Depends(state_of)):
     return {"object": "list", "kind": kind, "data": thinned(rows)}
 
 
-async def run_episodes(run_id: str, index: Optional[int] = None, s: State = Depends(state_of)):
-    """A world run's episodes (task, seed, success, reward, split, the episode count they belong to), or with
-    ?index=N the Nth with its transcript."""
+async def run_episodes(run_id: str, index: Optional[int] = None, split: Literal["all", "train", "eval"] = "all",
+                       failed: bool = False, last: int = Query(500, ge=1, le=10000), s: State = Depends(state_of)):
+    """A world run's last episodes (task, seed, success, reward, split, the episode count they belong to; only
+    one split's, only failures if asked), or with ?index=N the Nth with its transcript."""
     folder = s.runs.folder(run_id, "world")
     rows = await asyncio.to_thread(s.runs.episodes, folder)
     if index is None:
-        return {"object": "list", "data": [{k: v for k, v in r.items() if k != "at"} | {"index": i}
-                                           for i, r in enumerate(rows)]}
+        chosen = [{k: v for k, v in r.items() if k != "at"} | {"index": i} for i, r in enumerate(rows)
+                  if split in ("all", r.get("split")) and not (failed and r.get("success"))]
+        return {"object": "list", "total": len(rows), "data": chosen[-last:]}
     if not 0 <= index < len(rows):
         raise ApiError(404, f"{run_id} has {len(rows)} episodes; index {index} is not one", "index")
     with open(os.path.join(folder, "episodes.jsonl"), "rb") as f:
@@ -1336,11 +1350,13 @@ async def run_episodes(run_id: str, index: Optional[int] = None, s: State = Depe
     return {**row, "index": index}
 
 
-async def run_swarm(run_id: str, s: State = Depends(state_of)):
+async def run_swarm(run_id: str, last: int = Query(100, ge=1, le=10000), s: State = Depends(state_of)):
+    """A swarm run: its last decided goals, the goal being decided, whether it waits for a person, the summary."""
     folder = s.runs.folder(run_id, "swarm")
     view = await asyncio.to_thread(s.runs.swarm, folder)
     config = view["config"] or {}
-    return {**view, "config": None, "settings": settings_of("swarm", config), "status": run_status(folder),
+    return {**view, "config": None, "goals": view["goals"][-last:], "goals_done": len(view["goals"]),
+            "settings": settings_of("swarm", config), "status": run_status(folder),
             "aggregators": config.get("aggregators", []), "task": config.get("task"),
             "takes_commands": bool(config.get("human")) and config.get("human_input") == "file"}
 
@@ -1356,7 +1372,10 @@ async def control_swarm(run_id: str, req: ControlRequest, s: State = Depends(sta
         raise ApiError(409, f"swarm {run_id} is not running", "id")
     if req.action in ("edit", "goal", "note", "hint") and not req.text.strip():
         raise ApiError(422, f"{req.action} needs a text", "text")
-    await asyncio.to_thread(append_control, folder, req.action, req.text)
+    try:
+        await asyncio.to_thread(append_control, folder, req.action, req.text)
+    except OSError as e:  # a symlink in its place (O_NOFOLLOW), a read-only folder
+        raise ApiError(409, f"cannot write {CONTROL_FILE} of swarm {run_id}: {e.strerror or e}", "id")
     return JSONResponse({"queued": req.action}, 202)
 
 
