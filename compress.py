@@ -31,7 +31,6 @@ import time
 
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
 from checkpoint import load_checkpoint, load_model, save_checkpoint, write_json_atomic
 from configurator import configure, print_config
@@ -39,7 +38,7 @@ from data import get_batch, open_dataset
 from generation import decode_speed
 from looped import LoopedGPT
 from model import MLP
-from runtime import claim_out_dir, resolve_device, resolve_dtype, set_threads
+from runtime import claim_out_dir, progress, resolve_device, resolve_dtype, set_threads
 from shrink import INT4_GROUP_SIZES, quantize_model, two_four_mask
 from training import make_optimizers
 
@@ -170,7 +169,7 @@ def export(cfg):
     dtype = getattr(torch, float_format or resolve_dtype(cfg["dtype"], resolve_device(cfg["device"])))
     out = export_path(cfg)
     check_export_out(out, cfg["ckpt"])
-    with tqdm(total=2, desc=f"export {cfg['format']}", unit="stage") as bar:
+    with progress(2, f"export {cfg['format']}", "stage") as bar:
         exported = export_state(state, cfg["format"], cfg["group_size"], dtype)
         bar.update(1)
         save_checkpoint(out, exported, kind="export")
@@ -289,7 +288,7 @@ def prune(cfg):
     check_prune_args(cfg, state)
     model = load_model(state)
     _, dense_params = sparsity_of(model)
-    with tqdm(total=2, desc=f"prune {cfg['method']}", unit="stage") as bar:
+    with progress(2, f"prune {cfg['method']}", "stage") as bar:
         if cfg["method"] == "structured":
             structured_prune(model, cfg["sparsity"])
         else:
