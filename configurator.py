@@ -99,14 +99,13 @@ def key_docs(path):
         source = f.read()
     lines = source.splitlines()
     comments, headings = {}, {}
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "dict":
-            keys = [(k.arg, k.lineno, k.col_offset) for k in node.keywords]
-        elif isinstance(node, ast.ClassDef):
-            keys = [(n.target.id, n.lineno, n.col_offset) for n in node.body
-                    if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)]
-        else:
-            continue
+    nodes = list(ast.walk(ast.parse(source)))
+    groups = [[(k.arg, k.lineno, k.col_offset) for k in node.keywords] for node in nodes  # dict(...) calls first:
+              if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "dict"]  # a script's DEFAULTS
+    groups += [[(n.target.id, n.lineno, n.col_offset) for n in node.body
+                if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)]
+               for node in nodes if isinstance(node, ast.ClassDef)]
+    for keys in groups:
         previous = ""
         for key, lineno, col in keys:
             above = lineno - 2  # the heading lines right above this key, between it and the previous one

@@ -21,7 +21,12 @@ in its own process group, its record in jobs_dir/<id>/ (job.json, log.txt):
     POST /v1/jobs/{id}/resume (a train or world job again, with init_from=resume)
     GET /v1/datasets (what prepare.py built), POST /v1/datasets?name=N (the body is the text or JSONL;
     it is saved under data/uploads/ and a prepare job builds data/N/), GET /v1/configs, GET /health
-    GET /                     serve.html: a playground and a runs view
+Every run under out_root, however it was started (train, world and swarm runs, by the files they write):
+    GET /v1/runs, /v1/runs/{id}/metrics, /v1/runs/{id}/episodes (a world run's; ?index=N: a transcript),
+    /v1/runs/{id}/swarm (a swarm's goals, proposals, decisions, whether it waits for its person);
+    POST /v1/runs/{id}/control {action, text}: a person's command to a swarm run with human_input=file
+    GET /                     serve.html: the cockpit (runs, a run's view, compare curves, a swarm's person,
+                              the playground, jobs)
 
 Each route is a function of its request and the server's `State` (models, jobs, config); batching.py
 decodes concurrent completions together. A job may set only its kind's allow-listed keys, and every path

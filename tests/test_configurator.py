@@ -137,3 +137,12 @@ def test_help_puts_section_headings_on_lines_of_their_own(capsys, monkeypatch):
     assert "\n  thinking by iterating" in out and "thinking" not in blocks["exit_tol"]
     assert "its weights, with a fresh optimizer" in blocks["init_from"]  # a comment carried on below its key
     assert max(len(line) for line in out.splitlines()) <= 200
+
+
+def test_help_prefers_the_scripts_defaults_comment_over_a_class_field_of_the_same_name(tmp_path):
+    from configurator import key_docs
+    script = tmp_path / "script.py"
+    script.write_text('class State:\n    seed: int = 0  # a field of the server\n\n\n'
+                      'DEFAULTS = dict(\n    seed=1,  # the sampler\'s seed\n)\n')
+    documented, _ = key_docs(str(script))
+    assert documented["seed"] == "the sampler's seed"
