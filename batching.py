@@ -82,7 +82,7 @@ class Row:
         self.stops = StopStrings(stop)
         self.tokenizer, self.emit = tokenizer, emit
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # BPE tokens can split a character
-        self.prompt_logprobs = None
+        self.prompt_logprobs = self.prompt_top = None  # echoed prompt tokens' (first None, as OpenAI's)
         self.text, self.sent, self.new, self.cancelled, self.done = "", 0, 0, False, False
 
     def add(self, token, logprob, top):
@@ -201,15 +201,22 @@ class Batcher:
             self.rows.append(row)
             logits = self.prefill(len(self.rows) - 1, row.ids, "all" if row.echo_logprobs else "last")
             if row.echo_logprobs:
-                logp = torch.log_softmax(logits[:-1], dim=-1)
-                targets = torch.tensor(row.ids[1:], device=self.device)[:, None]
-                row.prompt_logprobs = [None] + logp.gather(1, targets)[:, 0].tolist()
+                row.prompt_logprobs, row.prompt_top = self.prompt_logprobs(row, logits[:-1])
                 logits = logits[-1]
             self.sample([row], logits[None])
         except Exception as e:
             row.fail(f"generation failed: {error_text(e)}")
             if self.rows and self.rows[-1] is row:
                 self.rows.pop()
+
+    def prompt_logprobs(self, row, logits):
+        """Each prompt token's log-probability given the tokens before it, and {token: logprob} of the row's
+        `logprobs` likeliest there (lm-eval's loglikelihood reads both); the first token has neither."""
+        logp = torch.log_softmax(logits, dim=-1)  # (T - 1, V)
+        targets = torch.tensor(row.ids[1:], device=self.device)[:, None]
+        chosen = [None] + logp.gather(1, targets)[:, 0].tolist()
+        top = [None] + self.top_logprobs(logp, row.logprobs) if row.logprobs else [None] * len(row.ids)
+        return chosen, top
 
     def remove(self, i):
         """Drop row i: the last row moves into its place, so the active rows stay rows 0..n-1."""
@@ -257,11 +264,21 @@ class Batcher:
         chosen = logp.gather(1, tokens[:, None])[:, 0].tolist()
         k = max(r.logprobs or 0 for r in rows)
         if k:
-            top = torch.topk(logp, min(k, logp.size(-1)))
-            values, ids = top.values.tolist(), top.indices.tolist()
-            alternatives = [{self.tokenizer.decode([t]): v for t, v in zip(ids[i][:r.logprobs], values[i][:r.logprobs])}
-                            if r.logprobs else None for i, r in enumerate(rows)]
+            alternatives = [top if r.logprobs else None
+                            for r, top in zip(rows, self.top_logprobs(logp, k, [r.logprobs for r in rows]))]
         return chosen, alternatives
+
+    def top_logprobs(self, logp, k, counts=None):
+        """{token text: logprob} of the k likeliest tokens of each row of logp (n, V), likeliest first (the
+        first `counts[i]` of row i). Two ids that decode to the same text keep the likelier one's logprob."""
+        top = torch.topk(logp, min(k, logp.size(-1)))
+        found = []
+        for i, (ids, values) in enumerate(zip(top.indices.tolist(), top.values.tolist())):
+            entry = {}
+            for t, v in list(zip(ids, values))[:counts[i] if counts else k]:
+                entry.setdefault(self.tokenizer.decode([t]), v)
+            found.append(entry)
+        return found
 
     # the thread
 

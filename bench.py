@@ -32,9 +32,9 @@ import torch
 import torch._functorch.config  # AOTAutograd's settings, which two levers patch
 
 import speed
-import train
 from training import StepOptions, train_step
 from configurator import configure
+from scripts import run_script, script_config
 from data import get_batch, open_dataset
 from architecture import DEFAULTS as MODEL_DEFAULTS
 from architecture import MODEL_KEYS, build_model
@@ -389,7 +389,7 @@ def part_parity(cfg, bench, device):
     lever = dict(bench["parity_lever"])
     if not lever:
         return {"parity": dict(error="skipped: pass --parity_lever={...}, e.g. {'ce_chunks': 8}")}
-    unknown = [k for k in lever if k not in train.DEFAULTS]
+    unknown = [k for k in lever if k not in script_config("train.py")]
     if unknown:
         raise SystemExit(f"parity_lever keys {unknown} are not train.py keys")
     base = 4 if bench["smoke"] else cfg["batch_size"]  # time_to_loss's smoke shapes use micro-batch 4
@@ -433,7 +433,7 @@ def part_nanogpt(cfg, bench, device):
 def part_gpu_1b(cfg, bench, device):
     """config/gpu_1b.py's train step: peak memory (budget 32 GB) and MFU, with its own accumulation (or
     --gpu_1b_accum), for each of --levers_1b (LEVERS_1B), each a ratio to the first measured."""
-    big = configure(train.DEFAULTS, ["config/gpu_1b.py"])
+    big = script_config("train.py", ["config/gpu_1b.py"])
     if bench["smoke"]:
         big.update(n_layer=2, n_head=2, n_embd=64, block_size=64, batch_size=2, gradient_accumulation_steps=2)
     if bench["gpu_1b_accum"]:
@@ -843,11 +843,8 @@ def time_to_loss(config_path, bench, device, target, overrides=None, name=None):
     if bench["smoke"]:
         argv += ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--max_iters=20",
                  "--eval_interval=10", "--eval_iters=2", "--log_interval=5"]
-    cfg = configure(train.DEFAULTS, argv)
-    cfg.update(overrides or {})
-    before = reset_memory(device)
     t0 = time.perf_counter()
-    train.train(cfg)
+    run_script("train.py", overrides or {}, args=argv)  # its own process: train.py logs its peak memory
     wall = time.perf_counter() - t0
     rows = read_jsonl(os.path.join(out_dir, "metrics.jsonl"))
     evals = [(r["step"], round(r["train_time"], 3), round(r["val_loss"], 4)) for r in rows if "val_loss" in r]
@@ -858,7 +855,8 @@ def time_to_loss(config_path, bench, device, target, overrides=None, name=None):
                        time_to_target_s=reached[1] if reached else None, step_at_target=reached[0] if reached else None,
                        best_val=min(v for _, _, v in evals), train_time_s=evals[-1][1], compile_s=compile_s,
                        wall_s=wall, tokens_per_s=last[-1]["tokens_per_s"] if last else None,
-                       peak_memory_gb=peak_memory_gb(device, before), curve=evals,
+                       peak_memory_gb=max((r.get("peak_memory_gb") or 0 for r in rows), default=None) or None,
+                       curve=evals,
                        load_average=os.getloadavg() if device.type == "cpu" else None)}
 
 
@@ -959,7 +957,7 @@ def main(argv):
         raise SystemExit(f"unknown parts {unknown}; the {bench['suite']} suite has {', '.join(suite)}")
     if bench["suite"] == "gpu" and device.type != "cuda" and not bench["smoke"]:
         raise SystemExit("the gpu suite needs a CUDA device (use --suite=cpu, or --smoke=True to check it runs)")
-    cfg = configure(train.DEFAULTS, [bench["config"]])
+    cfg = script_config("train.py", [bench["config"]])
     if bench["smoke"]:
         cfg.update(n_layer=2, n_head=2, n_embd=64, block_size=64, batch_size=4)
         cfg.update(gradient_accumulation_steps=2)

@@ -171,12 +171,14 @@ def configure(defaults, argv, optional=(), usage=None):
     """Resolve defaults <- config files <- --key=value arguments into a new dict.
 
     Keys named in `optional` also accept None (e.g. sample.py's top_k=None: no top-k cut).
-    --help or -h prints the keys of the calling script (under `usage`, if given) and exits."""
+    --help or -h prints the keys of the calling script (under `usage`, if given) and exits; --show_config prints
+    the resolved config as one line of JSON and exits (how one script reads another's settings without importing it)."""
     if "--help" in argv or "-h" in argv:
         print_help(defaults, sys._getframe(1).f_globals, usage)
         raise SystemExit(0)
+    show = "--show_config" in argv
     config = dict(defaults)
-    for arg in argv:
+    for arg in (a for a in argv if a != "--show_config"):
         if arg.startswith("--"):
             key, eq, text = arg[2:].partition("=")
             if not eq:
@@ -185,6 +187,9 @@ def configure(defaults, argv, optional=(), usage=None):
         else:
             for key, value in read_config_file(arg).items():
                 set_key(config, key, value, f"config file {arg}", optional)
+    if show:
+        print(json.dumps(config, default=str))
+        raise SystemExit(0)
     return config
 
 

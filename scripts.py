@@ -11,6 +11,7 @@ terminal's Ctrl-C does not also reach it directly (two signals would make it qui
 on Linux it gets SIGTERM (save and stop) if we die without passing one on.
 """
 import collections
+import json
 import os
 import shlex
 import signal
@@ -68,6 +69,16 @@ def _wait(proc, stop, signalled):
 def shorten(line, limit=300):
     """A line of a child's output as an error repeats it: a whole printed config is cut."""
     return line if len(line) <= limit else f"{line[:limit]} ... ({len(line) - limit} more characters)"
+
+
+def script_config(script, args=(), overrides=()):
+    """Another script's resolved config for these config files and overrides (its --show_config), as the run
+    would see it: its own defaults, read without importing it."""
+    command = script_command(script, overrides, args) + ["--show_config"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{script} could not resolve its config: {done.stderr.strip()[-1000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def run_script(script, overrides=(), stop=None, args=(), env=None, out=None):

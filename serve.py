@@ -6,13 +6,15 @@ An HTTP API to every µLM pipeline, and a small web page.
     python serve.py --host=0.0.0.0 --token=SECRET    # another address needs a token
 
 Inference speaks OpenAI's completions API, so the `openai` client and curl work unchanged:
-    POST /v1/completions      prompt (str or list), max_tokens, temperature, top_p, n, stop, seed,
-                              stream (server-sent events ending in `data: [DONE]`), echo, logprobs,
-                              usage; extras top_k and ignore_eos (as in vLLM), loops (a looped model's
-                              test-time loop count)
+    POST /v1/completions      prompt (text, token ids, or a list of either), max_tokens, temperature, top_p,
+                              n, stop, seed, stream (server-sent events ending in `data: [DONE]`), echo,
+                              logprobs (echoed prompt tokens' too), usage; extras top_k and ignore_eos (as in
+                              vLLM), loops (a looped model's test-time loop count)
     GET  /v1/models           the runs under out/ with a ckpt.pt (id = the run's folder below out/) and
                               compress.py's inference exports (id = the file's path below out/, no .pt)
     POST /v1/chat/completions a 400: no µLM model has a chat format yet
+    POST /tokenize, /detokenize, GET /tokenizer_info   vLLM's tokenizer routes (lm-eval's remote tokenizer); a
+                              request that names no model uses tokenizer_model
 Pipelines run as jobs, each the very script a user would run (`python train.py config/x.py --k=v`)
 in its own process group, its record in jobs_dir/<id>/ (job.json, log.txt):
     POST /v1/jobs {kind, config, overrides} -> 202 + Location;  GET /v1/jobs, /v1/jobs/{id},
@@ -58,7 +60,7 @@ import torch
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
 import processes
 import tasks
@@ -71,7 +73,7 @@ from metrics import read_json_file, run_kind, swarm_view, train_overview, world_
 from runtime import claim_out_dir, resolve_device, resolve_dtype, set_threads
 from swarm_console import ACTIONS as SWARM_ACTIONS
 from swarm_console import CONTROL_FILE, MAX_CONTROL_CHARS
-from tokenizer import tokenizer_from_meta
+from tokenizer import EOT_TEXT, tokenizer_from_meta
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -89,6 +91,8 @@ DEFAULTS = dict(
     seed=1337,                 # the sampler of requests that give no seed
     threads=0,                 # torch CPU threads for inference; 0: the cores the load average leaves idle at start
                                # (runtime.set_threads)
+    tokenizer_model="",        # the model whose tokenizer /tokenize, /detokenize and /tokenizer_info use when a
+                               # request names none (lm-eval's remote tokenizer names none)
     # limits: each bad value is a 400 or 422 naming the field
     max_batch=32,              # rows decoded together in one forward pass (per model and loop count)
     max_waiting=256,           # rows waiting for a batch slot; more is a 429
@@ -979,7 +983,7 @@ def state_of(request: Request) -> State:
 class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str
-    prompt: Union[str, list[str]] = "<|endoftext|>"
+    prompt: Union[str, list[str], list[StrictInt], list[list[StrictInt]]] = EOT_TEXT  # text, or token ids
     max_tokens: int = Field(16, ge=1)
     temperature: float = Field(1.0, ge=0, **FINITE)
     top_p: float = Field(1.0, gt=0, le=1, **FINITE)
@@ -997,6 +1001,30 @@ class CompletionRequest(BaseModel):
     best_of: Optional[int] = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+
+    @field_validator("prompt", mode="wrap")
+    @classmethod
+    def one_prompt_form(cls, value, handler):
+        try:
+            return handler(value)
+        except ValidationError:  # pydantic would list why it is none of the four forms, each as its own error
+            raise ValueError("prompt is a string, a list of strings, a list of token ids (ints), or a list of "
+                             "lists of token ids") from None
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's POST /tokenize, as lm-eval's remote tokenizer sends it."""
+    model_config = ConfigDict(extra="forbid")
+    model: Optional[str] = None  # None: the server's tokenizer_model
+    prompt: str
+    add_special_tokens: bool = True  # µLM's tokenizers have no BOS or other token to add: it changes nothing
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: Optional[str] = None
+    tokens: list[StrictInt]
 
 
 class JobRequest(BaseModel):
@@ -1016,8 +1044,44 @@ class ControlRequest(BaseModel):
 
 # ----------------------------------------------------------------------------- completions
 
-def check_completion(req, cfg, tokenizer):
-    """The request's prompts as token ids and its stop strings, or ApiError naming the bad field."""
+def encode_text(tokenizer, text):
+    """Token ids of text, each literal <|endoftext|> the EOT token (as a Hugging Face tokenizer reads its special
+    tokens in text): /tokenize and a text prompt agree, so lm-eval's context lengths match the served tokens."""
+    ids = []
+    for i, piece in enumerate(text.split(EOT_TEXT)):
+        ids += ([tokenizer.eot] if i else []) + tokenizer.encode(piece)
+    return ids
+
+
+def check_token_ids(ids, tokenizer, field):
+    """ApiError (400) for a token id outside the model's vocabulary."""
+    bad = next((t for t in ids if not 0 <= t < tokenizer.n_vocab), None)
+    if bad is not None:
+        raise ApiError(400, f"{field}: token id {bad} is outside this model's vocabulary (ids 0 to "
+                            f"{tokenizer.n_vocab - 1}; {tokenizer.eot} is <|endoftext|>)", field)
+
+
+def encode_prompt(prompt, cfg, tokenizer):
+    """One prompt (text, or a list of token ids) as token ids; an empty text is <|endoftext|>."""
+    if isinstance(prompt, str):
+        if len(prompt) > cfg["max_prompt_chars"]:
+            raise ApiError(400, f"prompt is {len(prompt)} characters, over the cap {cfg['max_prompt_chars']}", "prompt")
+        try:
+            return encode_text(tokenizer, prompt) or [tokenizer.eot]
+        except ValueError as e:
+            raise ApiError(400, f"prompt: {e}", "prompt")
+    if not prompt:
+        raise ApiError(400, "prompt: a list of token ids needs at least one id", "prompt")
+    if len(prompt) > cfg["max_prompt_chars"]:
+        raise ApiError(400, f"prompt is {len(prompt)} tokens, over the cap {cfg['max_prompt_chars']}", "prompt")
+    check_token_ids(prompt, tokenizer, "prompt")
+    return list(prompt)
+
+
+def check_completion(req, cfg, tokenizer, block_size=None):
+    """The request's prompts as token ids and its stop strings, or ApiError naming the bad field. With
+    block_size, a prompt whose echoed log-probabilities the model cannot give whole (longer than its
+    context) is refused rather than scored on its last block_size tokens."""
     if req.max_tokens > cfg["max_tokens"]:
         raise ApiError(400, f"max_tokens={req.max_tokens} is over this server's cap {cfg['max_tokens']}", "max_tokens")
     if req.n > cfg["max_n"]:
@@ -1036,20 +1100,18 @@ def check_completion(req, cfg, tokenizer):
     stops = [req.stop] if isinstance(req.stop, str) else req.stop or []
     if len(stops) > 4 or not all(stops) or any(len(s) > cfg["max_stop_chars"] for s in stops):
         raise ApiError(400, f"stop takes up to 4 non-empty strings of up to {cfg['max_stop_chars']} characters", "stop")
-    prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+    one = isinstance(req.prompt, str) or (req.prompt and isinstance(req.prompt[0], int))  # a text or one id list
+    prompts = [req.prompt] if one else req.prompt
     if not prompts or len(prompts) > cfg["max_prompts"]:
-        raise ApiError(400, f"prompt takes 1 to {cfg['max_prompts']} strings", "prompt")
+        raise ApiError(400, f"prompt takes 1 to {cfg['max_prompts']} prompts", "prompt")
     if len(prompts) * req.n > cfg["max_batch"]:
         raise ApiError(400, f"{len(prompts)} prompts x n={req.n} rows exceed max_batch={cfg['max_batch']}", "n")
-    encoded = []
-    for text in prompts:
-        if len(text) > cfg["max_prompt_chars"]:
-            raise ApiError(400, f"prompt is {len(text)} characters, over the cap {cfg['max_prompt_chars']}", "prompt")
-        try:
-            ids = [tokenizer.eot] if text in ("", "<|endoftext|>") else tokenizer.encode(text)
-        except ValueError as e:
-            raise ApiError(400, f"prompt: {e}", "prompt")
-        encoded.append(ids)
+    encoded = [encode_prompt(p, cfg, tokenizer) for p in prompts]
+    longest = max(len(ids) for ids in encoded)
+    if block_size and req.echo and req.logprobs is not None and longest > block_size:
+        raise ApiError(400, f"prompt is {longest} tokens, longer than this model's context (block_size={block_size}): "
+                            f"its echoed log-probabilities would not be conditioned on all of it; send at most "
+                            f"{block_size} tokens (lm-eval: --model_args max_length={block_size})", "prompt")
     return encoded, stops
 
 
@@ -1104,9 +1166,10 @@ class Completion:
         entries = infos
         if self.req.echo and with_prompt:
             ids = self.prompts[index // self.req.n]
-            prompt_lp = self.rows[index].prompt_logprobs or [None] * len(ids)
-            entries = [{"token": self.tokenizer.decode([t]), "logprob": lp, "top": None}
-                       for t, lp in zip(ids, prompt_lp)] + infos
+            row = self.rows[index]
+            prompt_lp, prompt_top = row.prompt_logprobs or [None] * len(ids), row.prompt_top or [None] * len(ids)
+            entries = [{"token": self.tokenizer.decode([t]), "logprob": lp, "top": top}
+                       for t, lp, top in zip(ids, prompt_lp, prompt_top)] + infos
         offsets, at = [], 0
         for e in entries:
             offsets.append(at)
@@ -1159,7 +1222,7 @@ class Completion:
 
 async def completions(req: CompletionRequest, request: Request, s: State = Depends(state_of)):
     batcher = await asyncio.to_thread(s.models.get, req.model, req.loops)
-    prompts, stops = check_completion(req, s.cfg, batcher.tokenizer)
+    prompts, stops = check_completion(req, s.cfg, batcher.tokenizer, batcher.config.block_size)
     completion = Completion(req, batcher, prompts, stops)
     refused = batcher.submit(completion.rows)
     if refused:
@@ -1183,6 +1246,49 @@ async def completions(req: CompletionRequest, request: Request, s: State = Depen
 async def chat():
     raise ApiError(400, "no µLM model has a chat format yet: use POST /v1/completions with a plain-text prompt",
                    "messages")
+
+
+# ----------------------------------------------------------------------------- tokenizers (vLLM's routes)
+# lm-eval's local-completions client tokenizes through these (tokenizer_backend=remote) when it cannot load a
+# Hugging Face tokenizer: a character model has none. Its requests name no model: the server's tokenizer_model.
+
+async def tokenizer_of(s, model_id):
+    """(tokenizer, block_size) of the named model, or of tokenizer_model when the request names none."""
+    model_id = model_id or s.cfg["tokenizer_model"]
+    if not model_id:
+        raise ApiError(400, "name the model whose tokenizer to use: \"model\" in the body (GET /tokenizer_info?model=ID), "
+                            "or start serve.py with --tokenizer_model=ID (lm-eval's remote tokenizer names no model)",
+                       "model")
+    batcher = await asyncio.to_thread(s.models.get, model_id)
+    return batcher.tokenizer, batcher.config.block_size
+
+
+async def tokenize(req: TokenizeRequest, s: State = Depends(state_of)):
+    tokenizer, block_size = await tokenizer_of(s, req.model)
+    if len(req.prompt) > s.cfg["max_prompt_chars"]:
+        raise ApiError(400, f"prompt is {len(req.prompt)} characters, over the cap {s.cfg['max_prompt_chars']}",
+                       "prompt")
+    try:
+        ids = encode_text(tokenizer, req.prompt)
+    except ValueError as e:
+        raise ApiError(400, f"prompt: {e}", "prompt")
+    body = {"count": len(ids), "max_model_len": block_size, "tokens": ids}
+    if req.return_token_strs:
+        body["token_strs"] = [tokenizer.decode([t]) for t in ids]
+    return body
+
+
+async def detokenize(req: DetokenizeRequest, s: State = Depends(state_of)):
+    tokenizer, _ = await tokenizer_of(s, req.model)
+    check_token_ids(req.tokens, tokenizer, "tokens")
+    return {"prompt": tokenizer.decode(req.tokens)}
+
+
+async def tokenizer_info(model: Optional[str] = None, s: State = Depends(state_of)):
+    tokenizer, block_size = await tokenizer_of(s, model)
+    return {"tokenizer_class": tokenizer.name, "vocab_size": tokenizer.n_vocab, "model_max_length": block_size,
+            "eos_token": EOT_TEXT, "eos_token_id": tokenizer.eot, "bos_token": None, "pad_token": None,
+            "unk_token": None, "chat_template": None}
 
 
 # ----------------------------------------------------------------------------- the page, health, models
@@ -1387,6 +1493,7 @@ async def control_swarm(run_id: str, req: ControlRequest, s: State = Depends(sta
 ROUTES = [
     ("GET", "/", page), ("GET", "/health", health), ("GET", "/v1/models", list_models),
     ("POST", "/v1/completions", completions), ("POST", "/v1/chat/completions", chat),
+    ("POST", "/tokenize", tokenize), ("POST", "/detokenize", detokenize), ("GET", "/tokenizer_info", tokenizer_info),
     ("POST", "/v1/jobs", create_job), ("GET", "/v1/jobs", list_jobs), ("GET", "/v1/jobs/{job_id}", get_job),
     ("DELETE", "/v1/jobs/{job_id}", cancel_job), ("POST", "/v1/jobs/{job_id}/resume", resume_job),
     ("GET", "/v1/jobs/{job_id}/log", job_log), ("GET", "/v1/jobs/{job_id}/metrics", job_metrics),
@@ -1433,6 +1540,9 @@ def check_serve_config(cfg):
             raise SystemExit(f"{key} must be at least 1, got {cfg[key]}")
     if cfg["max_queued_jobs"] < 0 or cfg["cancel_grace_s"] < 0 or cfg["threads"] < 0:
         raise SystemExit("max_queued_jobs, cancel_grace_s and threads must not be negative")
+    if cfg["tokenizer_model"] and not valid_id(cfg["tokenizer_model"]):
+        raise SystemExit(f"tokenizer_model={cfg['tokenizer_model']!r} is not a model id: a run's folder below out_root "
+                         f"(GET /v1/models lists them)")
     if not all(isinstance(h, str) and h for h in cfg["allowed_hosts"]):
         raise SystemExit(f"allowed_hosts is a list of host names, got {cfg['allowed_hosts']!r}")
 

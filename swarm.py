@@ -8,6 +8,7 @@ proposals and revise, and an aggregator (or a human, at the terminal or on serve
     python swarm.py config/swarm_arith.py --device=cuda        # workers on the GPU (cuda:0,1 spreads them)
     python swarm.py config/swarm_arith.py --learning=each --teacher_help=True   # workers learn from every goal
     python swarm.py config/swarm_arith.py --learning=each --resume=True         # continue from the last checkpoint
+    python swarm.py config/swarm_arith.py --backend=ray                         # workers as Ray actors
 
 The run: config -> workers -> goals (each: propose, debate, verify, aggregate, decide) -> learning from
 the outcomes -> summary. The pieces around it, each a module:
@@ -43,6 +44,8 @@ Workers anywhere: `worker_command` is a template ({python}, {worker}) of the com
 worker, e.g. "ssh gpu1 {python} {worker}" or "srun -n1 {python} {worker}"; the protocol runs over that
 command's stdin/stdout, so anything that carries them works (weights travel as file paths: learning
 across machines needs a shared out_dir). The older form "{python} {swarm} --worker" still works.
+With backend=ray the workers are Ray actors instead (swarm_ray.py: a local Ray, or a cluster at ray_address),
+behind the same Pool: the same messages, aggregation, learning and failure handling.
 
 Reliability: a worker that crashes, misses the reply timeout or prints a line that is not protocol (or
 one over 64 KiB, which is never read whole) is logged, killed, restarted once, then dropped; the goal
@@ -79,6 +82,7 @@ from swarm_protocol import MAX_LINE_BYTES, PROTOCOL, LearningSettings, parse_rep
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER_PROGRAM = os.path.join(HERE, "swarm_worker.py")
 LEARNING = ("none", "each", "learner")
+BACKENDS = ("subprocess", "ray")
 DEBATES = ("adopt", "text")
 MAX_ACTIONS = 64           # actions kept from one proposal (every task ends far sooner)
 MAX_WORKERS = 256          # a typo of 3000 started 2,500 processes and stalled a 2-core machine for minutes
@@ -119,6 +123,9 @@ DEFAULTS = dict(
     replay_recent_fraction=0.5,
     worker_command="",            # how to start a worker: a template with {python} and {worker}, e.g.
                                   # "ssh host {python} {worker}"; empty: a local subprocess
+    backend="subprocess",         # subprocess (worker_command) | ray: the workers as Ray actors (swarm_ray.py)
+    ray_address="",               # backend=ray: "" starts a local Ray; host:port, ray://host:port or auto a cluster
+    ray_agent="swarm_worker:ModelAgent",  # backend=ray: the agent each actor runs (module:Class)
     human=False,                  # pause after each goal: accept / edit / reject / stop, set the next goal,
                                   # broadcast a message or a hint, pause / resume
     human_input="stdin",          # where the person's answers come from: stdin (the terminal) | file
@@ -207,62 +214,106 @@ class Worker:
         return f"{self.role} {self.index}"
 
 
-class Pool:
-    """Starts worker processes (processes.py), talks to them, and restarts or drops the ones that fail."""
+class Subprocesses:
+    """The default transport of the Pool: each worker a child process (processes.py) started by worker_command,
+    the protocol over its stdin/stdout, its stderr in out_dir/<role>_<i>.log. swarm_ray.RayActors is the other
+    (backend=ray); the Pool calls the same five methods of either."""
 
-    def __init__(self, workers, out_dir, log, reply_timeout, start_timeout, argv):
+    def __init__(self, argv, out_dir):
+        self.argv, self.out_dir = argv, out_dir
+
+    def start(self, w, replies):
+        """Start w's process; its output lines go to replies as (index, generation, line), then None at its end.
+        The start event's fields, or a string saying why the command cannot run (a failure like a crash)."""
+        env = dict(os.environ)
+        device = w.hello["device"]
+        if device.startswith("cuda:"):
+            # the worker sees only its GPU, as cuda:0
+            env["CUDA_VISIBLE_DEVICES"] = device.removeprefix("cuda:")
+        log_path = os.path.join(self.out_dir, f"{w.role}_{w.index}.log")
+        with writing(log_path):
+            stderr = open(log_path, "a")
+        try:  # its own process group, killed with us (processes.start); the main thread starts every worker
+            w.proc = processes.start(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
+                                     env=env, cwd=os.getcwd())
+        except OSError as e:  # the command does not exist or cannot run
+            w.proc = None
+            return f"could not run {' '.join(self.argv)!r}: {e.strerror or e}"
+        finally:
+            stderr.close()
+        threading.Thread(target=self.read, args=(replies, w.index, w.generation, w.proc.stdout), daemon=True).start()
+        return {"pid": w.proc.pid}
+
+    @staticmethod
+    def read(replies, index, generation, stream):
+        """Every line of a worker's output into the replies queue; each read holds at most MAX_LINE_BYTES."""
+        try:
+            for line in processes.read_lines(stream, MAX_LINE_BYTES):
+                replies.put((index, generation, line))
+        except processes.LineTooLong as e:
+            replies.put((index, generation, e))  # not read further: the worker is killed
+            return
+        except (OSError, ValueError):  # the pipe was closed under us: the worker is being stopped
+            pass
+        replies.put((index, generation, None))
+
+    def write(self, w, message):
+        try:
+            w.proc.stdin.write((json.dumps(message) + "\n").encode())
+            w.proc.stdin.flush()
+        except (OSError, ValueError):
+            pass  # a dead worker: its end of output reports the failure
+
+    def ended(self, w):
+        """Why w's output ended: its exit code."""
+        processes.exited(w.proc, 1.0)  # let it finish exiting, then read its code
+        return f"exited with code {processes.stop(w.proc, grace=1.0)} (crash?)"
+
+    def kill(self, w):
+        processes.stop(w.proc, grace=0)
+
+    def close(self, workers):
+        """Ask every worker to stop, give them a second, then end their process groups (processes.stop_all)."""
+        procs = [w.proc for w in workers if w.proc is not None]
+        for w in workers:
+            if w.proc is not None and w.proc.returncode is None:
+                self.write(w, {"type": "stop"})
+        deadline = time.monotonic() + 1.0
+        for proc in procs:
+            processes.exited(proc, max(0.0, deadline - time.monotonic()))
+        processes.stop_all(procs, grace=1.0)
+
+
+class Pool:
+    """Starts the workers through a transport (Subprocesses, or swarm_ray.RayActors), talks to them, and
+    restarts or drops the ones that fail."""
+
+    def __init__(self, workers, out_dir, log, reply_timeout, start_timeout, transport):
         self.workers, self.out_dir, self.log = workers, out_dir, log
         self.reply_timeout, self.start_timeout = reply_timeout, start_timeout
-        self.argv = argv
+        self.transport = transport
         self.replies = queue.Queue()  # (worker index, generation, a line, LineTooLong, or None at end of output)
-        self.round = 0
+        self.round, self.closed = 0, False
 
     def alive(self, role="worker"):
         return [w for w in self.workers if w.role == role and not w.dropped]
 
     def spawn(self, w):
         w.generation += 1
-        env = dict(os.environ)
         device = w.hello["device"]
-        if device.startswith("cuda:"):
-            # the worker sees only its GPU, as cuda:0
-            env["CUDA_VISIBLE_DEVICES"] = device.removeprefix("cuda:")
         hello = dict(w.hello, device="cuda" if device.startswith("cuda") else device)
-        log_path = os.path.join(self.out_dir, f"{w.role}_{w.index}.log")
-        with writing(log_path):
-            stderr = open(log_path, "a")
-        try:  # its own process group, killed with us (processes.start); the main thread starts every worker
-            w.proc, w.start_error = processes.start(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                                    stderr=stderr, env=env, cwd=os.getcwd()), None
-        except OSError as e:  # the command does not exist or cannot run: a failure like a crash at start
-            w.proc, w.start_error = None, f"could not run {' '.join(self.argv)!r}: {e.strerror or e}"
+        started = self.transport.start(w, self.replies)
+        if isinstance(started, str):  # it could not start: a failure like a crash at start
+            w.start_error = started
             self.log("start_failed", worker=w.index, role=w.role, reason=w.start_error)
             self.replies.put((w.index, w.generation, None))
             return
-        finally:
-            stderr.close()
-        threading.Thread(target=self._read, args=(w.index, w.generation, w.proc.stdout), daemon=True).start()
-        self.log("start", worker=w.index, role=w.role, pid=w.proc.pid, generation=w.generation, hello=hello)
+        w.start_error = None
+        self.log("start", worker=w.index, role=w.role, **started, generation=w.generation, hello=hello)
         self._write(w, hello)
 
-    def _read(self, index, generation, stream):
-        """Every line of a worker's output into the replies queue; each read holds at most MAX_LINE_BYTES."""
-        try:
-            for line in processes.read_lines(stream, MAX_LINE_BYTES):
-                self.replies.put((index, generation, line))
-        except processes.LineTooLong as e:
-            self.replies.put((index, generation, e))  # not read further: the worker is killed
-            return
-        except (OSError, ValueError):  # the pipe was closed under us: the worker is being stopped
-            pass
-        self.replies.put((index, generation, None))
-
     def _write(self, w, message):
-        try:
-            w.proc.stdin.write((json.dumps(message) + "\n").encode())
-            w.proc.stdin.flush()
-        except (OSError, ValueError):
-            pass  # a dead worker: its end of output reports the failure
+        self.transport.write(w, message)
 
     def start_all(self):
         for w in self.workers:
@@ -306,17 +357,14 @@ class Pool:
         if isinstance(line, processes.LineTooLong):
             return f"printed {line}, over the cap on a protocol line: the rest was not read"
         if line is None:
-            if w.start_error:
-                return w.start_error
-            processes.exited(w.proc, 1.0)  # its output ended: let it finish exiting, then read its code
-            return f"exited with code {processes.stop(w.proc, grace=1.0)} (crash?)"
+            return w.start_error or self.transport.ended(w)
         return None
 
     def fail(self, w, reason):
         """Log the failure, kill the process; restart it the first time, drop the worker the second."""
         w.failures += 1
         if w.proc is not None:
-            processes.stop(w.proc, grace=0)
+            self.transport.kill(w)
         if w.failures == 1:
             self.log("restart", worker=w.index, role=w.role, reason=reason)
             tqdm.write(f"{w.name} failed ({reason}); restarting it once (see {self.out_dir}/{w.role}_{w.index}.log)")
@@ -328,15 +376,10 @@ class Pool:
             tqdm.write(f"{w.name} failed again ({reason}); dropped (its log: {self.out_dir}/{w.role}_{w.index}.log)")
 
     def close(self):
-        """Ask every worker to stop, give them a second, then end their process groups (processes.stop_all)."""
-        procs = [w.proc for w in self.workers if w.proc is not None]
-        for w in self.workers:
-            if w.proc is not None and w.proc.returncode is None:
-                self._write(w, {"type": "stop"})
-        deadline = time.monotonic() + 1.0
-        for proc in procs:
-            processes.exited(proc, max(0.0, deadline - time.monotonic()))
-        processes.stop_all(procs, grace=1.0)
+        """Stop every worker (the transport's close), once: atexit calls it again after run's finally."""
+        if not self.closed:
+            self.closed = True
+            self.transport.close(self.workers)
 
 
 def command_argv(template):
@@ -603,7 +646,7 @@ def check_config(cfg):
         raise ConfigError(f"reply_timeout and start_timeout must be positive, at most {threading.TIMEOUT_MAX:.0f} s")
     if not (cfg["device"] == "cpu" or cfg["device"].startswith("cuda")):
         raise ConfigError(f"device must be cpu, cuda or cuda:0,1,..., got {cfg['device']!r}")
-    if cfg["device"].startswith("cuda"):
+    if cfg["device"].startswith("cuda") and cfg["backend"] != "ray":  # Ray's GPUs are the cluster's, not this machine's
         import torch
         if not torch.cuda.is_available():
             raise ConfigError(f"device={cfg['device']} but this torch sees no CUDA GPU; use --device=cpu")
@@ -612,6 +655,34 @@ def check_config(cfg):
         tasks.make_env(cfg["task"], **cfg["task_options"])
     except ValueError as e:
         raise ConfigError(f"task/task_options: {e}")
+    check_backend(cfg)
+
+
+def check_backend(cfg):
+    """The backend's settings; for Ray, whether it is installed, the agent found and the cluster reachable."""
+    if cfg["backend"] not in BACKENDS:
+        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {cfg['backend']!r}")
+    if cfg["backend"] != "ray":
+        if cfg["ray_address"]:
+            raise ConfigError("ray_address needs backend=ray (the workers as Ray actors)")
+        return
+    if cfg["worker_command"]:
+        raise ConfigError("worker_command starts subprocesses; with backend=ray every worker is a Ray actor running "
+                          "ray_agent: leave worker_command empty")
+    if cfg["device"] not in ("cpu", "cuda"):
+        raise ConfigError(f"with backend=ray, device is cpu or cuda (Ray gives each actor its GPU), got {cfg['device']!r}")
+    import swarm_ray  # Ray itself is imported only once the run connects
+    problem = swarm_ray.problem(cfg["ray_address"], cfg["ray_agent"])
+    if problem:
+        raise ConfigError(problem)
+
+
+def make_transport(cfg, count):
+    """How the Pool starts and talks to its `count` workers: subprocesses, or Ray actors."""
+    if cfg["backend"] == "ray":
+        import swarm_ray
+        return swarm_ray.RayActors(cfg["ray_address"], cfg["ray_agent"], cfg["out_dir"], count)
+    return Subprocesses(command_argv(cfg["worker_command"]), cfg["out_dir"])
 
 
 def worker_devices(device, n):
@@ -818,7 +889,7 @@ def run(cfg, inp=sys.stdin, out=sys.stderr):
     if resumed_from:
         resumed_workers(workers, resumed_from)
     pool = Pool(workers, cfg["out_dir"], log, cfg["reply_timeout"], cfg["start_timeout"],
-                command_argv(cfg["worker_command"]))
+                make_transport(cfg, len(workers)))
     atexit.register(pool.close)  # also on an exception that escapes main
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # SIGTERM unwinds like Ctrl-C
     done_before, t0 = len(records), time.perf_counter()

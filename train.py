@@ -454,6 +454,8 @@ def evaluate_and_save(cfg, model, raw_model, optimizers, run, meta, device, auto
         stop_on_bad_loss(step, losses, ckpt_path)
     row = {"step": step, "train_loss": losses["train"], "val_loss": losses["val"], "train_time": run.train_time,
            **(instruments.summary() if instruments else {})}
+    if device.type == "cuda":  # the peak so far, training included: what a GPU of less memory would need
+        row["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
     for n in cfg["eval_loops"]:  # test-time compute: the same model thinking for n loops
         row[f"val_loss_loops{n}"] = evaluate(splits=("val",), loops=n)["val"]
     append_jsonl(metrics_path, row)

@@ -263,8 +263,10 @@ def plot(result, png):
     ax.set_ylabel("exact-match accuracy")
     ax.set_ylim(-0.02, 1.02)
     seeds = len(next(iter(runs.values())).get("seeds", [0]))
-    ax.set_title(f"{result['config']['task']}: looped (solid), same params (--), same compute (:)"
-                 + (f"; mean and std over {seeds} seeds" if seeds > 1 else ""))
+    drawn = [label for name, label in (("looped", "looped (solid)"), ("params", "same params (--)"),
+                                       ("compute", "same compute (:)")) if name in runs]
+    ax.set_title(f"{result['config']['task']}: " + ", ".join(drawn)
+                 + (f"; mean and std over {seeds} seeds" if seeds > 1 else ""), fontsize=10)
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()

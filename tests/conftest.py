@@ -36,3 +36,24 @@ def tiny_data(tmp_path):
 @pytest.fixture
 def tiny_cfg(tiny_data):
     return tiny_train_config(tiny_data)
+
+
+@pytest.fixture
+def tiny_policy(tmp_path):
+    """A real policy checkpoint, untrained and tiny: its actions are nonsense, but every path runs
+    (the swarm tests' real workers)."""
+    import dataclasses
+
+    import torch
+
+    import tasks
+    from checkpoint import save_checkpoint
+    from model import GPT, GPTConfig
+    from tokenizer import CharTokenizer
+    torch.manual_seed(0)
+    tokenizer = CharTokenizer(tasks.ALPHABET)
+    config = GPTConfig(vocab_size=tokenizer.n_vocab, block_size=128, n_layer=1, n_head=2, n_embd=16)
+    path = str(tmp_path / "policy.pt")
+    save_checkpoint(path, {"model_args": dataclasses.asdict(config), "model": GPT(config).state_dict(),
+                           "tokenizer": tokenizer.meta()})
+    return path

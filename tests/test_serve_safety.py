@@ -385,7 +385,7 @@ def test_routes_are_plain_functions_of_a_state(root):
     """Each route reads alone: called here without an HTTP server."""
     import asyncio
     cfg = serve_cfg(root, "jobs-direct")
-    state = serve.State(cfg, serve.Models(cfg, torch.device("cpu")), serve.Jobs(cfg))
+    state = serve.State(cfg, serve.Models(cfg, torch.device("cpu")), serve.Jobs(cfg), serve.Runs(cfg["out_root"]))
     try:
         assert asyncio.run(serve.list_configs(state))["data"] == ["tiny.py"]
         assert asyncio.run(serve.health(state))["generations"] == 0

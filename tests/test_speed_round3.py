@@ -89,7 +89,7 @@ def test_an_activation_budget_lever_sets_the_partitioners_budget_only_while_it_r
 def test_regional_compilation_compiles_each_block_and_trains_like_the_whole_model(monkeypatch):
     compiled = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compiled.append(type(self).__name__))
-    cfg = bench.configure(bench.train.DEFAULTS, ["config/gpu_124m.py"])
+    cfg = bench.script_config("train.py", ["config/gpu_124m.py"])
     cfg.update(n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=2)
     b = dict(data_dir="/nonexistent")
     run = bench.build(cfg, b, torch.device("cpu"), True, lever=dict(compile_blocks=True))

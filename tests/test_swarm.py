@@ -435,25 +435,6 @@ def test_asking_for_cuda_without_a_gpu_is_a_clear_error(tmp_path):
 
 # ----------------------------------------------------------------------------- a real swarm
 
-@pytest.fixture
-def tiny_policy(tmp_path):
-    """A real policy checkpoint, untrained and tiny: its actions are nonsense, but every path runs."""
-    import dataclasses
-
-    import torch
-
-    from checkpoint import save_checkpoint
-    from model import GPT, GPTConfig
-    from tokenizer import CharTokenizer
-    torch.manual_seed(0)
-    tokenizer = CharTokenizer(tasks.ALPHABET)
-    config = GPTConfig(vocab_size=tokenizer.n_vocab, block_size=128, n_layer=1, n_head=2, n_embd=16)
-    path = str(tmp_path / "policy.pt")
-    save_checkpoint(path, {"model_args": dataclasses.asdict(config), "model": GPT(config).state_dict(),
-                           "tokenizer": tokenizer.meta()})
-    return path
-
-
 def test_a_tiny_swarm_of_real_policies_with_debate_and_a_guide_runs_end_to_end(tmp_path, tiny_policy):
     cfg = swarm_config(tmp_path, worker_command="", checkpoints=[tiny_policy], temperatures=[0.5, 1.0], workers=2,
                        num_goals=2, guide=tiny_policy, aggregators=["guide", "majority", "verifier"], debate_rounds=1,

@@ -57,7 +57,8 @@ def test_the_core_install_is_what_the_main_job_needs_and_dev_installs_every_extr
     assert {"requirements-serve.txt", "requirements-world.txt", "requirements-data.txt",
             "requirements-extras.txt"} <= set(extras)
     every = {line.split("==")[0] for name in extras for line in requirement_names(name)}
-    assert {"fastapi", "uvicorn", "httpx", "openai", "textworld", "datasets", "gymnasium", "transformers"} <= every
+    assert {"fastapi", "uvicorn", "httpx", "openai", "textworld", "datasets", "gymnasium", "transformers",
+            "lm-eval[api]", "ray"} <= every
 
 
 def test_the_quickstart_imports_nothing_beyond_the_core():
@@ -89,8 +90,9 @@ def test_no_script_imports_another_script():
         found += [(os.path.relpath(path, ROOT), name) for name in names & scripts
                   if name != os.path.basename(path)[:-3]]
     assert "plot" in scripts and not [f for f in found if f[1] == "plot"]
-    # bench.py still runs train.train in-process for its time-to-loss parts: the one import left to move
-    assert found == [("bench.py", "train")]
+    # swarm_ray.py (the Ray transport, from issue 30) runs the worker program's own serve loop in an actor: the one
+    # import left to move (serve and ModelAgent into a module both import)
+    assert found == [("swarm_ray.py", "swarm_worker")]
 
 
 def test_the_quickstart_runs_twice_into_the_same_out_dir(tiny_data, capsys):
