@@ -185,6 +185,19 @@ def test_train_ends_with_its_best_val_time_files_and_next_command(tiny_cfg, caps
     assert out[-1] == f"next: python sample.py --out_dir={tiny_cfg['out_dir']}   or   python plot.py {tiny_cfg['out_dir']}"
 
 
+def test_an_evaluate_only_world_run_ends_with_its_success_and_plots_bars(tmp_path, capsys, monkeypatch):
+    import world
+    from test_world import save_tiny_policy, tiny_run_config
+    drawn = []
+    monkeypatch.setattr(world, "plot_evaluation", lambda out_dir, evals: drawn.append(evals))
+    cfg = tiny_run_config(tmp_path, mode="evaluate", init_from=save_tiny_policy(tmp_path / "start.pt"))
+    world.run(cfg)
+    out = capsys.readouterr().out.splitlines()
+    assert out[-3].startswith("evaluated in ") and "held-out success arith " in out[-3]
+    assert out[-2].startswith(f"{cfg['out_dir']}: policy.pt, world.png") and out[-1].startswith("next: python swarm.py")
+    assert drawn and drawn[-1][-1]["episode"] == 0 and "arith" in drawn[-1][-1]["eval"]  # bars, not a dot at (0, 0)
+
+
 # ----------------------------------------------------------------------------- plot.py
 
 def test_plot_leaves_out_step_0_and_takes_log_y_and_limits(tiny_cfg, capsys):
