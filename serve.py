@@ -480,8 +480,9 @@ def check_job_paths(kind, resolved, overrides, roots):
 
 
 def run_script_check(kind, resolved, overrides):
-    """The script's own check of a whole config (and the server's extra one), as a 422."""
-    checks = [getattr(script_module(kind), "check_config", None), JOB_KINDS[kind].get("check")]
+    """The server's extra check of a whole config (what a job may do: first, so a refusal names its key), then
+    the script's own, as a 422."""
+    checks = [JOB_KINDS[kind].get("check"), getattr(script_module(kind), "check_config", None)]
     for check in filter(None, checks):
         try:
             check(resolved)

@@ -118,7 +118,7 @@ WORDS = {"prepare": {"tokenizer", "text_field", "dataset"},  # dataset: a name, 
          "train": {"attention", "device", "dtype", "init_state", "inject", "loop_loss", "loops_sampling", "memory",
                    "optimizer", "schedule"},
          "world": {"act", "device", "mode"},
-         "swarm": {"task", "debate", "learning", "device", "aggregators"},
+         "swarm": {"task", "debate", "learning", "device", "aggregators", "human_input"},
          "bench": {"device", "levers", "parts", "suite"}}
 
 
