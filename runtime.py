@@ -57,8 +57,8 @@ def resolve_dtype(name, device):
 def auto_threads(processes=1):
     """What threads=0 means: OMP_NUM_THREADS when it is set, else the cores this process may run on that the
     load average leaves idle, shared among `processes`, and at least 1. torch's default takes every core,
-    and its threads wait on each other at every operation: on a 2-core machine whose other core was busy,
-    cpu_quick's training ran 5x slower on 2 threads than on 1 (BENCHMARKS.md, "CPU threads")."""
+    and its threads wait on each other at every operation: on a busy 2-core machine cpu_quick's training ran
+    15x slower on 2 threads than on 1 (BENCHMARKS.md, "CPU threads")."""
     if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
         return max(1, int(os.environ["OMP_NUM_THREADS"]) // processes)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
