@@ -256,10 +256,16 @@ class LoopedGPT(GPT):
         mask = None if prefix_end is None else self.prefix_mask(prefix_end, positions)
         e, h0 = self.begin(self.embed(idx), positions, None, mask)
         answers = []  # (loss, readout) of each supervised loop
+        watched = []  # the halting probe's readouts: every loop's, so it sees early wrong answers as well as late ones
 
         def answer(h, n):
             readout = norm(self.finish(h, positions, None, mask, n))
             answers.append((self.loss(self.lm_head(readout), targets), readout))
+
+        def watch(h, n):
+            if self.loop.halt:
+                with torch.no_grad():
+                    watched.append(norm(self.finish(h, positions, None, mask, n)))
 
         if self.loop.loop_loss == "every":
             h = h0
@@ -275,6 +281,7 @@ class LoopedGPT(GPT):
             with torch.no_grad():
                 for i in range(n):
                     h = self.think(h, e, positions, None, mask, i)
+                    watch(h, i + 1)
             h = h.detach()
             for i in range(n, n + k):
                 h = self.think(h, e, positions, None, mask, i)
@@ -284,10 +291,12 @@ class LoopedGPT(GPT):
                 h = h0
                 for i in range(loops):
                     h = self.think(h, e, positions, None, mask, i)
+                    if i < loops - 1 and i >= n:  # loops 1..n were watched above
+                        watch(h, i + 1)
                 answer(h, loops)
                 loss = loss + (1 - alpha) * answers[1][0]
         if self.loop.halt:
-            loss = loss + self.probe_loss([readout for _, readout in answers], targets)
+            loss = loss + self.probe_loss([readout for _, readout in answers] + watched, targets)
         return loss
 
     def probe_loss(self, readouts, targets):

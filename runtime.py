@@ -125,8 +125,11 @@ def claim_out_dir(out_dir, resuming, overwrite=False, run_files=("ckpt.pt", "met
     so a crashed run never leaves it stuck. A fresh run (not resuming) into a folder that already holds
     one of run_files refuses, unless overwrite=True, which moves the old run aside to out_dir/replaced-<time>/.
     """
-    os.makedirs(out_dir, exist_ok=True)
-    lock = open(os.path.join(out_dir, ".lock"), "a+")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        lock = open(os.path.join(out_dir, ".lock"), "a+")
+    except OSError as e:  # read-only, a file in the way, no space: say which folder, not a traceback
+        raise SystemExit(f"cannot write to {out_dir}: {e.strerror or e}. Choose a folder you can write to") from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

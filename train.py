@@ -120,6 +120,12 @@ def check_config(cfg):
         raise SystemExit("ce_chunks (the fused chunked loss) makes no logits for distillation: set ce_chunks=0")
     if cfg["distill_temperature"] <= 0:
         raise SystemExit(f"distill_temperature must be positive, got {cfg['distill_temperature']}")
+    if cfg["init_from"] == "scratch":  # the model's options too, before overwrite=True moves an old run aside
+        try:
+            with torch.device("meta"):  # shapes only: no memory, no time
+                build_model({k: cfg[k] for k in MODEL_KEYS} | {"vocab_size": 256})
+        except ValueError as e:
+            raise SystemExit(f"bad model shape: {e}")
 
 
 RESUME_MAY_CHANGE = ("dropout", "checkpoint_activations")  # model keys that shape training, not the weights

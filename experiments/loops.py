@@ -25,6 +25,7 @@ Reported: exact-match accuracy per difficulty at each test-time loop count (the 
 depth), written to <out_dir>/loops.json and plotted in <out_dir>/loops.png.
 """
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -39,6 +40,7 @@ from architecture import DEFAULTS as MODEL_DEFAULTS  # noqa: E402
 from architecture import build_model  # noqa: E402
 from checkpoint import read_json, write_json_atomic  # noqa: E402
 from configurator import configure, print_config, settings  # noqa: E402
+from looped import LoopConfig  # noqa: E402
 from metrics import save_figure  # noqa: E402
 from runtime import resolve_device, resolve_dtype  # noqa: E402
 from scripts import run_script  # noqa: E402
@@ -287,8 +289,7 @@ def shakespeare_runs(cfg):
     params, at equal FLOPs."""
     base = MODEL_DEFAULTS | settings(cfg["shakespeare_args"]) | {"device": cfg["device"], "seed": cfg["seed"]}
     distinct = base["n_prelude"] + base["n_core"] + base["n_coda"]
-    plain = dict(n_prelude=0, n_core=0, n_coda=0, loops=1, loops_sampling="fixed", loops_min=1, loops_max=0,
-                 backprop_loops=0, eval_loops=[])
+    plain = {f.name: f.default for f in dataclasses.fields(LoopConfig)} | {"eval_loops": []}  # every loop option off
     looped = {"device": cfg["device"], "seed": cfg["seed"]}
     return {
         "looped": looped,

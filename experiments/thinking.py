@@ -32,7 +32,7 @@ import problems  # noqa: E402
 from architecture import build_model, model_args  # noqa: E402
 from checkpoint import save_checkpoint  # noqa: E402
 from configurator import configure, print_config  # noqa: E402
-from runtime import resolve_device  # noqa: E402
+from runtime import code_version, resolve_device  # noqa: E402
 from training import fit  # noqa: E402
 
 DEFAULTS = dict(
@@ -234,12 +234,28 @@ def combine(results):
 
 
 
+def halting_summary(run):
+    """The halting probe against the best fixed loop count (issue 28's target: accuracy within 2 points at <= 60%
+    of its compute). The best fixed count is the one loop count, the same for every difficulty, with the highest
+    mean accuracy (the smallest such); compute is loops, so the ratio is the probe's mean loops over it."""
+    table, halting = run["accuracy"], run["halting"]
+    loops = sorted({int(k) for d in table for k in table[d]})
+    mean_at = {k: statistics.mean(table[d][str(k)] for d in table) for k in loops}
+    best = min(loops, key=lambda k: (-round(mean_at[k], 6), k))
+    accuracy = statistics.mean(halting[d]["accuracy"] for d in halting)
+    used = statistics.mean(halting[d]["mean_loops"] for d in halting)
+    return {"best_fixed_loops": best, "best_fixed_accuracy": mean_at[best], "halt_accuracy": accuracy,
+            "halt_mean_loops": used, "compute_ratio": used / best, "accuracy_gap": mean_at[best] - accuracy}
+
+
 def plot(result, png):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     runs = result["runs"]
-    fig, ax = plt.subplots(figsize=(8, 5))
+    halting = runs.get("looped", {}).get("halting")
+    fig, axes = plt.subplots(1, 2 if halting else 1, figsize=(13 if halting else 8, 5), squeeze=False)
+    ax = axes[0][0]
     colors = plt.cm.viridis_r
     difficulties = list(next(iter(runs.values()))["accuracy"])
     for i, d in enumerate(difficulties):
@@ -269,6 +285,23 @@ def plot(result, png):
                  + (f"; mean and std over {seeds} seeds" if seeds > 1 else ""), fontsize=10)
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
+    if halting:  # the probe's loops against difficulty, beside the best fixed count's
+        ax, summary = axes[0][1], halting_summary(runs["looped"])
+        ds = list(halting)
+        ax.plot([float(d) for d in ds], [halting[d]["mean_loops"] for d in ds], marker="o",
+                label="halting probe: mean loops used")
+        for d in ds:
+            ax.annotate(f"{halting[d]['accuracy']:.2f}", (float(d), halting[d]["mean_loops"]), fontsize=7,
+                        textcoords="offset points", xytext=(4, 4))
+        ax.axhline(summary["best_fixed_loops"], color="grey", linestyle="--",
+                   label=f"best fixed count ({summary['best_fixed_loops']} loops, mean acc "
+                         f"{summary['best_fixed_accuracy']:.2f})")
+        ax.set_xlabel(result["difficulty"])
+        ax.set_ylabel("loops (labels: the probe's exact-match accuracy)")
+        ax.set_title(f"halting: mean acc {summary['halt_accuracy']:.2f} at "
+                     f"{summary['compute_ratio']:.0%} of the best fixed count's loops", fontsize=10)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
@@ -287,11 +320,14 @@ def main(argv):
         cfg["device_obj"] = resolve_device(cfg["device"])
         spec = task_spec(cfg)
         result = {"config": {k: v for k, v in cfg.items() if k != "device_obj"}, "difficulty": DIFFICULTY[cfg["task"]],
-                  "runs": {}}
+                  "code": code_version(__file__), "runs": {}}
         for name in cfg["models"]:
             result["runs"][name] = run_model(name, cfg, spec)
             with open(os.path.join(cfg["out_dir"], "thinking.json"), "w") as f:
                 json.dump(result, f, indent=1)
+    for run in result["runs"].values():
+        if run.get("halting"):
+            run["halting_summary"] = halting_summary(run)
     with open(os.path.join(cfg["out_dir"], "thinking.json"), "w") as f:
         json.dump(result, f, indent=1)
     plot(result, os.path.join(cfg["out_dir"], "thinking.png"))

@@ -30,6 +30,9 @@ SWARM = ["--out_dir={tmp}/swarm", "--checkpoints=['{tmp}/ok.txt']"]  # a file: t
 CASES = [
     # train.py
     ("train", [*TRAIN, "--batch_size=0"], "batch_size must be at least 1"),
+    ("train", [*TRAIN, "--overwrite=True", "--n_head=3"], "bad model shape"),  # the old run stays where it is
+    ("train", [*TRAIN, "--out_dir={tmp}/ok.txt/run"], "cannot write to"),
+    ("prepare", ["--dataset={tmp}/ok.txt", "--name=x", "--data_dir={tmp}/ok.txt"], "cannot write to"),
     ("train", [*TRAIN, "--eval_interval=0"], "eval_interval must be at least 1"),
     ("train", [*TRAIN, "--eval_iters=0"], "eval_iters must be at least 1"),
     ("train", [*TRAIN, "--n_head=0"], "n_head must be at least 1"),

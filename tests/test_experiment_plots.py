@@ -94,3 +94,21 @@ def test_textworld_seeds_draws_a_spread_only_where_two_runs_or_more_have_the_num
     assert len(spreads) == 1  # choose at N = 1000 (two runs); choose at 100 and generate at 1000 are single runs
     assert spreads[0].lines[0].get_xdata()[0] == 1000
     assert_labelled(fig)
+
+
+def test_thinking_halting_is_compared_with_the_best_fixed_loop_count_and_drawn_beside_the_curves(tmp_path, monkeypatch):
+    thinking = load_experiment("thinking")
+    table = {"8": {"4": 0.5, "8": 1.0, "16": 1.0}, "16": {"4": 0.0, "8": 0.5, "16": 1.0}}
+    run = {"params": 10, "accuracy": table, "halting": {"8": {"accuracy": 1.0, "mean_loops": 6.0},
+                                                        "16": {"accuracy": 0.98, "mean_loops": 10.0}}}
+    summary = thinking.halting_summary(run)
+    assert summary["best_fixed_loops"] == 16 and summary["best_fixed_accuracy"] == 1.0
+    assert summary["halt_mean_loops"] == 8.0 and summary["compute_ratio"] == 0.5
+    assert abs(summary["accuracy_gap"] - 0.01) < 1e-9
+    figures = []
+    import matplotlib.pyplot as plt
+    monkeypatch.setattr(plt.Figure, "savefig", lambda fig, *a, **k: figures.append(fig))
+    thinking.plot({"config": {"task": "parity", "loops": 8}, "difficulty": "length", "runs": {"looped": run}},
+                  str(tmp_path / "t.png"))
+    assert len(figures[0].axes) == 2
+    assert_labelled(figures[0])

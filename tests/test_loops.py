@@ -256,6 +256,22 @@ def test_progressive_loss_sends_gradients_only_through_the_last_k_loops(monkeypa
     assert seen == [False, False, True] + [True] * 4  # then the full 4 loops, every one with gradient
 
 
+def test_the_halting_probe_learns_from_every_loops_answer_under_the_progressive_loss(monkeypatch):
+    """Not only the supervised loops (mostly late, mostly right): a probe that never sees an early wrong
+    answer learns to say 'right' at loop 1."""
+    model = thinking_model(loop_loss="progressive", progressive_alpha=0.5, loops=4, halt=True).train()
+    x = torch.randint(0, 50, (2, 8))
+    draws = iter([torch.tensor(2), torch.tensor(1)])  # n = 2 without gradient, k = 1 with, then the full 4
+    monkeypatch.setattr(torch, "randint", lambda *a, **k: next(draws))
+    counts = []
+    probe_loss = model.probe_loss
+    monkeypatch.setattr(model, "probe_loss", lambda readouts, targets: counts.append(len(readouts))
+                        or probe_loss(readouts, targets))
+    model(x, x)[1].backward()
+    assert counts == [2 + 3]  # the two supervised answers (loops 3 and 4), and loops 1, 2, 3 watched
+    assert model.halt_head.weight.grad.abs().sum() > 0
+
+
 def test_the_halting_probe_stops_rows_and_reports_their_loops():
     model = thinking_model(loop_loss="every", halt=True).eval()
     x = torch.randint(0, 50, (2, 6))
