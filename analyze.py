@@ -16,8 +16,8 @@ import torch
 
 from checkpoint import knn_store_dir, load_checkpoint, load_model, write_json_atomic
 from configurator import configure, print_config
-from plot import save_figure
-from runtime import resolve_device
+from metrics import save_figure
+from runtime import resolve_device, set_threads
 from tokenizer import tokenizer_from_meta
 
 DEFAULTS = dict(
@@ -28,6 +28,7 @@ DEFAULTS = dict(
     top_k=8,                 # top tokens shown per prompt
     out="",                  # output folder; default <out_dir>/analyze
     device="auto",
+    threads=0,               # torch CPU threads; 0: the cores the load average leaves idle (runtime.set_threads)
 )
 
 
@@ -101,6 +102,7 @@ def main(argv):
     prompts = read_prompts(cfg["prompts"])
     path = os.path.join(cfg["out_dir"], f"{cfg['ckpt']}.pt") if cfg["ckpt"] in ("ckpt", "best") else cfg["ckpt"]
     device = resolve_device(cfg["device"])
+    set_threads(cfg["threads"])
     state = load_checkpoint(path, map_location=device)
     model = load_model(state, device, knn_store=knn_store_dir(path))
     tokenizer = tokenizer_from_meta(state["tokenizer"])

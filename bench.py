@@ -38,8 +38,8 @@ from scripts import run_script, script_config
 from data import get_batch, open_dataset
 from architecture import DEFAULTS as MODEL_DEFAULTS
 from architecture import MODEL_KEYS, build_model
-from plot import plot_runs
-from runtime import code_version, float8_training, read_jsonl, resolve_device
+from metrics import plot_runs
+from runtime import code_version, float8_training, read_jsonl, resolve_device, set_threads
 
 DEFAULTS = dict(
     suite="gpu",          # gpu | cpu
@@ -48,6 +48,8 @@ DEFAULTS = dict(
     out_dir="out/bench",  # training runs of the time-to-loss parts
     data_dir="data",
     device="auto",
+    threads=0,            # torch CPU threads (the time-to-loss runs get as many); 0: the cores the load average leaves
+                          # idle (runtime.set_threads)
     config="config/gpu_124m.py",  # the throughput, profile, sampling and memory model
     steps=3,              # timed optimizer steps of the compiled train step (each config's accumulation
     warmup_steps=1,       # steps of micro-batches: 40 x 12 x 1024 tokens for gpu_124m), after warmup_steps
@@ -837,7 +839,7 @@ def time_to_loss(config_path, bench, device, target, overrides=None, name=None):
     out_dir = os.path.join(bench["out_dir"], name)
     # a fresh curve each time: an earlier run in out_dir is moved aside to out_dir/replaced-<time>/
     argv = [config_path, f"--out_dir={out_dir}", f"--data_dir={bench['data_dir']}", f"--device={device}",
-            "--overwrite=True"]
+            f"--threads={bench['threads']}", "--overwrite=True"]
     if bench["smoke"]:
         argv += ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--max_iters=20",
                  "--eval_interval=10", "--eval_iters=2", "--log_interval=5"]
@@ -945,6 +947,7 @@ def summary_rows(results):
 def main(argv):
     bench = configure(DEFAULTS, argv)
     device = resolve_device(bench["device"])
+    bench["threads"] = set_threads(bench["threads"])
     suite = {"gpu": GPU_PARTS, "cpu": CPU_PARTS}.get(bench["suite"])
     if suite is None:
         raise SystemExit(f"suite must be gpu or cpu, got {bench['suite']!r}")

@@ -31,7 +31,6 @@ import time
 
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
 from checkpoint import load_checkpoint, load_model, save_checkpoint, write_json_atomic
 from configurator import configure, print_config
@@ -39,7 +38,7 @@ from data import get_batch, open_dataset
 from generation import decode_speed
 from looped import LoopedGPT
 from model import MLP
-from runtime import claim_out_dir, resolve_device, resolve_dtype
+from runtime import claim_out_dir, progress, resolve_device, resolve_dtype, set_threads
 from shrink import INT4_GROUP_SIZES, quantize_model, two_four_mask
 from training import make_optimizers
 
@@ -57,6 +56,8 @@ DEFAULTS = dict(
     # measuring
     dtype="auto",           # float weights' dtype: auto (bfloat16 on CUDA, else float32) | float32 | bfloat16
     device="auto",
+    threads=0,              # torch CPU threads (both measurements use the same); 0: the cores the load average leaves
+                            # idle (runtime.set_threads)
     eval_iters=20,          # val batches for the loss (0 skips it)
     eval_batch_size=16,
     gen_tokens=128,         # greedy tokens generated at batch 1 for tokens/s
@@ -168,7 +169,7 @@ def export(cfg):
     dtype = getattr(torch, float_format or resolve_dtype(cfg["dtype"], resolve_device(cfg["device"])))
     out = export_path(cfg)
     check_export_out(out, cfg["ckpt"])
-    with tqdm(total=2, desc=f"export {cfg['format']}", unit="stage") as bar:
+    with progress(2, f"export {cfg['format']}", "stage") as bar:
         exported = export_state(state, cfg["format"], cfg["group_size"], dtype)
         bar.update(1)
         save_checkpoint(out, exported, kind="export")
@@ -287,7 +288,7 @@ def prune(cfg):
     check_prune_args(cfg, state)
     model = load_model(state)
     _, dense_params = sparsity_of(model)
-    with tqdm(total=2, desc=f"prune {cfg['method']}", unit="stage") as bar:
+    with progress(2, f"prune {cfg['method']}", "stage") as bar:
         if cfg["method"] == "structured":
             structured_prune(model, cfg["sparsity"])
         else:
@@ -372,7 +373,8 @@ def measure(cfg):
 
 def measure_in_subprocess(path, cfg):
     """measure() in a fresh Python, so its peak memory is that file's alone."""
-    args = [f"--{k}={cfg[k]}" for k in ("device", "dtype", "eval_iters", "eval_batch_size", "gen_tokens", "compile")]
+    args = [f"--{k}={cfg[k]}" for k in ("device", "dtype", "threads", "eval_iters", "eval_batch_size", "gen_tokens",
+                                        "compile")]
     run = subprocess.run([sys.executable, os.path.abspath(__file__), "--mode=measure", f"--ckpt={path}", *args],
                          capture_output=True, text=True)
     if run.returncode:
@@ -399,6 +401,7 @@ def print_report(before, after):
 
 def main(argv):
     cfg = configure(DEFAULTS, argv)
+    cfg["threads"] = set_threads(cfg["threads"])  # resolved once: the before and after measurements use as many
     if cfg["mode"] == "measure":
         result = measure(cfg)
         if cfg["report"]:

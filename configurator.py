@@ -13,7 +13,9 @@ import difflib
 import io
 import json
 import os
+import shutil
 import sys
+import textwrap
 import tokenize
 import traceback
 
@@ -89,58 +91,90 @@ def line_comment(line):
     return next((t.string.lstrip("# ").strip() for t in tokens if t.type == tokenize.COMMENT), "")
 
 
-def key_comments(path):
-    """{key: comment} for each keyword of a dict(...) call and each annotated class field in a source file:
-    the comment on the key's line is its documentation."""
+def key_docs(path):
+    """({key: comment}, {key: heading}) of a source file's dict(...) calls and annotated class fields. The comment
+    on a key's line documents it, carried on by comment lines indented past the key; a comment line at the
+    key's own indent is a section heading, kept under the key before it ("" for the first)."""
     with open(path, encoding="utf-8") as f:
         source = f.read()
     lines = source.splitlines()
-    comments = {}
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "dict":
-            keys = [(k.arg, k.value.lineno) for k in node.keywords if k.arg]
-        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            keys = [(node.target.id, node.lineno)]
-        else:
-            continue
-        for key, lineno in keys:
-            comment = line_comment(lines[lineno - 1])
-            while comment and lineno < len(lines) and lines[lineno].strip().startswith("#"):
-                comment += " " + line_comment(lines[lineno])  # a comment carried on below its key
-                lineno += 1
+    comments, headings = {}, {}
+    nodes = list(ast.walk(ast.parse(source)))
+    groups = [[(k.arg, k.lineno, k.col_offset) for k in node.keywords] for node in nodes  # dict(...) calls first:
+              if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "dict"]  # a script's DEFAULTS
+    groups += [[(n.target.id, n.lineno, n.col_offset) for n in node.body
+                if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)]
+               for node in nodes if isinstance(node, ast.ClassDef)]
+    for keys in groups:
+        previous = ""
+        for key, lineno, col in keys:
+            above = lineno - 2  # the heading lines right above this key, between it and the previous one
+            while above >= 0 and lines[above].strip().startswith("#") and indent(lines[above]) == col:
+                above -= 1
+            heading = " ".join(line_comment(line) for line in lines[above + 1:lineno - 1])
+            if heading and previous not in headings:
+                headings[previous] = heading
+            if key is None:  # **{...}: its keys follow the previous one
+                continue
+            comment, below = line_comment(lines[lineno - 1]), lineno
+            while comment and below < len(lines) and lines[below].strip().startswith("#") and indent(lines[below]) > col:
+                comment += " " + line_comment(lines[below])  # a comment carried on below its key
+                below += 1
             if comment and key not in comments:
                 comments[key] = comment
-    return comments
+            previous = key
+    return comments, headings
 
 
-def print_help(defaults, script_globals):
-    """The script's docstring, then every key = default with its comment. Comments come from the script's
-    source first, then from the modules beside it that it imported (train.py's model keys: model.py)."""
+def indent(line):
+    return len(line) - len(line.lstrip())
+
+
+def print_help(defaults, script_globals, usage=None):
+    """The script's docstring, then every key = default with its comment, under the section headings of the
+    script's DEFAULTS. Comments come from the script's source first, then from the modules beside it that it
+    imported (train.py's model keys: architecture.py's option classes)."""
     script = os.path.abspath(script_globals["__file__"])
     folder = os.path.dirname(script)
     beside = {os.path.abspath(m.__file__) for m in list(sys.modules.values()) if getattr(m, "__file__", None)}
     sources = [script] + sorted(p for p in beside if os.path.dirname(p) == folder and p.endswith(".py")
                                 and os.path.isfile(p) and p != script)
-    comments = {}
+    comments, headings = {}, {}
     for path in sources:
-        comments = key_comments(path) | comments
+        more_comments, more_headings = key_docs(path)
+        if path != script:
+            more_headings.pop("", None)  # a module's first heading is not the script's
+        comments, headings = more_comments | comments, more_headings | headings
     doc = (script_globals.get("__doc__") or "").strip()
     print(f"{doc}\n\n" if doc else "", end="")
-    print(f"usage: python {os.path.relpath(script)} [config.py ...] [--key=value ...]\n"
+    print(f"usage: {usage or f'python {os.path.relpath(script)} [config.py ...] [--key=value ...]'}\n"
           f"(a value is a Python literal or a bare word; later ones override earlier ones)\n\nkeys and defaults:")
-    width = max(len(f"{k}={v!r}") for k, v in defaults.items())
+    width = min(40, max(len(f"{k}={v!r}") for k, v in defaults.items()))
+    columns = max(60, shutil.get_terminal_size((100, 24)).columns - 1)
+    previous = ""
     for key, value in defaults.items():
-        print(f"  --{f'{key}={value!r}':<{width}}  {comments.get(key, '')}".rstrip())
+        if headings.get(previous):
+            print(f"\n  {headings[previous]}")
+        previous = key
+        setting = f"--{key}={value!r}"
+        if len(setting) > width + 2:  # a long default gets its own line, the comment below it
+            print(f"  {setting}")
+            setting = ""
+        text = textwrap.wrap(comments.get(key, ""), columns - width - 6, break_on_hyphens=False,
+                             break_long_words=False) or [""]
+        print(f"  {setting:<{width + 2}}  {text[0]}".rstrip())
+        for more in text[1:]:
+            print(f"  {'':<{width + 2}}  {more}")
 
 
-def configure(defaults, argv, optional=()):
+def configure(defaults, argv, optional=(), usage=None):
     """Resolve defaults <- config files <- --key=value arguments into a new dict.
 
     Keys named in `optional` also accept None (e.g. sample.py's top_k=None: no top-k cut).
-    --help or -h prints the keys of the calling script and exits; --show_config prints the resolved config as
-    one line of JSON and exits (how one script reads another's settings without importing it)."""
+    --help or -h prints the keys of the calling script (under `usage`, if given) and exits; --show_config prints
+    the resolved config as one line of JSON and exits (how one script reads another's settings without importing it)."""
     if "--help" in argv or "-h" in argv:
-        print_help(defaults, sys._getframe(1).f_globals)
+        print_help(defaults, sys._getframe(1).f_globals, usage)
         raise SystemExit(0)
     show = "--show_config" in argv
     config = dict(defaults)

@@ -21,13 +21,12 @@ import os
 import shutil
 
 import torch
-from tqdm import tqdm
 
 from architecture import DEFAULTS as MODEL_DEFAULTS
 from checkpoint import load_model
 from heads import GatedAttention
 from model import GPTConfig
-from runtime import code_version
+from runtime import code_version, progress
 from tokenizer import ASSETS, EOT_TEXT
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -35,8 +34,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CARRIED = ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd", "tie_embeddings", "rope_base",
            "mlp_ratios", "attn_windows", "layer_heads")  # into config.json, layer by layer where they vary
 FOLDED = ("head_gates",)  # each head's gate multiplies its columns of the output projection: same function
-TRAINING_ONLY = ("dropout", "checkpoint_activations", "bf16_residual", "ce_chunks", "attention", "grow_heads",
-                 "grow_above", "prune_below", "grow_patience", "max_heads")  # training and speed: the same function
+TRAINING_ONLY = ("dropout", "checkpoint_activations", "bf16_residual", "ce_chunks", "liger_ce", "attention",
+                 "grow_heads", "grow_above", "prune_below", "grow_patience", "max_heads")  # training and speed: the same function
 REFUSED = {  # a mechanism modeling_ulm.py does not implement, and the options that only shape it
     "n_core": "looped depth (looped.py)",
     "memory_layers": "memory layers (memory.py)",
@@ -233,7 +232,7 @@ def write_folder(model, state, folder, dtype, command):
     minute on a CPU). Returns the logits' relative difference."""
     from hf_model.configuration_ulm import ULMConfig
     from hf_model.modeling_ulm import ULMForCausalLM
-    with tqdm(total=3, desc="export hf", unit="stage") as bar:
+    with progress(3, "export hf", "stage") as bar:
         hf = ULMForCausalLM(ULMConfig(**hf_config(model, state["tokenizer"])))
         hf.load_state_dict(hf_weights(model, hf.state_dict().keys()))
         hf.generation_config.pad_token_id = state["tokenizer"]["eot"]

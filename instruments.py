@@ -20,7 +20,7 @@ import os
 import numpy as np
 import torch
 
-from plot import save_figure
+from metrics import save_figure
 
 UNIGRAM_MAX_TOKENS = 1 << 26  # the unigram is counted on at most this many val tokens (seconds, not minutes)
 

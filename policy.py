@@ -19,9 +19,9 @@ import os
 import random
 
 import torch
-from tqdm import tqdm
 
 from checkpoint import load_checkpoint, load_model, read_json, save_checkpoint
+from runtime import progress
 from tasks import (ACTION_PREFIX, EVAL_SEED_BASE, MAX_ACTION_CHARS, make_env, play_episode, teacher_act,
                    turn_by_turn)
 from tokenizer import tokenizer_from_meta
@@ -408,12 +408,17 @@ def resume_progress(state, optimizer, learning, path):
     return Progress(state["step"], state["baselines"], replay, rng)
 
 
-def evaluate(policy, tasks, n, how="generate", untried=False):
-    """Greedy play on the held-out seeds of each task: {task: {success, reward}}."""
+def evaluate(policy, tasks, n, how="generate", untried=False, on_episode=None):
+    """Greedy play on the held-out seeds of each task: {task: {success, reward}}. on_episode(episode), if given,
+    sees each episode as it ends (world.py keeps their transcripts and moves its progress bar)."""
     result = {}
     for name, options in tasks.items():
         env = make_env(name, **options)
-        episodes = [play_episode(env, policy.actor(0.0, 0, env, how, untried), EVAL_SEED_BASE + i) for i in range(n)]
+        episodes = []
+        for i in range(n):
+            episodes.append(play_episode(env, policy.actor(0.0, 0, env, how, untried), EVAL_SEED_BASE + i))
+            if on_episode is not None:
+                on_episode(episodes[-1])
         result[name] = {"success": sum(e["success"] for e in episodes) / n,
                         "reward": sum(e["reward"] for e in episodes) / n}
     return result
@@ -446,7 +451,8 @@ def clone_actions(path, episodes, clone, stop):
     rng = random.Random(clone.seed)
     items = [episode_item(e, 0) for e in episodes]
     low = clone.final_lr_fraction
-    for step in tqdm(range(clone.iters), desc="cloning actions", disable=None):
+    bar = progress(clone.iters, "cloning actions", "step")
+    for step in range(clone.iters):
         if stop.requested:
             raise SystemExit("stopped during behaviour cloning: the policy is unfinished; the same command starts "
                              "it again")
@@ -454,6 +460,8 @@ def clone_actions(path, episodes, clone, stop):
             group["lr"] = clone.learning_rate * (low + (1 - low) * (1 + math.cos(math.pi * step / clone.iters)) / 2)
         update(policy, optimizer, [rng.choice(items) for _ in range(clone.batch_size)], [1.0] * clone.batch_size,
                clone.grad_clip)
+        bar.update()
+    bar.close()
     save_checkpoint(clone.path, {"model_args": dataclasses.asdict(policy.model.config),
                                  "model": policy.model.state_dict(), "tokenizer": policy.tokenizer_meta(),
                                  "config": dataclasses.asdict(clone), "step": 0, "val_loss": None}, kind="world")

@@ -28,11 +28,10 @@ import re
 import sys
 
 import numpy as np
-from tqdm import tqdm
 
 from checkpoint import write_json_atomic
 from configurator import configure, print_config
-from runtime import claim_out_dir
+from runtime import claim_out_dir, progress
 from tokenizer import ASSETS, CharTokenizer, GPT2Tokenizer
 
 DEFAULTS = dict(
@@ -225,7 +224,7 @@ def write_bins(streams, tokenizer, out_dir, val_fraction, max_tokens, num_thread
             if doc_count and doc_count > 1:
                 every = min(every, doc_count)  # at least one validation document
             doc_index, total = 0, 0
-            with tqdm(total=doc_count, unit="doc", desc=f"tokenizing {split or 'train+val'}", disable=None) as bar:
+            with progress(doc_count, f"tokenizing {split or 'train+val'}", "doc") as bar:
                 for batch in batches(docs, BATCH_DOCS):
                     for ids in tokenizer.encode_batch(batch, num_threads=num_threads):
                         ids.append(tokenizer.eot)

@@ -7,16 +7,21 @@ What every run needs from its machine and its out_dir, shared by the scripts:
 - Ctrl-C and SIGTERM as a request to save and stop (`StopRequest`);
 - metrics as JSON lines (`append_jsonl`, `read_jsonl`, `truncate_jsonl`);
 - several small runs side by side on one device (`run_in_processes`);
-- which code a measurement ran (`code_version`).
+- which code a measurement ran (`code_version`);
+- how many CPU threads torch uses (`set_threads`: on a busy machine fewer is faster);
+- progress bars that suit a terminal and a log file alike (`progress`).
 """
 import fcntl
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+
+from tqdm import tqdm
 
 
 # ----------------------------------------------------------------------------- device and dtype
@@ -47,6 +52,70 @@ def resolve_dtype(name, device):
     return name
 
 
+# ----------------------------------------------------------------------------- CPU threads
+
+def auto_threads(processes=1):
+    """What threads=0 means: OMP_NUM_THREADS when it is set, else the cores this process may run on that the
+    load average leaves idle, shared among `processes`, and at least 1. torch's default takes every core,
+    and its threads wait on each other at every operation: on a busy 2-core machine cpu_quick's training ran
+    15x slower on 2 threads than on 1 (BENCHMARKS.md, "CPU threads")."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        return max(1, int(os.environ["OMP_NUM_THREADS"]) // processes)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    idle = cores - os.getloadavg()[0] if hasattr(os, "getloadavg") else cores
+    return max(1, min(cores, round(idle)) // processes)
+
+
+def set_threads(threads):
+    """Set torch's CPU threads for this process (0: auto_threads()) and return how many it uses, never more
+    than torch's own default (one per physical core)."""
+    import torch  # here, not at the top: swarm.py's coordinator uses this module without torch
+    if threads < 0:
+        raise SystemExit(f"threads must be 0 (automatic) or more, got {threads}")
+    n = threads or min(auto_threads(), _torch_default_threads())
+    torch.set_num_threads(n)
+    return n
+
+
+def _torch_default_threads(_first=[]):  # noqa: B006 -- torch's count before anyone set it, read once
+    import torch
+    if not _first:
+        _first.append(torch.get_num_threads())
+    return _first[0]
+
+
+# ----------------------------------------------------------------------------- progress
+
+class _Lines:
+    """A file for tqdm that is not a terminal: each refresh becomes one whole line (no carriage returns), and a
+    refresh that shows no progress since the last line (the redraw after a message, the one at the end) none."""
+
+    def __init__(self, stream):
+        self.stream, self.last = stream, None
+
+    def write(self, text):
+        line = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text).replace("\r", "").strip()  # no cursor moves
+        counts = line.split("[")[0]  # the bar and its counts, without the times and rates
+        if line and counts != self.last:
+            self.stream.write(line + "\n")
+            self.last = counts
+
+    def flush(self):
+        self.stream.flush()
+
+
+def progress(total=None, desc=None, unit="it", initial=0, interval=30.0, disable=False, file=None):
+    """A tqdm bar with an ETA on a terminal; anywhere else (CI, a job's log.txt, a pipe) one plain line every
+    `interval` seconds and one at the end, so a log shows progress without a wall of carriage returns."""
+    stream = file or sys.stderr
+    if disable:
+        return tqdm(total=total, disable=True)
+    if stream.isatty():
+        return tqdm(total=total, desc=desc, unit=unit, initial=initial, file=stream, dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit=unit, initial=initial, file=_Lines(stream), mininterval=interval,
+                maxinterval=interval, ncols=100)
+
+
 # ----------------------------------------------------------------------------- one run per out_dir
 
 def claim_out_dir(out_dir, resuming, overwrite=False, run_files=("ckpt.pt", "metrics.jsonl")):
@@ -60,7 +129,7 @@ def claim_out_dir(out_dir, resuming, overwrite=False, run_files=("ckpt.pt", "met
         os.makedirs(out_dir, exist_ok=True)
         lock = open(os.path.join(out_dir, ".lock"), "a+")
     except OSError as e:  # read-only, a file in the way, no space: say which folder, not a traceback
-        raise SystemExit(f"cannot write to {out_dir}: {e.strerror or e}. Choose a folder you can write to") from None
+        raise SystemExit(f"cannot write to {out_dir} ({e.strerror or e}): choose a folder you can write to") from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -16,7 +16,7 @@ from configurator import configure
 from generation import check_runs, check_sampling_args, host_tokens
 from looped import LoopedGPT
 from tokenizer import tokenizer_from_meta
-from runtime import resolve_device
+from runtime import resolve_device, set_threads
 
 DEFAULTS = dict(
     out_dir="out/run",
@@ -29,6 +29,7 @@ DEFAULTS = dict(
     top_p=1.0,              # nucleus sampling; 1.0 disables
     seed=1337,
     device="auto",
+    threads=0,              # torch CPU threads; 0: the cores the load average leaves idle (runtime.set_threads)
     use_cache=True,         # the KV cache; False recomputes the whole context each token
     compile=False,          # compile the cached decode step (inductor: seconds to a minute, once; long samples);
                             # on a CPU, int8 exports' fast path
@@ -109,6 +110,7 @@ def main(argv):
         raise SystemExit("num_samples and max_new_tokens must be at least 1")
     prompt = read_prompt(cfg["start"])
     device = resolve_device(cfg["device"])
+    threads = set_threads(cfg["threads"])
     path = checkpoint_path(cfg["out_dir"], cfg["ckpt"])
     state = load_checkpoint(path, map_location=device)
     if "tokenizer" not in state:
@@ -138,7 +140,7 @@ def main(argv):
         prompt_ids = tokenizer.encode(prompt) or [tokenizer.eot]  # an empty prompt starts a fresh document
     except ValueError as e:
         raise SystemExit(f"prompt: {e}")
-    print(describe(state, path), file=sys.stderr)
+    print(f"{describe(state, path)} on {device} ({threads} CPU thread{'s' if threads > 1 else ''})", file=sys.stderr)
     for i in range(cfg["num_samples"]):
         sys.stdout.write(prompt)
         loops_used = [] if cfg["halt"] else None

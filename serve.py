@@ -23,7 +23,12 @@ in its own process group, its record in jobs_dir/<id>/ (job.json, log.txt):
     POST /v1/jobs/{id}/resume (a train or world job again, with init_from=resume)
     GET /v1/datasets (what prepare.py built), POST /v1/datasets?name=N (the body is the text or JSONL;
     it is saved under data/uploads/ and a prepare job builds data/N/), GET /v1/configs, GET /health
-    GET /                     serve.html: a playground and a runs view
+Every run under out_root, however it was started (train, world and swarm runs, by the files they write):
+    GET /v1/runs, /v1/runs/{id}/metrics, /v1/runs/{id}/episodes (a world run's; ?index=N: a transcript),
+    /v1/runs/{id}/swarm (a swarm's goals, proposals, decisions, whether it waits for its person);
+    POST /v1/runs/{id}/control {action, text}: a person's command to a swarm run with human_input=file
+    GET /                     serve.html: the cockpit (runs, a run's view, compare curves, a swarm's person,
+                              the playground, jobs)
 
 Each route is a function of its request and the server's `State` (models, jobs, config); batching.py
 decodes concurrent completions together. A job may set only its kind's allow-listed keys, and every path
@@ -52,7 +57,7 @@ import time
 from typing import Literal, Optional, Union
 
 import torch
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
@@ -64,7 +69,10 @@ from batching import Batcher, Row
 from checkpoint import atomic_write, load_checkpoint, load_model, write_json_atomic
 from configurator import ConfigError, configure, print_config
 from generation import check_runs, check_sampling_args
-from runtime import claim_out_dir, resolve_device, resolve_dtype
+from metrics import read_json_file, run_kind, swarm_view, train_overview, world_overview
+from runtime import claim_out_dir, resolve_device, resolve_dtype, set_threads
+from swarm_console import ACTIONS as SWARM_ACTIONS
+from swarm_console import CONTROL_FILE, MAX_CONTROL_CHARS
 from tokenizer import EOT_TEXT, tokenizer_from_meta
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -81,7 +89,8 @@ DEFAULTS = dict(
     device="auto",
     dtype="auto",              # auto (bfloat16 on CUDA, else float32) | float32 | bfloat16
     seed=1337,                 # the sampler of requests that give no seed
-    threads=0,                 # torch CPU threads for inference; 0 keeps torch's default
+    threads=0,                 # torch CPU threads for inference; 0: the cores the load average leaves idle at start
+                               # (runtime.set_threads)
     tokenizer_model="",        # the model whose tokenizer /tokenize, /detokenize and /tokenizer_info use when a
                                # request names none (lm-eval's remote tokenizer names none)
     # limits: each bad value is a 400 or 422 naming the field
@@ -173,8 +182,11 @@ class Models:
         if self.info_cache.get(path, (None,))[0] != mtime:
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                stored = {t.untyped_storage().data_ptr(): t.numel() for t in state.get("model", {}).values()
+                          if torch.is_tensor(t) and t.dtype != torch.bool}  # a tied head shares its storage
                 info = {"step": state.get("step"), "val_loss": state.get("val_loss"), "kind": state.get("kind"),
-                        "quantization": state.get("quantization"),
+                        "quantization": state.get("quantization"), "weights": sum(stored.values()),
+                        "file_mb": round(os.path.getsize(path) / 2 ** 20, 2),
                         "model_args": state.get("model_args"),
                         "config": {k: v for k, v in (state.get("config") or {}).items() if k in ("dataset", "max_iters", "optimizer")}}
             except Exception as e:
@@ -323,7 +335,7 @@ SETTABLE = {
               "guide_learns", "teacher_help", "learn_every", "broadcast_every", "save_every", "resume",
               "learning_rate", "updates_per_batch", "update_batch_size", "grad_clip", "replay_size",
               "replay_recent_window", "replay_recent_fraction", "device", "threads", "reply_timeout",
-              "start_timeout"},
+              "start_timeout", "human", "human_input"},
     "bench": {"suite", "parts", "out", "out_dir", "data_dir", "device", "config", "steps", "warmup_steps",
               "plain_steps", "best_batch", "new_tokens", "profile", "budget_s", "smoke", "levers", "lever_budget_s",
               "parity_lever", "parity_steps"},
@@ -413,6 +425,13 @@ def check_model_options(c):
     check_combinations(*(options[cls] for cls in OPTION_CLASSES))
 
 
+def check_swarm_person(c):
+    """A swarm job has no terminal: its person answers on the page, through the run's control file."""
+    if c["human"] and c["human_input"] != "file":
+        raise ValueError("a swarm job has no terminal: with human=True set human_input='file', and answer on the "
+                         "page (the swarm's view), which writes its control file")
+
+
 # a kind of job: its script, the paths it touches (a function of the resolved config), the metrics file and
 # counter that give its progress. Each script's own check_config (and check here) runs before it is queued.
 JOB_KINDS = {
@@ -421,7 +440,7 @@ JOB_KINDS = {
                   progress=("step", "max_iters"), resumable=True),
     "world": dict(script="world.py", paths=world_paths, metrics="metrics.jsonl", progress=("episode", "episodes"),
                   resumable=True),
-    "swarm": dict(script="swarm.py", paths=swarm_paths),
+    "swarm": dict(script="swarm.py", paths=swarm_paths, check=check_swarm_person),
     "bench": dict(script="bench.py", paths=bench_paths),
 }
 ACTIVE = ("queued", "running")
@@ -461,8 +480,9 @@ def check_job_paths(kind, resolved, overrides, roots):
 
 
 def run_script_check(kind, resolved, overrides):
-    """The script's own check of a whole config (and the server's extra one), as a 422."""
-    checks = [getattr(script_module(kind), "check_config", None), JOB_KINDS[kind].get("check")]
+    """The server's extra check of a whole config (what a job may do: first, so a refusal names its key), then
+    the script's own, as a 422."""
+    checks = [JOB_KINDS[kind].get("check"), getattr(script_module(kind), "check_config", None)]
     for check in filter(None, checks):
         try:
             check(resolved)
@@ -679,6 +699,159 @@ class Jobs:
         self.folder_lock.close()
 
 
+# ----------------------------------------------------------------------------- every run under out_root
+
+MAX_RUN_DEPTH = 4     # folders below out_root searched for runs
+MAX_CURVE_ROWS = 4000  # metrics rows a curve request returns; longer runs are thinned (evaluations always kept)
+SWARM_EVENTS = ("config", "goal", "proposals", "aggregate", "awaiting_human", "human", "result", "summary")
+
+
+def run_status(folder):
+    """running while a process holds the folder's lock (runtime.claim_out_dir's flock on .lock), else stopped.
+    Read from /proc/locks, never by taking the lock (a run starting that instant would be refused); where there
+    is no /proc, by whether the pid the lock file names still lives."""
+    lock = os.path.join(folder, ".lock")
+    try:
+        stat = os.stat(lock)
+        with open("/proc/locks") as f:
+            key = f"{os.major(stat.st_dev):02x}:{os.minor(stat.st_dev):02x}:{stat.st_ino}"
+            return "running" if any(line.split()[5:6] == [key] for line in f if "FLOCK" in line) else "stopped"
+    except FileNotFoundError as e:
+        if e.filename == lock:
+            return "stopped"
+    except OSError:
+        return "stopped"
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open(lock) as f:
+            text = f.read().split()
+        if text[0] == "pid" and process_alive(int(text[1])):
+            return "running"
+    return "stopped"
+
+
+def plain(value):
+    """A value as JSON reads it back (tuples as lists), so a config file's values compare with config.json's."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def settings_of(kind, config):
+    """The keys of a run's config that differ from its script's defaults: what makes the run what it is."""
+    defaults = plain(script_module(kind).DEFAULTS)
+    return {k: v for k, v in (config or {}).items()
+            if k in defaults and k not in ("out_dir", "overwrite", "resume") and v != defaults[k]}
+
+
+def thinned(rows, limit=MAX_CURVE_ROWS):
+    """At most about `limit` rows: every evaluation and an even share of the rest."""
+    if len(rows) <= limit:
+        return rows
+    every = -(-len(rows) // limit)
+    return [r for i, r in enumerate(rows) if "val_loss" in r or "eval" in r or i % every == 0]
+
+
+class Runs:
+    """The runs under out_root, however they were started (a job, the command line, another script), read from
+    the files their scripts write. JSON-lines files are read incrementally and kept in memory, each row shaped
+    on the way in (a swarm's messages and an episode's transcript stay on disk)."""
+
+    def __init__(self, root):
+        self.root, self.files, self.lock = root, {}, threading.Lock()
+
+    def folder(self, run_id, kind=None):
+        """The folder of a run id (its path below out_root), or ApiError 404."""
+        folder = os.path.join(self.root, run_id)
+        if not valid_id(run_id) or not inside(folder, self.root) or not os.path.isdir(folder) or \
+                run_kind(folder) is None or (kind and run_kind(folder) != kind):
+            raise ApiError(404, f"no {kind or ''} run {run_id!r} under out_root (GET /v1/runs lists them)".replace(
+                "  ", " "), "id")
+        return folder
+
+    def rows(self, path, shape=None):
+        """The rows of a JSON-lines file, each through shape(row, byte offset) (None drops it); only the lines
+        added since the last call are read, and a file replaced or cut (a resumed run) is read again."""
+        with self.lock:
+            try:
+                stat = os.stat(path)
+            except OSError:
+                return []
+            inode, offset, rows = self.files.get(path, (None, 0, []))
+            if inode != stat.st_ino or stat.st_size < offset:
+                offset, rows = 0, []
+            with open(path, "rb") as f:
+                f.seek(offset)
+                data = f.read(max(0, stat.st_size - offset))
+            end = data.rfind(b"\n") + 1  # a line being written is read once it is whole
+            at = offset
+            for line in data[:end].split(b"\n")[:-1]:
+                with contextlib.suppress(ValueError):
+                    row = json.loads(line)
+                    row = shape(row, at) if shape else row
+                    if row is not None:
+                        rows.append(row)
+                at += len(line) + 1
+            self.files[path] = (stat.st_ino, offset + end, rows)
+            return rows
+
+    def swarm(self, folder):
+        keep = lambda e, at: e if isinstance(e, dict) and e.get("event") in SWARM_EVENTS else None  # noqa: E731
+        return swarm_view(self.rows(os.path.join(folder, "swarm.jsonl"), keep))
+
+    def episodes(self, folder):
+        """A world run's episodes without their transcripts (each row knows where its line starts)."""
+        def index(row, at):
+            return {**{k: v for k, v in row.items() if k != "transcript"}, "at": at} if isinstance(row, dict) else None
+        return self.rows(os.path.join(folder, "episodes.jsonl"), index)
+
+    def overview(self, folder):
+        """One run as the page lists it: kind, status, its settings, progress and best result."""
+        kind = run_kind(folder)
+        run = {"id": os.path.relpath(folder, self.root).replace(os.sep, "/"), "kind": kind, "status": run_status(folder),
+               "updated": max((os.path.getmtime(os.path.join(folder, f)) for f in os.listdir(folder)), default=0.0),
+               "model": os.path.isfile(os.path.join(folder, "ckpt.pt"))}
+        if kind == "swarm":
+            view = self.swarm(folder)
+            config, decided = view["config"] or {}, [g["decision"] for g in view["goals"] if g.get("decision")]
+            run.update(progress={"done": len(view["goals"]), "total": config.get("num_goals"), "unit": "goal"},
+                       result={"decision_success": sum(bool(d.get("success")) for d in decided) / len(decided)
+                               if decided else None, "waiting": view["waiting"], "paused": view["paused"]},
+                       human=bool(config.get("human")) and config.get("human_input") == "file")
+        else:
+            config = read_json_file(os.path.join(folder, "config.json")) or {}
+            rows = self.rows(os.path.join(folder, "metrics.jsonl"))
+            if kind == "train":
+                result = train_overview(rows)
+                progress = {"done": result["step"], "total": config.get("max_iters"), "unit": "step"}
+            else:
+                result = world_overview(rows)
+                total = 0 if config.get("mode") == "evaluate" else config.get("episodes")
+                progress = {"done": result["episode"], "total": total, "unit": "episode"}
+            run.update(progress=progress, result=result)
+        run["settings"] = settings_of(kind, config)
+        return run
+
+    def list(self):
+        found = []
+        for folder, dirs, files in os.walk(self.root):
+            depth = os.path.relpath(folder, self.root).count(os.sep) + 1
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not d.startswith("replaced-")
+                             and depth < MAX_RUN_DEPTH)
+            if folder != self.root and run_kind(folder):
+                with contextlib.suppress(OSError):  # a run moved aside or deleted while it was read
+                    found.append(self.overview(folder))
+        return sorted(found, key=lambda r: -r["updated"])
+
+
+def append_control(folder, action, text):
+    """One command for a swarm's person into its control file (swarm_console.Inbox reads it): a single write of a
+    whole line with O_APPEND, never through a symlink."""
+    line = json.dumps({"action": action, "text": " ".join(text.split())[:MAX_CONTROL_CHARS], "time": time.time()})
+    fd = os.open(os.path.join(folder, CONTROL_FILE), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)
+
+
 # ----------------------------------------------------------------------------- requests from browsers
 
 def host_name(host):
@@ -774,7 +947,7 @@ class Guard:
 
 def error_response(status, message, param=None):
     kind = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-            404: "not_found_error", 415: "invalid_request_error", 422: "invalid_request_error",
+            404: "not_found_error", 409: "conflict_error", 415: "invalid_request_error", 422: "invalid_request_error",
             429: "rate_limit_error"}.get(status, "server_error")
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status)
 
@@ -796,10 +969,11 @@ async def validation_error(request, e):
 
 @dataclasses.dataclass
 class State:
-    """What every route works on: the resolved serve config, the models, the jobs."""
+    """What every route works on: the resolved serve config, the models, the jobs, the runs under out_root."""
     cfg: dict
     models: Models
     jobs: Jobs
+    runs: Runs
     generations: int = 0  # rows being generated now
 
 
@@ -859,6 +1033,14 @@ class JobRequest(BaseModel):
     kind: Literal[tuple(JOB_KINDS)]
     config: str = ""
     overrides: dict = {}
+
+
+class ControlRequest(BaseModel):
+    """A person's command to a swarm, as swarm_console reads it: accept, edit (text: the final action), reject,
+    stop, goal (text: [TASK] SEED), note (text: a message every worker reads), hint (text: a plan), pause, resume."""
+    model_config = ConfigDict(extra="forbid")
+    action: Literal[tuple(SWARM_ACTIONS)]
+    text: str = Field("", max_length=MAX_CONTROL_CHARS)
 
 
 # ----------------------------------------------------------------------------- completions
@@ -1247,6 +1429,68 @@ async def list_configs(s: State = Depends(state_of)):
     return {"object": "list", "data": sorted(f for f in os.listdir(root) if f.endswith(".py"))}
 
 
+# ----------------------------------------------------------------------------- runs (the page's cockpit)
+
+async def list_runs(s: State = Depends(state_of)):
+    return {"object": "list", "data": await asyncio.to_thread(s.runs.list)}
+
+
+async def run_metrics(run_id: str, s: State = Depends(state_of)):
+    folder = s.runs.folder(run_id)
+    kind = run_kind(folder)
+    if kind == "swarm":
+        raise ApiError(400, f"{run_id} is a swarm: GET /v1/runs/{run_id}/swarm has its goals", "id")
+    rows = await asyncio.to_thread(s.runs.rows, os.path.join(folder, "metrics.jsonl"))
+    return {"object": "list", "kind": kind, "data": thinned(rows)}
+
+
+async def run_episodes(run_id: str, index: Optional[int] = None, split: Literal["all", "train", "eval"] = "all",
+                       failed: bool = False, last: int = Query(500, ge=1, le=10000), s: State = Depends(state_of)):
+    """A world run's last episodes (task, seed, success, reward, split, the episode count they belong to; only
+    one split's, only failures if asked), or with ?index=N the Nth with its transcript."""
+    folder = s.runs.folder(run_id, "world")
+    rows = await asyncio.to_thread(s.runs.episodes, folder)
+    if index is None:
+        chosen = [{k: v for k, v in r.items() if k != "at"} | {"index": i} for i, r in enumerate(rows)
+                  if split in ("all", r.get("split")) and not (failed and r.get("success"))]
+        return {"object": "list", "total": len(rows), "data": chosen[-last:]}
+    if not 0 <= index < len(rows):
+        raise ApiError(404, f"{run_id} has {len(rows)} episodes; index {index} is not one", "index")
+    with open(os.path.join(folder, "episodes.jsonl"), "rb") as f:
+        f.seek(rows[index]["at"])
+        row = json.loads(f.readline())
+    return {**row, "index": index}
+
+
+async def run_swarm(run_id: str, last: int = Query(100, ge=1, le=10000), s: State = Depends(state_of)):
+    """A swarm run: its last decided goals, the goal being decided, whether it waits for a person, the summary."""
+    folder = s.runs.folder(run_id, "swarm")
+    view = await asyncio.to_thread(s.runs.swarm, folder)
+    config = view["config"] or {}
+    return {**view, "config": None, "goals": view["goals"][-last:], "goals_done": len(view["goals"]),
+            "settings": settings_of("swarm", config), "status": run_status(folder),
+            "aggregators": config.get("aggregators", []), "task": config.get("task"),
+            "takes_commands": bool(config.get("human")) and config.get("human_input") == "file"}
+
+
+async def control_swarm(run_id: str, req: ControlRequest, s: State = Depends(state_of)):
+    """A person's command from the page to a running swarm that reads them (human=True, human_input=file)."""
+    folder = s.runs.folder(run_id, "swarm")
+    config = (await asyncio.to_thread(s.runs.swarm, folder))["config"] or {}
+    if not (config.get("human") and config.get("human_input") == "file"):
+        raise ApiError(409, f"swarm {run_id} takes no commands from this page: start it with human=True and "
+                            f"human_input=file", "id")
+    if run_status(folder) != "running":
+        raise ApiError(409, f"swarm {run_id} is not running", "id")
+    if req.action in ("edit", "goal", "note", "hint") and not req.text.strip():
+        raise ApiError(422, f"{req.action} needs a text", "text")
+    try:
+        await asyncio.to_thread(append_control, folder, req.action, req.text)
+    except OSError as e:  # a symlink in its place (O_NOFOLLOW), a read-only folder
+        raise ApiError(409, f"cannot write {CONTROL_FILE} of swarm {run_id}: {e.strerror or e}", "id")
+    return JSONResponse({"queued": req.action}, 202)
+
+
 ROUTES = [
     ("GET", "/", page), ("GET", "/health", health), ("GET", "/v1/models", list_models),
     ("POST", "/v1/completions", completions), ("POST", "/v1/chat/completions", chat),
@@ -1256,15 +1500,17 @@ ROUTES = [
     ("GET", "/v1/jobs/{job_id}/log", job_log), ("GET", "/v1/jobs/{job_id}/metrics", job_metrics),
     ("GET", "/v1/datasets", list_datasets), ("POST", "/v1/datasets", upload_dataset),
     ("GET", "/v1/configs", list_configs),
+    ("GET", "/v1/runs", list_runs), ("GET", "/v1/runs/{run_id:path}/metrics", run_metrics),
+    ("GET", "/v1/runs/{run_id:path}/episodes", run_episodes), ("GET", "/v1/runs/{run_id:path}/swarm", run_swarm),
+    ("POST", "/v1/runs/{run_id:path}/control", control_swarm),
 ]
 
 
 def make_app(cfg):
     """The FastAPI app for a resolved serve config (tests call this; main() runs it under uvicorn)."""
     device = resolve_device(cfg["device"])
-    if cfg["threads"]:
-        torch.set_num_threads(cfg["threads"])
-    state = State(cfg, Models(cfg, device), Jobs(cfg))
+    set_threads(cfg["threads"])
+    state = State(cfg, Models(cfg, device), Jobs(cfg), Runs(cfg["out_root"]))
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

@@ -1,9 +1,10 @@
 """
 A swarm of µLM workers: N worker subprocesses work on one goal at a time, may read each other's
-proposals and revise, and an aggregator (or a human) decides.
+proposals and revise, and an aggregator (or a human, at the terminal or on serve.py's page) decides.
 
     python swarm.py config/swarm_arith.py --workers=8 --aggregators="['verifier','majority']"
     python swarm.py config/swarm_arith.py --human              # accept / edit / reject / stop each goal
+    python swarm.py config/swarm_arith.py --human --human_input=file   # ... from serve.py's web page
     python swarm.py config/swarm_arith.py --device=cuda        # workers on the GPU (cuda:0,1 spreads them)
     python swarm.py config/swarm_arith.py --learning=each --teacher_help=True   # workers learn from every goal
     python swarm.py config/swarm_arith.py --learning=each --resume=True         # continue from the last checkpoint
@@ -26,8 +27,8 @@ when it is confident (guide_stop). Every proposal is then replayed in a fresh en
 reward is the verifier), a guide model (run as one more subprocess) may score them by likelihood, and
 each aggregator in `aggregators` picks one: the first one decides, the others are scored on the same
 proposals so one run compares them all. Everything lands in out_dir: swarm.jsonl (every message,
-proposal, score and decision with timestamps, flushed as written), summary.json and worker_<i>.log
-(each worker's stderr).
+proposal, score and decision with timestamps, flushed as written), summary.json, summary.txt (the same,
+for people), swarm.png (success rates over the goals) and worker_<i>.log (each worker's stderr).
 
 Learning (learning="each" or "learner"): after every `learn_every` goals the coordinator shares the
 verified outcome, the successful proposals (or, with teacher_help, every failed proposal, which the
@@ -72,7 +73,8 @@ import processes
 import swarm_console
 import tasks
 from configurator import ConfigError, configure, print_config
-from runtime import append_jsonl, claim_out_dir, read_jsonl
+from metrics import save_figure
+from runtime import append_jsonl, auto_threads, claim_out_dir, progress, read_jsonl
 from swarm_protocol import MAX_LINE_BYTES, PROTOCOL, LearningSettings, parse_reply, play_proposal
 
 # no torch here: the coordinator starts in a fraction of a second, and only the workers load models
@@ -125,9 +127,12 @@ DEFAULTS = dict(
     ray_address="",               # backend=ray: "" starts a local Ray; host:port, ray://host:port or auto a cluster
     ray_agent="swarm_worker:ModelAgent",  # backend=ray: the agent each actor runs (module:Class)
     human=False,                  # pause after each goal: accept / edit / reject / stop, set the next goal,
-                                  # broadcast a message, pause / resume, from the terminal
+                                  # broadcast a message or a hint, pause / resume
+    human_input="stdin",          # where the person's answers come from: stdin (the terminal) | file
+                                  # (out_dir/control.jsonl, which serve.py's page writes)
     device="cpu",                 # cpu | cuda (GPU 0) | cuda:0,1 (workers spread over these GPUs)
-    threads=1,                    # torch threads per worker: micro models gain nothing from more, and on a
+    threads=0,                    # torch threads per worker; 0: the idle cores (load average) shared among the
+                                  # processes, at least 1 each. Micro models gain nothing from more, and on a
                                   # busy 2-core CPU one worker with 2 threads ran 30x slower than with 1
     reply_timeout=60.0,           # seconds a worker may take for one reply before it counts as hung
     start_timeout=120.0,          # seconds for a worker to load its checkpoint and answer the hello
@@ -573,6 +578,7 @@ def decide(goal, result, cfg, log, inp, out, control):
     actions = proposals[chosen]["actions"] if chosen is not None else []
     verdict, edited = "accept", None
     if cfg["human"]:
+        log("awaiting_human", goal=goal, chosen_worker=proposals[chosen]["worker"] if chosen is not None else None)
         verdict, edited = swarm_console.ask(goal, proposals, chosen, inp, out, control, log, cfg["task"],
                                             cfg["task_options"])
     if verdict == "edit":
@@ -589,7 +595,7 @@ def decide(goal, result, cfg, log, inp, out, control):
 
 # ----------------------------------------------------------------------------- the run
 
-AT_LEAST_ONE = ("workers", "threads", "num_goals", "learn_every", "broadcast_every", "save_every", "updates_per_batch",
+AT_LEAST_ONE = ("workers", "num_goals", "learn_every", "broadcast_every", "save_every", "updates_per_batch",
                 "update_batch_size", "replay_size", "replay_recent_window")
 
 
@@ -632,8 +638,10 @@ def check_config(cfg):
     for path in list(cfg["checkpoints"]) + [p for p in (cfg["guide"], cfg["learner"]) if p]:
         if not os.path.exists(path):
             raise ConfigError(f"no checkpoint at {path}: train a policy first (see BENCHMARKS.md, Swarm)")
-    if cfg["debate_rounds"] < 0:
-        raise ConfigError("debate_rounds must be at least 0")
+    if cfg["debate_rounds"] < 0 or cfg["threads"] < 0:
+        raise ConfigError("debate_rounds and threads must not be negative (threads=0: automatic)")
+    if cfg["human_input"] not in ("stdin", "file"):
+        raise ConfigError(f"human_input must be stdin or file, got {cfg['human_input']!r}")
     if not (0 < cfg["reply_timeout"] <= threading.TIMEOUT_MAX and 0 < cfg["start_timeout"] <= threading.TIMEOUT_MAX):
         raise ConfigError(f"reply_timeout and start_timeout must be positive, at most {threading.TIMEOUT_MAX:.0f} s")
     if not (cfg["device"] == "cpu" or cfg["device"].startswith("cuda")):
@@ -695,7 +703,8 @@ def learning_settings(cfg, seed):
 
 def make_workers(cfg):
     """The workers, then the guide and the learner (when configured), each with its own index."""
-    n, threads = cfg["workers"], cfg["threads"]
+    n = cfg["workers"]
+    threads = cfg["threads"] or auto_threads(n + bool(cfg["guide"]) + (cfg["learning"] == "learner"))
     devices = worker_devices(cfg["device"], n + 2)
     each = cfg["learning"] == "each"
     workers = [Worker(i, cfg["checkpoints"][i % len(cfg["checkpoints"])], cfg["seed"] + i,
@@ -766,7 +775,9 @@ def resumed_workers(workers, checkpoint):
 def play(pool, cfg, log, records, state, inp, out):
     """Goal after goal until the goals run out, a person stops, or no worker is left; learning between them."""
     goals, control, pending = goals_for(cfg), {"next_goals": [], "notes": []}, []
-    bar = tqdm(total=len(goals), initial=state["next_goal"], desc="goals", unit="goal", file=sys.stderr, disable=None)
+    # a person at the terminal sees each goal's proposals instead of a bar
+    bar = progress(len(goals), "goals", "goal", initial=state["next_goal"],
+                   disable=cfg["human"] and cfg["human_input"] == "stdin")
     # checked before every goal and after the last: a dead swarm never exits 0
     while pool.alive() and (control["next_goals"] or state["next_goal"] < len(goals)):
         if control["next_goals"]:
@@ -791,11 +802,78 @@ def play(pool, cfg, log, records, state, inp, out):
 
 
 def write_summary(out_dir, summary):
-    path = os.path.join(out_dir, "summary.json")
+    write_text(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=1))
+
+
+def write_text(path, text):
+    """A file written whole: a temp file renamed (checkpoint.atomic_write would import torch here)."""
     with writing(path):
-        with open(f"{path}.tmp", "w") as f:  # renamed when whole (checkpoint.write_json_atomic would import torch here)
-            json.dump(summary, f, indent=1)
+        with open(f"{path}.tmp", "w") as f:
+            f.write(text + "\n")
         os.replace(f"{path}.tmp", path)
+
+
+def percent(rate):
+    return "-" if rate is None else f"{rate:.0%}"
+
+
+def readable_summary(summary, cfg):
+    """summary.json for a person: what decided, how often each way of deciding was right, and what next."""
+    deciding = "a person" if cfg["human"] else cfg["aggregators"][0]
+    lines = [f"swarm {cfg['out_dir']}: {summary['goals']} goals of {cfg['task']} in {summary['seconds']:.0f} s "
+             f"({summary['goals_per_minute'] or 0:.1f} goals/min, {summary['startup_seconds']:.0f} s to start), "
+             f"{summary['workers']} workers, {summary['worker_failures']} worker failures",
+             f"  the decision ({deciding}) solved {percent(summary['decision_success'])} of the goals",
+             "  each aggregator on the same proposals: " +
+             ", ".join(f"{name} {percent(summary[f'{name}_success'])}" for name in cfg["aggregators"]),
+             f"  one worker alone {percent(summary['single_worker_success'])}, any worker (the oracle) "
+             f"{percent(summary['any_worker_success'])}"]
+    if cfg["human"]:
+        lines.append(f"  the person edited {summary['edited']} and rejected {summary['rejected']}")
+    if summary["early_stops"]:
+        lines.append(f"  the guide ended {summary['early_stops']} rounds early")
+    lines += [f"files: swarm.jsonl (every event), summary.json, summary.txt, swarm.png, worker_<i>.log",
+              "next: python serve.py (its page shows this swarm, goal by goal), or another aggregator: "
+              f"--aggregators=\"['verifier', 'majority']\" --out_dir={cfg['out_dir']}_verifier"]
+    return "\n".join(lines)
+
+
+def plot_swarm(records, cfg, path):
+    """swarm.png: the running success rate over the goals of the decision, each aggregator, one worker alone
+    and any worker."""
+    if not records:
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    played = lambda r: not r.get("early_stop") and r["asked"]  # noqa: E731
+    series = {"decision": [r["decision"]["success"] for r in records]}
+    for name in cfg["aggregators"]:
+        series[name] = [r["choices"][name] is not None and r["proposals"][r["choices"][name]]["success"]
+                        for r in records]
+    series["one worker alone"] = [sum(p["success"] for p in r["first"]) / r["asked"] if played(r) else None
+                                  for r in records]
+    series["any worker"] = [any(p["success"] for p in r["first"]) if played(r) else None for r in records]
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    for i, (name, hits) in enumerate(series.items()):
+        xs, ys, total, n = [], [], 0.0, 0
+        for goal, hit in enumerate(hits, 1):
+            if hit is not None:
+                total, n = total + float(hit), n + 1
+                xs.append(goal)
+                ys.append(total / n)
+        ax.plot(xs, ys, lw=2.5 if name == "decision" else 1.2, color=f"C{i}",
+                ls="-" if name in ("decision", *cfg["aggregators"]) else "--",
+                label=f"{name} ({total / n:.0%})" if n else name)
+    ax.set_xlabel("goals")
+    ax.set_ylabel("success rate so far")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.set_title(f"swarm of {cfg['workers']} on {cfg['task']}")
+    fig.tight_layout()
+    with writing(path):
+        save_figure(fig, path)
 
 
 def run(cfg, inp=sys.stdin, out=sys.stderr):
@@ -804,6 +882,8 @@ def run(cfg, inp=sys.stdin, out=sys.stderr):
     records, resumed_from = previous_run(cfg)
     with writing(cfg["out_dir"]):
         lock = claim_out_dir(cfg["out_dir"], cfg["resume"], cfg["overwrite"], run_files=("swarm.jsonl",))
+    if cfg["human"] and cfg["human_input"] == "file":  # serve.py's page writes the person's commands here
+        inp = swarm_console.Inbox(os.path.join(cfg["out_dir"], swarm_console.CONTROL_FILE))
     log = EventLog(os.path.join(cfg["out_dir"], "swarm.jsonl")).log
     workers = make_workers(cfg)
     if resumed_from:
@@ -828,6 +908,10 @@ def run(cfg, inp=sys.stdin, out=sys.stderr):
                    "learner_lost_at_goal": state["learner_lost_at"], "resumed_at_goal": done_before if resumed_from else None}
         log("summary", **summary)
         write_summary(cfg["out_dir"], summary)
+        readable = readable_summary(summary, cfg)
+        write_text(os.path.join(cfg["out_dir"], "summary.txt"), readable)
+        plot_swarm(records, cfg, os.path.join(cfg["out_dir"], "swarm.png"))
+        print(readable)
         if not pool.alive():
             raise SystemExit(f"every worker was dropped after {len(records)} goals (summary: {cfg['out_dir']}/"
                              f"summary.json); see why in the worker logs {cfg['out_dir']}/worker_*.log")
@@ -848,8 +932,7 @@ def main(argv):
     argv = ["--human=True" if a == "--human" else a for a in argv]  # a bare --human reads naturally
     cfg = configure(DEFAULTS, argv)
     print_config(cfg)
-    summary = run(cfg)
-    print(json.dumps(summary))
+    run(cfg)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,24 @@
 """
 A person in swarm.py's loop (--human): after each goal the proposals and the aggregate are shown and the
 person accepts, edits the final action, rejects or stops. Before the verdict they may set the next goal,
-broadcast a line to every worker's context for the next goal, or pause. Each of those is logged.
-Input is any text stream (the terminal, a pipe, a test's StringIO).
+broadcast a line or a hint to every worker's context for the next goal, or pause. Each of those is logged.
+Input is any text stream (the terminal, a pipe, a test's StringIO), or a control file that serve.py's web
+page writes (`Inbox`: human_input="file").
 """
+import json
+import os
+import time
+
 import tasks
 from swarm_protocol import goal_problem
 
 HELP = ("[a]ccept, [e]dit (type the final action), [r]eject, [s]top, or first: g [TASK] SEED (set the next "
-        "goal), m TEXT (a message to every worker), [p]ause")
+        "goal), m TEXT (a message to every worker), h PLAN (a hint: a plan every worker reads), [p]ause")
+CONTROL_FILE = "control.jsonl"  # in the swarm's out_dir: one {"action", "text"} command per line
+MAX_CONTROL_CHARS = 1000  # a command's text; notes are cut further, to the cap on a note line
+# a page's command -> the line a person would type
+ACTIONS = {"accept": "a", "edit": "e", "reject": "r", "stop": "s", "goal": "g", "note": "m", "hint": "h",
+           "pause": "p", "resume": "resume"}
 
 
 def ask(goal, proposals, chosen, inp, out, control, log, task, task_options):
@@ -41,7 +51,9 @@ def ask(goal, proposals, chosen, inp, out, control, log, task, task_options):
         if choice in ("g", "goal") and rest:
             set_goal(rest, task, task_options, control, log, out)
         elif choice in ("m", "message") and rest:
-            broadcast(rest, control, log, out)
+            broadcast("HUMAN", rest, control, log, out)
+        elif choice in ("h", "hint") and rest:
+            broadcast("HINT", rest, control, log, out)
         elif choice in ("p", "pause"):
             if not pause(inp, out, log):
                 return "stop", None
@@ -65,14 +77,15 @@ def set_goal(text, task, task_options, control, log, out):
     out.write(f"next goal: {goal}\n")
 
 
-def broadcast(text, control, log, out):
-    """A HUMAN: line in every worker's context for the next goal, cut to the cap on a note line."""
+def broadcast(kind, text, control, log, out):
+    """A HUMAN: (a message) or HINT: (a plan, as a guide's hint reads) line in every worker's context for the
+    next goal, cut to the cap on a note line."""
     text = " ".join(text.split())
-    room = tasks.MAX_NOTE_CHARS - len("HUMAN: ")
+    room = tasks.MAX_NOTE_CHARS - len(f"{kind}: ")
     if len(text) > room:
         out.write(f"message cut to {room} characters (the cap on a note line)\n")
-    control["notes"].append(tasks.note_line("HUMAN", [text[:room]]))
-    log("human", action="broadcast", text=text[:room], cut=len(text) > room)
+    control["notes"].append(tasks.note_line(kind, [text[:room]]))
+    log("human", action="broadcast" if kind == "HUMAN" else "hint", text=text[:room], cut=len(text) > room)
     out.write("every worker reads it in its context for the next goal\n")
 
 
@@ -91,3 +104,46 @@ def pause(inp, out, log):
             out.write("resumed\n")
             return True
         out.write("paused: type resume (or stop)\n")
+
+
+class Inbox:
+    """A text stream of a person's lines read from out_dir/control.jsonl, which serve.py's page appends to
+    (human_input="file"). readline() waits for the next whole line written after the swarm started; each JSON
+    command becomes the line a person would type (an edit: "e", then its text). A line that is not a command
+    becomes "?", which ask() logs as unknown. Never ends: the page may answer hours later."""
+
+    def __init__(self, path, poll_s=0.2):
+        self.path, self.poll_s, self.pending = path, poll_s, []
+        self.offset = os.path.getsize(path) if os.path.exists(path) else 0  # older commands were for another session
+
+    def readline(self):
+        while not self.pending:
+            self.pending = [line for row in self.read_new() for line in typed_lines(row)]
+            if not self.pending:
+                time.sleep(self.poll_s)
+        return self.pending.pop(0) + "\n"
+
+    def read_new(self):
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        whole = data[:data.rfind(b"\n") + 1]  # a line being written is read once it is whole
+        self.offset += len(whole)
+        return whole.decode("utf-8", "replace").splitlines()
+
+
+def typed_lines(row):
+    """The console lines of one control-file line: {"action": "note", "text": "..."} -> ["m ..."]."""
+    try:
+        command = json.loads(row)
+        action, text = command["action"], " ".join(str(command.get("text", "")).split())[:MAX_CONTROL_CHARS]
+    except (ValueError, KeyError, TypeError):
+        return ["?"] if row.strip() else []
+    if action not in ACTIONS:
+        return ["?"]
+    if action == "edit":
+        return ["e", text]
+    return [f"{ACTIONS[action]} {text}".strip()]

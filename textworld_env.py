@@ -25,8 +25,7 @@ import tempfile
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 
-from tqdm import tqdm
-
+from runtime import progress
 from tasks import EVAL_SEED_BASE as HELD_OUT_BASE  # held-out games: never reduced to the training pool
 
 INSTALL = "pip install textworld==1.7.0"
@@ -183,7 +182,7 @@ def generate_games(challenge, options, seeds, root=GAMES_DIR, workers=None):
     workers = max(1, min(workers or os.cpu_count() or 1, len(missing)))
     errors = []
     with ProcessPoolExecutor(workers) as pool, \
-            tqdm(total=len(missing), desc=f"TextWorld {challenge} games", unit="game", disable=None) as bar:
+            progress(len(missing), f"TextWorld {challenge} games", "game") as bar:
         for seed, error in pool.map(build_game, [challenge] * len(missing), [options] * len(missing), missing,
                                     [folder] * len(missing)):
             if error:

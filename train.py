@@ -14,6 +14,7 @@ import contextlib
 import functools
 import math
 import os
+import shlex
 import sys
 import time
 
@@ -28,10 +29,10 @@ from data import get_batch, open_dataset
 from heads import HeadConfig, update_heads
 from instruments import EvalInstruments, log_scalars, open_tensorboard, plot_instruments, unigram
 from memory import knn_stores
+from metrics import best_val, plot_runs
 from noise import InputNoise
-from plot import plot_runs
-from runtime import (StopRequest, append_jsonl, claim_out_dir, float8_training, read_jsonl, resolve_device,
-                     resolve_dtype, truncate_jsonl)
+from runtime import (StopRequest, append_jsonl, claim_out_dir, float8_training, progress, read_jsonl, resolve_device,
+                     resolve_dtype, set_threads, truncate_jsonl)
 from shrink import apply_masks, fit_to_state_dict, masked_weights
 from training import (RunState, StepOptions, distill_loss, estimate_loss, lr_at, make_optimizers, restore_run,
                       save_run, set_lr, tokenizer_of, train_step)
@@ -82,6 +83,7 @@ DEFAULTS = dict(
     # system
     device="auto",                # auto | cpu | cuda | cuda:N | mps
     dtype="auto",                 # auto (bfloat16 on CUDA, else float32) | float32 | bfloat16
+    threads=0,                    # torch CPU threads; 0: the cores the load average leaves idle (runtime.set_threads)
     compile=False,
     compile_options={},           # Inductor options, e.g. {"triton.cudagraphs": True} (CUDA graphs for the step, as
                                   # mode="reduce-overhead") or {"coordinate_descent_tuning": True}; bench.py's levers
@@ -97,7 +99,7 @@ CHOICES = {"optimizer": ("adamw", "muon"), "schedule": ("cosine", "wsd")}
 AT_LEAST_ONE = ("batch_size", "eval_interval", "eval_iters", "log_interval", "gradient_accumulation_steps",
                 "n_layer", "n_head", "n_embd", "block_size")
 NOT_NEGATIVE = ("max_iters", "learning_rate", "min_lr", "muon_lr", "warmup_iters", "lr_decay_iters", "weight_decay",
-                "grad_clip", "memory_lr_scale", "n_kv_head")
+                "grad_clip", "memory_lr_scale", "n_kv_head", "threads")
 FRACTIONS = ("decay_frac", "distill_alpha", "beta1", "beta2")  # each in [0, 1]
 
 
@@ -284,6 +286,7 @@ def run_training(cfg):
     master = rank == 0
     device = resolve_device(f"cuda:{local_rank}" if world_size > 1 and torch.cuda.is_available() else cfg["device"])
     dtype = resolve_dtype(cfg["dtype"], device)
+    threads = set_threads(cfg["threads"])
     if cfg["gradient_accumulation_steps"] % world_size:
         raise SystemExit(f"gradient_accumulation_steps={cfg['gradient_accumulation_steps']} must be a "
                          f"multiple of the {world_size} processes")
@@ -318,7 +321,8 @@ def run_training(cfg):
         write_json_atomic(os.path.join(out_dir, "config.json"),
                           {**cfg, "model_args": model_args, "device": str(device), "dtype": dtype,
                            "world_size": world_size})
-        print(f"device {device} ({dtype}), {raw_model.num_params() / 1e6:.2f}M parameters without embeddings "
+        print(f"device {device} ({dtype}, {threads} CPU thread{'s' if threads > 1 else ''}), "
+              f"{raw_model.num_params() / 1e6:.2f}M parameters without embeddings "
               f"({raw_model.num_params(False) / 1e6:.2f}M with), {tokens_per_step(cfg):,} tokens per step")
     losses = loop(cfg, model, raw_model, optimizers, run, meta, batch, fetch, device, autocast, master, world_size)
     if world_size > 1:
@@ -372,9 +376,24 @@ def loop(cfg, model, raw_model, optimizers, run, meta, batch, fetch, device, aut
             run.step += 1
             log.step(loss, lr, t0)
     log.close()
-    if stop.requested:
-        print(f"stopped at step {run.step}; resume with --init_from=resume --out_dir={out_dir}")
+    if master:
+        print(run_summary(cfg, run, stop.requested))
     return losses
+
+
+def run_summary(cfg, run, stopped):
+    """The lines a run ends with: its best val loss, its time, where its files are, and what to run next."""
+    out_dir = cfg["out_dir"]
+    best, at = best_val(read_jsonl(os.path.join(out_dir, "metrics.jsonl")))
+    quoted = shlex.quote(out_dir)
+    lines = [f"{'stopped' if stopped else 'done'} at step {run.step} of {cfg['max_iters']}: " +
+             (f"best val {best:.4f} at step {at}" if best is not None else "no evaluation yet") +
+             f", {run.train_time:.1f} s of training",
+             f"{out_dir}: ckpt.pt (latest), best.pt (best val), loss.png, metrics.jsonl, config.json"]
+    if stopped:
+        lines.append(f"resume with --init_from=resume --out_dir={quoted} (and the same config and options)")
+    lines.append(f"next: python sample.py --out_dir={quoted}   or   python plot.py {quoted}")
+    return "\n".join(lines)
 
 
 def make_instruments(cfg, meta):
@@ -399,9 +418,8 @@ class StepLog:
         self.path = os.path.join(cfg["out_dir"], "metrics.jsonl")
         self.compiling = cfg["compile"]
         self.window_steps, self.window_time = 0, 0.0  # steps and seconds since the last log line, for tokens/s
-        # the bar hides itself when stdout is not a terminal (logs get the eval lines only)
-        self.bar = tqdm(total=cfg["max_iters"], initial=run.step, disable=None if master else True,
-                        dynamic_ncols=True, unit="step")
+        # on a terminal a bar with an ETA; in a log (CI, a job) a line every 30 s
+        self.bar = progress(cfg["max_iters"], "training", "step", initial=run.step, disable=not master)
 
     def step(self, loss, lr, t0):
         cfg, step = self.cfg, self.run.step

@@ -11,11 +11,13 @@ too, as task gym:<env id>, see gym_envs.py) -> imitation (teacher transcripts, t
 train.py run as commands, then behaviour cloning) -> the learning loop (expert iteration or REINFORCE
 on the policy's own episodes, with teacher help and a replay buffer: policy.py; or the gradient through a
 learned reward model: reward_model.py) -> held-out evaluations,
-plots and checkpoints in out_dir: config.json, metrics.jsonl, world.png, policy.pt (the checkpoint
-layout of checkpoint.py, kind "world", step = episodes) and the imitation run.
+plots and checkpoints in out_dir: config.json, metrics.jsonl, world.png, episodes.jsonl (every episode's
+transcript, training and held-out), policy.pt (the checkpoint layout of checkpoint.py, kind "world",
+step = episodes) and the imitation run.
 """
 import dataclasses
 import os
+import shlex
 import sys
 import time
 
@@ -24,12 +26,13 @@ from tqdm import tqdm
 
 from checkpoint import load_checkpoint, write_json_atomic
 from configurator import ConfigError, check_ranges, configure, print_config
-from plot import save_figure
+from metrics import save_figure
 from reward_model import check_mode, save_learner, start_learner
 from policy import (IMITATION_TRAIN, Cloning, Learning, check_policy_fits, clone_actions, episode_item, evaluate, json_roundtrip,
                     learn, load_policy_checkpoint, make_optimizer, policy_file, policy_from_checkpoint, resume_progress,
                     reusable_policy, save_policy, teacher_items)
-from runtime import StopRequest, append_jsonl, claim_out_dir, read_jsonl, truncate_jsonl
+from runtime import StopRequest, append_jsonl, claim_out_dir, read_jsonl, set_threads, truncate_jsonl
+from runtime import progress as progress_bar  # `progress` is the learning's state here
 from scripts import run_script
 from tasks import EVAL_SEED_BASE, make_env, play_episode, teacher_episodes, write_transcripts
 
@@ -54,6 +57,8 @@ DEFAULTS = dict(
                                # 20 -> 5% with the likelihood, which lowers the label's rank while raising its text)
     seed=1337,
     device="cpu",
+    threads=0,                 # torch CPU threads (train.py's imitation run gets as many); 0: the cores the load
+                               # average leaves idle (runtime.set_threads)
     # imitation: the policy's first weights
     imitation_episodes=1000,   # teacher transcripts per task
     teacher_noise=0.0,         # chance of a random action in a teacher transcript (noisy demonstrations)
@@ -115,7 +120,7 @@ def imitation_recipe(cfg):
 STOPPED_IMITATING = "stopped during imitation: the imitation policy is unfinished; the same command starts it again"
 
 
-def imitate(cfg, stop):
+def imitate(cfg, stop, threads=0):
     """A policy from teacher transcripts; returns its checkpoint path.
 
     Two stages: train.py learns the language of the world from every token of the transcripts (the
@@ -133,8 +138,8 @@ def imitate(cfg, stop):
     write_transcripts(teacher["corpus"], episodes)
     rate = sum(e["success"] for e in episodes) / len(episodes)
     print(f"wrote {len(episodes)} teacher transcripts to {teacher['corpus']} (noise {teacher['noise']}: {rate:.0%} succeed)")
-    for script in ("prepare.py", "train.py"):
-        run_script(script, recipe[script.removesuffix(".py")], stop)
+    for script in ("prepare.py", "train.py"):  # with our threads: the recipe leaves the machine's choices out
+        run_script(script, recipe[script.removesuffix(".py")], stop, env={"OMP_NUM_THREADS": str(threads)})
         if stop.requested:  # the child saved what it had and stopped
             raise SystemExit(STOPPED_IMITATING)
     path = os.path.join(recipe["train"]["out_dir"], "ckpt.pt")
@@ -182,11 +187,14 @@ def play_batch(policy, envs, progress, temperature, count, act, teacher_help):
 
 
 def plot_world(out_dir, changes=()):
-    """Success rate and reward per task over episodes (thick: held-out evals, thin: training) into world.png."""
+    """Success rate and reward per task over episodes (thick: held-out evals, thin: training) into world.png;
+    a run that never trained (mode=evaluate) gets bars of what its evaluation measured."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = read_jsonl(os.path.join(out_dir, "metrics.jsonl"))
+    if not any("train" in r for r in rows):
+        return plot_evaluation(out_dir, [r for r in rows if "eval" in r])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     tasks = sorted({t for r in rows for t in r.get("eval", r.get("train", {}))})
     for i, task in enumerate(tasks):
@@ -204,6 +212,28 @@ def plot_world(out_dir, changes=()):
         ax.set_ylabel(f"{label} (thick: held-out, thin: training)")
         ax.grid(alpha=0.3)
         ax.legend()
+    fig.tight_layout()
+    save_figure(fig, os.path.join(out_dir, "world.png"), dpi=90)
+
+
+def plot_evaluation(out_dir, evals):
+    """world.png of a run without training: each task's held-out success rate and reward per episode, as bars
+    labelled with their values, from the last evaluation."""
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    last = evals[-1]["eval"] if evals else {}
+    tasks = sorted(last)
+    for key, ax, label in zip(("success", "reward"), axes, ("held-out success rate", "held-out reward per episode")):
+        values = [last[t][key] for t in tasks]
+        bars = ax.bar(tasks, values, color=[f"C{i}" for i in range(len(tasks))])
+        ax.bar_label(bars, labels=[f"{v:.0%}" if key == "success" else f"{v:.2f}" for v in values])
+        ax.set_ylabel(label)
+        ax.axhline(0, color="gray", lw=0.8)
+        if key == "success":
+            ax.set_ylim(0, 1.05)
+        ax.grid(alpha=0.3, axis="y")
+    episode = evals[-1]["episode"] if evals else 0
+    fig.suptitle(f"evaluation only, at episode {episode} (no learning in this run)")
     fig.tight_layout()
     save_figure(fig, os.path.join(out_dir, "world.png"), dpi=90)
 
@@ -227,11 +257,29 @@ def recovery(rows, when, task, fraction=0.9):
     return {"before": levels, "recovered_at": None}
 
 
+MAX_TRANSCRIPT_CHARS = 8000  # a transcript kept in episodes.jsonl (a long TextWorld game's end is cut)
+
+
+def keep_episode(out_dir, episode, at, split):
+    """One episode's transcript and outcome into episodes.jsonl (the web page's world view reads it); `at` is
+    the metrics row's episode count it belongs to, so a resumed run truncates both alike."""
+    append_jsonl(os.path.join(out_dir, "episodes.jsonl"),
+                 {"episode": at, "split": split, "task": episode["task"], "seed": episode["seed"],
+                  "success": bool(episode["success"]), "reward": episode["reward"],
+                  "transcript": episode["transcript"][:MAX_TRANSCRIPT_CHARS]})
+
+
 def evaluate_and_save(policy, optimizer, cfg, progress, learner=None):
     """A held-out evaluation into metrics.jsonl, then policy.pt (and the reward model's learner, if any) and
     world.png; returns the evaluation."""
     tasks = task_options_at(progress.episode, cfg["tasks"], cfg["changes"])
-    result = evaluate(policy, tasks, cfg["eval_episodes"], cfg["act"], cfg["choose_untried"])
+    bar = progress_bar(cfg["eval_episodes"] * len(tasks), f"held-out at episode {progress.episode}", "episode")
+
+    def seen(episode):
+        keep_episode(cfg["out_dir"], episode, progress.episode, "eval")
+        bar.update()
+    result = evaluate(policy, tasks, cfg["eval_episodes"], cfg["act"], cfg["choose_untried"], on_episode=seen)
+    bar.close()
     append_jsonl(os.path.join(cfg["out_dir"], "metrics.jsonl"), {"episode": progress.episode, "eval": result})
     tqdm.write(f"episode {progress.episode}: held-out success " +
                ", ".join(f"{t} {r['success']:.0%}" for t, r in result.items()))
@@ -330,15 +378,12 @@ def run(cfg):
         start = load_start(path, cfg)
     elif cfg["init_from"] != "imitate":
         start = load_start(policy_file(cfg["init_from"]), cfg)
-    try:
-        lock = claim_out_dir(out_dir, resuming, cfg["overwrite"], run_files=("policy.pt", "metrics.jsonl"))
-    except OSError as e:  # a read-only disk or folder, a file in the way
-        raise SystemExit(f"cannot write to out_dir {out_dir} ({e.strerror or e}): choose an --out_dir you can "
-                         f"write to") from None
+    lock = claim_out_dir(out_dir, resuming, cfg["overwrite"], run_files=("policy.pt", "metrics.jsonl"))
     try:
         with StopRequest(tqdm.write) as stop:
+            threads = set_threads(cfg["threads"])
             prepare_tasks(cfg)
-            state, policy = start or load_start(imitate(cfg, stop), cfg)
+            state, policy = start or load_start(imitate(cfg, stop, threads), cfg)
             return learning_loop(cfg, state, policy, stop)
     finally:
         lock.close()
@@ -356,7 +401,8 @@ def learning_loop(cfg, state, policy, stop):
                             resuming) if cfg["mode"] == "reward_model" else None
     if resuming:
         progress = resume_progress(state, optimizer, learning, os.path.join(out_dir, "policy.pt"))
-        truncate_jsonl(metrics_path, progress.episode, key="episode")
+        for path in (metrics_path, os.path.join(out_dir, "episodes.jsonl")):
+            truncate_jsonl(path, progress.episode, key="episode")
     else:
         progress = learning.new_progress()
     write_json_atomic(os.path.join(out_dir, "config.json"), cfg)
@@ -368,7 +414,7 @@ def learning_loop(cfg, state, policy, stop):
     if not resuming or not os.path.exists(metrics_path):
         result = evaluate_and_save(policy, optimizer, cfg, progress, learner)
         evaluated += cfg["eval_episodes"] * len(tasks_at(progress.episode))
-    bar = tqdm(total=total, initial=progress.episode, unit="episode", dynamic_ncols=True, disable=None)
+    bar = progress_bar(total, "training episodes", "episode", initial=progress.episode, disable=not total)
     while progress.episode < total and not stop.requested:
         envs = {name: make_env(name, **options) for name, options in tasks_at(progress.episode).items()}
         temperature = temperature_at(progress.episode, cfg["temperature_start"], cfg["temperature_end"], total)
@@ -380,6 +426,8 @@ def learning_loop(cfg, state, policy, stop):
         else:
             losses = {"loss": learn(policy, optimizer, batch, progress, learning)}
         loss = losses["loss"]
+        for e in batch:
+            keep_episode(out_dir, e, progress.episode, "train")
         append_jsonl(metrics_path, {"episode": progress.episode, "train": per_task(batch), **losses,
                                     "temperature": temperature, "teacher_labels": labels,
                                     "replay": len(progress.replay.items), "seconds": time.perf_counter() - t0})
@@ -398,9 +446,29 @@ def learning_loop(cfg, state, policy, stop):
     for when, name, options in cfg["changes"]:
         if when <= progress.episode:
             print(f"change at episode {when} ({name} {options}): {recovery(rows, when, name)}")
-    if stop.requested:
-        print(f"stopped at episode {progress.episode}; resume with --init_from=resume --out_dir={out_dir}")
+    print(run_summary(cfg, rows, progress.episode, seconds, stop.requested))
     return result
+
+
+def run_summary(cfg, rows, episode, seconds, stopped):
+    """The lines a run ends with: held-out success (last and best), its time, its files, what to run next."""
+    out_dir, quoted = cfg["out_dir"], shlex.quote(cfg["out_dir"])
+    evals = [r for r in rows if "eval" in r]
+    tasks = sorted(evals[-1]["eval"]) if evals else []
+    scores = []
+    for task in tasks:
+        best = max((r for r in evals if task in r["eval"]), key=lambda r: r["eval"][task]["success"])
+        scores.append(f"{task} {evals[-1]['eval'][task]['success']:.0%}" +
+                      (f" (best {best['eval'][task]['success']:.0%} at episode {best['episode']})" if len(evals) > 1 else ""))
+    what = "evaluated" if cfg["mode"] == "evaluate" else f"{'stopped' if stopped else 'done'} at episode {episode}"
+    lines = [f"{what} in {seconds:.0f} s: held-out success {', '.join(scores) or 'not measured'} "
+             f"({cfg['eval_episodes']} episodes per task)",
+             f"{out_dir}: policy.pt, world.png, metrics.jsonl, episodes.jsonl (transcripts), config.json"]
+    if stopped:
+        lines.append(f"resume with --init_from=resume --out_dir={quoted} (and the same config and options)")
+    lines.append(f"next: python swarm.py --task={tasks[0] if tasks else 'arith'} --checkpoints=\"['{out_dir}/policy.pt']\""
+                 f"   or   python serve.py (its page shows this run and its episodes)")
+    return "\n".join(lines)
 
 
 def per_task(episodes):

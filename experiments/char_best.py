@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from checkpoint import write_json_atomic  # noqa: E402
 from configurator import configure, print_config  # noqa: E402
-from plot import save_figure  # noqa: E402
+from metrics import save_figure  # noqa: E402
 from runtime import read_jsonl  # noqa: E402
 
 # character noise as data augmentation (noise.py): the inputs change every epoch, the targets stay clean

@@ -55,7 +55,7 @@ from configurator import configure, print_config  # noqa: E402
 from data import open_dataset  # noqa: E402
 from generation import decode_speed  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402 (a plain core model)
-from plot import save_figure  # noqa: E402
+from metrics import save_figure  # noqa: E402
 from runtime import resolve_device  # noqa: E402
 from scripts import run_script  # noqa: E402
 from shrink import Int8Linear, two_four_mask  # noqa: E402

@@ -37,7 +37,7 @@ sys.path.insert(0, ROOT)
 from checkpoint import write_json_atomic  # noqa: E402
 from configurator import configure, print_config  # noqa: E402
 import processes  # noqa: E402
-from plot import save_figure  # noqa: E402
+from metrics import save_figure  # noqa: E402
 from runtime import read_jsonl  # noqa: E402
 
 DEFAULTS = dict(

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from checkpoint import atomic_write, load_checkpoint, load_model, read_json, write_json_atomic  # noqa: E402
 from configurator import configure, print_config, settings  # noqa: E402
-from plot import save_figure  # noqa: E402
+from metrics import save_figure  # noqa: E402
 from data import get_batch, open_dataset  # noqa: E402
 from noise import InputNoise  # noqa: E402
 from scripts import run_script  # noqa: E402

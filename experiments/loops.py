@@ -41,7 +41,7 @@ from architecture import build_model  # noqa: E402
 from checkpoint import read_json, write_json_atomic  # noqa: E402
 from configurator import configure, print_config, settings  # noqa: E402
 from looped import LoopConfig  # noqa: E402
-from plot import save_figure  # noqa: E402
+from metrics import save_figure  # noqa: E402
 from runtime import resolve_device, resolve_dtype  # noqa: E402
 from scripts import run_script  # noqa: E402
 from training import lr_at as schedule  # noqa: E402
@@ -300,7 +300,7 @@ def shakespeare_runs(cfg):
 
 def run_shakespeare(cfg):
     """Train the three shakespeare_char models; their loss curves go to <out_dir>/shakespeare.png."""
-    from plot import plot_runs
+    from metrics import plot_runs
     results = {}
     for name, overrides in shakespeare_runs(cfg).items():
         out_dir = os.path.join(cfg["out_dir"], f"shakespeare_{name}")

@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import synthetic  # noqa: E402
 from checkpoint import write_json_atomic  # noqa: E402
 from configurator import configure, print_config  # noqa: E402
-from plot import save_figure  # noqa: E402
+from metrics import save_figure  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from training import fit  # noqa: E402
 from runtime import resolve_device, run_in_processes  # noqa: E402

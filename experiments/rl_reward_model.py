@@ -20,7 +20,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from checkpoint import read_json, write_json_atomic  # noqa: E402
 from configurator import ConfigError, configure, print_config  # noqa: E402
-from plot import save_figure  # noqa: E402
+from metrics import save_figure  # noqa: E402
 from runtime import StopRequest, code_version, read_jsonl  # noqa: E402
 from scripts import run_script  # noqa: E402
 

@@ -38,7 +38,7 @@ import torch  # noqa: E402
 from checkpoint import save_checkpoint  # noqa: E402
 from configurator import configure, print_config, read_config_file  # noqa: E402
 from architecture import MODEL_KEYS, build_model  # noqa: E402
-from runtime import resolve_device, resolve_dtype  # noqa: E402
+from runtime import resolve_device, resolve_dtype, set_threads  # noqa: E402
 from tokenizer import ASSETS  # noqa: E402
 
 DEFAULTS = dict(
@@ -50,7 +50,8 @@ DEFAULTS = dict(
     requests=4,                    # per client at each level
     max_tokens=64,
     prompt="ROMEO:\nWhat light through yonder window breaks?",
-    threads=0,                     # server torch threads (0: torch's default)
+    threads=0,                     # torch threads of the server and the in-process baseline alike (0: automatic,
+                                   # runtime.set_threads, chosen once here)
     seed=1337,
     soak_minutes=0.0,              # > 0: run the soak instead of the load levels
     soak_clients=4,
@@ -310,6 +311,7 @@ def main(argv):
     cfg = configure(DEFAULTS, argv)
     print_config(cfg)
     device = resolve_device(cfg["device"])
+    cfg["threads"] = set_threads(cfg["threads"])
     if cfg["soak_minutes"] > 0:
         return run_soak(cfg, device)
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[resolve_dtype(cfg["dtype"], device)]
@@ -327,8 +329,6 @@ def main(argv):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    if cfg["threads"]:
-        torch.set_num_threads(cfg["threads"])
     with torch.no_grad():
         baseline = in_process_tokens_per_s(model, meta, cfg, device, dtype)
     single = next((lv for lv in levels if lv["clients"] == 1), None)

@@ -25,7 +25,7 @@ from architecture import DEFAULTS as MODEL_DEFAULTS  # noqa: E402
 from architecture import build_model  # noqa: E402
 from checkpoint import load_checkpoint, load_model, read_json, write_json_atomic  # noqa: E402
 from configurator import configure, print_config, settings  # noqa: E402
-from plot import read_metrics, save_figure  # noqa: E402
+from metrics import read_metrics, save_figure  # noqa: E402
 from runtime import claim_out_dir, resolve_device  # noqa: E402
 from scripts import run_script  # noqa: E402
 

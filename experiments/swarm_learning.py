@@ -34,7 +34,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from checkpoint import read_json, write_json_atomic  # noqa: E402
 from configurator import configure, print_config  # noqa: E402
-from plot import save_figure  # noqa: E402
+from metrics import save_figure  # noqa: E402
 from policy import Cloning, clone_actions, json_roundtrip, load_policy, reusable_policy  # noqa: E402
 from runtime import StopRequest, named_call, read_jsonl, run_in_processes  # noqa: E402
 from scripts import run_script  # noqa: E402

@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from checkpoint import read_json, write_json_atomic  # noqa: E402
 from configurator import configure, print_config, read_config_file  # noqa: E402
-from plot import save_figure  # noqa: E402
+from metrics import save_figure  # noqa: E402
 from policy import load_policy  # noqa: E402
 from scripts import run_script  # noqa: E402
 from tasks import ACTION_PREFIX, EVAL_SEED_BASE, make_env, play_episode  # noqa: E402

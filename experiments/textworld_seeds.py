@@ -16,7 +16,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from checkpoint import read_json, write_json_atomic  # noqa: E402
 from configurator import configure, print_config  # noqa: E402
-from plot import save_figure  # noqa: E402
+from metrics import save_figure  # noqa: E402
 
 DEFAULTS = dict(
     runs=[],                   # textworld_suite.py JSONs, one seed each

@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import textworld_env  # noqa: E402
 from checkpoint import load_checkpoint, read_json, write_json_atomic  # noqa: E402
 from configurator import configure, print_config  # noqa: E402
-from plot import save_figure  # noqa: E402
+from metrics import save_figure  # noqa: E402
 from policy import IMITATION_TRAIN, Cloning, clone_actions, evaluate, load_policy  # noqa: E402
 from runtime import StopRequest, read_jsonl  # noqa: E402
 from scripts import run_script  # noqa: E402

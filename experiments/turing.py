@@ -30,7 +30,7 @@ from adversarial import (Adversarial, Discriminator, adversarial_round, distinct
 from checkpoint import load_checkpoint, load_model, read_json, write_json_atomic  # noqa: E402
 from configurator import ConfigError, configure, print_config  # noqa: E402
 from data import open_dataset  # noqa: E402
-from plot import save_figure  # noqa: E402
+from metrics import save_figure  # noqa: E402
 from runtime import StopRequest, code_version  # noqa: E402
 from scripts import run_script  # noqa: E402
 from tokenizer import tokenizer_from_meta  # noqa: E402

@@ -99,11 +99,50 @@ def test_every_script_answers_help_with_its_keys_defaults_and_comments(script, c
         runpy.run_path(path, run_name="__main__")
     out = capsys.readouterr().out
     assert stop.value.code in (0, None), out
-    from configurator import key_comments
+    from configurator import key_docs
     defaults = runpy.run_path(path)["DEFAULTS"]
-    lines = {line.split("=")[0].strip(): line for line in out.splitlines() if line.startswith("  --")}
-    documented = key_comments(path)
+    blocks = help_blocks(out)
+    documented, _ = key_docs(path)
     assert any(key in documented for key in defaults)
     for key, value in defaults.items():
-        assert f"--{key}={value!r}" in lines[f"--{key}"]
-        assert documented.get(key, "") in lines[f"--{key}"]
+        assert f"--{key}={value!r}" in blocks[key]
+        assert " ".join(documented.get(key, "").split()) in " ".join(blocks[key].split())
+
+
+def help_blocks(out):
+    """{key: the lines --help printed for it (its setting, then its comment, wrapped)}."""
+    blocks, key = {}, None
+    for line in out.splitlines():
+        if line.startswith("  --"):
+            key = line.split("=")[0].strip()[2:]
+            blocks[key] = line
+        elif key and line.startswith("    "):
+            blocks[key] += "\n" + line
+        else:
+            key = None
+    return blocks
+
+
+def test_help_puts_section_headings_on_lines_of_their_own(capsys, monkeypatch):
+    import os
+    import runpy
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.setattr("sys.argv", ["train.py", "--help"])
+    with pytest.raises(SystemExit):
+        runpy.run_path(os.path.join(root, "train.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    blocks = help_blocks(out)
+    assert "model: every option" not in blocks["eval_loops"]  # the heading below eval_loops is not its comment
+    assert "\n  model: every option of architecture.py is a key" in out
+    assert "\n  thinking by iterating" in out and "thinking" not in blocks["exit_tol"]
+    assert "its weights, with a fresh optimizer" in blocks["init_from"]  # a comment carried on below its key
+    assert max(len(line) for line in out.splitlines()) <= 200
+
+
+def test_help_prefers_the_scripts_defaults_comment_over_a_class_field_of_the_same_name(tmp_path):
+    from configurator import key_docs
+    script = tmp_path / "script.py"
+    script.write_text('class State:\n    seed: int = 0  # a field of the server\n\n\n'
+                      'DEFAULTS = dict(\n    seed=1,  # the sampler\'s seed\n)\n')
+    documented, _ = key_docs(str(script))
+    assert documented["seed"] == "the sampler's seed"

@@ -258,7 +258,7 @@ def test_bad_token_ids_and_tokenizer_requests_are_clear_errors(server, path, bod
 
 def test_a_tokenizer_request_naming_no_model_without_a_default_says_how_to_name_one(root):
     cfg = configure(serve.DEFAULTS, ["--device=cpu", f"--out_root={root / 'out'}", f"--jobs_dir={root / 'jobs-direct'}"])
-    state = serve.State(cfg, serve.Models(cfg, torch.device("cpu")), serve.Jobs(cfg))
+    state = serve.State(cfg, serve.Models(cfg, torch.device("cpu")), serve.Jobs(cfg), serve.Runs(cfg["out_root"]))
     try:
         with pytest.raises(serve.ApiError, match="--tokenizer_model"):
             asyncio.run(serve.tokenizer_info(None, state))

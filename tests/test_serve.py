@@ -527,19 +527,137 @@ def test_another_host_without_a_token_refuses_to_start(monkeypatch):
     serve.check_serve_config(configure(serve.DEFAULTS, ["--host=0.0.0.0", "--token=x"]))
 
 
+
+# ----------------------------------------------------------------------------- every run under out_root
+
+@pytest.fixture(scope="module")
+def runs(root):
+    """Beside the trained model: a world run (with its episodes), a finished swarm of fake workers, and a swarm
+    that waits for a person on the page (human_input=file), all started outside the server."""
+    import swarm
+    import world
+    from swarm_fakes import fake_checkpoint, fake_command
+    from test_world import tiny_run_config
+    world.run(tiny_run_config(root, out_dir=str(root / "out" / "world")))
+    fakes = [fake_checkpoint(str(root / "fakes"), mode) for mode in ("teacher", "echo", "echo")]
+    swarm_cfg = configure(swarm.DEFAULTS, [])
+    swarm_cfg.update(out_dir=str(root / "out" / "swarm_done"), num_goals=3, workers=3, checkpoints=fakes,
+                     worker_command=fake_command())
+    swarm.run(swarm_cfg)
+    live = subprocess.Popen([sys.executable, os.path.join(ROOT, "swarm.py"), "--human", "--human_input=file",
+                             "--workers=2", "--num_goals=3", f"--checkpoints={fakes[:2]!r}",
+                             f"--worker_command={fake_command()}", f"--out_dir={root / 'out' / 'swarm_live'}"],
+                            cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while '"awaiting_human"' not in read_text(root / "out" / "swarm_live" / "swarm.jsonl"):
+        assert live.poll() is None and time.time() < deadline, "the live swarm never asked for a person"
+        time.sleep(0.1)
+    yield {"live": live}
+    live.kill()
+    live.wait()
+
+
+def read_text(path):
+    return path.read_text() if path.exists() else ""
+
+
+def test_every_run_under_out_root_is_listed_however_it_was_started(server, runs):
+    listed = {r["id"]: r for r in server.http.get("/v1/runs").json()["data"]}
+    tiny = listed["tiny"]  # trained in-process, never a job of this server
+    assert tiny["kind"] == "train" and tiny["status"] == "stopped" and tiny["model"]
+    assert tiny["progress"] == {"done": 60, "total": 60, "unit": "step"} and tiny["result"]["best_val"] < 4
+    assert tiny["settings"]["n_layer"] == 2 and "out_dir" not in tiny["settings"]  # what differs from the defaults
+    assert listed["world"]["kind"] == "world" and set(listed["world"]["result"]["success"]) == {"arith"}
+    assert listed["world/imitation"]["kind"] == "train"
+    assert listed["swarm_done"]["progress"] == {"done": 3, "total": 3, "unit": "goal"}
+    assert listed["swarm_live"]["status"] == "running" and listed["swarm_live"]["result"]["waiting"]
+    rows = server.http.get("/v1/runs/tiny/metrics").json()["data"]
+    assert [r["step"] for r in rows if "val_loss" in r] == [0, 30, 60]
+    for bad in ("../tiny", "nope", "tiny/../../x", "link"):
+        assert server.http.get(f"/v1/runs/{bad}/metrics").status_code == 404
+
+
+def test_a_world_run_lists_its_episodes_and_shows_a_transcript(server, runs):
+    episodes = server.http.get("/v1/runs/world/episodes").json()
+    assert episodes["total"] == 8 + 3 * 2  # training episodes, and held-out ones at episodes 0, 4 and 8
+    held_out = server.http.get("/v1/runs/world/episodes?split=eval").json()["data"]
+    assert [e["episode"] for e in held_out] == [0, 0, 4, 4, 8, 8] and "transcript" not in held_out[0]
+    one = server.http.get(f"/v1/runs/world/episodes?index={held_out[-1]['index']}").json()
+    assert one["transcript"].startswith("task arith\nobs ") and one["seed"] == held_out[-1]["seed"]
+    assert server.http.get("/v1/runs/world/episodes?index=99").status_code == 404
+    assert server.http.get("/v1/runs/tiny/episodes").status_code == 404  # not a world run
+
+
+def test_a_person_on_the_page_decides_for_a_waiting_swarm(server, root, runs):
+    view = server.http.get("/v1/runs/swarm_live/swarm").json()
+    assert view["waiting"] and view["takes_commands"] and len(view["current"]["proposals"]) == 2
+    post = lambda run, body, **kw: server.http.post(f"/v1/runs/{run}/control", json=body, **kw)  # noqa: E731
+    assert post("swarm_live", {"action": "note", "text": "use\nthe tool"}).status_code == 202
+    assert post("swarm_live", {"action": "accept"}).status_code == 202
+    deadline = time.time() + 30
+    while server.http.get("/v1/runs/swarm_live/swarm").json()["goals_done"] < 1 and time.time() < deadline:
+        time.sleep(0.2)
+    view = server.http.get("/v1/runs/swarm_live/swarm").json()
+    assert view["goals"][0]["decision"]["verdict"] == "accept"
+    assert [h["action"] for h in view["human"]] == ["broadcast"] and view["human"][0]["text"] == "use the tool"
+    # what may not reach a swarm: another kind of command, an empty edit, a swarm that reads no page, markup's origin
+    assert post("swarm_live", {"action": "shell", "text": "rm"}).status_code == 422
+    assert post("swarm_live", {"action": "edit", "text": " "}).status_code == 422
+    assert post("swarm_done", {"action": "accept"}).status_code == 409
+    assert post("world", {"action": "accept"}).status_code == 404
+    assert post("swarm_live", {"action": "stop"}, headers={"origin": "http://evil.example"}).status_code == 403
+    assert server.http.post("/v1/runs/swarm_live/control", content=b'{"action": "stop"}',
+                            headers={"content-type": "text/plain"}).status_code == 415
+    r = server.http.post("/v1/jobs", json={"kind": "swarm", "overrides": {"human": True, "checkpoints": ["out/tiny/ckpt.pt"]}})
+    assert r.status_code == 422 and "human_input='file'" in r.json()["error"]["message"]
+
+
+def test_a_control_file_that_is_a_symlink_is_never_written_through(server, root, runs, tmp_path):
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("")
+    control = root / "out" / "swarm_live" / "control.jsonl"
+    saved = control.read_bytes()
+    control.unlink()
+    control.symlink_to(target)
+    try:
+        r = server.http.post("/v1/runs/swarm_live/control", json={"action": "pause"})
+        assert r.status_code == 409 and "cannot write control.jsonl" in r.json()["error"]["message"]
+        assert target.read_text() == ""
+    finally:
+        control.unlink()
+        control.write_bytes(saved)
+
 # ----------------------------------------------------------------------------- the page in a real browser
 
-def test_web_page_streams_a_completion_and_draws_a_growing_loss_curve(server, tmp_path):
+def chromium():
+    """Headless Chromium through selenium, or a skip where either is missing."""
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if not chromium or not shutil.which("chromedriver"):
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not binary or not shutil.which("chromedriver"):
         pytest.skip("no chromium/chromedriver here (apt-get install chromium chromium-driver)")
     options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,1100"):
+    options.binary_location = binary
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1250,1100"):
         options.add_argument(arg)
-    service = webdriver.ChromeService(executable_path=shutil.which("chromedriver"))
-    browser = webdriver.Chrome(options=options, service=service)
+    return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=shutil.which("chromedriver")))
+
+
+def keep_screenshot(browser, tmp_path, name, element_id=None):
+    """A screenshot of the page (or one element), also copied to $ULM_SCREENSHOTS/ when that folder is given."""
+    path = tmp_path / name
+    if element_id:
+        browser.execute_script("arguments[0].scrollIntoView()", browser.find_element("id", element_id))
+        browser.find_element("id", element_id).screenshot(str(path))
+    else:
+        browser.save_screenshot(str(path))
+    if os.environ.get("ULM_SCREENSHOTS"):
+        os.makedirs(os.environ["ULM_SCREENSHOTS"], exist_ok=True)
+        shutil.copy(path, os.path.join(os.environ["ULM_SCREENSHOTS"], name))
+    return path
+
+
+def test_web_page_streams_a_completion_and_draws_a_growing_loss_curve(server, tmp_path):
+    browser = chromium()
     try:
         browser.get(server.url + "/")
         wait_for(lambda: browser.execute_script("return [...document.querySelectorAll('#model option')]"
@@ -562,10 +680,60 @@ def test_web_page_streams_a_completion_and_draws_a_growing_loss_curve(server, tm
         wait_for(lambda: points() >= 3, timeout=90)
         first = points()
         wait_for(lambda: points() > first, timeout=90)  # the curve grows as the job logs
-        browser.save_screenshot(str(tmp_path / "page.png"))
-        if os.environ.get("ULM_SCREENSHOT"):
-            shutil.copy(tmp_path / "page.png", os.environ["ULM_SCREENSHOT"])
+        keep_screenshot(browser, tmp_path, "jobs.png", "jobs_section")
         assert "running" in browser.find_element("id", "jobs").text or "succeeded" in browser.find_element("id", "jobs").text
+    finally:
+        browser.quit()
+
+
+def test_the_page_shows_every_run_compares_curves_and_steers_a_swarm(server, runs, tmp_path):
+    browser = chromium()
+    script = browser.execute_script
+    try:
+        browser.get(server.url + "/")
+        wait_for(lambda: script("return ['tiny', 'world', 'swarm_live', 'world/imitation'].every(id => "
+                                "document.querySelector(`#run_rows tr[data-id='${id}']`))"))
+        assert MARKUP in browser.find_element("id", "run_rows").text  # a folder named with markup is text
+        assert script("return window.pwned === undefined && !document.querySelector('#run_rows img')")
+        for run in ("tiny", "world/imitation"):  # two curves on one plot
+            script(f"document.querySelector(`#run_rows tr[data-id='{run}'] input`).click()")
+        wait_for(lambda: int(script("return document.getElementById('compare').dataset.points || 0")) > 4)
+        keep_screenshot(browser, tmp_path, "runs.png", "runs")
+
+        script("document.querySelector(`#run_rows tr[data-id='world'] a`).click()")
+        wait_for(lambda: browser.find_element("id", "transcript").text.startswith("task arith"))
+        assert int(script("return document.getElementById('world_curve').dataset.points")) >= 3
+        script("const s = document.getElementById('episode_split'); s.value = 'train'; s.dispatchEvent(new Event('change'))")
+        wait_for(lambda: "training at episode" in browser.find_element("id", "episodes").text)
+        keep_screenshot(browser, tmp_path, "world.png", "detail")
+
+        script("document.querySelector(`#run_rows tr[data-id='swarm_live'] a`).click()")
+        wait_for(lambda: browser.find_element("id", "swarm_controls").is_displayed())
+        done = int(server.http.get("/v1/runs/swarm_live/swarm").json()["goals_done"])
+        wait_for(lambda: "waits for your decision" in browser.find_element("id", "swarm_state").text)
+        script("document.getElementById('c_note_text').value = 'try the calculator'")
+        browser.find_element("id", "c_hint").click()
+        wait_for(lambda: "sent: hint" in browser.find_element("id", "control_note").text)
+        browser.find_element("id", "c_reject").click()
+        wait_for(lambda: server.http.get("/v1/runs/swarm_live/swarm").json()["goals_done"] == done + 1)
+        wait_for(lambda: "reject" in browser.find_element("id", "goals").text)
+        keep_screenshot(browser, tmp_path, "swarm.png", "detail")
+        human = server.http.get("/v1/runs/swarm_live/swarm").json()["human"]
+        assert {"action": "hint", "text": "try the calculator"}.items() <= human[-1].items()
+
+        script("const m = document.getElementById('model'); m.value = 'tiny'; m.dispatchEvent(new Event('change'));"
+               "document.getElementById('prompt').value = 'line';"
+               "document.getElementById('max_tokens').value = '30'; document.getElementById('seed').value = '7';"
+               "document.getElementById('top_p').value = '0.9'; document.getElementById('stop_text').value = 'zzz';")
+        assert "val loss" in browser.find_element("id", "model_facts").text
+        assert not browser.find_element("id", "loops").is_enabled()  # not a looped model
+        browser.find_element("id", "generate").click()
+        wait_for(lambda: "tokens/s" in browser.find_element("id", "speed").text)
+        first = browser.find_element("id", "completion").text
+        browser.find_element("id", "generate").click()  # the same seed samples the same text
+        wait_for(lambda: "tokens/s" in browser.find_element("id", "speed").text and
+                 browser.find_element("id", "completion").text == first)
+        keep_screenshot(browser, tmp_path, "playground.png", "playground")
     finally:
         browser.quit()
 

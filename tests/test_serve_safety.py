@@ -118,7 +118,7 @@ WORDS = {"prepare": {"tokenizer", "text_field", "dataset"},  # dataset: a name, 
          "train": {"attention", "device", "dtype", "init_state", "inject", "loop_loss", "loops_sampling", "memory",
                    "optimizer", "schedule"},
          "world": {"act", "device", "mode"},
-         "swarm": {"task", "debate", "learning", "device", "aggregators"},
+         "swarm": {"task", "debate", "learning", "device", "aggregators", "human_input"},
          "bench": {"device", "levers", "parts", "suite"}}
 
 
@@ -385,7 +385,7 @@ def test_routes_are_plain_functions_of_a_state(root):
     """Each route reads alone: called here without an HTTP server."""
     import asyncio
     cfg = serve_cfg(root, "jobs-direct")
-    state = serve.State(cfg, serve.Models(cfg, torch.device("cpu")), serve.Jobs(cfg))
+    state = serve.State(cfg, serve.Models(cfg, torch.device("cpu")), serve.Jobs(cfg), serve.Runs(cfg["out_root"]))
     try:
         assert asyncio.run(serve.list_configs(state))["data"] == ["tiny.py"]
         assert asyncio.run(serve.health(state))["generations"] == 0

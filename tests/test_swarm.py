@@ -378,7 +378,8 @@ def test_human_flag_reads_decisions_from_the_terminal_of_the_command(tmp_path):
     out = subprocess.run([sys.executable, SWARM, "--human", "--workers=2", *fake_args(tmp_path, "teacher"),
                           f"--out_dir={tmp_path}", "--num_goals=3"], input="a\nr\n", capture_output=True,
                          text=True, cwd=ROOT, timeout=60)
-    summary = json.loads(out.stdout.splitlines()[-1])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert "the decision (a person) solved 33% of the goals" in out.stdout  # the readable summary
     # two answers, then end of input: nobody is left to decide, so the run stops at the third goal
     assert out.returncode == 0 and summary["goals"] == 3 and summary["rejected"] == 1
     assert summary["decision_success"] == pytest.approx(1 / 3, abs=1e-3)
@@ -397,7 +398,7 @@ def test_human_flag_reads_decisions_from_the_terminal_of_the_command(tmp_path):
     ({"temperatures": [1.0, -1]}, "temperatures must be numbers >= 0"),
     ({"temperatures": ["hot"]}, "temperatures must be numbers >= 0"),
     ({"device": "tpu"}, "device must be"),
-    ({"threads": 0}, "threads must be at least 1"),
+    ({"threads": -1}, "threads must not be negative"),
     ({"workers": 3000}, "workers=3000 is more than 256"),
     ({"reply_timeout": 1e400}, "reply_timeout and start_timeout must be positive, at most"),
     ({"start_timeout": float("nan")}, "reply_timeout and start_timeout must be positive, at most"),
@@ -691,6 +692,57 @@ def test_a_person_setting_a_goal_that_cannot_be_played_is_told_why(tmp_path):
     swarm.run(cfg, inp=io.StringIO("g chess 3\ng soon\na\n"), out=shown)
     assert "unknown task 'chess'" in shown.getvalue() and "must be an integer" in shown.getvalue()
 
+
+
+def command(out_dir, action, text=""):
+    with open(out_dir / "control.jsonl", "a") as f:
+        f.write(json.dumps({"action": action, "text": text}) + "\n")
+
+
+def test_a_person_on_the_web_page_steers_the_swarm_through_its_control_file(tmp_path):
+    out_dir = tmp_path / "swarm"
+    out_dir.mkdir()
+    command(out_dir, "stop")  # written before the run started: another session's, never read
+    proc = subprocess.Popen([sys.executable, SWARM, "--human", "--human_input=file", "--workers=2", "--num_goals=4",
+                             *fake_args(tmp_path, "echo"), f"--out_dir={out_dir}"], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for_events(out_dir / "swarm.jsonl", "awaiting_human", 1)
+        env = tasks.make_env("arith")
+        env.reset(tasks.EVAL_SEED_BASE)
+        command(out_dir, "note", "use the\ntool")  # one line, whatever the page sent
+        command(out_dir, "hint", "CALL calc 1+1 ; ANSWER 2")
+        command(out_dir, "pause")
+        command(out_dir, "resume")
+        command(out_dir, "edit", f"ANSWER {env.answer}")
+        wait_for_events(out_dir / "swarm.jsonl", "awaiting_human", 2)
+        with open(out_dir / "control.jsonl", "a") as f:
+            f.write("not json\n")
+        command(out_dir, "reject")
+        wait_for_events(out_dir / "swarm.jsonl", "awaiting_human", 3)
+        command(out_dir, "stop")
+        out, err = proc.communicate(timeout=60)
+    finally:
+        clean_up(proc, [])
+    assert proc.returncode == 0, err
+    cfg = {"out_dir": str(out_dir)}
+    verdicts = [e["verdict"] for e in events(cfg) if e["event"] == "decision"]
+    assert verdicts == ["edit", "reject", "stop"]
+    human = [e["action"] for e in events(cfg) if e["event"] == "human"]
+    assert human == ["broadcast", "hint", "pause", "resume", "unknown"]
+    notes = [e["message"]["notes"] for e in sent(cfg, "goal")][2:4]  # the second goal's
+    assert notes == [["HUMAN: use the tool", "HINT: CALL calc 1+1 ; ANSWER 2"]] * 2
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["decision_success"] == pytest.approx(1 / 3, abs=1e-3) and "the person edited 1" in out
+    assert (out_dir / "swarm.png").exists() and (out_dir / "summary.txt").read_text().strip() in out
+
+
+def test_a_control_line_becomes_what_a_person_would_type():
+    from swarm_console import typed_lines
+    assert typed_lines('{"action": "edit", "text": "ANSWER\\n 5"}') == ["e", "ANSWER 5"]
+    assert typed_lines('{"action": "accept"}') == ["a"]
+    assert typed_lines('{"action": "rm -rf"}') == typed_lines("garbage") == ["?"]
+    assert typed_lines('{"action": "note", "text": "' + "x" * 5000 + '"}')[0] == "m " + "x" * 1000
 
 # ----------------------------------------------------------------------------- the experiment script
 
