@@ -5,11 +5,12 @@ end")? Uniform against small-large-small widths, each with and without the learn
 equal parameters and equal training time.
 
     python prepare.py
-    OMP_NUM_THREADS=1 nice -n 10 python experiments/residual_widths.py config/residual_widths.py   # ~16 min, one core
+    OMP_NUM_THREADS=1 nice -n 10 python experiments/residual_widths.py config/residual_widths.py   # ~20 min on a busy CPU
 
-Every variant trains for `seconds` of wall time per seed (AdamW, warmup then cosine decay run by the clock, so
-each has decayed when its time ends: training.fit's deadline), then its val loss is measured on fixed batches.
-Tokens/s come from the same runs: on a shared CPU they are noisy, so compare them within a seed's row. Writes
+Equal training time is counted in CPU seconds of this process (one thread), not wall time: on a CPU shared with
+other jobs the wall clock measures the neighbours. Each variant's CPU seconds per step are timed over a few steps
+first, then it trains cpu_seconds / that many steps (AdamW, warmup then cosine decay over exactly those steps)
+and its val loss is measured on fixed batches. Tokens/s are tokens per CPU second of the same runs. Writes
 <out_dir>/residual_widths.json and .png (val loss and tokens/s per variant, one point per seed).
 """
 import os
@@ -37,8 +38,8 @@ DEFAULTS = dict(
               "uniform + root": {"residual_root": True},
               "small-large-small": {"residual_widths": [64, 160, 160, 64]},
               "small-large-small + root": {"residual_widths": [64, 160, 160, 64], "residual_root": True}},
-    seconds=60,                   # wall time each variant trains, per seed
-    max_steps=2000,               # the schedule's length if the time were unlimited (it is not: the clock ends it)
+    cpu_seconds=30,               # CPU time each variant trains, per seed
+    calibration_steps=6,          # steps timed (after two untimed) to find a variant's CPU seconds per step
     batch_size=16,
     learning_rate=3e-3,
     eval_iters=40,
@@ -46,21 +47,34 @@ DEFAULTS = dict(
 )
 
 
+def cpu_seconds_per_step(model_args, next_batch, cfg):
+    """A variant's CPU seconds per training step, timed on a throwaway copy after two untimed steps."""
+    model, device = build_model(model_args), torch.device("cpu")
+    fit(model, next_batch, 2, cfg["learning_rate"], device)
+    t0 = time.process_time()
+    fit(model, next_batch, cfg["calibration_steps"], cfg["learning_rate"], device)
+    return (time.process_time() - t0) / cfg["calibration_steps"]
+
+
 def train_variant(model_args, meta, cfg, seed):
-    """Train one variant for cfg's seconds; its row: parameters, steps, tokens/s, val loss."""
+    """Train one variant for cfg's CPU seconds; its row: parameters, steps, tokens per CPU second, val loss."""
     device = torch.device("cpu")
-    torch.manual_seed(seed)
-    model = build_model(model_args)
-    generator = torch.Generator().manual_seed(seed)
     block = model_args["block_size"]
+    generator = torch.Generator().manual_seed(seed)
 
     def next_batch(step):
         return get_batch(meta, "train", cfg["batch_size"], block, generator, device)
-    loss, tokens_per_s, tokens = fit(model, next_batch, cfg["max_steps"], cfg["learning_rate"], device,
-                                     deadline=time.time() + cfg["seconds"])
+    per_step = cpu_seconds_per_step(model_args, next_batch, cfg)
+    steps = max(1, round(cfg["cpu_seconds"] / per_step))
+    torch.manual_seed(seed)
+    generator.manual_seed(seed)
+    model = build_model(model_args)
+    t0 = time.process_time()
+    loss, _, tokens = fit(model, next_batch, steps, cfg["learning_rate"], device, warmup=min(50, steps // 10))
+    cpu = time.process_time() - t0
     val = estimate_loss(model, meta, cfg["batch_size"], block, cfg["eval_iters"], device, splits=("val",))["val"]
-    return {"seed": seed, "params": model.num_params(), "tokens": tokens, "steps": tokens // (cfg["batch_size"] * block),
-            "tokens_per_s": tokens_per_s, "train_loss": loss, "val_loss": val}
+    return {"seed": seed, "params": model.num_params(), "steps": steps, "tokens": tokens, "cpu_seconds": cpu,
+            "tokens_per_s": tokens / cpu, "train_loss": loss, "val_loss": val}
 
 
 def summarise(rows):
@@ -81,14 +95,14 @@ def plot(result, png):
         ax_loss.errorbar(i, result["summary"][name]["val_mean"], yerr=result["summary"][name]["val_std"], fmt="_",
                          color="k", capsize=6)
         ax_speed.scatter([i] * len(rows), [r["tokens_per_s"] for r in rows], color=f"C{i}")
-    for ax, ylabel in ((ax_loss, f"val loss after {result['config']['seconds']} s (nats/char)"),
-                       (ax_speed, "training tokens/s (one shared CPU core)")):
+    for ax, ylabel in ((ax_loss, f"val loss after {result['config']['cpu_seconds']} CPU s (nats/char)"),
+                       (ax_speed, "training tokens per CPU second (one thread)")):
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels([f"{n}\n{result['summary'][n]['params'] / 1e6:.3f}M" for n in names], fontsize=8)
         ax.set_xlabel("variant (parameters)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    ax_loss.set_title("equal training time: a point per seed, mean ± std")
+    ax_loss.set_title("equal CPU time: a point per seed, mean ± std")
     fig.tight_layout()
     save_figure(fig, png)
 
@@ -100,9 +114,6 @@ def main(argv):
     base = cfg["model"] | {"vocab_size": meta["vocab_size"]}
     for name, options in cfg["variants"].items():  # a bad variant fails before an hour of training
         build_model(base | options)
-    # torch's first-call costs (thread pools, kernels) would land in the first timed run: pay them here
-    fit(build_model(base), lambda step: get_batch(meta, "train", 2, base["block_size"], None, torch.device("cpu")),
-        3, cfg["learning_rate"], torch.device("cpu"))
     os.makedirs(cfg["out_dir"], exist_ok=True)
     path = os.path.join(cfg["out_dir"], "residual_widths.json")
     result = {"config": cfg, "code": code_version(__file__), "runs": {name: [] for name in cfg["variants"]}}
@@ -111,7 +122,7 @@ def main(argv):
             row = train_variant(base | options, meta, cfg, seed)
             result["runs"][name].append(row)
             print(f"seed {seed} {name}: {row['params']:,} params, {row['steps']} steps, "
-                  f"{row['tokens_per_s']:,.0f} tok/s, val {row['val_loss']:.4f}", flush=True)
+                  f"{row['tokens_per_s']:,.0f} tok per CPU s, val {row['val_loss']:.4f}", flush=True)
             result["summary"] = {n: summarise(rows) for n, rows in result["runs"].items() if rows}
             write_json_atomic(path, result)
     plot(result, os.path.join(cfg["out_dir"], "residual_widths.png"))
