@@ -109,6 +109,7 @@ def plot(result, png):
     fig.suptitle(f"distilling a dense {result['config']['size']} teacher into its memory clone")
     fig.tight_layout()
     save_figure(fig, png)
+    return fig
 
 
 def main(argv):

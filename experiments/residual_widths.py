@@ -105,6 +105,7 @@ def plot(result, png):
     ax_loss.set_title("equal CPU time: a point per seed, mean ± std")
     fig.tight_layout()
     save_figure(fig, png)
+    return fig
 
 
 def main(argv):

@@ -86,6 +86,7 @@ def plot(result, png):
     ax.legend()
     fig.tight_layout()
     save_figure(fig, png)
+    return fig
 
 
 def main(argv):
