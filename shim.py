@@ -57,7 +57,7 @@ class ShimGPT(GPT):
 
 
 def is_tokenizer_param(name):
-    return name.removeprefix("_orig_mod.").startswith(TOKENIZER_PARAMS)
+    return name.startswith(TOKENIZER_PARAMS)
 
 
 def train_only_shims(model):
