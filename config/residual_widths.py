@@ -4,5 +4,5 @@
 # Each variant trains for the same CPU time (one thread), 3 seeds; expect differences within a few hundredths.
 out_dir = "out/residual_widths"
 dataset = "shakespeare_char"
-cpu_seconds = 30
+cpu_seconds = 30.0
 seeds = [1337, 1338, 1339]

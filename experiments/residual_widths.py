@@ -38,7 +38,7 @@ DEFAULTS = dict(
               "uniform + root": {"residual_root": True},
               "small-large-small": {"residual_widths": [64, 160, 160, 64]},
               "small-large-small + root": {"residual_widths": [64, 160, 160, 64], "residual_root": True}},
-    cpu_seconds=30,               # CPU time each variant trains, per seed
+    cpu_seconds=30.0,             # CPU time each variant trains, per seed
     calibration_steps=6,          # steps timed (after two untimed) to find a variant's CPU seconds per step
     batch_size=16,
     learning_rate=3e-3,

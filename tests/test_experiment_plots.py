@@ -99,7 +99,7 @@ def test_textworld_seeds_draws_a_spread_only_where_two_runs_or_more_have_the_num
 def test_distill_memory_trains_both_students_of_every_seed_and_labels_its_plot(tmp_path):
     distill_memory = load_experiment("distill_memory")
     distill_memory.main([f"--out_dir={tmp_path}", "--n_people=6", "--size=[1, 2, 16]", "--teacher_steps=3",
-                         "--steps=2", "--batch_size=4", "--block_size=64", "--memory_slots=16", "--memory_key_dim=8",
+                         "--steps=2", "--batch_size=4", "--block_size=64", "--memory_slots=256", "--memory_key_dim=8",
                          "--memory_topk=2", "--val_batches=1", "--seeds=[1, 2]"])
     result = json.loads((tmp_path / "distill_memory.json").read_text())
     assert [(r["seed"], r["teacher"]) for r in result["students"]] == [(1, False), (1, True), (2, False), (2, True)]
