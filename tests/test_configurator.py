@@ -61,7 +61,8 @@ def test_shipped_config_files_load_into_train_defaults():
     import train
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for path in glob.glob(os.path.join(root, "config", "*.py")):
-        if any(name in path for name in ("world", "swarm", "serve", "loops_chains", "thinking")):  # other scripts'
+        if any(name in path for name in ("world", "swarm", "serve", "loops_chains", "thinking", "distill_memory",
+                                         "residual_widths")):  # other scripts'
             continue
         configure(train.DEFAULTS, [path])
 
@@ -75,6 +76,17 @@ def test_the_thinking_configs_load_into_thinking_defaults():
     import thinking
     for path in glob.glob(os.path.join(root, "config", "thinking_*.py")):
         configure(thinking.DEFAULTS, [path])
+
+
+def test_the_experiment_configs_load_into_their_scripts_defaults():
+    import os
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(root, "experiments"))
+    import distill_memory
+    import residual_widths
+    for script in (distill_memory, residual_widths):
+        configure(script.DEFAULTS, [os.path.join(root, "config", f"{script.__name__}.py")])
 
 
 def scripts_with_a_config():
