@@ -314,12 +314,12 @@ class Models:
 # compiler) stays out of reach, and so does any key a script adds later until it is listed here. Config
 # files under config_root may set anything: they are the server operator's.
 TRAIN_SETTABLE = set(MODEL_KEYS) | {
-    "out_dir", "dataset", "data_dir", "init_from", "overwrite", "eval_interval", "eval_iters", "log_interval",
-    "eval_loops", "batch_size", "gradient_accumulation_steps", "max_iters", "learning_rate", "min_lr", "schedule",
-    "warmup_iters", "decay_frac", "lr_decay_iters", "weight_decay", "optimizer", "muon_lr", "beta1", "beta2",
-    "grad_clip", "memory_lr_scale", "knn_store", "teacher", "distill_alpha", "distill_temperature", "noise",
-    "eval_position_loss", "position_buckets", "eval_token_watch", "tensorboard", "device", "dtype", "compile",
-    "fp8", "fp8_head", "seed"}
+    "out_dir", "dataset", "data_dir", "init_from", "train_only", "overwrite", "eval_interval", "eval_iters",
+    "log_interval", "eval_loops", "batch_size", "gradient_accumulation_steps", "max_iters", "learning_rate", "min_lr",
+    "schedule", "warmup_iters", "decay_frac", "lr_decay_iters", "weight_decay", "optimizer", "muon_lr", "beta1",
+    "beta2", "grad_clip", "memory_lr_scale", "knn_store", "teacher", "distill_alpha", "distill_temperature", "noise",
+    "eval_position_loss", "position_buckets", "eval_token_watch", "tensorboard", "device", "dtype", "compile", "fp8",
+    "fp8_head", "seed"}
 SETTABLE = {
     "prepare": {"dataset", "name", "tokenizer", "data_dir", "val_fraction", "max_tokens", "text_field", "num_threads",
                 "force", "synthetic_docs", "seed"},

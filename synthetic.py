@@ -289,6 +289,16 @@ def pad_batch(docs, block_size, pad_id):
     return torch.from_numpy(x), torch.from_numpy(y)
 
 
+def bios_batches(vocab, names, values, batch_size, block_size, seed):
+    """next_batch(step) -> (x, y): batch_size fresh biographies of random people, the same for a seed and step."""
+    def next_batch(step):
+        rng = np.random.default_rng([seed, step])
+        people = rng.integers(len(names), size=batch_size)
+        return pad_batch([vocab.encode(words) for words in bios_words(rng, names, values, people)], block_size,
+                         vocab.ids["<eot>"])
+    return next_batch
+
+
 # ----------------------------------------------------------------------------- text for prepare.py
 
 def text_documents(kind, n_docs, seed, val_fraction):

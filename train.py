@@ -33,6 +33,7 @@ from metrics import best_val, plot_runs
 from noise import InputNoise
 from runtime import (StopRequest, append_jsonl, claim_out_dir, float8_training, progress, read_jsonl, resolve_device,
                      resolve_dtype, set_threads, truncate_jsonl)
+import shim
 from shrink import apply_masks, fit_to_state_dict, masked_weights
 from training import (RunState, StepOptions, distill_loss, estimate_loss, lr_at, make_optimizers, restore_run,
                       save_run, set_lr, tokenizer_of, train_step)
@@ -45,6 +46,8 @@ DEFAULTS = dict(
     data_dir="data",
     init_from="scratch",          # scratch | resume (from out_dir/ckpt.pt) | a checkpoint or run folder to fine-tune:
                                   # its weights, with a fresh optimizer and schedule on this run's data
+    train_only="",                # "" trains every weight; shim: only the token embedding, head and shims (shim.py),
+                                  # e.g. onto a dataset of another tokenizer, the checkpoint's blocks frozen
     overwrite=False,              # a fresh run into an out_dir holding a run moves the old one aside (else: refused)
     eval_interval=250,
     eval_iters=100,
@@ -95,7 +98,7 @@ DEFAULTS = dict(
 
 # ----------------------------------------------------------------------------- config checks
 
-CHOICES = {"optimizer": ("adamw", "muon"), "schedule": ("cosine", "wsd")}
+CHOICES = {"optimizer": ("adamw", "muon"), "schedule": ("cosine", "wsd"), "train_only": ("", "shim")}
 AT_LEAST_ONE = ("batch_size", "eval_interval", "eval_iters", "log_interval", "gradient_accumulation_steps",
                 "n_layer", "n_head", "n_embd", "block_size")
 NOT_NEGATIVE = ("max_iters", "learning_rate", "min_lr", "muon_lr", "warmup_iters", "lr_decay_iters", "weight_decay",
@@ -111,6 +114,9 @@ def check_config(cfg):
     if cfg["init_from"] not in ("scratch", "resume") and not os.path.exists(cfg["init_from"]):
         raise SystemExit(f"init_from must be scratch, resume, or a checkpoint or run folder to fine-tune from; "
                          f"{cfg['init_from']!r} does not exist")
+    if cfg["train_only"] and cfg["init_from"] == "scratch":
+        raise SystemExit(f"train_only={cfg['train_only']} keeps a trained model's blocks: give --init_from=<a run "
+                         f"or checkpoint> (trained with shim=True)")
     check_ranges(cfg, AT_LEAST_ONE, NOT_NEGATIVE, FRACTIONS)
     if not 0 <= cfg["dropout"] < 1:
         raise SystemExit(f"dropout must be in [0, 1), got {cfg['dropout']}")
@@ -149,6 +155,8 @@ def checkpoint_model_args(cfg, state, meta, what):
                          ", ".join(f"{k}={cfg[k]!r} (checkpoint: {saved[k]!r})" for k in changed) +
                          ": drop those keys, or start a fresh run in another --out_dir")
     trained_on, ours = state.get("tokenizer", {}), tokenizer_of(meta)
+    if trained_on != ours and cfg["train_only"] == "shim" and cfg["init_from"] != "resume":
+        return model_args | {k: cfg[k] for k in set_keys} | {"vocab_size": meta["vocab_size"]}  # a new tokenizer
     if trained_on != ours:
         kind = "a different character vocabulary" if trained_on.get("tokenizer") == ours["tokenizer"] == "char" \
             else f"tokenizer {trained_on.get('tokenizer')!r} with vocab {trained_on.get('vocab_size')}"
@@ -214,8 +222,17 @@ def build(cfg, meta, device, state, generator):
         raise SystemExit(f"bad model shape: {e}")
     if cfg["eval_loops"] and (not model_args.get("n_core") or min(cfg["eval_loops"]) < 1):
         raise SystemExit(f"eval_loops={cfg['eval_loops']} needs a looped model (n_core > 0) and loop counts >= 1")
+    # train_only=shim onto another tokenizer: the checkpoint's blocks only (checkpoint_model_args let it through)
+    new_tokens = state is not None and cfg["init_from"] != "resume" and state.get("tokenizer") != tokenizer_of(meta)
     if state is not None:  # a pruned checkpoint (compress.py): its smaller layers and its masks, kept fixed
-        fit_to_state_dict(model, {k.removeprefix("_orig_mod."): v for k, v in state["model"].items()})
+        weights = {k.removeprefix("_orig_mod."): v for k, v in state["model"].items()}
+        weights = shim.without_token_rows(weights) if new_tokens else weights
+        fit_to_state_dict(model, weights)
+    if cfg["train_only"] == "shim":
+        try:
+            print(f"train_only=shim: {shim.train_only_shims(model):,} parameters train, the blocks are frozen")
+        except ValueError as e:
+            raise SystemExit(str(e))
     optimizers = make_optimizers(model, cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]),
                                  device.type, cfg["optimizer"], cfg["muon_lr"], cfg["memory_lr_scale"])
     # kNN stores are not weights: they come from a folder beside the checkpoint or from --knn_store
@@ -229,7 +246,7 @@ def build(cfg, meta, device, state, generator):
                              f"; resume with that (its state cannot move to {cfg['optimizer']})")
         run = restore_run(state, state["path"], model, optimizers, generator)
     elif state is not None:  # fine-tuning: the weights only (a float export's too)
-        model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in state["model"].items()})
+        model.load_state_dict(weights, strict=not new_tokens)  # new tokens: the embedding and head start fresh
     return model, optimizers, run, model_args
 
 

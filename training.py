@@ -99,12 +99,14 @@ def train_step(model, optimizers, batch, next_batch, options, loss_of=None):
 
 
 def fit(model, next_batch, steps, learning_rate, device, warmup=50, weight_decay=0.0, memory_lr_scale=10.0,
-        evaluate=None, eval_every=0, autocast=contextlib.nullcontext(), log_every=0, name="fit", deadline=None):
+        evaluate=None, eval_every=0, autocast=contextlib.nullcontext(), log_every=0, name="fit", deadline=None,
+        loss_of=None):
     """Train model for `steps` AdamW steps (plus SparseAdam for sparse memory values) on next_batch(step) ->
     (x, y), warmup then cosine decay to a tenth; evaluate(step) every eval_every steps and at the end, in eval
     mode; a line with the loss every log_every steps. With a deadline (a time.time() value) the schedule runs
     by time too, so it has decayed when training stops at the deadline, whichever of steps and time ends
-    first. The loop the experiments share (train.py's is this plus data, checkpoints and logging).
+    first. loss_of turns the data loss into another (train_step's: distillation). The loop the experiments
+    share (train.py's is this plus data, checkpoints and logging).
     Returns (final loss, tokens/s, tokens)."""
     optimizers = [o for o in make_optimizers(model, weight_decay, learning_rate, (0.9, 0.95), device.type,
                                              memory_lr_scale=memory_lr_scale) if o is not None]
@@ -127,7 +129,7 @@ def fit(model, next_batch, steps, learning_rate, device, warmup=50, weight_decay
         t0 = time.perf_counter()
         tokens = tokens + (batch[1] >= 0).sum()
         loss, batch = train_step(model, optimizers, batch, lambda: tuple(t.to(device) for t in next_batch(step + 1)),
-                                 options)
+                                 options, loss_of)
         seconds += time.perf_counter() - t0
         if log_every and (step + 1) % log_every == 0:  # .item() waits for the device: only at log steps
             print(f"{name} step {step + 1}/{steps}: loss {loss.item():.4f} ({seconds:.0f} s)", flush=True)

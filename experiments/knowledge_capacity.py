@@ -67,15 +67,6 @@ DEFAULTS = dict(
 )
 
 
-def bio_batches(vocab, names, values, batch_size, block_size, seed):
-    def next_batch(step):
-        rng = np.random.default_rng([seed, step])
-        people = rng.integers(len(names), size=batch_size)
-        return synthetic.pad_batch([vocab.encode(words) for words in synthetic.bios_words(rng, names, values, people)],
-                                   block_size, vocab.ids["<eot>"])
-    return next_batch
-
-
 def active_params(model, vocab_size):
     """Parameters a token's forward touches (the head included): a PKM reads topk rows per head, not all."""
     n = model.num_params() + vocab_size * model.config.n_embd
@@ -122,7 +113,7 @@ def speed(cfg, size, kind):
     device = resolve_device(cfg["device"])
     vocab = synthetic.bios_vocab()
     names, values = synthetic.bios_people(cfg["n_people"], cfg["seed"])
-    batch = bio_batches(vocab, names, values, cfg["batch_size"], cfg["block_size"], cfg["seed"])(0)
+    batch = synthetic.bios_batches(vocab, names, values, cfg["batch_size"], cfg["block_size"], cfg["seed"])(0)
     model = build(cfg, size, kind, len(vocab), device)
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     fit(model, lambda step: batch, cfg["speed_warmup"], cfg["learning_rate"], device)
@@ -141,7 +132,7 @@ def train_and_recall(cfg, size, kind):
     vocab = synthetic.bios_vocab()
     names, values = synthetic.bios_people(cfg["n_people"], cfg["seed"])
     model = build(cfg, size, kind, len(vocab), device)
-    next_batch = bio_batches(vocab, names, values, cfg["batch_size"], cfg["block_size"], cfg["seed"])
+    next_batch = synthetic.bios_batches(vocab, names, values, cfg["batch_size"], cfg["block_size"], cfg["seed"])
     loss, tok_s, tokens = fit(model, next_batch, cfg["steps"], cfg["learning_rate"], device)
     accuracy, loss_bits = synthetic.recall(model, vocab, names, values, device)
     per_attribute = synthetic.bits_of_knowledge(len(names), accuracy, loss_bits)

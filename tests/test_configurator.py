@@ -61,7 +61,8 @@ def test_shipped_config_files_load_into_train_defaults():
     import train
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for path in glob.glob(os.path.join(root, "config", "*.py")):
-        if any(name in path for name in ("world", "swarm", "serve", "loops_chains", "thinking")):  # other scripts'
+        if any(name in path for name in ("world", "swarm", "serve", "loops_chains", "thinking", "distill_memory",
+                                         "residual_widths", "turing", "rl_reward_model")):  # other scripts'
             continue
         configure(train.DEFAULTS, [path])
 
@@ -75,6 +76,24 @@ def test_the_thinking_configs_load_into_thinking_defaults():
     import thinking
     for path in glob.glob(os.path.join(root, "config", "thinking_*.py")):
         configure(thinking.DEFAULTS, [path])
+
+
+def test_the_experiment_configs_load_into_their_scripts_defaults():
+    import os
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(root, "experiments"))
+    import glob
+    import distill_memory
+    import residual_widths
+    import rl_reward_model
+    import turing
+    for script, pattern in ((distill_memory, "distill_memory.py"), (residual_widths, "residual_widths.py"),
+                            (turing, "turing_*.py"), (rl_reward_model, "rl_reward_model_*.py")):
+        paths = glob.glob(os.path.join(root, "config", pattern))
+        assert paths, pattern
+        for path in paths:
+            configure(script.DEFAULTS, [path])
 
 
 def scripts_with_a_config():

@@ -112,3 +112,34 @@ def test_thinking_halting_is_compared_with_the_best_fixed_loop_count_and_drawn_b
                   str(tmp_path / "t.png"))
     assert len(figures[0].axes) == 2
     assert_labelled(figures[0])
+
+
+def test_distill_memory_trains_both_students_of_every_seed_and_labels_its_plot(tmp_path):
+    distill_memory = load_experiment("distill_memory")
+    distill_memory.main([f"--out_dir={tmp_path}", "--n_people=6", "--size=[1, 2, 16]", "--teacher_steps=3",
+                         "--steps=2", "--batch_size=4", "--block_size=64", "--memory_slots=256", "--memory_key_dim=8",
+                         "--memory_topk=2", "--val_batches=1", "--seeds=[1, 2]"])
+    result = json.loads((tmp_path / "distill_memory.json").read_text())
+    assert [(r["seed"], r["teacher"]) for r in result["students"]] == [(1, False), (1, True), (2, False), (2, True)]
+    assert result["teacher"]["params"] < result["students"][0]["params"]  # the clone holds a memory table
+    assert (tmp_path / "distill_memory.png").stat().st_size > 0
+
+
+def test_residual_widths_runs_every_variant_at_equal_cpu_time_and_labels_its_plot(tiny_data, tmp_path):
+    residual_widths = load_experiment("residual_widths")
+    residual_widths.main([f"--out_dir={tmp_path}", f"--data_dir={tiny_data / 'data'}", "--dataset=tiny",
+                          "--model={'n_layer': 2, 'n_head': 2, 'n_embd': 32, 'block_size': 16}",
+                          "--variants={'uniform': {}, 'widths + root': {'residual_widths': [16, 48], "
+                          "'residual_root': True}}", "--cpu_seconds=0.05", "--calibration_steps=1", "--eval_iters=1"])
+    result = json.loads((tmp_path / "residual_widths.json").read_text())
+    assert set(result["summary"]) == {"uniform", "widths + root"}
+    assert all(row["steps"] >= 1 and row["tokens_per_s"] > 0 for rows in result["runs"].values() for row in rows)
+    assert (tmp_path / "residual_widths.png").stat().st_size > 0
+
+
+def test_tokenizer_shim_plot_draws_every_variant_with_labelled_axes(tmp_path):
+    tokenizer_shim = load_experiment("tokenizer_shim")
+    curves = {name: [[0, 4.0], [25, 3.0], [50, 2.5]] for name in tokenizer_shim.VARIANTS}
+    fig = tokenizer_shim.plot({"curves": curves, "char_model_val_nats_per_char": 1.6}, str(tmp_path / "shim.png"))
+    assert_labelled(fig)
+    assert (tmp_path / "shim.png").stat().st_size > 0

@@ -116,7 +116,7 @@ def test_the_allow_lists_name_only_keys_the_scripts_have():
 # a path by its kind or listed here, so no path can slip past the sandbox by a new name
 WORDS = {"prepare": {"tokenizer", "text_field", "dataset"},  # dataset: a name, or a path (checked when it is one)
          "train": {"attention", "device", "dtype", "init_state", "inject", "loop_loss", "loops_sampling", "memory",
-                   "optimizer", "schedule"},
+                   "optimizer", "schedule", "train_only"},
          "world": {"act", "device", "mode"},
          "swarm": {"task", "debate", "learning", "device", "aggregators", "human_input"},
          "bench": {"device", "levers", "parts", "suite"}}
