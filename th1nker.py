@@ -150,9 +150,10 @@ class Th1nker(nn.Module):
         self.core = build_model(model_args)
         self.config = config
         C = self.core.config.n_embd
-        # the probe sees the pooled latent, the block that just ran, and the fraction of max_steps used: a fixed
+        # the probe sees the pooled latent, the block that just ran and the blocks run so far (one-hot): a fixed
         # schedule is a function of the last two, so imitation can reach it; RL then learns from the first
-        self.probe = nn.Sequential(nn.Linear(C + len(ACTIONS) + 1 + 1, 64), nn.ReLU(), nn.Linear(64, len(ACTIONS)))
+        features = C + len(ACTIONS) + 1 + config.max_steps + 1
+        self.probe = nn.Sequential(nn.Linear(features, 64), nn.ReLU(), nn.Linear(64, len(ACTIONS)))
         self.read_latent = LatentAttention(C) if config.store else None
         self.read_memory = LatentAttention(C) if config.memory else None
 
@@ -258,8 +259,8 @@ class Th1nker(nn.Module):
         """(B, 4) logits over Read/Process/Output/Stop; impossible choices masked: a run starts with Read, Stop
         needs an Output first; at max_steps - 1 blocks only Output, then only Stop."""
         pooled = norm(s.latent.detach()).mean(1)  # (B, C): the probe watches, it does not steer the latent
-        frac = (s.steps.float() / self.config.max_steps)[:, None]
-        features = torch.cat((pooled, F.one_hot(last, len(ACTIONS) + 1).float(), frac), 1)  # last: 4 = none yet
+        count = F.one_hot(s.steps.clamp_max(self.config.max_steps), self.config.max_steps + 1).float()
+        features = torch.cat((pooled, F.one_hot(last, len(ACTIONS) + 1).float(), count), 1)  # last: 4 = none yet
         logits = self.probe(features)
         allowed = torch.ones_like(logits, dtype=torch.bool)
         allowed[:, 3] &= s.has_output
@@ -319,22 +320,23 @@ def compress(thinker, idx, schedule):
 
 
 class LongTermMemory:
-    """Memory tokens kept across runs in memory.py's KNNStore (exact top-k by dot product, LRU eviction):
-    the key is the unit-normalised token, the value the token. retrieve() returns the k most similar."""
+    """Memory tokens kept across runs in memory.py's KNNStore (exact top-k by dot product, LRU eviction).
+    write(keys, tokens): the keys (unit-normalised here) are what retrieval compares a query with, e.g. the
+    ReadMemory block's own key projection of each token; retrieve() returns the k tokens of the most similar keys."""
 
-    def __init__(self, n_embd, capacity=4096):
+    def __init__(self, key_dim, n_embd, capacity=4096):
         from memory import KNNStore
-        self.store = KNNStore(capacity, n_embd, n_embd, threshold=0.0)
+        self.store = KNNStore(capacity, key_dim, n_embd, threshold=0.0)
 
     def __len__(self):
         return len(self.store)
 
-    def write(self, tokens):
-        """tokens (N, C)."""
-        self.store.write(F.normalize(tokens.detach().float(), dim=-1), tokens.detach().float())
+    def write(self, keys, tokens):
+        """keys (N, K), tokens (N, C)."""
+        self.store.write(F.normalize(keys.detach().float(), dim=-1), tokens.detach().float())
 
     def retrieve(self, queries, k):
-        """(B, k, C) the stored tokens most similar to each query (B, C)."""
+        """(B, k, C) the stored tokens whose keys are most similar (cosine) to each query (B, K)."""
         _, index = self.store.search(F.normalize(queries.detach().float(), dim=-1), k)
         self.store.touch(index)
         return self.store.values[index]

@@ -89,9 +89,9 @@ def test_probe_never_runs_past_max_steps():
 def test_imitation_learns_a_fixed_schedule():
     thinker = tiny(max_steps=12)
     opt = torch.optim.Adam(thinker.probe.parameters(), lr=1e-2)
-    teacher = looped_schedule(3)
-    x, _ = batch()
-    for _ in range(60):
+    teacher = looped_schedule(2)
+    x, _ = batch(2, 3)
+    for _ in range(30):
         _, _, loss = thinker.run_probe(x, teacher=teacher)
         opt.zero_grad()
         loss.backward()
@@ -121,13 +121,13 @@ def test_read_latent_reaches_the_stored_steps():
     assert thinker.read_latent.out.weight.grad.abs().sum() > 0
 
 
-def test_long_term_memory_returns_the_most_similar_tokens():
-    memory = LongTermMemory(n_embd=8)
-    tokens = torch.eye(8)[:5] * 3
-    memory.write(tokens)
+def test_long_term_memory_returns_the_tokens_of_the_most_similar_keys():
+    memory = LongTermMemory(key_dim=8, n_embd=3)
+    keys, tokens = torch.eye(8)[:5] * 3, torch.randn(5, 3)
+    memory.write(keys, tokens)
     got = memory.retrieve(torch.eye(8)[[3, 1]] + 0.1, k=1)  # (2, 1, C)
     assert torch.equal(got[:, 0], tokens[[3, 1]])
-    again = LongTermMemory(n_embd=8)
+    again = LongTermMemory(key_dim=8, n_embd=3)  # a later run, the store read back
     again.load_state_dict(memory.state_dict())
     assert torch.equal(again.retrieve(torch.eye(8)[[4]], k=1)[:, 0], tokens[[4]])
 
