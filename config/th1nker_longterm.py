@@ -4,7 +4,7 @@
 # episode read (gradients through the compression); tested also across runs: each episode's tokens written to a
 # long-term store (memory.py's KNNStore) saved to disk, read back, top-k retrieved by the ReadMemory block's own
 # key/query similarity. Baselines: the facts in context (R P P P O), no memory (the question alone: chance 0.1).
-# ~5 min of a core per seed.
+# ~6 min of a loaded core per seed.
 experiment = "longterm"
 n_embd = 32
 n_head = 2
@@ -13,7 +13,7 @@ init_state = "random"
 n_facts = 4
 n_names = 16
 retrieve_k = [1, 4]
-steps = 500
+steps = 400
 batch_size = 64
 learning_rate = 3e-3
 test_problems = 512

@@ -3,7 +3,7 @@
 # ReadLatent over the LatentStore (L) or one more Process (P: the same block count), and Output (a + b) mod 10 at
 # each position. Expected: without the store chance (0.1 per digit); with it, near 1.0 when the read works.
 # Gradient windows: every stored step, or the last 2 (phase b only); the bytes autograd keeps are measured.
-# ~4 min of a core per seed.
+# ~5 min of a loaded core per seed.
 experiment = "store"
 n_embd = 32
 n_head = 2
@@ -12,7 +12,7 @@ init_state = "random"
 digits = 4
 phase_steps = 3
 store_windows = [0, 2]
-steps = 400
+steps = 300
 batch_size = 64
 learning_rate = 3e-3
 test_problems = 512
