@@ -208,8 +208,11 @@ def parity_summary(table, loops):
     fixed = statistics.mean(row["fixed"][str(loops)] for row in table.values())
     probe = statistics.mean(row["probe"]["accuracy"] for row in table.values())
     blocks = statistics.mean(row["probe"]["blocks"] for row in table.values())
+    # the fixed schedule given about the probe's mean blocks: is the probe better than simply thinking less?
+    matched = min(loops, max(1, round((blocks - 1) / 2)))
     return {"fixed_accuracy": fixed, "fixed_blocks": fixed_blocks, "probe_accuracy": probe, "probe_blocks": blocks,
-            "blocks_ratio": blocks / fixed_blocks}
+            "blocks_ratio": blocks / fixed_blocks, "matched_fixed_loops": matched,
+            "matched_fixed_accuracy": statistics.mean(row["fixed"][str(matched)] for row in table.values())}
 
 
 # ----------------------------------------------------------------------------- medium-term memory
@@ -413,6 +416,9 @@ def plot_parity(result, png):
 def merge(results):
     """Runs of several seeds in one result, with mean and std of each summary number."""
     runs = {str(r["config"]["seed"]): r["runs"][str(r["config"]["seed"])] for r in results}
+    if results[0]["config"]["experiment"] == "parity":  # the summary again from the scores (its newest form)
+        for run in runs.values():
+            run["summary"] = parity_summary(run["scores"], results[0]["config"]["loops"])
     keys = next(iter(runs.values()))["summary"]
     summary = {k: {"mean": statistics.mean(run["summary"][k] for run in runs.values()),
                    "std": statistics.pstdev(run["summary"][k] for run in runs.values()),
