@@ -167,3 +167,12 @@ def test_loading_another_checkpoint_kind_is_a_clear_error(tmp_path):
     save_checkpoint(tmp_path / "plain.pt", {"model_args": ARGS, "model": {}})
     with pytest.raises(SystemExit, match="not a Th1nker checkpoint"):
         th1nker.load_thinker(tmp_path / "plain.pt")
+
+
+@pytest.mark.parametrize("backprop_steps, reaches_the_read", [(0, True), (2, False)])
+def test_truncated_backprop_stops_gradients_after_the_chosen_steps(backprop_steps, reaches_the_read):
+    thinker = tiny(backprop_steps=backprop_steps)
+    x, y = batch()
+    thinker.train().run(x, "R P P P O", y)[1].backward()  # the latent is detached after R P when truncated
+    prelude = thinker.core.blocks[0].attn.q_proj.weight.grad
+    assert (prelude is not None and prelude.abs().sum() > 0) == reaches_the_read
