@@ -383,27 +383,30 @@ def plot_parity(result, png):
     runs = result["runs"]
     loops = result["config"]["loops"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    for seed, run in runs.items():
+    for i, (seed, run) in enumerate(runs.items()):
+        color = f"C{i}"
         lengths = [int(k) for k in run["scores"]]
-        axes[0].plot(lengths, [run["scores"][str(n)]["probe"]["blocks"] for n in lengths], marker="o",
+        axes[0].plot(lengths, [run["scores"][str(n)]["probe"]["blocks"] for n in lengths], marker="o", color=color,
                      label=f"probe after RL, seed {seed}")
         axes[0].plot(lengths, [run["imitated"][str(n)]["probe"]["blocks"] for n in lengths], linestyle=":",
                      color="grey")
         axes[1].plot(lengths, [run["scores"][str(n)]["probe"]["accuracy"] for n in lengths], marker="o",
-                     label=f"probe, seed {seed}")
+                     color=color, label=f"probe, seed {seed}")
         axes[1].plot(lengths, [run["scores"][str(n)]["fixed"][str(loops)] for n in lengths], linestyle="--",
-                     label=f"fixed {2 * loops + 1} blocks, seed {seed}")
+                     color=color, label=f"fixed {2 * loops + 1} blocks, seed {seed}")
+        axes[1].plot(lengths, [run["scores"][str(n)]["fixed"]["1"] for n in lengths], linestyle=":", color=color,
+                     label=f"fixed 3 blocks (R P O), seed {seed}")
         steps = [c["step"] for c in run["rl_curve"]]
         smooth = [statistics.mean(c["reward"] for c in run["rl_curve"][max(0, i - 19):i + 1]) for i in steps]
         blocks = [statistics.mean(c["blocks"] for c in run["rl_curve"][max(0, i - 19):i + 1]) for i in steps]
-        axes[2].plot(steps, smooth, label=f"reward, seed {seed}")
+        axes[2].plot(steps, smooth, color=color, label=f"reward, seed {seed}")
         twin = axes[2].twinx() if seed == next(iter(runs)) else twin
-        twin.plot(steps, blocks, linestyle="--", alpha=0.7)
+        twin.plot(steps, blocks, linestyle="--", alpha=0.7, color=color)
     axes[0].axhline(2 * loops + 1, color="black", linewidth=0.8, label="fixed schedule")
     axes[0].set(xlabel="difficulty: bits in the row", ylabel="blocks run per row (grey dotted: after imitation)",
                 title="blocks used against difficulty")
     axes[1].set(xlabel="difficulty: bits in the row", ylabel="exact-match accuracy", ylim=(-0.02, 1.02),
-                title="accuracy: probe (solid) vs fixed schedule (dashed)")
+                title="accuracy: probe (solid), fixed 17 (dashed) and 3 blocks (dotted)")
     axes[2].set(xlabel="REINFORCE step", ylabel="reward = correct / blocks (solid, 20-step mean)",
                 title="RL on steps")
     twin.set_ylabel("mean blocks per row (dashed)")
