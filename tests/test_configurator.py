@@ -61,7 +61,7 @@ def test_shipped_config_files_load_into_train_defaults():
     import train
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for path in glob.glob(os.path.join(root, "config", "*.py")):
-        if any(name in path for name in ("world", "swarm", "serve", "loops_chains", "thinking")):  # other scripts'
+        if any(name in path for name in ("world", "swarm", "serve", "loops_chains", "thinking", "th1nker")):  # other scripts'
             continue
         configure(train.DEFAULTS, [path])
 

@@ -176,3 +176,19 @@ def test_truncated_backprop_stops_gradients_after_the_chosen_steps(backprop_step
     thinker.train().run(x, "R P P P O", y)[1].backward()  # the latent is detached after R P when truncated
     prelude = thinker.core.blocks[0].attn.q_proj.weight.grad
     assert (prelude is not None and prelude.abs().sum() > 0) == reaches_the_read
+
+
+def test_the_th1nker_configs_load_into_the_experiment_defaults():
+    import glob
+    import importlib.util
+    import os
+    from configurator import configure
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # experiments/th1nker.py shares the module's name: load it under another
+    spec = importlib.util.spec_from_file_location("th1nker_experiment", os.path.join(root, "experiments", "th1nker.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    paths = glob.glob(os.path.join(root, "config", "th1nker_*.py"))
+    assert len(paths) == 3
+    for path in paths:
+        configure(script.DEFAULTS, [path])
