@@ -62,7 +62,8 @@ def test_shipped_config_files_load_into_train_defaults():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for path in glob.glob(os.path.join(root, "config", "*.py")):
         if any(name in path for name in ("world", "swarm", "serve", "loops_chains", "thinking", "distill_memory",
-                                         "residual_widths", "turing", "rl_reward_model")):  # other scripts'
+                                         "residual_widths", "turing", "rl_reward_model",
+                                         "th1nker")):  # other scripts'
             continue
         configure(train.DEFAULTS, [path])
 
