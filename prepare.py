@@ -301,7 +301,7 @@ def build(cfg):
         print(f"{out_dir} is up to date ({old['train_tokens']:,} train / {old['val_tokens']:,} val tokens); "
               f"--force=True rebuilds")
         return out_dir
-    lock = claim_out_dir(out_dir, resuming=True)  # one prepare per data folder
+    lock = claim_out_dir(out_dir, resuming=True, option="--data_dir")  # one prepare per data folder
     try:
         counts, dtype, n_docs = write_bins(streams, tokenizer, out_dir, cfg["val_fraction"], cfg["max_tokens"],
                                            cfg["num_threads"])

@@ -118,7 +118,7 @@ def progress(total=None, desc=None, unit="it", initial=0, interval=30.0, disable
 
 # ----------------------------------------------------------------------------- one run per out_dir
 
-def claim_out_dir(out_dir, resuming, overwrite=False, run_files=("ckpt.pt", "metrics.jsonl")):
+def claim_out_dir(out_dir, resuming, overwrite=False, run_files=("ckpt.pt", "metrics.jsonl"), option="--out_dir"):
     """Lock out_dir for this process and check a fresh run may start there; returns the held lock.
 
     The lock is an flock on out_dir/.lock: the kernel drops it when the process dies, however it dies,
@@ -129,7 +129,8 @@ def claim_out_dir(out_dir, resuming, overwrite=False, run_files=("ckpt.pt", "met
         os.makedirs(out_dir, exist_ok=True)
         lock = open(os.path.join(out_dir, ".lock"), "a+")
     except OSError as e:  # read-only, a file in the way, no space: say which folder, not a traceback
-        raise SystemExit(f"cannot write to {out_dir} ({e.strerror or e}): choose a folder you can write to") from None
+        raise SystemExit(f"cannot write to {out_dir} ({e.strerror or e}): give {option} a folder you can write "
+                         f"to") from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

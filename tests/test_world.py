@@ -157,7 +157,7 @@ def unwritable_folder(tmp_path):
 
 def test_a_read_only_out_dir_is_a_clear_error_not_a_traceback(tmp_path):
     start = save_tiny_policy(tmp_path / "start.pt")
-    with pytest.raises(SystemExit, match="cannot write to .*choose a folder you can write to"):
+    with pytest.raises(SystemExit, match="cannot write to .*give --out_dir a folder you can write to"):
         world.run(tiny_run_config(tmp_path, init_from=start, out_dir=unwritable_folder(tmp_path)))
 
 
