@@ -122,8 +122,9 @@ def check_config(cfg):
         raise SystemExit(f"dropout must be in [0, 1), got {cfg['dropout']}")
     if cfg["compile_options"] and not cfg["compile"]:
         raise SystemExit("compile_options are torch.compile's: set compile=True too")
-    if cfg["ce_chunks"] and cfg["teacher"]:
-        raise SystemExit("ce_chunks (the fused chunked loss) makes no logits for distillation: set ce_chunks=0")
+    for fused in ("ce_chunks", "liger_ce"):
+        if cfg[fused] and cfg["teacher"]:
+            raise SystemExit(f"{fused} (a fused head + loss) makes no logits for distillation: turn {fused} off")
     if cfg["distill_temperature"] <= 0:
         raise SystemExit(f"distill_temperature must be positive, got {cfg['distill_temperature']}")
     if cfg["init_from"] == "scratch":  # the model's options too, before overwrite=True moves an old run aside

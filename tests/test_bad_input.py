@@ -31,6 +31,7 @@ CASES = [
     # train.py
     ("train", [*TRAIN, "--batch_size=0"], "batch_size must be at least 1"),
     ("train", [*TRAIN, "--overwrite=True", "--n_head=3"], "bad model shape"),  # the old run stays where it is
+    ("train", [*TRAIN, "--liger_ce=True", "--teacher={run}"], "liger_ce (a fused head + loss) makes no logits"),
     ("train", [*TRAIN, "--out_dir={tmp}/ok.txt/run"], "cannot write to"),
     ("prepare", ["--dataset={tmp}/ok.txt", "--name=x", "--data_dir={tmp}/ok.txt"], "cannot write to"),
     ("train", [*TRAIN, "--eval_interval=0"], "eval_interval must be at least 1"),
