@@ -5,7 +5,7 @@ model that runs more loops at test time solve harder problems than it was traine
     parity   running parity of a bit string: the target at every position is the XOR of the bits up to it.
              Difficulty: the string's length (a local operator needs one more step per position).
     chains   variable chains at a fixed length: statements `a b` (a takes b's value) and `c 7` (c is 7),
-             shuffled, then `? a` and the value of a. Difficulty: the hops from the asked variable to its
+             shuffled, then `? a` and the value of a; with separators each statement ends with `;`. Difficulty: the hops from the asked variable to its
              number. Every problem of a task has the same length however many hops it asks, so "harder" never
              means "longer"; the other statements are distractor chains.
     addition reversed multi-digit addition, `a + b =` then the sum, digits least significant first.
@@ -37,44 +37,60 @@ def parity_batch(batch_size, length, generator, device="cpu"):
 
 # ----------------------------------------------------------------------------- variable chains
 
-def chains_vocab(n_vars):
-    """Token ids: digits 0-9, then the variables, then '?' (the query) and END."""
-    return {"digits": 10, "vars": n_vars, "query": 10 + n_vars, "end": 11 + n_vars, "size": 12 + n_vars}
+def chains_vocab(n_vars, separators=False):
+    """Token ids: digits 0-9, then the variables, then '?' (the query) and END, then ';' with separators."""
+    vocab = {"digits": 10, "vars": n_vars, "query": 10 + n_vars, "end": 11 + n_vars, "size": 12 + n_vars}
+    return vocab | {"sep": 12 + n_vars, "size": 13 + n_vars} if separators else vocab
 
 
-def chains_problem(hops, n_statements, n_vars, rng, max_distractor=6):
-    """One problem as (tokens, answer): n_statements statements (two tokens each) in random order, the
-    query `? v` and END. v's chain has `hops` statements (hops - 1 pointers, then its number); the rest are
-    distractor chains of 1..max_distractor statements. hops <= n_statements <= n_vars."""
-    vocab = chains_vocab(n_vars)
+def chains_problem(hops, n_statements, n_vars, rng, max_distractor=6, separators=False):
+    """One problem as (tokens, answer, values): n_statements statements (two tokens each, three with separators)
+    in random order, the query `? v` and END; values[i] is the value of the variable that the statement ending
+    at token i defines (-1 at other tokens). v's chain has `hops` statements (hops - 1 pointers, then its
+    number); the rest are distractor chains of 1..max_distractor statements. hops <= n_statements <= n_vars.
+    Why separators: read both ways, `a b c d` does not say whether `b c` is a statement; rotary attention sees
+    relative positions only, so without a mark a position cannot tell a statement's name from its value, and a
+    lookup of b matches every b. `a b ; c d ;` puts the role one position away, where attention sees it."""
+    vocab = chains_vocab(n_vars, separators)
     names = [10 + i for i in rng.sample(range(n_vars), n_statements)]  # every statement defines its own variable
     lengths, left = [hops], n_statements - hops
     while left:
         lengths.append(min(left, rng.randint(1, max_distractor)))
         left -= lengths[-1]
-    statements, start, answer = [], 0, None
+    statements, start, answer, value_of = [], 0, None, {}
     for length in lengths:
         chain = names[start:start + length]  # chain[0] is asked about (for the first chain); chain[-1] holds a number
         start += length
         value = rng.randrange(10)
         answer = value if answer is None else answer
         statements += [(a, b) for a, b in zip(chain, chain[1:])] + [(chain[-1], value)]
+        value_of.update((name, value) for name in chain)
     rng.shuffle(statements)
-    tokens = [t for pair in statements for t in pair] + [vocab["query"], names[0], vocab["end"]]
-    return tokens, answer
+    tokens, values = [], []
+    for name, rhs in statements:
+        said = [name, rhs] + ([vocab["sep"]] if separators else [])
+        tokens += said
+        values += [-1] * (len(said) - 1) + [value_of[name]]
+    tokens += [vocab["query"], names[0], vocab["end"]]
+    return tokens, answer, values + [-1] * 3
 
 
-def chains_batch(batch_size, hops, n_statements, n_vars, rng, device="cpu"):
-    """x (B, 2 n + 4): the problem, END, then the answer; y scores only the answer (predicted at END).
-    hops: an int, or a (low, high) range drawn per problem."""
-    rows, answers = [], []
+def chains_batch(batch_size, hops, n_statements, n_vars, rng, device="cpu", separators=False, every_statement=False):
+    """x (B, 2 n + 4; 3 n + 4 with separators): the problem, END, then the answer; y scores the answer
+    (predicted at END) and, with every_statement, each statement's variable's value at the statement's last
+    token. hops: an int, or a (low, high) range drawn per problem.
+    Why every_statement: the query alone gives one scored token per problem, and the models sat on the guess
+    plateau for thousands of steps; scoring every variable is the running-parity shape (a target at every
+    position, some one step away, some many), the dense signal the looped models of Bansal et al. learn from.
+    The problem positions never see the answer token (it follows END, which the prefix-LM reads causally)."""
+    rows, targets = [], []
     for _ in range(batch_size):
         h = hops if isinstance(hops, int) else rng.randint(*hops)
-        tokens, answer = chains_problem(h, n_statements, n_vars, rng)
+        tokens, answer, values = chains_problem(h, n_statements, n_vars, rng, separators=separators)
         rows.append(tokens + [answer])
-        answers.append(answer)
+        targets.append(values + [-1] if every_statement else [-1] * (len(tokens) + 1))
     x = torch.tensor(rows)
-    y = torch.full_like(x, -1)
+    y = torch.tensor(targets)
     y[:, -2] = x[:, -1]  # at END the model says the value
     return x.to(device), y.to(device)
 

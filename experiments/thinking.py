@@ -76,6 +76,8 @@ DEFAULTS = dict(
     # chains
     n_statements=16,
     n_vars=24,
+    separators=False,         # each statement ends with `;`, so a position can tell a name from a value
+    every_statement=False,    # training scores every statement's variable's value, not only the asked one
     train_hops=[1, 4],
     test_hops=[1, 2, 4, 6, 8, 12],
     # addition
@@ -102,15 +104,17 @@ def task_spec(cfg):
         block = max(cfg["test_lengths"] + [cfg["train_length"]]) + 1  # BOS
         return problems.PARITY_VOCAB, block, -1, cfg["test_lengths"], train_batch, test_batch
     if cfg["task"] == "chains":
-        vocab = problems.chains_vocab(cfg["n_vars"])
+        vocab, sep = problems.chains_vocab(cfg["n_vars"], cfg["separators"]), cfg["separators"]
 
         def train_batch(rng, gen):
             return problems.chains_batch(cfg["batch_size"], tuple(cfg["train_hops"]), cfg["n_statements"],
-                                         cfg["n_vars"], rng, device)
+                                         cfg["n_vars"], rng, device, separators=sep,
+                                         every_statement=cfg["every_statement"])
 
         def test_batch(hops, n, rng, gen):
-            return problems.chains_batch(n, hops, cfg["n_statements"], cfg["n_vars"], rng, device)
-        return vocab["size"], 2 * cfg["n_statements"] + 4, vocab["end"], cfg["test_hops"], train_batch, test_batch
+            return problems.chains_batch(n, hops, cfg["n_statements"], cfg["n_vars"], rng, device, separators=sep)
+        block = (3 if sep else 2) * cfg["n_statements"] + 4
+        return vocab["size"], block, vocab["end"], cfg["test_hops"], train_batch, test_batch
     if cfg["task"] == "addition":
         vocab = problems.addition_vocab()
 

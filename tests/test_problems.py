@@ -6,11 +6,11 @@ import torch
 import problems
 
 
-def resolve(tokens, n_vars):
+def resolve(tokens, n_vars, separators=False):
     """The value of the asked variable, by following the statements (the reference solver)."""
-    vocab = problems.chains_vocab(n_vars)
-    query = tokens.index(vocab["query"])
-    table = dict(zip(tokens[:query:2], tokens[1:query:2]))
+    vocab = problems.chains_vocab(n_vars, separators)
+    query, width = tokens.index(vocab["query"]), 3 if separators else 2
+    table = dict(zip(tokens[:query:width], tokens[1:query:width]))
     v, hops = tokens[query + 1], 0
     while v >= 10:
         v, hops = table[v], hops + 1
@@ -26,6 +26,29 @@ def test_chain_problems_ask_the_hops_they_say_at_one_fixed_length():
             value, seen = resolve(row[:-1], 20)
             assert (value, seen) == (row[-1], hops) and target[-2] == value
             assert all(t == -1 for i, t in enumerate(target) if i != len(row) - 2)
+
+
+def test_separators_end_every_statement_and_keep_the_answer():
+    rng = random.Random(1)
+    vocab = problems.chains_vocab(20, separators=True)
+    x, y = problems.chains_batch(20, 5, 12, 20, rng, separators=True)
+    assert x.shape == (20, 3 * 12 + 4) and vocab["size"] == problems.chains_vocab(20)["size"] + 1
+    for row, target in zip(x.tolist(), y.tolist()):
+        assert row[2:36:3] == [vocab["sep"]] * 12 and vocab["sep"] not in row[36:]
+        assert resolve(row[:-1], 20, separators=True) == (row[-1], 5) and target[-2] == row[-1]
+
+
+def test_every_statement_scores_each_variable_at_its_statement_end_and_the_answer_at_end():
+    rng = random.Random(2)
+    x, y = problems.chains_batch(10, 4, 12, 20, rng, separators=True, every_statement=True)
+    for row, target in zip(x.tolist(), y.tolist()):
+        table = dict(zip(row[:36:3], row[1:36:3]))
+        for i in range(12):
+            value = row[3 * i]
+            while value >= 10:
+                value = table[value]
+            assert target[3 * i:3 * i + 3] == [-1, -1, value]  # scored on `;`, the statement's last token
+        assert target[36:] == [-1, -1, row[-1], -1]  # `?`, the asked name, END says the answer
 
 
 def test_running_parity_is_the_xor_of_the_bits_so_far_after_a_bos():
