@@ -78,6 +78,8 @@ DEFAULTS = dict(
     n_vars=24,
     separators=False,         # each statement ends with `;`, so a position can tell a name from a value
     every_statement=False,    # training scores every statement's variable's value, not only the asked one
+    train_statements=[],      # problem sizes training draws from, one per batch (empty: n_statements only); the test
+                              # is always n_statements long. Small problems make the lookup easy to find first
     train_hops=[1, 4],
     test_hops=[1, 2, 4, 6, 8, 12],
     # addition
@@ -105,10 +107,14 @@ def task_spec(cfg):
         return problems.PARITY_VOCAB, block, -1, cfg["test_lengths"], train_batch, test_batch
     if cfg["task"] == "chains":
         vocab, sep = problems.chains_vocab(cfg["n_vars"], cfg["separators"]), cfg["separators"]
+        sizes = cfg["train_statements"] or [cfg["n_statements"]]
+        if not all(1 <= n <= cfg["n_statements"] for n in sizes):
+            raise SystemExit(f"train_statements={sizes} must lie in 1..n_statements={cfg['n_statements']}")
 
         def train_batch(rng, gen):
-            return problems.chains_batch(cfg["batch_size"], tuple(cfg["train_hops"]), cfg["n_statements"],
-                                         cfg["n_vars"], rng, device, separators=sep,
+            n = rng.choice(sizes)
+            hops = tuple(min(h, n) for h in cfg["train_hops"])  # a small problem holds chains of n hops at most
+            return problems.chains_batch(cfg["batch_size"], hops, n, cfg["n_vars"], rng, device, separators=sep,
                                          every_statement=cfg["every_statement"])
 
         def test_batch(hops, n, rng, gen):
@@ -185,6 +191,7 @@ def run_model(name, cfg, spec):
     model = build_model(model_options(cfg, name, vocab_size, block_size, end_token)).to(cfg["device_obj"])
     rng, gen = random.Random(cfg["seed"]), torch.Generator().manual_seed(cfg["seed"])
     if cfg["compile"]:
+        torch._dynamo.config.recompile_limit = 64  # a graph per problem size and grad mode; past 8 it runs eager
         for block in model.blocks:
             block.compile(dynamic=False)
     batches = {}
