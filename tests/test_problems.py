@@ -1,6 +1,7 @@
 """problems.py: the thinking experiments' tasks give the answers their rules say, at the lengths they promise."""
 import random
 
+import pytest
 import torch
 
 import problems
@@ -73,3 +74,22 @@ def test_exact_match_needs_every_scored_position():
     y = torch.tensor([[-1, 1, 0], [-1, 1, 1]])
     logits = torch.nn.functional.one_hot(torch.tensor([[0, 1, 0], [0, 1, 0]]), 2).float()
     assert problems.exact_match(logits, y).tolist() == [True, False]
+
+
+def test_thinking_trains_chains_on_a_mix_of_sizes_and_tests_at_the_full_size():
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "thinking.py")
+    spec = importlib.util.spec_from_file_location("thinking", path)
+    thinking = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(thinking)
+    cfg = thinking.DEFAULTS | dict(task="chains", n_statements=8, n_vars=12, separators=True, train_hops=[1, 6],
+                                   train_statements=[2, 8], batch_size=4, device_obj=torch.device("cpu"))
+    vocab_size, block, end, _, train_batch, test_batch = thinking.task_spec(cfg)
+    assert block == 3 * 8 + 4
+    rng = random.Random(0)
+    lengths = {train_batch(rng, None)[0].size(1) for _ in range(20)}
+    assert lengths == {3 * 2 + 4, 3 * 8 + 4}  # two sizes in training (a 2-statement problem holds <= 2 hops)
+    assert test_batch(6, 4, rng, None)[0].size(1) == block
+    with pytest.raises(SystemExit, match="train_statements"):
+        thinking.task_spec(cfg | dict(train_statements=[9]))
