@@ -36,7 +36,7 @@ def test_the_readme_opens_with_two_set_up_commands_and_ci_runs_the_second():
     first, second = readme_commands()  # exactly two
     assert first.startswith("pip install -r requirements.txt && python prepare.py && python train.py "
                             "config/cpu_quick.py --overwrite=True && python sample.py")
-    assert second == "pip install -r requirements-dev.txt && python -m pytest -q tests"
+    assert second == "pip install -r requirements-dev.txt && python -m pytest -q -n 2 --dist loadfile tests"
     with open(os.path.join(ROOT, ".ci", "run")) as f:
         assert second in f.read().splitlines()
 
