@@ -54,16 +54,38 @@ def resolve_dtype(name, device):
 
 # ----------------------------------------------------------------------------- CPU threads
 
+def busy_cores(seconds=0.2):
+    """How many cores are busy now: the machine's non-idle CPU time over `seconds` (Linux's /proc/stat), or
+    None where there is no /proc/stat. Why not the load average: it trails by a minute both ways, so right
+    after a job (a training run, then sample.py) an idle 2-core machine still reads as half busy, and
+    threads=0 took one thread where two trained 1.55x faster (BENCHMARKS.md, "CPU threads")."""
+    def cpu_times():
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        return fields[3] + fields[4], sum(fields[:8])  # idle + iowait, all but guest time
+    try:
+        idle0, total0 = cpu_times()
+        time.sleep(seconds)
+        idle1, total1 = cpu_times()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return (1 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1)
+
+
 def auto_threads(processes=1):
-    """What threads=0 means: OMP_NUM_THREADS when it is set, else the cores this process may run on that the
-    load average leaves idle, shared among `processes`, and at least 1. torch's default takes every core,
-    and its threads wait on each other at every operation: on a busy 2-core machine cpu_quick's training ran
-    15x slower on 2 threads than on 1 (BENCHMARKS.md, "CPU threads")."""
+    """What threads=0 means: OMP_NUM_THREADS when it is set, else the cores this process may run on that
+    others leave idle (busy_cores, or the load average without /proc/stat), shared among `processes`, and at
+    least 1. torch's default takes every core, and its threads wait on each other at every operation: on a
+    busy 2-core machine cpu_quick's training ran 15x slower on 2 threads than on 1 (BENCHMARKS.md)."""
     if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
         return max(1, int(os.environ["OMP_NUM_THREADS"]) // processes)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    idle = cores - os.getloadavg()[0] if hasattr(os, "getloadavg") else cores
-    return max(1, min(cores, round(idle)) // processes)
+    busy = busy_cores()
+    if busy is None:
+        busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(cores, round(cores - busy)) // processes)
 
 
 def set_threads(threads):

@@ -58,6 +58,7 @@ DEFAULTS = dict(
     rl_steps=400,
     rl_learning_rate=3e-3,
     rl_batch=128,
+    step_cost=0.0,            # > 0: reward correct - step_cost x blocks instead of note 004's correct / blocks
     max_steps=32,             # the probe's cap on blocks per row
     test_problems=512,
     # store
@@ -142,7 +143,8 @@ def score_parity(thinker, cfg, lengths_to_test):
 
 
 def train_probe(thinker, cfg, gen):
-    """Imitation of (R P) x loops O S, then REINFORCE (reward correct / blocks, a running-mean baseline).
+    """Imitation of (R P) x loops O S, then REINFORCE (reward correct / blocks, or correct - step_cost x blocks;
+    a running-mean baseline).
     Returns the RL curve: per logged step mean reward, mean blocks, accuracy."""
     opt = torch.optim.Adam(thinker.probe.parameters(), lr=cfg["rl_learning_rate"])
     teacher = looped_schedule(cfg["loops"])
@@ -160,9 +162,9 @@ def train_probe(thinker, cfg, gen):
         thinker.eval()  # the blocks as trained (no noise); the probe samples its choices
         s, logp, _ = thinker.run_probe(x, sample=True)
         correct = problems.exact_match(s.logits, y)
-        reward_mean = (correct.float() / s.steps.float()).mean().item()
+        reward_mean = th1nker.step_reward(correct, s.steps, cfg["step_cost"]).mean().item()
         baseline = reward_mean if baseline is None else 0.9 * baseline + 0.1 * reward_mean
-        loss, reward = th1nker.reinforce_loss(logp, correct, s.steps, baseline)
+        loss, reward = th1nker.reinforce_loss(logp, correct, s.steps, baseline, cfg["step_cost"])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -407,7 +409,9 @@ def plot_parity(result, png):
                 title="blocks used against difficulty")
     axes[1].set(xlabel="difficulty: bits in the row", ylabel="exact-match accuracy", ylim=(-0.02, 1.02),
                 title="accuracy: probe (solid), fixed 17 (dashed) and 3 blocks (dotted)")
-    axes[2].set(xlabel="REINFORCE step", ylabel="reward = correct / blocks (solid, 20-step mean)",
+    cost = result["config"].get("step_cost", 0.0)
+    reward_name = f"correct - {cost:g} x blocks" if cost > 0 else "correct / blocks"
+    axes[2].set(xlabel="REINFORCE step", ylabel=f"reward = {reward_name} (solid, 20-step mean)",
                 title="RL on steps")
     twin.set_ylabel("mean blocks per row (dashed)")
     for ax in axes:

@@ -189,6 +189,12 @@ def test_the_th1nker_configs_load_into_the_experiment_defaults():
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     paths = glob.glob(os.path.join(root, "config", "th1nker_*.py"))
-    assert len(paths) == 3
+    assert len(paths) == 4
     for path in paths:
         configure(script.DEFAULTS, [path])
+
+
+def test_the_step_reward_is_correct_over_steps_or_correct_less_a_price_per_step():
+    correct, steps = torch.tensor([True, True, False]), torch.tensor([2, 16, 4])
+    assert th1nker.step_reward(correct, steps).tolist() == [0.5, 0.0625, 0.0]
+    assert torch.allclose(th1nker.step_reward(correct, steps, step_cost=0.01), torch.tensor([0.98, 0.84, -0.04]))

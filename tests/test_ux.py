@@ -117,14 +117,26 @@ def test_the_quickstart_runs_twice_into_the_same_out_dir(tiny_data, capsys):
     (None, 16, 3.2, 1, 13),
     (None, 2, 0.1, 8, 1),     # eight workers on two cores: one thread each
 ])
-def test_automatic_threads_take_the_cores_the_load_leaves_idle(monkeypatch, omp, cores, load, processes, expected):
+@pytest.mark.parametrize("measured", ["now", "load_average"])
+def test_automatic_threads_take_the_cores_the_load_leaves_idle(monkeypatch, omp, cores, load, processes, expected,
+                                                               measured):
     if omp is None:
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     else:
         monkeypatch.setenv("OMP_NUM_THREADS", omp)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
-    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    if measured == "now":  # the busy cores of the last instant; the load average (a minute behind) is not read
+        monkeypatch.setattr(runtime, "busy_cores", lambda: load)
+        monkeypatch.setattr(os, "getloadavg", lambda: (99.0, 99.0, 99.0))
+    else:  # no /proc/stat (macOS): the load average
+        monkeypatch.setattr(runtime, "busy_cores", lambda: None)
+        monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
     assert runtime.auto_threads(processes) == expected
+
+
+def test_busy_cores_reads_the_machine_now():
+    busy = runtime.busy_cores(0.05)
+    assert busy is None or 0 <= busy <= os.cpu_count()
 
 
 def test_set_threads_sets_torch_and_takes_no_more_than_its_default(monkeypatch):
