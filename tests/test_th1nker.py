@@ -189,7 +189,7 @@ def test_the_th1nker_configs_load_into_the_experiment_defaults():
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     paths = glob.glob(os.path.join(root, "config", "th1nker_*.py"))
-    assert len(paths) == 4
+    assert len(paths) == 3
     for path in paths:
         configure(script.DEFAULTS, [path])
 
