@@ -752,15 +752,15 @@ def swarm_learning(monkeypatch):
     return importlib.import_module("swarm_learning")
 
 
-def test_the_swarm_learning_experiment_runs_its_main_parts_at_a_tiny_size(tmp_path, monkeypatch):
+def test_the_swarm_learning_experiment_runs_its_main_parts_at_a_tiny_size(tmp_path, monkeypatch, tiny_policy):
     """learning and throughput end to end (messages has its own test below; guide and equal reuse the same runner
-    and are left out to keep the suite within CI's minutes)."""
+    and are left out to keep the suite within CI's minutes; arith starts from a given worker, rooms imitates)."""
     experiment = swarm_learning(monkeypatch)
     tiny = {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 192, "imitation_episodes": 40, "imitation_iters": 2,
             "clone_iters": 2, "imitation_batch_size": 2}
     out = tmp_path / "exp"
     experiment.main([f"--out={out}", "--parts=['learning', 'throughput']", "--goals=2", "--workers=1",
-                     "--eval_goals=2", "--throughput_workers=[1]", "--throughput_goals=1"]
+                     "--eval_goals=2", "--throughput_workers=[1]", "--throughput_goals=1", f"--worker_ckpt={tiny_policy}"]
                     + [f"--{role}={tiny | {'block_size': 256} if 'rooms' in role else tiny}"
                        for role in ("arith_worker", "rooms_worker")])
     report = json.loads((out / "swarm_learning.json").read_text())
