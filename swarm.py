@@ -12,7 +12,7 @@ proposals and revise, and an aggregator (or a human, at the terminal or on serve
 
 The run: config -> workers -> goals (each: propose, debate, verify, aggregate, decide) -> learning from
 the outcomes -> summary. The pieces around it, each a module:
-    swarm_worker.py    the worker program (python swarm_worker.py): a policy checkpoint serving the protocol
+    swarm_worker.py    the worker program (python swarm_worker.py): swarm_agent.py's policy serving the protocol
     swarm_protocol.py  what the coordinator and the workers say to each other (JSON lines; its docstring)
     swarm_console.py   a person in the loop (--human)
     processes.py       children in their own process groups that never outlive the coordinator
@@ -125,7 +125,7 @@ DEFAULTS = dict(
                                   # "ssh host {python} {worker}"; empty: a local subprocess
     backend="subprocess",         # subprocess (worker_command) | ray: the workers as Ray actors (swarm_ray.py)
     ray_address="",               # backend=ray: "" starts a local Ray; host:port, ray://host:port or auto a cluster
-    ray_agent="swarm_worker:ModelAgent",  # backend=ray: the agent each actor runs (module:Class)
+    ray_agent="swarm_agent:ModelAgent",  # backend=ray: the agent each actor runs (module:Class)
     human=False,                  # pause after each goal: accept / edit / reject / stop, set the next goal,
                                   # broadcast a message or a hint, pause / resume
     human_input="stdin",          # where the person's answers come from: stdin (the terminal) | file

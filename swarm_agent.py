@@ -1,9 +1,7 @@
 """
-One swarm worker: a world policy checkpoint that serves swarm_protocol.py over stdin/stdout. swarm.py
-starts it as a child process (`python swarm_worker.py`, or any command that runs it: worker_command),
-sends a hello, then goals, messages, scores, learning and saves, until stop.
-
-    python swarm_worker.py        # speaks the protocol on stdin/stdout; stderr is its log
+What one swarm worker does: a world policy checkpoint (ModelAgent) that serves swarm_protocol.py over a pair of
+line streams (serve). swarm_worker.py runs it on stdin/stdout as a child process of swarm.py; swarm_ray.py runs
+it in a Ray actor. The coordinator sends a hello, then goals, messages, scores, learning and saves, until stop.
 
 It plays each goal with its own seed and temperature, scores and revises proposals with its model, and
 learns from shared experience with policy.py's expert-iteration pieces (replay buffer, gradient steps)
@@ -225,15 +223,3 @@ def serve(stdin, stdout, make_agent=ModelAgent):
         else:
             send(stdout, answer(agent, msg))
     return 0
-
-
-def main(make_agent=ModelAgent):
-    """The worker program: the protocol on a private copy of stdout, everything else printed to stderr."""
-    protocol_out = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # a stray print lands in the log, not the protocol
-    sys.stdout = sys.stderr
-    return serve(sys.stdin, protocol_out, make_agent)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

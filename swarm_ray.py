@@ -1,7 +1,7 @@
 """
 Swarm workers as Ray actors (swarm.py --backend=ray): a local Ray by default, a cluster with ray_address.
 
-The transport behind swarm.py's Pool, beside its subprocesses: each actor runs swarm_worker.serve, the worker
+The transport behind swarm.py's Pool, beside its subprocesses: each actor runs swarm_agent.serve, the worker
 program's own loop, over in-memory lines instead of a process's pipes. The coordinator sends the same JSON
 messages (`send`) and reads the same replies (`read`, called again and again from one thread per actor, as a
 subprocess's stdout is read), so the protocol, the aggregation, the learning and the fault handling are
@@ -9,7 +9,7 @@ swarm.py's, unchanged: an actor that dies (its process crashed, or its loop ende
 or prints what is not protocol (a line over the cap included) is killed and started again once, then dropped.
 What the agent prints to stderr comes back with its replies into out_dir/<role>_<i>.log.
 
-`ray_agent` ("module:Class", swarm_worker:ModelAgent by default: a policy checkpoint) is the agent each actor
+`ray_agent` ("module:Class", swarm_agent:ModelAgent by default: a policy checkpoint) is the agent each actor
 runs, as worker_command names the program a subprocess runs (tests run tests/swarm_fakes.py's FakeAgent).
 Each actor asks Ray for `threads` CPUs, and on device=cuda for a share of a GPU (Ray then sets its
 CUDA_VISIBLE_DEVICES); actors are spread over the nodes. On a cluster every node needs µLM's code, its
@@ -31,7 +31,7 @@ import threading
 import traceback
 
 import processes
-import swarm_worker
+import swarm_agent
 from swarm_protocol import MAX_LINE_BYTES
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -43,7 +43,7 @@ MAX_LOG_CHARS = 1 << 20     # stderr an actor keeps for the coordinator between 
 # ----------------------------------------------------------------------------- the actor's streams
 
 class Lines:
-    """The worker's input: lines put by the coordinator, read as swarm_worker.serve reads a stdin."""
+    """The worker's input: lines put by the coordinator, read as swarm_agent.serve reads a stdin."""
 
     def __init__(self):
         self.lines, self.ready = [], threading.Condition()
@@ -108,7 +108,7 @@ class Output:
 
 
 class Log:
-    """The actor's stderr (and stray stdout, as swarm_worker.main sends it there): written to Ray's log as
+    """The actor's stderr (and stray stdout, as swarm_worker.py sends it there): written to Ray's log as
     before, and kept for the coordinator, which appends it to out_dir/<role>_<i>.log."""
 
     def __init__(self, stream):
@@ -130,7 +130,7 @@ class Log:
 
 
 class WorkerActor:
-    """One swarm worker in a Ray actor (ray.remote wraps it when Ray is connected): swarm_worker.serve in a
+    """One swarm worker in a Ray actor (ray.remote wraps it when Ray is connected): swarm_agent.serve in a
     thread, over in-memory lines; the coordinator calls `send` and `read`."""
 
     def __init__(self, agent):
@@ -142,7 +142,7 @@ class WorkerActor:
     def serve(self, make_agent):
         reason = None
         try:
-            code = swarm_worker.serve(self.inbox, self.outbox, make_agent)
+            code = swarm_agent.serve(self.inbox, self.outbox, make_agent)
             reason = f"its worker loop ended with code {code}"
         except BaseException as e:  # a bug in the agent: a subprocess would die with this traceback
             traceback.print_exc()
@@ -184,7 +184,7 @@ def agent_paths(agent):
     string saying why the agent cannot be found here."""
     module, _, name = agent.partition(":")
     if not module or not name.isidentifier():
-        return f"ray_agent={agent!r} is not module:Class (e.g. swarm_worker:ModelAgent)"
+        return f"ray_agent={agent!r} is not module:Class (e.g. swarm_agent:ModelAgent)"
     try:
         spec = importlib.util.find_spec(module)
     except (ImportError, ValueError) as e:

@@ -90,9 +90,7 @@ def test_no_script_imports_another_script():
         found += [(os.path.relpath(path, ROOT), name) for name in names & scripts
                   if name != os.path.basename(path)[:-3]]
     assert "plot" in scripts and not [f for f in found if f[1] == "plot"]
-    # swarm_ray.py (the Ray transport, from issue 30) runs the worker program's own serve loop in an actor: the one
-    # import left to move (serve and ModelAgent into a module both import)
-    assert found == [("swarm_ray.py", "swarm_worker")]
+    assert found == []
 
 
 def test_the_quickstart_runs_twice_into_the_same_out_dir(tiny_data, capsys):
