@@ -5,8 +5,8 @@ model that runs more loops at test time solve harder problems than it was traine
     parity   running parity of a bit string: the target at every position is the XOR of the bits up to it.
              Difficulty: the string's length (a local operator needs one more step per position).
     chains   variable chains at a fixed length: statements `a b` (a takes b's value) and `c 7` (c is 7),
-             shuffled, then `? a` and the value of a; with separators each statement ends with `;`. Difficulty: the hops from the asked variable to its
-             number. Every problem of a task has the same length however many hops it asks, so "harder" never
+             shuffled, then `? a` and the value of a; with separators each statement ends with `;`.
+             Difficulty: the hops from the asked variable to its number. Every problem of a task has the same length however many hops it asks, so "harder" never
              means "longer"; the other statements are distractor chains.
     addition reversed multi-digit addition, `a + b =` then the sum, digits least significant first.
              Difficulty: the digits of the operands (the carry travels one digit per step).

@@ -54,15 +54,25 @@ def resolve_dtype(name, device):
 
 # ----------------------------------------------------------------------------- CPU threads
 
-def busy_cores(seconds=0.2):
-    """How many cores are busy now: the machine's non-idle CPU time over `seconds` (Linux's /proc/stat), or
-    None where there is no /proc/stat. Why not the load average: it trails by a minute both ways, so right
-    after a job (a training run, then sample.py) an idle 2-core machine still reads as half busy, and
-    threads=0 took one thread where two trained 1.55x faster (BENCHMARKS.md, "CPU threads")."""
-    def cpu_times():
+def busy_cores(seconds=0.1, cpus=None):
+    """How many of `cpus` (default: the ones this process may run on) are busy now: their non-idle time over
+    `seconds` from Linux's per-CPU lines of /proc/stat, or None where there is none. Only our own CPUs count, so
+    a container pinned to 2 cores of a busy 64-core host is not read as busy. Why not the load average: it
+    trails by a minute both ways, so right after a job (a training run, then sample.py) an idle 2-core machine
+    still reads as half busy, and threads=0 took one thread where two trained 1.55x faster (BENCHMARKS.md)."""
+    if cpus is None:
+        cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    wanted = {f"cpu{i}" for i in cpus}
+
+    def cpu_times():  # (idle + iowait, total) summed over the wanted CPUs
+        idle = total = 0
         with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-        return fields[3] + fields[4], sum(fields[:8])  # idle + iowait, all but guest time
+            for line in f:
+                name, *fields = line.split()
+                if name in wanted:
+                    values = [int(v) for v in fields[:8]]  # all but guest time, counted in user already
+                    idle, total = idle + values[3] + values[4], total + sum(values)
+        return idle, total
     try:
         idle0, total0 = cpu_times()
         time.sleep(seconds)
@@ -71,7 +81,7 @@ def busy_cores(seconds=0.2):
         return None
     if total1 <= total0:
         return None
-    return (1 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1)
+    return (1 - (idle1 - idle0) / (total1 - total0)) * len(wanted)
 
 
 def auto_threads(processes=1):
@@ -81,8 +91,9 @@ def auto_threads(processes=1):
     busy 2-core machine cpu_quick's training ran 15x slower on 2 threads than on 1 (BENCHMARKS.md)."""
     if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
         return max(1, int(os.environ["OMP_NUM_THREADS"]) // processes)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    busy = busy_cores()
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cores = len(cpus)
+    busy = busy_cores(cpus=cpus)
     if busy is None:
         busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     return max(1, min(cores, round(cores - busy)) // processes)

@@ -471,6 +471,9 @@ def main(argv):
     else:
         if cfg["experiment"] not in RUNS:
             raise SystemExit(f"experiment must be one of {', '.join(RUNS)}, got {cfg['experiment']!r}")
+        if cfg["step_cost"] < 0:
+            raise SystemExit(f"step_cost must be 0 (reward correct / blocks) or a price per block > 0, "
+                             f"got {cfg['step_cost']}")
         random.seed(cfg["seed"])
         t0 = time.time()
         run = RUNS[cfg["experiment"]](cfg)

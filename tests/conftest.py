@@ -5,6 +5,10 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+# the tests run in two processes on two cores (pytest -n 2): one torch thread each, here and in every script they
+# start, rather than each script measuring the machine again (runtime.auto_threads); a test of the automatic
+# choice removes it
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import prepare  # noqa: E402
 import train  # noqa: E402

@@ -198,3 +198,15 @@ def test_the_step_reward_is_correct_over_steps_or_correct_less_a_price_per_step(
     correct, steps = torch.tensor([True, True, False]), torch.tensor([2, 16, 4])
     assert th1nker.step_reward(correct, steps).tolist() == [0.5, 0.0625, 0.0]
     assert torch.allclose(th1nker.step_reward(correct, steps, step_cost=0.01), torch.tensor([0.98, 0.84, -0.04]))
+
+
+def test_a_negative_step_cost_is_refused_before_any_training(tmp_path):
+    import importlib.util
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(root, "experiments", "th1nker_experiments.py")
+    spec = importlib.util.spec_from_file_location("th1nker_experiment", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with pytest.raises(SystemExit, match="step_cost must be 0"):
+        script.main([f"--out_dir={tmp_path}", "--step_cost=-0.01"])

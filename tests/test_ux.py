@@ -124,17 +124,19 @@ def test_automatic_threads_take_the_cores_the_load_leaves_idle(monkeypatch, omp,
         monkeypatch.setenv("OMP_NUM_THREADS", omp)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
     if measured == "now":  # the busy cores of the last instant; the load average (a minute behind) is not read
-        monkeypatch.setattr(runtime, "busy_cores", lambda: load)
+        monkeypatch.setattr(runtime, "busy_cores", lambda cpus=None: load)
         monkeypatch.setattr(os, "getloadavg", lambda: (99.0, 99.0, 99.0))
     else:  # no /proc/stat (macOS): the load average
-        monkeypatch.setattr(runtime, "busy_cores", lambda: None)
+        monkeypatch.setattr(runtime, "busy_cores", lambda cpus=None: None)
         monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
     assert runtime.auto_threads(processes) == expected
 
 
-def test_busy_cores_reads_the_machine_now():
+def test_busy_cores_reads_only_the_cpus_this_process_may_use():
     busy = runtime.busy_cores(0.05)
-    assert busy is None or 0 <= busy <= os.cpu_count()
+    assert busy is None or 0 <= busy <= len(os.sched_getaffinity(0))
+    one = runtime.busy_cores(0.05, cpus=[0])  # one CPU: at most one busy, however many the machine has
+    assert one is None or 0 <= one <= 1
 
 
 def test_set_threads_sets_torch_and_takes_no_more_than_its_default(monkeypatch):
