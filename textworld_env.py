@@ -280,7 +280,10 @@ class TextWorld:
             raise RuntimeError("textworld: call reset(seed) before step()")
         if self.done:
             raise RuntimeError("textworld: the episode is over; call reset(seed) to start another")
-        action = action.strip().split("\n", 1)[0].strip()
+        # the first line, in printable ASCII without backslashes: dumb-frotz reads a backslash as the start of one of its
+        # own commands, and a policy's random text with one (backslash, q, ...) corrupted jericho's memory and killed
+        # the whole process
+        action = re.sub(r"[^ -\[\]-~]", "", action.strip().split("\n", 1)[0]).strip()
         admissible = action in self.state.admissible_commands
         self.state, score, game_over = self.game.step(action)
         reward = (score - self.score) / max(1, self.state.max_score or 1)

@@ -84,6 +84,16 @@ def test_env_contract_and_bad_actions(games):
     env.close()
 
 
+def test_an_action_with_backslashes_or_odd_characters_is_an_error_step_not_a_crash(games):
+    # dumb-frotz takes a backslash as one of its own commands; random text with one ("\\q") killed the process
+    env = TextWorld(root=games, max_steps=10, **TINY)
+    env.reset(0)
+    for action in ("\\q", "\\help", "m\"*p$H]*A`crw(XS \u00e9\u2603", "/cJSuHvA_NK6\"!i3(.3mhE_S\\R*U&E[za"):
+        obs, reward, done, info = env.step(action)
+        assert info["kind"] == "error" and isinstance(obs, str)
+    env.close()
+
+
 def test_cache_returns_the_same_game_for_a_seed_and_another_for_another_seed(games):
     env = TextWorld(root=games, **TINY)
     path = env.game_path(0)
