@@ -37,6 +37,9 @@ class GPTConfig:
     ce_chunks: int = 0           # > 0: the head and cross-entropy fused over this many row chunks (speed.py)
     liger_ce: bool = False       # the head and cross-entropy by Liger Kernel's fused Triton kernels (speed.py; CUDA)
     attention: str = "sdpa"      # sdpa | flex (FlexAttention's compiled kernel for the causal path, speed.py)
+    attn_scale: float = 0.0      # > 0: attention logits are this times q.k (0: 1/sqrt(head size)). With QK-norm a
+                                 # logit is at most scale x head size, sqrt(head size) by default (5.7 at 32): too
+                                 # flat to pick one key among a hundred (modded-nanogpt's QK-norm uses 0.12 at 128)
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
@@ -51,6 +54,8 @@ class GPTConfig:
             raise ValueError("ce_chunks and liger_ce are two fused heads + losses: set one of them")
         if self.attention not in ("sdpa", "flex"):
             raise ValueError(f"attention must be 'sdpa' or 'flex', got {self.attention!r}")
+        if self.attn_scale < 0 or (self.attn_scale and self.attention == "flex"):
+            raise ValueError(f"attn_scale={self.attn_scale} must be 0 (1/sqrt(head size)) or > 0, with attention='sdpa'")
 
     @property
     def kv_heads(self):
@@ -100,6 +105,7 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.flex = config.attention == "flex"
         self.window = window  # > 0: a sliding window of this many positions (Longformer, Beltagy et al. 2020)
+        self.scale = config.attn_scale or None  # None: SDPA's own 1/sqrt(head size)
 
     def forward(self, x, rotary, positions, cache=None, mask=None):
         B, T, C = x.size()
@@ -120,7 +126,7 @@ class CausalSelfAttention(nn.Module):
             y = speed.flex_causal_attention(q, k, v)  # (B, nh, T, hs)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                               dropout_p=self.dropout if self.training else 0.0,
+                                               dropout_p=self.dropout if self.training else 0.0, scale=self.scale,
                                                enable_gqa=self.n_kv_head != self.n_head)  # (B, nh, T, hs)
         return self.c_proj(self.merge_heads(y))
 

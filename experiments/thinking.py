@@ -64,6 +64,7 @@ DEFAULTS = dict(
     halt=False,
     halt_threshold=0.9,
     prefix_lm=True,           # chains and addition: the problem is read both ways (the END token ends it)
+    attn_scale=0.0,           # every model's attention logit scale (model.py; 0: 1/sqrt(head size))
     # training
     steps=2000,
     batch_size=64,
@@ -80,6 +81,10 @@ DEFAULTS = dict(
     every_statement=False,    # training scores every statement's variable's value, not only the asked one
     train_statements=[],      # problem sizes training draws from, one per batch (empty: n_statements only); the test
                               # is always n_statements long. Small problems make the lookup easy to find first
+    curriculum=0.0,           # > 0: train_statements is a ladder, climbed one size once the model scores this share
+                              # of a size's scored tokens (every curriculum_every steps); each batch is the current
+                              # size half the time, an earlier one otherwise (so the small ones are not forgotten)
+    curriculum_every=250,
     train_hops=[1, 4],
     test_hops=[1, 2, 4, 6, 8, 12],
     # addition
@@ -111,8 +116,8 @@ def task_spec(cfg):
         if not all(1 <= n <= cfg["n_statements"] for n in sizes):
             raise SystemExit(f"train_statements={sizes} must lie in 1..n_statements={cfg['n_statements']}")
 
-        def train_batch(rng, gen):
-            n = rng.choice(sizes)
+        def train_batch(rng, gen, allowed=None):
+            n = rng.choice(allowed or sizes)
             hops = tuple(min(h, n) for h in cfg["train_hops"])  # a small problem holds chains of n hops at most
             return problems.chains_batch(cfg["batch_size"], hops, n, cfg["n_vars"], rng, device, separators=sep,
                                          every_statement=cfg["every_statement"])
@@ -140,7 +145,7 @@ def model_options(cfg, name, vocab_size, block_size, end_token):
     n_layer = {"looped": distinct, "params": distinct,
                "compute": cfg["n_prelude"] + cfg["n_core"] * cfg["loops"] + cfg["n_coda"]}[name]
     options = dict(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=cfg["n_head"],
-                   n_embd=cfg["n_embd"], dropout=0.0, attn_windows=[cfg["attn_window"]] * n_layer if cfg["attn_window"] else [])
+                   n_embd=cfg["n_embd"], dropout=0.0, attn_scale=cfg["attn_scale"], attn_windows=[cfg["attn_window"]] * n_layer if cfg["attn_window"] else [])
     prefix = end_token if cfg["prefix_lm"] else -1
     if name == "looped":
         keys = ("n_prelude", "n_core", "n_coda", "loops", "loops_sampling", "loops_min", "loops_max", "loop_loss",
@@ -185,6 +190,48 @@ def evaluate(model, name, difficulties, test_batch, cfg):
     return table, halting
 
 
+@torch.no_grad()
+def scored_token_accuracy(model, x, y):
+    """The share of scored tokens (y != -1) the model gets right: the curriculum's test of a problem size."""
+    predicted = model(x)[0].argmax(-1)
+    scored = y != -1
+    return ((predicted == y) & scored).sum().item() / max(1, scored.sum().item())
+
+
+class Curriculum:
+    """The chains' problem sizes as a ladder (issue 28): training starts on the smallest of train_statements and
+    takes the next once the model gets `threshold` of a fresh batch's scored tokens right at the current size.
+    Each batch is the current size half the time and an earlier one otherwise. `climbed` says at which step each
+    size was reached. Why: trained on a mix of sizes the models found the lookup on small problems and never
+    carried it to the largest; a ladder spends the steps where the model is, and moves on only once it has it."""
+
+    def __init__(self, sizes, threshold, train_batch, seed):
+        self.sizes, self.threshold, self.train_batch = sorted(sizes), threshold, train_batch
+        self.stage, self.climbed = 0, {str(self.sizes[0]): 0}
+        self.rng = random.Random(seed + 104729)  # its own problems: the training stream stays the same
+
+    def allowed(self, rng):
+        current = self.sizes[self.stage]
+        return [current] if self.stage == 0 or rng.random() < 0.5 else self.sizes[:self.stage]
+
+    def check(self, model, step):
+        if self.stage + 1 == len(self.sizes):
+            return
+        x, y = self.train_batch(self.rng, None, [self.sizes[self.stage]])
+        score = scored_token_accuracy(model, x, y)
+        print(f"  curriculum step {step}: {score:.3f} of size {self.sizes[self.stage]}'s scored tokens right", flush=True)
+        if score >= self.threshold:
+            self.stage += 1
+            self.climbed[str(self.sizes[self.stage])] = step
+
+
+def size_accuracy(model, cfg, train_batch):
+    """{size: scored-token accuracy} on fresh training problems of each train_statements size (the training
+    difficulty, where the test reads only n_statements)."""
+    rng = random.Random(cfg["seed"] + 15485863)
+    return {str(n): scored_token_accuracy(model, *train_batch(rng, None, [n])) for n in cfg["train_statements"]}
+
+
 def run_model(name, cfg, spec):
     vocab_size, block_size, end_token, difficulties, train_batch, test_batch = spec
     torch.manual_seed(cfg["seed"])
@@ -194,20 +241,30 @@ def run_model(name, cfg, spec):
         torch._dynamo.config.recompile_limit = 64  # a graph per problem size and grad mode; past 8 it runs eager
         for block in model.blocks:
             block.compile(dynamic=False)
+    ladder = None
+    if cfg["curriculum"]:
+        if cfg["task"] != "chains" or len(cfg["train_statements"]) < 2:
+            raise SystemExit("curriculum climbs the chains' train_statements: give two sizes or more")
+        ladder = Curriculum(cfg["train_statements"], cfg["curriculum"], train_batch, cfg["seed"])
     batches = {}
 
     def next_batch(step):  # fit asks for each step's batch once, in order
         if step not in batches:
             batches.clear()
-            batches[step] = train_batch(rng, gen)
+            batches[step] = train_batch(rng, gen, ladder.allowed(rng)) if ladder else train_batch(rng, gen)
         return batches[step]
     t0 = time.time()
     loss, tok_s, _ = fit(model, next_batch, cfg["steps"], cfg["learning_rate"], cfg["device_obj"], warmup=cfg["warmup"],
                          weight_decay=cfg["weight_decay"], log_every=max(1, cfg["steps"] // 20), name=name,
-                         deadline=t0 + cfg["budget_s"] if cfg["budget_s"] else None)
+                         deadline=t0 + cfg["budget_s"] if cfg["budget_s"] else None,
+                         evaluate=(lambda step: ladder.check(model, step)) if ladder else None,
+                         eval_every=cfg["curriculum_every"] if ladder else 0)
     seconds, steps_done = time.time() - t0, max(batches) - 1
     print(f"{name}: {model.num_params():,} parameters, loss {loss:.4f} after {cfg['steps']} steps ({seconds:.0f} s)",
           flush=True)
+    sizes = size_accuracy(model, cfg, train_batch) if cfg["task"] == "chains" and cfg["train_statements"] else {}
+    if sizes:
+        print(f"  {name} scored-token accuracy by training size: {sizes}", flush=True)
     table, halting = evaluate(model, name, difficulties, test_batch, cfg)
     if cfg["save"]:
         save_checkpoint(os.path.join(cfg["out_dir"], f"{name}.pt"),
@@ -215,7 +272,8 @@ def run_model(name, cfg, spec):
                          "config": {k: v for k, v in cfg.items() if k != "device_obj"}, "val_loss": None,
                          "tokenizer": {"tokenizer": "ids", "vocab_size": vocab_size}}, kind="thinking")
     return {"params": model.num_params(), "final_loss": loss, "train_seconds": seconds, "steps_done": steps_done,
-            "accuracy": table, "halting": halting}
+            "accuracy": table, "halting": halting, "size_accuracy": sizes,
+            "curriculum_climbed": ladder.climbed if ladder else {}}
 
 
 # ----------------------------------------------------------------------------- several runs, the plot

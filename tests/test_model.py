@@ -140,3 +140,14 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     assert torch.equal(losses[0], losses[1])
     for p, q in zip(plain.parameters(), checkpointed.parameters()):
         assert torch.allclose(p.grad, q.grad, atol=1e-6)
+
+
+def test_attn_scale_is_the_logit_scale_and_zero_keeps_sdpas_own():
+    idx = torch.randint(0, 50, (2, 16))
+    default, explicit = tiny_model()(idx)[0], tiny_model(attn_scale=(32 // 4) ** -0.5)(idx)[0]
+    assert torch.allclose(default, explicit, atol=1e-5)  # 1/sqrt(head size) is SDPA's default
+    assert not torch.allclose(default, tiny_model(attn_scale=0.5)(idx)[0], atol=1e-3)
+    with pytest.raises(ValueError, match="attn_scale"):
+        tiny_model(attn_scale=-1.0)
+    with pytest.raises(ValueError, match="attn_scale"):
+        tiny_model(attn_scale=0.5, attention="flex")

@@ -93,3 +93,36 @@ def test_thinking_trains_chains_on_a_mix_of_sizes_and_tests_at_the_full_size():
     assert test_batch(6, 4, rng, None)[0].size(1) == block
     with pytest.raises(SystemExit, match="train_statements"):
         thinking.task_spec(cfg | dict(train_statements=[9]))
+
+
+def load_thinking():
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "thinking.py")
+    spec = importlib.util.spec_from_file_location("thinking", path)
+    thinking = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(thinking)
+    return thinking
+
+
+def test_the_curriculum_climbs_the_sizes_one_at_a_time_and_keeps_the_earlier_ones():
+    thinking = load_thinking()
+    cfg = thinking.DEFAULTS | dict(task="chains", n_statements=8, n_vars=12, separators=True, train_hops=[1, 6],
+                                   every_statement=True, train_statements=[8, 2, 4], batch_size=4,
+                                   device_obj=torch.device("cpu"))
+    spec = thinking.task_spec(cfg)
+    model = thinking.build_model(thinking.model_options(cfg, "params", spec[0], spec[1], spec[2])).eval()
+    never = thinking.Curriculum(cfg["train_statements"], 1.01, spec[4], seed=0)  # an unreachable bar: it stays put
+    never.check(model, 10)
+    assert never.stage == 0 and never.allowed(random.Random(0)) == [2]
+    ladder = thinking.Curriculum(cfg["train_statements"], 0.0, spec[4], seed=0)  # any score passes: a size per check
+    ladder.check(model, 10)
+    ladder.check(model, 20)
+    ladder.check(model, 30)  # already at the top
+    assert ladder.stage == 2 and ladder.climbed == {"2": 0, "4": 10, "8": 20}
+    rng = random.Random(0)
+    draws = [tuple(ladder.allowed(rng)) for _ in range(200)]
+    assert set(draws) == {(8,), (2, 4)} and 60 < draws.count((8,)) < 140  # the top half the time
+    x, y = spec[4](rng, None, [4])
+    assert x.size(1) == 3 * 4 + 4
+    assert 0.0 <= thinking.scored_token_accuracy(model, x, y) <= 1.0
