@@ -50,6 +50,7 @@ class LoopConfig:
     state_noise: float = 0.0     # > 0: training adds Gaussian noise of this size (relative to the state's RMS) each loop
     halt: bool = False           # a probe predicting whether each loop's answer is right (trained with loop_loss)
     halt_threshold: float = 0.9  # evaluation with halting: a row stops once the probe says right with this probability
+    halt_rule: str = "all"       # at every answering position (all) or on their mean probability (mean)
     prefix_token: int = -1       # >= 0: positions up to this token's first occurrence attend both ways (prefix-LM)
 
     @property
@@ -94,6 +95,8 @@ class LoopConfig:
             raise ValueError("halt needs loop_loss=every or progressive: the probe learns from several loops' answers")
         if not 0 < self.halt_threshold < 1:
             raise ValueError(f"halt_threshold={self.halt_threshold} must be between 0 and 1")
+        if self.halt_rule not in ("all", "mean"):
+            raise ValueError(f"halt_rule must be 'all' or 'mean', got {self.halt_rule!r}")
         if not -1 <= self.prefix_token < core.vocab_size:
             raise ValueError(f"prefix_token={self.prefix_token} must be -1 (off) or a token id below "
                              f"vocab_size={core.vocab_size}")
@@ -221,8 +224,9 @@ class LoopedGPT(GPT):
         return self.finish(h, positions, cache, mask, loops)
 
     def halting(self, h, e, positions, mask, max_loops, threshold, answering):
-        """Loop until the probe is confident at every answering position (B, T), at most max_loops; a stopped
-        row keeps its state. loops_used records each row's count."""
+        """Loop until the probe is confident at every answering position (B, T), or on their mean with
+        halt_rule=mean, at most max_loops; a stopped row keeps its state. loops_used records each row's count.
+        Why a mean: on a long row one unsure position kept every loop running to the cap (issue 28's halting)."""
         B = h.size(0)
         active = torch.ones(B, dtype=torch.bool, device=h.device)
         self.loops_used = torch.zeros(B, dtype=torch.long, device=h.device)
@@ -231,8 +235,13 @@ class LoopedGPT(GPT):
             h = torch.where(active[:, None, None], u, h)
             self.loops_used += active
             readout = norm(self.finish(h, positions, None, mask, i + 1))
-            right = torch.sigmoid(self.halt_head(readout)[..., 0]) >= threshold  # (B, T)
-            active &= ~(right | ~answering).all(dim=1)
+            right = torch.sigmoid(self.halt_head(readout)[..., 0])  # (B, T)
+            if self.loop.halt_rule == "mean":
+                scored = answering.expand_as(right)
+                done = (right * scored).sum(1) / scored.sum(1).clamp_min(1) >= threshold
+            else:
+                done = ((right >= threshold) | ~answering).all(dim=1)
+            active &= ~done
             if not active.any():
                 break
         return self.finish(h, positions, None, mask, max_loops)

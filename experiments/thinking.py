@@ -63,6 +63,8 @@ DEFAULTS = dict(
     state_noise=0.0,
     halt=False,
     halt_threshold=0.9,
+    halt_rule="all",          # a row stops when the probe is sure at every answer position (all) or on their mean;
+                              # the evaluation also scores the other rule (halting_other in the JSON)
     prefix_lm=True,           # chains and addition: the problem is read both ways (the END token ends it)
     attn_scale=0.0,           # every model's attention logit scale (model.py; 0: 1/sqrt(head size))
     # training
@@ -149,7 +151,7 @@ def model_options(cfg, name, vocab_size, block_size, end_token):
     prefix = end_token if cfg["prefix_lm"] else -1
     if name == "looped":
         keys = ("n_prelude", "n_core", "n_coda", "loops", "loops_sampling", "loops_min", "loops_max", "loop_loss",
-                "progressive_alpha", "init_state", "state_noise", "halt", "halt_threshold")
+                "progressive_alpha", "init_state", "state_noise", "halt", "halt_threshold", "halt_rule")
         return options | {k: cfg[k] for k in keys} | dict(prefix_token=prefix)
     # a plain stack with the same attention: a looped model of one loop whose core is every layer
     return options | dict(n_core=n_layer, loops=1, prefix_token=prefix) if prefix >= 0 else options
@@ -177,7 +179,7 @@ def evaluate(model, name, difficulties, test_batch, cfg):
     """{difficulty: {loops: accuracy}} (a looped model at each test loop count, a baseline once: "fixed"),
     and with a halting probe {difficulty: {accuracy, mean loops}}."""
     looped = name == "looped"
-    table, halting = {}, {}
+    table, halting, other = {}, {}, {}
     for d in difficulties:
         counts = sorted(set(cfg["test_loops"]) | {cfg["loops"]}) if looped else [None]
         table[str(d)] = {str(r) if r else "fixed": accuracy(model, test_batch, d, cfg, **({"loops": r} if r else {}))[0]
@@ -185,9 +187,14 @@ def evaluate(model, name, difficulties, test_batch, cfg):
         if looped and cfg["halt"]:
             acc, used = accuracy(model, test_batch, d, cfg, loops=max(cfg["test_loops"]), halt=True)
             halting[str(d)] = {"accuracy": acc, "mean_loops": used}
+            rule = model.loop.halt_rule
+            model.loop.halt_rule = {"all": "mean", "mean": "all"}[rule]  # the same model under the other rule
+            acc, used = accuracy(model, test_batch, d, cfg, loops=max(cfg["test_loops"]), halt=True)
+            other[str(d)] = {"rule": model.loop.halt_rule, "accuracy": acc, "mean_loops": used}
+            model.loop.halt_rule = rule
         print(f"  {name} difficulty {d}: " + " ".join(f"{k}:{v:.2f}" for k, v in table[str(d)].items())
-              + (f" | halt {halting[str(d)]}" if str(d) in halting else ""), flush=True)
-    return table, halting
+              + (f" | halt {halting[str(d)]} | other rule {other[str(d)]}" if str(d) in halting else ""), flush=True)
+    return table, halting, other
 
 
 @torch.no_grad()
@@ -265,14 +272,14 @@ def run_model(name, cfg, spec):
     sizes = size_accuracy(model, cfg, train_batch) if cfg["task"] == "chains" and cfg["train_statements"] else {}
     if sizes:
         print(f"  {name} scored-token accuracy by training size: {sizes}", flush=True)
-    table, halting = evaluate(model, name, difficulties, test_batch, cfg)
+    table, halting, halting_other = evaluate(model, name, difficulties, test_batch, cfg)
     if cfg["save"]:
         save_checkpoint(os.path.join(cfg["out_dir"], f"{name}.pt"),
                         {"model_args": model_args(model), "model": model.state_dict(), "step": steps_done,
                          "config": {k: v for k, v in cfg.items() if k != "device_obj"}, "val_loss": None,
                          "tokenizer": {"tokenizer": "ids", "vocab_size": vocab_size}}, kind="thinking")
     return {"params": model.num_params(), "final_loss": loss, "train_seconds": seconds, "steps_done": steps_done,
-            "accuracy": table, "halting": halting, "size_accuracy": sizes,
+            "accuracy": table, "halting": halting, "halting_other": halting_other, "size_accuracy": sizes,
             "curriculum_climbed": ladder.climbed if ladder else {}}
 
 
@@ -298,6 +305,10 @@ def combine(results):
                                       for key in ("accuracy", "mean_loops")} | {"per_seed": [run["halting"][d]
                                                                                              for run in group]}
                                   for d in group[0]["halting"]},
+                      "halting_other": {d: {key: statistics.mean(run["halting_other"][d][key] for run in group)
+                                            for key in ("accuracy", "mean_loops")}
+                                        for d in group[0].get("halting_other", {})
+                                        if all(d in run.get("halting_other", {}) for run in group)},
                       "per_seed": group}
     return results[0] | {"runs": runs}
 
@@ -397,6 +408,8 @@ def main(argv):
     for run in result["runs"].values():
         if run.get("halting"):
             run["halting_summary"] = halting_summary(run)
+        if run.get("halting_other"):  # the other halting rule, scored the same way
+            run["halting_other_summary"] = halting_summary(run | {"halting": run["halting_other"]})
     with open(os.path.join(cfg["out_dir"], "thinking.json"), "w") as f:
         json.dump(result, f, indent=1)
     plot(result, os.path.join(cfg["out_dir"], "thinking.png"))

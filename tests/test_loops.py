@@ -314,6 +314,29 @@ def test_halting_freezes_a_confident_row_while_the_other_loops_on():
         assert torch.allclose(out[1], model.hidden(x[1:], loops=3)[0], atol=1e-5)
 
 
+class PositionProbe(torch.nn.Module):
+    """A halting head sure (p ~ 1) at every position but the last, where it says p ~ 0."""
+
+    def forward(self, readout):
+        logits = torch.full(readout.shape[:2], 10.0)
+        logits[:, -1] = -10.0
+        return logits[..., None]
+
+
+def test_the_mean_rule_stops_a_row_that_one_unsure_position_keeps_looping_under_all():
+    model = thinking_model(loop_loss="every", halt=True, halt_rule="all").eval()
+    x = torch.randint(0, 50, (2, 6))
+    model.halt_head = PositionProbe()
+    with torch.no_grad():
+        model(x, loops=8, halt=0.8)
+        assert model.loops_used.tolist() == [8, 8]  # the last position is never sure
+        model.loop.halt_rule = "mean"  # 5 of 6 positions at ~1: a mean of ~0.83 passes 0.8
+        model(x, loops=8, halt=0.8)
+        assert model.loops_used.tolist() == [1, 1]
+    with pytest.raises(ValueError, match="halt_rule"):
+        thinking_model(loop_loss="every", halt=True, halt_rule="median")
+
+
 def test_the_prefix_lm_reads_the_problem_both_ways_and_the_answer_causally():
     END = 7
     model = thinking_model(prefix_token=END)
