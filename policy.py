@@ -213,15 +213,20 @@ def action_batch(policy, items):
     return x.to(policy.device), y.to(policy.device)
 
 
-def update(policy, optimizer, items, weights, grad_clip=1.0):
-    """One gradient step on weight * (mean negative log-likelihood of each item's action tokens).
+def action_loss(policy, items, weights):
+    """The mean over items of weight * (mean negative log-likelihood of the item's action tokens): a scalar tensor.
 
-    Weight 1 is imitation of a good episode or a teacher label (expert iteration, teacher help);
-    weight = reward - baseline is REINFORCE (Williams 1992) with a running-mean baseline."""
-    policy.model.train()
+    Weight 1 is imitation of a good episode or a teacher label (expert iteration, teacher help, the reward
+    model's anchor); weight = reward - baseline is REINFORCE (Williams 1992) with a running-mean baseline."""
     log_likelihood, count = policy.action_log_likelihood(items)
     per_item = -log_likelihood / count.clamp(min=1)
-    loss = (torch.tensor(weights, dtype=per_item.dtype, device=per_item.device) * per_item).mean()
+    return (torch.tensor(weights, dtype=per_item.dtype, device=per_item.device) * per_item).mean()
+
+
+def update(policy, optimizer, items, weights, grad_clip=1.0):
+    """One gradient step on action_loss(policy, items, weights)."""
+    policy.model.train()
+    loss = action_loss(policy, items, weights)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip > 0:

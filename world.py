@@ -422,7 +422,8 @@ def learning_loop(cfg, state, policy, stop):
         batch, labels = play_batch(policy, envs, progress, temperature, cfg["episodes_per_update"],
                                    (cfg["act"], cfg["choose_untried"]), cfg["teacher_help"])
         if learner:
-            losses = learner.learn(policy, optimizer, batch, cfg["updates_per_batch"], cfg["grad_clip"])
+            losses = learner.learn(policy, optimizer, batch, progress.replay, cfg["updates_per_batch"],
+                                   cfg["update_batch_size"], cfg["grad_clip"])
         else:
             losses = {"loss": learn(policy, optimizer, batch, progress, learning)}
         loss = losses["loss"]

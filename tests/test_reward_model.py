@@ -3,6 +3,7 @@ import random
 import pytest
 import torch
 
+import policy as policies
 import reward_model as rm
 import tasks
 import world
@@ -86,6 +87,9 @@ def test_transitions_carry_the_return_from_each_action_on():
     ({"mode": "reinforce", "reward_model": {"n_layer": 1}}, "for mode=reward_model"),
     ({"mode": "reward_model", "teacher_help": False, "reward_model": {"n_layers": 1}}, "did you mean 'n_layer'"),
     ({"mode": "reward_model", "teacher_help": False, "reward_model": {"fit_steps": 0}}, "positive number"),
+    ({"mode": "reward_model", "teacher_help": False, "reward_model": {"anchor": -0.5}}, "anchor must be a number >= 0"),
+    ({"mode": "reward_model", "teacher_help": False, "reward_model": {"anchor": "high"}}, "anchor must be a number"),
+    ({"mode": "reward_model", "teacher_help": False, "reward_model": {"anchor": float("inf")}}, "anchor must be"),
 ])
 def test_impossible_reward_model_combinations_are_clear_errors(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -111,3 +115,71 @@ def test_a_reward_model_run_learns_saves_and_resumes_exactly(tmp_path):
     def strip(rows):
         return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
     assert strip(rows) == strip(read_jsonl(f"{split['out_dir']}/metrics.jsonl"))
+
+
+def test_anchor_zero_is_allowed_and_off_by_default():
+    assert rm.RewardLearning().anchor == 0
+    assert rm.learning_options({"anchor": 0}).anchor == 0
+
+
+def anchored_step(anchor, replay, updates=1, lr=0.05):
+    """`updates` policy steps of a fresh tiny learner (no warm-up, plain SGD, no clipping) after two teacher episodes;
+    returns the policy, the step's losses and the replay items' action log-likelihood before and after."""
+    policy = tiny_policy()
+    env = tasks.make_env("arith")
+    episodes = [tasks.play_episode(env, tasks.teacher_act(env), seed) for seed in (5, 6)]
+    learning = rm.learning_options({"n_layer": 1, "n_head": 2, "n_embd": 16, "fit_steps": 1, "fit_batch_size": 2,
+                                    "policy_batch_size": 2, "warmup_episodes": 0, "anchor": anchor})
+    learner = rm.RewardLearner(policy, learning, seed=0)
+    optimizer = torch.optim.SGD(policy.model.parameters(), lr=lr)
+    items = [policies.episode_item(e, 0) for e in episodes]
+
+    def likelihood():
+        with torch.no_grad():
+            return policy.action_log_likelihood(items)[0].sum().item()
+    before = likelihood()
+    losses = learner.learn(policy, optimizer, episodes, replay, updates, 4, grad_clip=0.0)
+    return policy, losses, before, likelihood()
+
+
+def successes():
+    """A replay buffer holding two teacher episodes: what world.py keeps of a batch's successes."""
+    replay = policies.ReplayBuffer(16, 8, 0.5)
+    env = tasks.make_env("arith")
+    for seed in (5, 6):
+        replay.add(policies.episode_item(tasks.play_episode(env, tasks.teacher_act(env), seed), 0), random.Random(0))
+    return replay
+
+
+def test_anchor_zero_leaves_the_policy_step_unchanged():
+    """anchor=0 neither reads the replay buffer nor draws from the learner's random state: the step is the same
+    with successes to replay or none, and its loss is the reward model's alone."""
+    empty, _, _, _ = anchored_step(0.0, policies.ReplayBuffer(16, 8, 0.5), updates=2)
+    full, losses, _, _ = anchored_step(0.0, successes(), updates=2)  # a draw in step 1 would change step 2's states
+    assert all(torch.equal(a, b) for a, b in zip(empty.model.parameters(), full.model.parameters()))
+    assert set(losses) == {"loss", "reward_model_loss"}
+
+
+def test_anchor_pulls_the_policy_toward_replayed_successes():
+    _, plain, before, without = anchored_step(0.0, successes())
+    _, anchored, same_start, with_anchor = anchored_step(20.0, successes())
+    assert same_start == before
+    assert with_anchor > before and with_anchor > without  # the successes' action tokens got likelier
+    # the step's loss is the reward model's term plus anchor x the imitation loss (the same states, the same term)
+    assert anchored["loss"] == pytest.approx(plain["loss"] + 20.0 * anchored["anchor_loss"], rel=1e-4)
+    assert anchored["anchor_loss"] > 0
+
+
+def test_anchor_waits_for_a_first_success():
+    policy, losses, before, after = anchored_step(1.0, policies.ReplayBuffer(16, 8, 0.5))
+    assert losses["loss"] == losses["loss"] and losses["anchor_loss"] != losses["anchor_loss"]  # a step; no anchor
+
+
+def test_a_reward_model_saved_before_the_anchor_resumes_without_one():
+    policy = tiny_policy()
+    state = rm.RewardLearner(policy, rm.learning_options({"n_embd": 16, "n_head": 2}), seed=0).state_dict()
+    del state["learning"]["anchor"]  # as reward_model.pt was written before the option existed
+    rm.RewardLearner(policy, rm.learning_options({"n_embd": 16, "n_head": 2}), seed=0).load_state_dict(state, "old.pt")
+    with pytest.raises(SystemExit, match="same reward_model options"):
+        rm.RewardLearner(policy, rm.learning_options({"n_embd": 16, "n_head": 2, "anchor": 1.0}),
+                         seed=0).load_state_dict(state, "old.pt")
