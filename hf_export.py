@@ -43,10 +43,11 @@ REFUSED = {  # a mechanism modeling_ulm.py does not implement, and the options t
     "shim": "tokenizer shims (shim.py)",
     "residual_root": "a learned residual root (widths.py)",
     "residual_widths": "per-layer residual widths (widths.py)",
+    "attn_scale": "an attention logit scale other than 1/sqrt(head size) (model.py's attn_scale)",
 }
 PART_OF_REFUSED = ("n_prelude", "n_coda", "loops", "loops_sampling", "loops_min", "loops_max", "backprop_loops",
                    "inject", "exit_tol", "loop_loss", "progressive_alpha", "init_state", "state_noise", "halt",
-                   "halt_threshold", "prefix_token",  # (looped.py's thinking options: they need n_core too)
+                   "halt_threshold", "halt_rule", "prefix_token",  # (looped.py's thinking options: they need n_core too)
                    "memory", "memory_slots", "memory_heads", "memory_key_dim", "memory_topk", "memory_gate",
                    "memory_sparse", "knn_capacity", "knn_key_dim", "knn_threshold", "shim_hidden")
 # transformers' logits vs µLM's, relative to the largest: float32 agrees to rounding; bfloat16 head gates, folded

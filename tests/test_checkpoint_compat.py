@@ -26,7 +26,8 @@ def test_a_checkpoint_from_before_the_split_computes_and_samples_the_same(kind):
     args = dict(state["model_args"])
     model = load_model(state)
     with torch.no_grad():
-        assert torch.equal(model(PROMPT)[0], expected["logits"])
+        # equal up to float rounding: another CPU's kernels (AVX-512 against AVX2) sum in another order
+        torch.testing.assert_close(model(PROMPT)[0], expected["logits"], rtol=1e-5, atol=1e-6)
     assert torch.equal(model.generate(PROMPT, 8, temperature=0), expected["tokens"])
     recorded = model_args(model)  # a checkpoint written now records the same options, and newer ones at their defaults
     assert {k: recorded[k] for k in args} == args and all(recorded[k] == DEFAULTS[k] for k in recorded.keys() - args)
@@ -56,4 +57,4 @@ def test_a_run_stopped_before_the_split_resumes_to_the_same_losses(tmp_path, kin
     cfg = tiny_train_config(tmp_path, out_dir=str(out_dir), init_from="resume", max_iters=8, eval_interval=4, **extra)
     losses = train.train(cfg)
     with open(os.path.join(resume, f"{kind}_resumed_step8.json")) as f:
-        assert losses == json.load(f)
+        assert losses == pytest.approx(json.load(f), rel=1e-6)  # float rounding differs between CPUs

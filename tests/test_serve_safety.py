@@ -115,7 +115,7 @@ def test_the_allow_lists_name_only_keys_the_scripts_have():
 # settable string options that are words, not paths: a string option a script adds must be either checked as
 # a path by its kind or listed here, so no path can slip past the sandbox by a new name
 WORDS = {"prepare": {"tokenizer", "text_field", "dataset"},  # dataset: a name, or a path (checked when it is one)
-         "train": {"attention", "device", "dtype", "init_state", "inject", "loop_loss", "loops_sampling", "memory",
+         "train": {"attention", "device", "dtype", "halt_rule", "init_state", "inject", "loop_loss", "loops_sampling", "memory",
                    "optimizer", "schedule", "train_only"},
          "world": {"act", "device", "mode"},
          "swarm": {"task", "debate", "learning", "device", "aggregators", "human_input"},
