@@ -43,10 +43,10 @@ def chains_vocab(n_vars, separators=False):
     return vocab | {"sep": 12 + n_vars, "size": 13 + n_vars} if separators else vocab
 
 
-def chains_problem(hops, n_statements, n_vars, rng, max_distractor=6, separators=False):
+def chains_problem(hops, n_statements, n_vars, rng, max_distractor=6, separators=False, rhs_targets=False):
     """One problem as (tokens, answer, values): n_statements statements (two tokens each, three with separators)
     in random order, the query `? v` and END; values[i] is the value of the variable that the statement ending
-    at token i defines (-1 at other tokens). v's chain has `hops` statements (hops - 1 pointers, then its
+    at token i defines (-1 at other tokens); with rhs_targets, at the statement's right-hand side token instead. v's chain has `hops` statements (hops - 1 pointers, then its
     number); the rest are distractor chains of 1..max_distractor statements. hops <= n_statements <= n_vars.
     Why separators: read both ways, `a b c d` does not say whether `b c` is a statement; rotary attention sees
     relative positions only, so without a mark a position cannot tell a statement's name from its value, and a
@@ -70,28 +70,36 @@ def chains_problem(hops, n_statements, n_vars, rng, max_distractor=6, separators
     for name, rhs in statements:
         said = [name, rhs] + ([vocab["sep"]] if separators else [])
         tokens += said
-        values += [-1] * (len(said) - 1) + [value_of[name]]
+        at = 1 if rhs_targets else len(said) - 1
+        values += [value_of[name] if i == at else -1 for i in range(len(said))]
     tokens += [vocab["query"], names[0], vocab["end"]]
     return tokens, answer, values + [-1] * 3
 
 
-def chains_batch(batch_size, hops, n_statements, n_vars, rng, device="cpu", separators=False, every_statement=False):
+def chains_batch(batch_size, hops, n_statements, n_vars, rng, device="cpu", separators=False, every_statement=False,
+                 rhs_targets=False):
     """x (B, 2 n + 4; 3 n + 4 with separators): the problem, END, then the answer; y scores the answer
     (predicted at END) and, with every_statement, each statement's variable's value at the statement's last
     token. hops: an int, or a (low, high) range drawn per problem.
     Why every_statement: the query alone gives one scored token per problem, and the models sat on the guess
     plateau for thousands of steps; scoring every variable is the running-parity shape (a target at every
     position, some one step away, some many), the dense signal the looped models of Bansal et al. learn from.
-    The problem positions never see the answer token (it follows END, which the prefix-LM reads causally)."""
+    The problem positions never see the answer token (it follows END, which the prefix-LM reads causally).
+    Why rhs_targets (each value scored at its statement's right-hand side, the answer at the asked name, not at
+    END): a hop is then one induction step (Olsson et al. 2022): the current token is the name to look up, and the
+    key is "my previous token is that name". Scored on `;` (or END), the name to look up is the previous token,
+    and the scored position matches its own key: an earlier probe (EXPERIMENTS.md, "Why did no model learn the
+    chains?") found only this induction layout learned the lookup."""
     rows, targets = [], []
     for _ in range(batch_size):
         h = hops if isinstance(hops, int) else rng.randint(*hops)
-        tokens, answer, values = chains_problem(h, n_statements, n_vars, rng, separators=separators)
+        tokens, answer, values = chains_problem(h, n_statements, n_vars, rng, separators=separators,
+                                                rhs_targets=rhs_targets)
         rows.append(tokens + [answer])
         targets.append(values + [-1] if every_statement else [-1] * (len(tokens) + 1))
     x = torch.tensor(rows)
     y = torch.tensor(targets)
-    y[:, -2] = x[:, -1]  # at END the model says the value
+    y[:, -3 if rhs_targets else -2] = x[:, -1]  # at END (or the asked name) the model says the value
     return x.to(device), y.to(device)
 
 

@@ -81,6 +81,8 @@ DEFAULTS = dict(
     n_vars=24,
     separators=False,         # each statement ends with `;`, so a position can tell a name from a value
     every_statement=False,    # training scores every statement's variable's value, not only the asked one
+    rhs_targets=False,        # values scored at each statement's right-hand side and the answer at the asked name
+                              # (one induction step per hop), not at `;` and END
     train_statements=[],      # problem sizes training draws from, one per batch (empty: n_statements only); the test
                               # is always n_statements long. Small problems make the lookup easy to find first
     curriculum=0.0,           # > 0: train_statements is a ladder, climbed one size once the model scores this share
@@ -122,10 +124,11 @@ def task_spec(cfg):
             n = rng.choice(allowed or sizes)
             hops = tuple(min(h, n) for h in cfg["train_hops"])  # a small problem holds chains of n hops at most
             return problems.chains_batch(cfg["batch_size"], hops, n, cfg["n_vars"], rng, device, separators=sep,
-                                         every_statement=cfg["every_statement"])
+                                         every_statement=cfg["every_statement"], rhs_targets=cfg["rhs_targets"])
 
         def test_batch(hops, n, rng, gen):
-            return problems.chains_batch(n, hops, cfg["n_statements"], cfg["n_vars"], rng, device, separators=sep)
+            return problems.chains_batch(n, hops, cfg["n_statements"], cfg["n_vars"], rng, device, separators=sep,
+                                         rhs_targets=cfg["rhs_targets"])
         block = (3 if sep else 2) * cfg["n_statements"] + 4
         return vocab["size"], block, vocab["end"], cfg["test_hops"], train_batch, test_batch
     if cfg["task"] == "addition":

@@ -52,6 +52,21 @@ def test_every_statement_scores_each_variable_at_its_statement_end_and_the_answe
         assert target[36:] == [-1, -1, row[-1], -1]  # `?`, the asked name, END says the answer
 
 
+def test_rhs_targets_score_each_value_on_its_right_hand_side_and_the_answer_on_the_asked_name():
+    rng = random.Random(3)
+    x, y = problems.chains_batch(10, 4, 12, 20, rng, separators=True, every_statement=True, rhs_targets=True)
+    for row, target in zip(x.tolist(), y.tolist()):
+        table = dict(zip(row[:36:3], row[1:36:3]))
+        for i in range(12):
+            value = row[3 * i]
+            while value >= 10:
+                value = table[value]
+            assert target[3 * i:3 * i + 3] == [-1, value, -1]  # on the right-hand side: one induction step a hop
+        assert target[36:] == [-1, row[-1], -1, -1]  # the asked name says the answer
+    x, y = problems.chains_batch(10, 4, 12, 20, rng, separators=True, rhs_targets=True)  # the query alone
+    assert (y[:, -3] == x[:, -1]).all() and ((y != -1).sum(1) == 1).all()
+
+
 def test_running_parity_is_the_xor_of_the_bits_so_far_after_a_bos():
     x, y = problems.parity_batch(8, 10, torch.Generator().manual_seed(0))
     for row, parity in zip(x.tolist(), y.tolist()):
