@@ -85,8 +85,8 @@ DEFAULTS = dict(
                               # (one induction step per hop), not at `;` and END
     train_statements=[],      # problem sizes training draws from, one per batch (empty: n_statements only); the test
                               # is always n_statements long. Small problems make the lookup easy to find first
-    curriculum=0.0,           # > 0: train_statements is a ladder, climbed one size once the model scores this share
-                              # of a size's scored tokens (every curriculum_every steps); each batch is the current
+    curriculum=0.0,           # > 0: train_statements is a ladder, climbed one size once the model answers this share
+                              # of a size's problems (every curriculum_every steps); each batch is the current
                               # size half the time, an earlier one otherwise (so the small ones are not forgotten)
     curriculum_every=250,
     train_hops=[1, 4],
@@ -120,11 +120,12 @@ def task_spec(cfg):
         if not all(1 <= n <= cfg["n_statements"] for n in sizes):
             raise SystemExit(f"train_statements={sizes} must lie in 1..n_statements={cfg['n_statements']}")
 
-        def train_batch(rng, gen, allowed=None):
+        def train_batch(rng, gen, allowed=None, answers_only=False):
             n = rng.choice(allowed or sizes)
             hops = tuple(min(h, n) for h in cfg["train_hops"])  # a small problem holds chains of n hops at most
             return problems.chains_batch(cfg["batch_size"], hops, n, cfg["n_vars"], rng, device, separators=sep,
-                                         every_statement=cfg["every_statement"], rhs_targets=cfg["rhs_targets"])
+                                         every_statement=cfg["every_statement"] and not answers_only,
+                                         rhs_targets=cfg["rhs_targets"])
 
         def test_batch(hops, n, rng, gen):
             return problems.chains_batch(n, hops, cfg["n_statements"], cfg["n_vars"], rng, device, separators=sep,
@@ -202,7 +203,7 @@ def evaluate(model, name, difficulties, test_batch, cfg):
 
 @torch.no_grad()
 def scored_token_accuracy(model, x, y):
-    """The share of scored tokens (y != -1) the model gets right: the curriculum's test of a problem size."""
+    """The share of scored tokens (y != -1) the model gets right."""
     predicted = model(x)[0].argmax(-1)
     scored = y != -1
     return ((predicted == y) & scored).sum().item() / max(1, scored.sum().item())
@@ -210,7 +211,9 @@ def scored_token_accuracy(model, x, y):
 
 class Curriculum:
     """The chains' problem sizes as a ladder (issue 28): training starts on the smallest of train_statements and
-    takes the next once the model gets `threshold` of a fresh batch's scored tokens right at the current size.
+    takes the next once the model answers `threshold` of a fresh batch's asked variables at the current size (the
+    asked variable only: a causal model cannot resolve a statement whose chain goes on later in the problem, so
+    the share of every statement right has a ceiling below 1).
     Each batch is the current size half the time and an earlier one otherwise. `climbed` says at which step each
     size was reached. Why: trained on a mix of sizes the models found the lookup on small problems and never
     carried it to the largest; a ladder spends the steps where the model is, and moves on only once it has it."""
@@ -227,9 +230,9 @@ class Curriculum:
     def check(self, model, step):
         if self.stage + 1 == len(self.sizes):
             return
-        x, y = self.train_batch(self.rng, None, [self.sizes[self.stage]])
+        x, y = self.train_batch(self.rng, None, [self.sizes[self.stage]], answers_only=True)
         score = scored_token_accuracy(model, x, y)
-        print(f"  curriculum step {step}: {score:.3f} of size {self.sizes[self.stage]}'s scored tokens right", flush=True)
+        print(f"  curriculum step {step}: {score:.3f} of size {self.sizes[self.stage]}'s answers right", flush=True)
         if score >= self.threshold:
             self.stage += 1
             self.climbed[str(self.sizes[self.stage])] = step
