@@ -39,15 +39,23 @@ def test_separators_end_every_statement_and_keep_the_answer():
         assert resolve(row[:-1], 20, separators=True) == (row[-1], 5) and target[-2] == row[-1]
 
 
+def statement_values(row, n_statements):
+    """Each statement's variable's value, resolved by hand (statements `name rhs ;`)."""
+    table = dict(zip(row[:3 * n_statements:3], row[1:3 * n_statements:3]))
+    values = []
+    for i in range(n_statements):
+        value = row[3 * i]
+        while value >= 10:
+            value = table[value]
+        values.append(value)
+    return values
+
+
 def test_every_statement_scores_each_variable_at_its_statement_end_and_the_answer_at_end():
     rng = random.Random(2)
     x, y = problems.chains_batch(10, 4, 12, 20, rng, separators=True, every_statement=True)
     for row, target in zip(x.tolist(), y.tolist()):
-        table = dict(zip(row[:36:3], row[1:36:3]))
-        for i in range(12):
-            value = row[3 * i]
-            while value >= 10:
-                value = table[value]
+        for i, value in enumerate(statement_values(row, 12)):
             assert target[3 * i:3 * i + 3] == [-1, -1, value]  # scored on `;`, the statement's last token
         assert target[36:] == [-1, -1, row[-1], -1]  # `?`, the asked name, END says the answer
 
@@ -56,11 +64,7 @@ def test_rhs_targets_score_each_value_on_its_right_hand_side_and_the_answer_on_t
     rng = random.Random(3)
     x, y = problems.chains_batch(10, 4, 12, 20, rng, separators=True, every_statement=True, rhs_targets=True)
     for row, target in zip(x.tolist(), y.tolist()):
-        table = dict(zip(row[:36:3], row[1:36:3]))
-        for i in range(12):
-            value = row[3 * i]
-            while value >= 10:
-                value = table[value]
+        for i, value in enumerate(statement_values(row, 12)):
             assert target[3 * i:3 * i + 3] == [-1, value, -1]  # on the right-hand side: one induction step a hop
         assert target[36:] == [-1, row[-1], -1, -1]  # the asked name says the answer
     x, y = problems.chains_batch(10, 4, 12, 20, rng, separators=True, rhs_targets=True)  # the query alone
@@ -91,13 +95,18 @@ def test_exact_match_needs_every_scored_position():
     assert problems.exact_match(logits, y).tolist() == [True, False]
 
 
-def test_thinking_trains_chains_on_a_mix_of_sizes_and_tests_at_the_full_size():
+def load_thinking():
     import importlib.util
     import os
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "thinking.py")
     spec = importlib.util.spec_from_file_location("thinking", path)
     thinking = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(thinking)
+    return thinking
+
+
+def test_thinking_trains_chains_on_a_mix_of_sizes_and_tests_at_the_full_size():
+    thinking = load_thinking()
     cfg = thinking.DEFAULTS | dict(task="chains", n_statements=8, n_vars=12, separators=True, train_hops=[1, 6],
                                    train_statements=[2, 8], batch_size=4, device_obj=torch.device("cpu"))
     vocab_size, block, end, _, train_batch, test_batch = thinking.task_spec(cfg)
@@ -108,16 +117,6 @@ def test_thinking_trains_chains_on_a_mix_of_sizes_and_tests_at_the_full_size():
     assert test_batch(6, 4, rng, None)[0].size(1) == block
     with pytest.raises(SystemExit, match="train_statements"):
         thinking.task_spec(cfg | dict(train_statements=[9]))
-
-
-def load_thinking():
-    import importlib.util
-    import os
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "thinking.py")
-    spec = importlib.util.spec_from_file_location("thinking", path)
-    thinking = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(thinking)
-    return thinking
 
 
 def test_the_curriculum_climbs_the_sizes_one_at_a_time_and_keeps_the_earlier_ones():
