@@ -226,7 +226,8 @@ class LoopedGPT(GPT):
     def halting(self, h, e, positions, mask, max_loops, threshold, answering):
         """Loop until the probe is confident at every answering position (B, T), or on their mean with
         halt_rule=mean, at most max_loops; a stopped row keeps its state. loops_used records each row's count.
-        Why a mean: on a long row one unsure position kept every loop running to the cap (issue 28's halting)."""
+        Why a mean: under "all" one unsure position keeps a long row looping to the cap, the likely reason one
+        seed's probe never stopped (issue 28's halting, EXPERIMENTS.md; not yet tested with this rule)."""
         B = h.size(0)
         active = torch.ones(B, dtype=torch.bool, device=h.device)
         self.loops_used = torch.zeros(B, dtype=torch.long, device=h.device)

@@ -55,7 +55,8 @@ class GPTConfig:
         if self.attention not in ("sdpa", "flex"):
             raise ValueError(f"attention must be 'sdpa' or 'flex', got {self.attention!r}")
         if self.attn_scale < 0 or (self.attn_scale and self.attention == "flex"):
-            raise ValueError(f"attn_scale={self.attn_scale} must be 0 (1/sqrt(head size)) or > 0, with attention='sdpa'")
+            raise ValueError(f"attn_scale={self.attn_scale} must be 0 (1/sqrt(head size)) or > 0, "
+                             f"with attention='sdpa'")
 
     @property
     def kv_heads(self):

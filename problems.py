@@ -6,8 +6,9 @@ model that runs more loops at test time solve harder problems than it was traine
              Difficulty: the string's length (a local operator needs one more step per position).
     chains   variable chains at a fixed length: statements `a b` (a takes b's value) and `c 7` (c is 7),
              shuffled, then `? a` and the value of a; with separators each statement ends with `;`.
-             Difficulty: the hops from the asked variable to its number. Every problem of a task has the same length however many hops it asks, so "harder" never
-             means "longer"; the other statements are distractor chains.
+             Difficulty: the hops from the asked variable to its number. Every problem of a task has the same
+             length however many hops it asks, so "harder" never means "longer"; the other statements are
+             distractor chains.
     addition reversed multi-digit addition, `a + b =` then the sum, digits least significant first.
              Difficulty: the digits of the operands (the carry travels one digit per step).
 
@@ -46,8 +47,9 @@ def chains_vocab(n_vars, separators=False):
 def chains_problem(hops, n_statements, n_vars, rng, max_distractor=6, separators=False, rhs_targets=False):
     """One problem as (tokens, answer, values): n_statements statements (two tokens each, three with separators)
     in random order, the query `? v` and END; values[i] is the value of the variable that the statement ending
-    at token i defines (-1 at other tokens); with rhs_targets, at the statement's right-hand side token instead. v's chain has `hops` statements (hops - 1 pointers, then its
-    number); the rest are distractor chains of 1..max_distractor statements. hops <= n_statements <= n_vars.
+    at token i defines (-1 at other tokens); with rhs_targets, at the statement's right-hand side token instead.
+    v's chain has `hops` statements (hops - 1 pointers, then its number); the rest are distractor chains of
+    1..max_distractor statements. hops <= n_statements <= n_vars.
     Why separators: read both ways, `a b c d` does not say whether `b c` is a statement; rotary attention sees
     relative positions only, so without a mark a position cannot tell a statement's name from its value, and a
     lookup of b matches every b. `a b ; c d ;` puts the role one position away, where attention sees it."""
@@ -79,8 +81,9 @@ def chains_problem(hops, n_statements, n_vars, rng, max_distractor=6, separators
 def chains_batch(batch_size, hops, n_statements, n_vars, rng, device="cpu", separators=False, every_statement=False,
                  rhs_targets=False):
     """x (B, 2 n + 4; 3 n + 4 with separators): the problem, END, then the answer; y scores the answer
-    (predicted at END) and, with every_statement, each statement's variable's value at the statement's last
-    token. hops: an int, or a (low, high) range drawn per problem.
+    (predicted at END, or at the asked name with rhs_targets) and, with every_statement, each statement's
+    variable's value at the statement's last token (its right-hand side with rhs_targets). hops: an int, or a
+    (low, high) range drawn per problem.
     Why every_statement: the query alone gives one scored token per problem, and the models sat on the guess
     plateau for thousands of steps; scoring every variable is the running-parity shape (a target at every
     position, some one step away, some many), the dense signal the looped models of Bansal et al. learn from.

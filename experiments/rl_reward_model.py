@@ -44,7 +44,8 @@ DEFAULTS = dict(
 
 
 def imitation_policy(out, task, task_options, imitation, seed, stop):
-    """world.py's imitation (mode=evaluate), reused while its recipe is the same; returns its checkpoint."""
+    """world.py's imitation (mode=evaluate) into <out>/imitation; returns its checkpoint. It trains again on every
+    run (overwrite=True moves the earlier one aside first); the same recipe and seed give the same weights."""
     run_script("world.py", {"out_dir": os.path.join(out, "imitation"), "tasks": {task: task_options},
                             "mode": "evaluate", "eval_episodes": 1, "seed": seed, "overwrite": True} | imitation, stop)
     if stop.requested:

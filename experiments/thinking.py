@@ -104,8 +104,10 @@ DEFAULTS = dict(
 
 def task_spec(cfg):
     """(vocab size, block size, the problem's end token or -1, difficulties to test, train batch(step, rng),
-    test batch(difficulty, n, rng))."""
+    test batch(difficulty, n, rng)); the chains-only options on another task are a SystemExit."""
     device = cfg["device_obj"]
+    if cfg["task"] != "chains" and (cfg["curriculum"] or cfg["rhs_targets"]):
+        raise SystemExit("curriculum and rhs_targets are options of the chains task")
     if cfg["task"] == "parity":
         def train_batch(rng, gen):
             return problems.parity_batch(cfg["batch_size"], cfg["train_length"], gen, device)
@@ -119,6 +121,10 @@ def task_spec(cfg):
         sizes = cfg["train_statements"] or [cfg["n_statements"]]
         if not all(1 <= n <= cfg["n_statements"] for n in sizes):
             raise SystemExit(f"train_statements={sizes} must lie in 1..n_statements={cfg['n_statements']}")
+        if cfg["curriculum"] and (not 0 < cfg["curriculum"] <= 1 or len(set(cfg["train_statements"])) < 2
+                                  or cfg["curriculum_every"] < 1):
+            raise SystemExit(f"curriculum={cfg['curriculum']} climbs train_statements={cfg['train_statements']}: it "
+                             f"needs a share of answers in (0, 1], two sizes or more and curriculum_every >= 1")
 
         def train_batch(rng, gen, allowed=None, answers_only=False):
             n = rng.choice(allowed or sizes)
@@ -151,7 +157,8 @@ def model_options(cfg, name, vocab_size, block_size, end_token):
     n_layer = {"looped": distinct, "params": distinct,
                "compute": cfg["n_prelude"] + cfg["n_core"] * cfg["loops"] + cfg["n_coda"]}[name]
     options = dict(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=cfg["n_head"],
-                   n_embd=cfg["n_embd"], dropout=0.0, attn_scale=cfg["attn_scale"], attn_windows=[cfg["attn_window"]] * n_layer if cfg["attn_window"] else [])
+                   n_embd=cfg["n_embd"], dropout=0.0, attn_scale=cfg["attn_scale"],
+                   attn_windows=[cfg["attn_window"]] * n_layer if cfg["attn_window"] else [])
     prefix = end_token if cfg["prefix_lm"] else -1
     if name == "looped":
         keys = ("n_prelude", "n_core", "n_coda", "loops", "loops_sampling", "loops_min", "loops_max", "loop_loss",
@@ -193,9 +200,11 @@ def evaluate(model, name, difficulties, test_batch, cfg):
             halting[str(d)] = {"accuracy": acc, "mean_loops": used}
             rule = model.loop.halt_rule
             model.loop.halt_rule = {"all": "mean", "mean": "all"}[rule]  # the same model under the other rule
-            acc, used = accuracy(model, test_batch, d, cfg, loops=max(cfg["test_loops"]), halt=True)
-            other[str(d)] = {"rule": model.loop.halt_rule, "accuracy": acc, "mean_loops": used}
-            model.loop.halt_rule = rule
+            try:
+                acc, used = accuracy(model, test_batch, d, cfg, loops=max(cfg["test_loops"]), halt=True)
+                other[str(d)] = {"rule": model.loop.halt_rule, "accuracy": acc, "mean_loops": used}
+            finally:
+                model.loop.halt_rule = rule
         print(f"  {name} difficulty {d}: " + " ".join(f"{k}:{v:.2f}" for k, v in table[str(d)].items())
               + (f" | halt {halting[str(d)]} | other rule {other[str(d)]}" if str(d) in halting else ""), flush=True)
     return table, halting, other
@@ -254,11 +263,8 @@ def run_model(name, cfg, spec):
         torch._dynamo.config.recompile_limit = 64  # a graph per problem size and grad mode; past 8 it runs eager
         for block in model.blocks:
             block.compile(dynamic=False)
-    ladder = None
-    if cfg["curriculum"]:
-        if cfg["task"] != "chains" or len(cfg["train_statements"]) < 2:
-            raise SystemExit("curriculum climbs the chains' train_statements: give two sizes or more")
-        ladder = Curriculum(cfg["train_statements"], cfg["curriculum"], train_batch, cfg["seed"])
+    ladder = Curriculum(cfg["train_statements"], cfg["curriculum"], train_batch, cfg["seed"]) if cfg["curriculum"] \
+        else None
     batches = {}
 
     def next_batch(step):  # fit asks for each step's batch once, in order

@@ -137,6 +137,10 @@ def test_the_curriculum_climbs_the_sizes_one_at_a_time_and_keeps_the_earlier_one
     rng = random.Random(0)
     draws = [tuple(ladder.allowed(rng)) for _ in range(200)]
     assert set(draws) == {(8,), (2, 4)} and 60 < draws.count((8,)) < 140  # the top half the time
+    for bad in (dict(curriculum=1.5), dict(curriculum=0.9, train_statements=[8]), dict(task="parity", curriculum=0.9),
+                dict(task="parity", rhs_targets=True)):
+        with pytest.raises(SystemExit, match="curriculum"):
+            thinking.task_spec(cfg | bad)
     x, y = spec[4](rng, None, [4])
     assert x.size(1) == 3 * 4 + 4
     assert 0.0 <= thinking.scored_token_accuracy(model, x, y) <= 1.0
