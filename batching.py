@@ -12,6 +12,13 @@ context keeps its last block_size // 2 tokens: a sliding window).
 The Batcher uses the model through three methods only: `prefill` (a row's context into its cache row),
 `decode` (one forward pass over every row's newest token) and `sample`. A failure in one row (its seed,
 its sampling) fails that row alone; the others keep going.
+
+The decode step's shape follows the number of rows in use, and on a GPU its hundreds of small kernels are
+launched one by one. decode_step="graph" runs every cache row instead (a row not in use computes values
+nobody reads), its inputs in device buffers updated in place: a fixed-shape step, captured once as a CUDA
+graph (generation.py's step_and_capture) and replayed per token. "padded" is that step without the graph,
+on any device: what the graph replays, so tests on a CPU check it, and a GPU can tell a padding problem
+from a capture problem. Sampling stays outside the step, per row.
 """
 import codecs
 import sys
@@ -19,7 +26,9 @@ import threading
 
 import torch
 
-from generation import sample_next_token
+from generation import compiled_step, sample_next_token, step_and_capture
+
+DECODE_STEPS = ("eager", "padded", "graph")
 
 
 class StopStrings:
@@ -117,18 +126,37 @@ def error_text(e):
     return f"{type(e).__name__}: {e}"
 
 
+def check_decode_step(decode_step, compile, device):
+    if decode_step not in DECODE_STEPS:
+        raise ValueError(f"decode_step must be one of {', '.join(DECODE_STEPS)}, got {decode_step!r}")
+    if decode_step == "graph" and device.type != "cuda":
+        raise ValueError(f"decode_step='graph' replays the decode step as a CUDA graph: it needs a CUDA device, not "
+                         f"{device.type} ('padded' runs the same fixed-shape step without the graph)")
+    if compile and decode_step == "eager":
+        raise ValueError("compile=True compiles the fixed-shape decode step: it needs decode_step='padded' or 'graph' "
+                         "(the eager step's shape changes with the rows in use)")
+
+
 class Batcher:
     """Continuous batching over one model (with fixed forward options: looped.py's `loops`): a thread that
-    admits waiting rows between decode steps and runs one forward pass per step over all active rows."""
+    admits waiting rows between decode steps and runs one forward pass per step over all active rows.
 
-    def __init__(self, model, tokenizer, max_batch, max_waiting, seed, options=None):
+    decode_step: "eager" (rows in use, kernel by kernel), "padded" (every cache row, a fixed shape) or "graph"
+    (the padded step as a CUDA graph); compile: the padded step compiled by inductor (generation.compiled_step)."""
+
+    def __init__(self, model, tokenizer, max_batch, max_waiting, seed, options=None, decode_step="eager",
+                 compile=False):
         self.model, self.tokenizer, self.config = model, tokenizer, model.config
         self.options = options or {}
         self.device = model.rotary.cos.device  # the rotary tables carry the float dtype (an export's embedding may be int8)
+        check_decode_step(decode_step, compile, self.device)
         self.max_batch, self.max_waiting = max_batch, max_waiting
         self.cache = model.make_cache(max_batch, self.config.block_size, self.device, model.rotary.cos.dtype,
                                       **self.options)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.decode_step, self.padded = decode_step, decode_step != "eager"
+        if self.padded:
+            self.make_padded_step(compile)
         self.rows, self.waiting, self.pos, self.closed = [], [], 0, False
         self.wake = threading.Condition()
         self.thread = threading.Thread(target=self.run, daemon=True, name="batcher")
@@ -173,11 +201,52 @@ class Batcher:
 
     def decode(self):
         """Logits (n, V) of the next token of every active row, from one forward pass over their newest tokens."""
+        if self.padded:
+            return self.decode_padded()
         n = len(self.rows)
         last = torch.tensor([[r.ids[-1]] for r in self.rows], dtype=torch.long, device=self.device)  # (n, 1)
         logits = self.model.next_logits(last, self.cache.rows(0, n), pos=self.pos, **self.options)  # (n, V)
         self.pos += 1
         return logits
+
+    # the padded decode step: every cache row, a fixed shape, so a CUDA graph can replay it
+
+    def make_padded_step(self, compile):
+        """The buffers the padded step reads and writes, made once (a CUDA graph holds their addresses)."""
+        # each row's slots from now on (B, 1, 1, length), all visible: start_row then only writes into this tensor
+        self.cache.start_row(0, 0)
+        self.free_slots = self.cache.slots[0].clone()  # (1, 1, length): the slots of a row not in use
+        self.last = torch.zeros(self.max_batch, 1, dtype=torch.long, device=self.device)  # (B, 1) newest tokens
+        self.position = torch.zeros(1, dtype=torch.long, device=self.device)  # (1,) the slot they are written at
+        self.logits = torch.zeros(self.max_batch, self.config.vocab_size, device=self.device)  # (B, V)
+        self.step = compiled_step(self.model, self.device, own_graph=True) if compile else self.model.next_logits
+        self.graph, self.graph_addresses = None, None
+        self.capture = self.decode_step == "graph"  # at the next step; False once tried
+
+    def padded_step(self):
+        """Device work only, no host reads: what the CUDA graph holds."""
+        self.logits.copy_(self.step(self.last, self.cache, pos=self.position, **self.options))
+
+    def buffer_addresses(self):
+        """Where every tensor the padded step reads or writes lives: a graph replays those addresses."""
+        return [t.data_ptr() for t in [*self.cache.tensors(), self.cache.slots, self.last, self.position, self.logits]]
+
+    def decode_padded(self):
+        """decode's logits (n, V), from the padded step over all max_batch rows (replayed once captured)."""
+        n = len(self.rows)
+        self.last[:n].copy_(torch.tensor([[r.ids[-1]] for r in self.rows]))  # (n, 1), from the host
+        self.position.fill_(self.pos)
+        if self.graph is not None and self.buffer_addresses() != self.graph_addresses:
+            self.graph, self.capture = None, True  # a buffer was reallocated: the graph would read freed memory
+        if self.graph is not None:
+            self.graph.replay()
+        elif self.capture:  # this token's step, then its capture for the next ones (None if it cannot be captured)
+            self.graph = step_and_capture(self.padded_step, None, self.device)
+            self.graph_addresses, self.capture = self.buffer_addresses(), False
+        else:
+            self.padded_step()
+        self.pos += 1
+        return self.logits[:n]
 
     # rows in and out of the cache
 
@@ -191,6 +260,18 @@ class Batcher:
         self.pos = max([self.cached_length(row) for _, row in live] + [at_least])
         for i, row in live:
             self.prefill(i, row.ids[:-1][-self.cached_length(row):], logits_for=None)
+        if self.padded:
+            self.free_rows({i for i, _ in live})
+
+    def free_rows(self, live):
+        """Make every cache row but the live ones see slots 0..pos. The padded step runs them too, and a row
+        started at a slot above the new pos would see no slot at all: its attention may be NaN on a GPU (no
+        other row reads it, but a check of the logits would trip on it). Only compact lowers pos while rows run
+        (an emptied batch's pos = 0 is followed by a compaction before the next step), so every row then
+        attends over at least slot 0."""
+        for i in range(self.max_batch):
+            if i not in live:
+                self.cache.slots[i].copy_(self.free_slots)
 
     def admit(self, row):
         """Prefill a row into the next free cache row and sample its first token. A failure here (its seed,

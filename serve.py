@@ -31,10 +31,10 @@ Every run under out_root, however it was started (train, world and swarm runs, b
                               the playground, jobs)
 
 Each route is a function of its request and the server's `State` (models, jobs, config); batching.py
-decodes concurrent completions together. A job may set only its kind's allow-listed keys, and every path
-it reads or writes stays under out_root or data_root; state-changing requests must come from this
-server's own page or a non-browser client (Host, Origin and Content-Type checks): README, "Exposing the
-server".
+decodes concurrent completions together (decode_graph=True: each step is one CUDA graph's replay). A job
+may set only its kind's allow-listed keys, and every path it reads or writes stays under out_root or
+data_root; state-changing requests must come from this server's own page or a non-browser client (Host,
+Origin and Content-Type checks): README, "Exposing the server".
 """
 import asyncio
 import base64
@@ -93,6 +93,10 @@ DEFAULTS = dict(
                                # (runtime.set_threads)
     tokenizer_model="",        # the model whose tokenizer /tokenize, /detokenize and /tokenizer_info use when a
                                # request names none (lm-eval's remote tokenizer names none)
+    decode_graph=False,        # CUDA only: every decode step runs all max_batch rows at one shape, captured once as a
+                               # CUDA graph and replayed per token (batching.py, decode_step="graph"); False: the rows
+                               # in use, kernel by kernel
+    decode_compile=False,      # with decode_graph: inductor's kernels in that graph (compiled at a model's first step)
     # limits: each bad value is a 400 or 422 naming the field
     max_batch=32,              # rows decoded together in one forward pass (per model and loop count)
     max_waiting=256,           # rows waiting for a batch slot; more is a 429
@@ -239,7 +243,9 @@ class Models:
                 options = {"loops": key} if key else {}
                 self.make_room(cache_bytes(entry["model"], self.cfg["max_batch"], options), model_id)
                 entry["batchers"][key] = Batcher(entry["model"], entry["tokenizer"], self.cfg["max_batch"],
-                                                 self.cfg["max_waiting"], self.cfg["seed"], options)
+                                                 self.cfg["max_waiting"], self.cfg["seed"], options,
+                                                 decode_step="graph" if self.cfg["decode_graph"] else "eager",
+                                                 compile=self.cfg["decode_compile"])
             entry["used"] = time.monotonic()
             return entry["batchers"][key]
 
@@ -1509,6 +1515,7 @@ ROUTES = [
 def make_app(cfg):
     """The FastAPI app for a resolved serve config (tests call this; main() runs it under uvicorn)."""
     device = resolve_device(cfg["device"])
+    check_decode_config(cfg, device)
     set_threads(cfg["threads"])
     state = State(cfg, Models(cfg, device), Jobs(cfg), Runs(cfg["out_root"]))
 
@@ -1546,6 +1553,14 @@ def check_serve_config(cfg):
                          f"(GET /v1/models lists them)")
     if not all(isinstance(h, str) and h for h in cfg["allowed_hosts"]):
         raise SystemExit(f"allowed_hosts is a list of host names, got {cfg['allowed_hosts']!r}")
+
+
+def check_decode_config(cfg, device):
+    if cfg["decode_graph"] and device.type != "cuda":
+        raise SystemExit(f"decode_graph=True replays the batched decode step as a CUDA graph: it needs a CUDA device, "
+                         f"got device={device}; leave decode_graph=False")
+    if cfg["decode_compile"] and not cfg["decode_graph"]:
+        raise SystemExit("decode_compile=True compiles the step that decode_graph captures: set decode_graph=True too")
 
 
 def main(argv):

@@ -5,13 +5,17 @@ and a soak: a mix of completions and small jobs for a while, watching errors and
     python experiments/serve_load.py                                   # CPU: a cpu_quick-shaped model
     python experiments/serve_load.py --config=config/gpu_124m.py --device=cuda --max_tokens=256 --out_dir=out/serve_load_gpu
     python experiments/serve_load.py --soak_minutes=30 --out_dir=out/serve_soak    # the soak (CPU, loopback)
+    python experiments/serve_load.py --config=config/gpu_124m.py --device=cuda --max_tokens=256 "--decode_graph=[False,True]"
 
 A model of the config's shape with random weights is saved as out_dir/model/ckpt.pt (speed does not
 depend on the weights; ignore_eos makes every request generate exactly max_tokens), serve.py is started
 on a free loopback port with out_root=out_dir, and `clients` streaming clients each send `requests`
 completions back to back. Per concurrency level: requests/s, p50/p95 latency, p50/p95 time to first
 token, aggregate completion tokens/s. The same model generates in-process with model.generate_stream
-(what sample.py runs) for the single-stream overhead. Writes out_dir/serve_load.json and .png.
+(what sample.py runs) for the single-stream overhead. Writes out_dir/serve_load.json and .png. With
+several decode_graph values (the last command: serve.py's decode step off, then as a CUDA graph) one
+server per value runs every level in turn, and graph_speedup is each level's tokens/s with the graph over
+those without.
 
 The soak (`soak_minutes` > 0) uploads a small dataset (a prepare job), then runs `soak_clients` clients
 sending random completions (streamed or not, n, stop, logprobs; some hang up mid-stream and some send
@@ -53,6 +57,8 @@ DEFAULTS = dict(
     threads=0,                     # torch threads of the server and the in-process baseline alike (0: automatic,
                                    # runtime.set_threads, chosen once here)
     seed=1337,
+    decode_graph=[False],          # serve.py's decode_graph, one server each: [False, True] compares them (CUDA only)
+    decode_compile=False,          # serve.py's decode_compile, for the servers with decode_graph=True
     soak_minutes=0.0,              # > 0: run the soak instead of the load levels
     soak_clients=4,
 )
@@ -77,7 +83,7 @@ def quantile(values, q):
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
-def build_model(cfg, path):
+def save_random_model(cfg, path):
     """A random-weight checkpoint of the config's shape; returns (model, tokenizer meta)."""
     shape = read_config_file(os.path.join(ROOT, cfg["config"]) if not os.path.isabs(cfg["config"]) else cfg["config"])
     if shape.get("dataset", "shakespeare_char") == "shakespeare_char":
@@ -166,16 +172,17 @@ def plot(result, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    levels = result["levels"]
-    x = [lv["clients"] for lv in levels]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.plot(x, [lv["tokens_per_s"] for lv in levels], "o-", label="server, aggregate")
+    for graph in dict.fromkeys(lv["decode_graph"] for lv in result["levels"]):
+        levels = [lv for lv in result["levels"] if lv["decode_graph"] == graph]
+        x, tag = [lv["clients"] for lv in levels], ", decode_graph" if graph else ""
+        a.plot(x, [lv["tokens_per_s"] for lv in levels], "o-", label=f"server, aggregate{tag}")
+        b.plot(x, [lv["latency_p50_s"] for lv in levels], "o-", label=f"latency p50{tag}")
+        b.plot(x, [lv["latency_p95_s"] for lv in levels], "o--", label=f"latency p95{tag}")
+        b.plot(x, [lv["ttft_p50_s"] for lv in levels], "s-", label=f"time to first token p50{tag}")
     a.axhline(result["in_process_tokens_per_s"], color="gray", ls="--", label="in-process, one stream")
     a.set(xscale="log", xlabel="concurrent clients", ylabel="completion tokens/s", xticks=x, xticklabels=x)
     a.legend()
-    b.plot(x, [lv["latency_p50_s"] for lv in levels], "o-", label="latency p50")
-    b.plot(x, [lv["latency_p95_s"] for lv in levels], "o--", label="latency p95")
-    b.plot(x, [lv["ttft_p50_s"] for lv in levels], "s-", label="time to first token p50")
     b.set(xscale="log", xlabel="concurrent clients", ylabel="seconds", xticks=x, xticklabels=x)
     b.legend()
     fig.suptitle(f"serve.py load: {result['config']} on {result['device']}, {result['max_tokens']} tokens per request")
@@ -279,7 +286,7 @@ def run_soak(cfg, device):
     os.makedirs(os.path.join(work, "config"), exist_ok=True)
     with open(os.path.join(work, "config", "soak.py"), "w") as f:
         f.write(SOAK_JOB)
-    build_model(cfg, os.path.join(work, "out", "model", "ckpt.pt"))
+    save_random_model(cfg, os.path.join(work, "out", "model", "ckpt.pt"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -307,6 +314,36 @@ def run_soak(cfg, device):
     print(json.dumps({k: v for k, v in result.items() if k != "rss_mb"}, indent=1))
 
 
+def server_levels(cfg, device, decode_graph):
+    """Every concurrency level against one server, started with this decode_graph."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    extra = [f"--decode_graph={decode_graph}"] + ([f"--decode_compile={cfg['decode_compile']}"] if decode_graph else [])
+    proc, url = start_server(cfg, port, str(device), *extra)
+    try:
+        asyncio.run(level(url, 1, {**cfg, "requests": 1}))  # loads the model and warms up (and captures its graph)
+        levels = []
+        for clients in cfg["concurrency"]:
+            levels.append({**asyncio.run(level(url, clients, cfg)), "decode_graph": decode_graph})
+            print(json.dumps(levels[-1]))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    err = proc.stderr.read().decode().strip()
+    if err:  # e.g. batching's warning that the decode step could not be captured (then it ran uncaptured)
+        print(f"serve.py (decode_graph={decode_graph}) wrote to stderr:\n{err[-3000:]}")
+    return levels
+
+
+def check_decode_graph(values, device):
+    if not values or not all(isinstance(v, bool) for v in values):
+        raise SystemExit(f"decode_graph is a list of True/False, one server each (e.g. [False,True]), got {values!r}")
+    if any(values) and device.type != "cuda":
+        raise SystemExit(f"decode_graph=True replays serve.py's decode step as a CUDA graph: it needs --device=cuda, "
+                         f"got {device}")
+
+
 def main(argv):
     cfg = configure(DEFAULTS, argv)
     print_config(cfg)
@@ -314,24 +351,14 @@ def main(argv):
     cfg["threads"] = set_threads(cfg["threads"])
     if cfg["soak_minutes"] > 0:
         return run_soak(cfg, device)
+    check_decode_graph(cfg["decode_graph"], device)
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[resolve_dtype(cfg["dtype"], device)]
-    model, meta = build_model(cfg, os.path.join(cfg["out_dir"], "model", "ckpt.pt"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc, url = start_server(cfg, port, str(device))
-    try:
-        asyncio.run(level(url, 1, {**cfg, "requests": 1}))  # loads the model and warms up
-        levels = []
-        for clients in cfg["concurrency"]:
-            levels.append(asyncio.run(level(url, clients, cfg)))
-            print(json.dumps(levels[-1]))
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    model, meta = save_random_model(cfg, os.path.join(cfg["out_dir"], "model", "ckpt.pt"))
+    levels = [lv for graph in cfg["decode_graph"] for lv in server_levels(cfg, device, graph)]
     with torch.no_grad():
         baseline = in_process_tokens_per_s(model, meta, cfg, device, dtype)
-    single = next((lv for lv in levels if lv["clients"] == 1), None)
+    first = [lv for lv in levels if lv["decode_graph"] == cfg["decode_graph"][0]]  # the first server's levels
+    single = next((lv for lv in first if lv["clients"] == 1), None)
     result = {"config": cfg["config"], "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "dtype": str(dtype).removeprefix("torch."), "max_tokens": cfg["max_tokens"],
               "params_m": round(model.num_params(False) / 1e6, 2), "levels": levels,
@@ -340,7 +367,11 @@ def main(argv):
     if single:
         result["single_stream_overhead"] = round(1 - single["stream_tokens_per_s"] / baseline, 3)
         result["scaling_vs_single"] = {lv["clients"]: round(lv["tokens_per_s"] / single["tokens_per_s"], 2)
-                                       for lv in levels}
+                                       for lv in first}
+    if {False, True} <= set(cfg["decode_graph"]):
+        eager = {lv["clients"]: lv["tokens_per_s"] for lv in levels if not lv["decode_graph"]}
+        result["graph_speedup"] = {lv["clients"]: round(lv["tokens_per_s"] / eager[lv["clients"]], 2)
+                                   for lv in levels if lv["decode_graph"]}
     with open(os.path.join(cfg["out_dir"], "serve_load.json"), "w") as f:
         json.dump(result, f, indent=1)
     plot(result, os.path.join(cfg["out_dir"], "serve_load.png"))

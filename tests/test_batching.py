@@ -1,5 +1,6 @@
 """batching.py: rows of different lengths decoded together give each row the tokens it would get alone
-(plain, feedback, looped at any loop count, structurally pruned models), a failing row fails alone, and
+(plain, feedback, looped at any loop count, structurally pruned models), the fixed-shape decode step (padded
+to every cache row, and captured as a graph) gives the eager step's tokens, a failing row fails alone, and
 the stop-string check is linear."""
 import queue
 import string
@@ -121,6 +122,118 @@ def test_a_row_whose_sampling_fails_mid_generation_fails_alone(monkeypatch):
     batcher.close()
     assert "sampling failed" in got["lo"][1] and len(got["lo"][0]) < 20
     assert all(got[p][1] == "length" and len(got[p][0]) == 20 for p in PROMPTS if p != "lo")
+
+
+# ----------------------------------------------------------------------------- the padded decode step
+
+def run_schedule(batcher, schedule):
+    """Greedy rows submitted on a fixed schedule; {prompt: new token ids}. schedule: (prompt, max_new, after),
+    after None (at the start) or (prompt, n): once that row has n new tokens. A row is submitted from inside its
+    trigger's emit, on the batcher's thread, so every run takes the same steps (admissions, compactions)."""
+    rows, finished = {}, queue.Queue()
+
+    def make(prompt, max_new):
+        def emit(event):
+            for p, m, after in schedule:
+                if after == (prompt, rows[prompt].new):
+                    assert batcher.submit([make(p, m)]) is None
+            if "error" in event or event["finish_reason"]:
+                finished.put(event.get("error"))
+        rows[prompt] = Row(TOKENIZER.encode(prompt), max_new, 0.0, None, 1.0, None, None, [], True, False,
+                           TOKENIZER, emit)
+        return rows[prompt]
+    assert batcher.submit([make(p, m) for p, m, after in schedule if after is None]) is None
+    assert [finished.get(timeout=60) for _ in schedule] == [None] * len(schedule)
+    return {p: row.ids[len(TOKENIZER.encode(p)):] for p, row in rows.items()}
+
+
+SCHEDULE = [
+    ("a", 100, None),                         # runs past block_size twice: compactions, then a sliding window
+    ("the fox", 10, None),                    # removed early from the middle: the last row moves into its place
+    ("jumps over the lazy dog", 40, None),
+    ("lo", 5, ("a", 20)),                     # admitted mid-way
+    ("z", 3, ("a", 35)),                      # starts at a slot above the pos the next compaction sets
+    ("over", 30, ("a", 50)),                  # admitted after a compaction
+]
+
+
+@pytest.mark.parametrize("options", [{}, {"feedback": 1}, {"n_prelude": 1, "n_core": 1, "n_coda": 0, "loops": 2}],
+                         ids=["plain", "feedback", "looped"])
+def test_the_padded_decode_step_gives_the_eager_steps_tokens(options):
+    model = tiny_model(**options).float()
+    eager = Batcher(model, TOKENIZER, max_batch=4, max_waiting=8, seed=0)
+    expected = run_schedule(eager, SCHEDULE)
+    eager.close()
+    padded = Batcher(model, TOKENIZER, max_batch=4, max_waiting=8, seed=0, decode_step="padded")
+    # per step: every row, in use or not, sees some slot (attention over none is 0 on a CPU, may be NaN on a GPU)
+    # and has finite logits
+    sound, step = [], padded.step
+
+    def watched(last, cache, pos, **options):
+        logits = step(last, cache, pos=pos, **options)
+        sound.append(bool((cache.slots <= pos).flatten(1).any(1).all() and logits.isfinite().all()))
+        return logits
+    padded.step = watched
+    got = run_schedule(padded, SCHEDULE)
+    padded.close()
+    assert got == expected
+    assert len(got["a"]) == 100 and len(sound) == 99 and all(sound)  # the first token comes from the prefill
+
+
+class StandInGraph:
+    """What step_and_capture returns, on a CPU (as in test_decode.py): each replay runs the captured step again."""
+
+    def __init__(self, fn):
+        self.fn, self.replays = fn, 0
+
+    def replay(self):
+        self.replays += 1
+        self.fn()
+
+
+@pytest.fixture
+def stand_in_graphs(monkeypatch):
+    """Batchers on the CPU may take the graph path, its capture replaced by StandInGraph; returns the graphs made.
+    The GPU run (experiments/serve_load.py with decode_graph) is what checks the real capture."""
+    import batching
+    graphs = []
+
+    def capture(fn, generator, device):
+        fn()  # this token's step, as step_and_capture runs it before capturing
+        graphs.append(StandInGraph(fn))
+        return graphs[-1]
+    monkeypatch.setattr(batching, "check_decode_step", lambda *args: None)
+    monkeypatch.setattr(batching, "step_and_capture", capture)
+    return graphs
+
+
+def test_the_graph_decode_step_is_captured_once_and_replayed_for_every_later_token(stand_in_graphs):
+    model = tiny_model().float()
+    eager = Batcher(model, TOKENIZER, max_batch=4, max_waiting=8, seed=0)
+    expected = run_schedule(eager, SCHEDULE)
+    eager.close()
+    graphed = Batcher(model, TOKENIZER, max_batch=4, max_waiting=8, seed=0, decode_step="graph")
+    got = run_schedule(graphed, SCHEDULE)
+    graphed.close()
+    assert got == expected
+    graph, = stand_in_graphs  # through admissions, removals and compactions: their buffers are written in place
+    assert graph.replays == 98  # 99 decode steps, the first of them the capture's own run
+
+
+def test_a_reallocated_buffer_makes_the_graph_be_captured_again(stand_in_graphs):
+    batcher = Batcher(tiny_model().float(), TOKENIZER, max_batch=2, max_waiting=2, seed=0, decode_step="graph")
+    first = collect(batcher, ["lo"], 5)
+    batcher.cache.slots = batcher.cache.slots.clone()  # (idle between requests) the old graph would read freed memory
+    second = collect(batcher, ["lo"], 5)
+    batcher.close()
+    assert second == first and len(stand_in_graphs) == 2
+
+
+def test_a_cuda_graph_decode_step_on_a_cpu_is_a_clear_error():
+    with pytest.raises(ValueError, match="needs a CUDA device, not cpu"):
+        Batcher(tiny_model(), TOKENIZER, max_batch=2, max_waiting=2, seed=0, decode_step="graph")
+    with pytest.raises(ValueError, match="decode_step='padded' or 'graph'"):
+        Batcher(tiny_model(), TOKENIZER, max_batch=2, max_waiting=2, seed=0, compile=True)
 
 
 # ----------------------------------------------------------------------------- stop strings

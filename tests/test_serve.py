@@ -527,6 +527,13 @@ def test_another_host_without_a_token_refuses_to_start(monkeypatch):
     serve.check_serve_config(configure(serve.DEFAULTS, ["--host=0.0.0.0", "--token=x"]))
 
 
+def test_a_cuda_graph_decode_step_on_a_cpu_server_refuses_to_start():
+    with pytest.raises(SystemExit, match="needs a CUDA device, got device=cpu"):
+        serve.make_app(configure(serve.DEFAULTS, ["--device=cpu", "--decode_graph=True"]))
+    with pytest.raises(SystemExit, match="set decode_graph=True too"):
+        serve.make_app(configure(serve.DEFAULTS, ["--device=cpu", "--decode_compile=True"]))
+
+
 
 # ----------------------------------------------------------------------------- every run under out_root
 
