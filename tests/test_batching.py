@@ -12,6 +12,7 @@ import torch
 import compress
 from architecture import build_model
 from batching import Batcher, Row, StopStrings
+from graph_fakes import StandInGraph
 from tokenizer import CharTokenizer
 
 TOKENIZER = CharTokenizer(string.ascii_lowercase + " .")
@@ -178,17 +179,6 @@ def test_the_padded_decode_step_gives_the_eager_steps_tokens(options):
     padded.close()
     assert got == expected
     assert len(got["a"]) == 100 and len(sound) == 99 and all(sound)  # the first token comes from the prefill
-
-
-class StandInGraph:
-    """What step_and_capture returns, on a CPU (as in test_decode.py): each replay runs the captured step again."""
-
-    def __init__(self, fn):
-        self.fn, self.replays = fn, 0
-
-    def replay(self):
-        self.replays += 1
-        self.fn()
 
 
 @pytest.fixture

@@ -7,23 +7,13 @@ import torch
 
 import generation
 from generation import sample_next_token
+from graph_fakes import StandInGraph
 from model import GPT, GPTConfig
 
 
 def tiny_model(**kw):
     torch.manual_seed(0)
     return GPT(GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=4, n_embd=32, **kw)).eval()
-
-
-class StandInGraph:
-    """What capture_graph returns, on a CPU: each replay runs the captured step again."""
-
-    def __init__(self, fn):
-        self.fn, self.replays = fn, 0
-
-    def replay(self):
-        self.replays += 1
-        self.fn()
 
 
 @pytest.fixture
