@@ -251,9 +251,19 @@ def choice_update(policy, optimizer, items, weights, grad_clip=1.0):
     update() raises the action's text likelihood, which moves every command that shares its characters
     and need not lift the action above its rivals in that state. One state at a time: a state's commands
     share its context, and a batch of all of them would hold every state's copies at once."""
-    require_listed_commands(items)
     policy.model.train()
     optimizer.zero_grad(set_to_none=True)
+    total = choice_backward(policy, items, weights)
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(policy.model.parameters(), grad_clip)
+    optimizer.step()
+    return total
+
+
+def choice_backward(policy, items, weights):
+    """Accumulate the gradient of choice_update's loss (no step): also the reward model's anchor with act=choose.
+    Returns the loss. One state's backward at a time, so only one state's commands are held at once."""
+    require_listed_commands(items)
     # each trained action's transcript before its ACTION_PREFIX, the action, and the commands listed there
     states = [(item["text"][:start - len(ACTION_PREFIX)], item["text"][start:end - 1], listed, weight)
               for item, weight in zip(items, weights) for (start, end), listed in zip(item["spans"], item["choices"])]
@@ -263,9 +273,6 @@ def choice_update(policy, optimizer, items, weights, grad_clip=1.0):
         loss = -weight * torch.log_softmax(policy.command_scores(transcript, commands), 0)[0] / len(states)
         loss.backward()
         total += loss.item()
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(policy.model.parameters(), grad_clip)
-    optimizer.step()
     return total
 
 

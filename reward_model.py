@@ -19,8 +19,14 @@ successes replayed from world.py's replay buffer (policy.action_loss). Without i
 went from 94% to 0% held-out: the straight-through gradient moved the policy to malformed text and nothing
 in its loss pulled it back to what had worked (EXPERIMENTS.md, RL through a learned reward model).
 
-Not covered: act=choose (a choice among listed commands has no tokens to relax) and teacher help (its
-labels are for imitation; this learner sees rewards only). world.py refuses both with this mode.
+With act=choose (TextWorld: the policy picks one of the commands the game lists) there are no tokens to
+relax; the choice itself is relaxed instead. The reward model scores every listed command after the state
+(its text, as it was trained on), and the policy's loss is minus those scores weighted by a straight-through
+Gumbel-softmax over the policy's command scores (Policy.command_scores): the chosen command's score forward,
+the soft choice's gradient backward. The anchor is then choice_loss's cross-entropy (policy.choice_backward),
+so world.py asks for choice_loss=True, as the other learners train the same ranking.
+
+Not covered: teacher help (its labels are for imitation; this learner sees rewards only). world.py refuses it.
 """
 import dataclasses
 import difflib
@@ -35,7 +41,7 @@ import torch.nn.functional as F
 from checkpoint import atomic_write
 from configurator import ConfigError
 from model import GPT, GPTConfig, norm
-from policy import action_loss
+from policy import action_loss, choice_backward
 from tasks import ACTION_PREFIX, MAX_ACTION_CHARS
 
 
@@ -124,7 +130,8 @@ def transitions(episode):
         step_rewards.append(sum(float(line[len("reward "):]) for line in after.split("\n")
                                 if line.startswith("reward ")))
     for i, (start, end) in enumerate(spans):
-        out.append({"text": text[:end], "return": sum(step_rewards[i:]), "task": episode["task"]})
+        item = {"text": text[:end], "return": sum(step_rewards[i:]), "task": episode["task"]}
+        out.append(item | ({"choices": episode["choices"][i]} if "choices" in episode else {}))
     return out
 
 
@@ -199,10 +206,40 @@ def policy_loss(policy, reward_model, states, temperature, generator):
     return -reward_model(tokens, torch.tensor(lengths, device=tokens.device)).mean()
 
 
+def choice_policy_backward(policy, reward_model, states, temperature, generator):
+    """act=choose's policy_loss, its gradient accumulated one state at a time (no step); returns the loss.
+    states: [(transcript that ends before an action, the commands listed there)]. Per state: minus the reward
+    model's scores of the listed commands (no gradient into it) weighted by a straight-through Gumbel-softmax
+    over the policy's command scores. The only path from reward to policy is through reward_model's scores."""
+    block = reward_model.body.config.block_size
+    V, device = reward_model.body.config.vocab_size, next(reward_model.parameters()).device
+    reward_model.eval()
+    total = 0.0
+    for state, commands in states:
+        with torch.no_grad():
+            rows = [policy.tokenizer.encode(f"{state}{ACTION_PREFIX}{c}\n")[-block:] for c in commands]
+            q = reward_model(*one_hot_rows(rows, V, device))  # (n,): each listed command's predicted return
+        scores = policy.command_scores(state, commands)  # (n,), with gradient
+        g = -torch.log(-torch.log(torch.rand(scores.shape, generator=generator).clamp_min(1e-20)))
+        soft = torch.softmax(scores.float() / temperature + g.to(scores.device), 0)
+        hard = F.one_hot(soft.argmax(), soft.size(0)).float()
+        choice = hard + soft - soft.detach()  # (n,): one-hot forward, the softmax's gradient backward
+        loss = -(choice * q.to(choice.device)).sum() / len(states)
+        loss.backward()
+        total += loss.item()
+    return total
+
+
 def replayed_states(items, n, rng):
     """n transcripts that end before an action, each cut from a random stored transition."""
     picked = [rng.choice(items)["text"] for _ in range(n)]
     return [text[:text.rfind("\n" + ACTION_PREFIX) + 1] for text in picked]
+
+
+def replayed_choices(items, n, rng):
+    """n (transcript that ends before an action, the commands listed there), from random stored transitions."""
+    picked = [rng.choice(items) for _ in range(n)]
+    return [(item["text"][:item["text"].rfind("\n" + ACTION_PREFIX) + 1], item["choices"]) for item in picked]
 
 
 # ----------------------------------------------------------------------------- the learner world.py calls
@@ -211,8 +248,8 @@ class RewardLearner:
     """The reward model, its optimizer, the transitions it learns from and its random state: what
     mode=reward_model adds to a world.py run (kept in reward_model.pt beside policy.pt)."""
 
-    def __init__(self, policy, learning, seed):
-        self.learning = learning
+    def __init__(self, policy, learning, seed, choose=False):
+        self.learning, self.choose = learning, choose  # choose: act=choose, the relaxed choice of a listed command
         config = policy.model.config
         with torch.random.fork_rng(devices=[]):  # the reward model's first weights, the loop's RNG untouched
             torch.manual_seed(seed)
@@ -226,9 +263,9 @@ class RewardLearner:
     def learn(self, policy, optimizer, episodes, replay, updates, replay_batch_size, grad_clip):
         """After a batch of episodes: store their transitions, fit the reward model, then `updates` policy steps
         through it, each anchored (if learning.anchor) by imitation of replay_batch_size successes drawn from
-        replay (policy.ReplayBuffer). Returns {"loss": the policy's last loss (NaN during warm-up),
-        "reward_model_loss": ...} and, with an anchor, "anchor_loss": the last step's imitation loss, unweighted
-        (NaN before the first success)."""
+        replay (policy.ReplayBuffer; with act=choose, choice_loss's cross-entropy on them). Returns {"loss": the
+        policy's last loss (NaN during warm-up), "reward_model_loss": ...} and, with an anchor, "anchor_loss": the
+        last step's imitation loss, unweighted (NaN before the first success)."""
         learning = self.learning
         for episode in episodes:
             for item in transitions(episode):
@@ -244,20 +281,30 @@ class RewardLearner:
         if self.episodes >= learning.warmup_episodes:
             for _ in range(updates):
                 policy.model.train()
-                states = replayed_states(self.items, learning.policy_batch_size, self.rng)
-                step_loss = policy_loss(policy, self.model, states, learning.gumbel_temperature, self.generator)
+                optimizer.zero_grad(set_to_none=True)
+                if self.choose:
+                    states = replayed_choices(self.items, learning.policy_batch_size, self.rng)
+                    step_loss = choice_policy_backward(policy, self.model, states, learning.gumbel_temperature,
+                                                       self.generator)
+                else:
+                    states = replayed_states(self.items, learning.policy_batch_size, self.rng)
+                    step_loss = policy_loss(policy, self.model, states, learning.gumbel_temperature, self.generator)
                 successes = replay.sample(replay_batch_size, self.rng) if learning.anchor else []
-                if successes:  # the reward model's gradient alone collapsed the policy (module docstring)
+                if successes and self.choose:  # choice_loss's cross-entropy, as the other learners train
+                    weighted = choice_backward(policy, successes, [learning.anchor] * len(successes))
+                    step_loss, anchor = step_loss + weighted, weighted / learning.anchor
+                elif successes:  # the reward model's gradient alone collapsed the policy (module docstring)
                     imitation = action_loss(policy, successes, [1.0] * len(successes))
                     step_loss = step_loss + learning.anchor * imitation
                     anchor = imitation.item()
-                optimizer.zero_grad(set_to_none=True)
-                step_loss.backward()
+                if not self.choose:  # act=choose's terms did their backward one state at a time
+                    step_loss.backward()
+                    step_loss = step_loss.item()
                 self.model.zero_grad(set_to_none=True)  # the reward model learns from returns only, never from here
                 if grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(policy.model.parameters(), grad_clip)
                 optimizer.step()
-                loss = step_loss.item()
+                loss = step_loss
         losses = {"loss": loss, "reward_model_loss": sum(fit) / len(fit)}
         return losses | ({"anchor_loss": anchor} if learning.anchor else {})
 
@@ -280,9 +327,10 @@ class RewardLearner:
         self.generator.set_state(state["generator"])
 
 
-def start_learner(policy, options, seed, path, resuming):
-    """world.py's learner for mode=reward_model: a fresh one, or on resume the one saved at path."""
-    learner = RewardLearner(policy, learning_options(options), seed)
+def start_learner(policy, options, seed, path, resuming, choose=False):
+    """world.py's learner for mode=reward_model (choose: act=choose): a fresh one, or on resume the one saved at
+    path."""
+    learner = RewardLearner(policy, learning_options(options), seed, choose)
     if resuming:
         if not os.path.exists(path):
             raise SystemExit(f"cannot resume mode=reward_model: {path} does not exist (the run was saved by another "
@@ -304,9 +352,9 @@ def check_mode(cfg):
                               f"set --mode=reward_model, or drop reward_model")
         return
     learning_options(cfg["reward_model"])
-    if cfg["act"] != "generate" or cfg["choice_loss"]:
-        raise ConfigError("mode=reward_model trains actions written token by token (act=generate): a choice among "
-                          "listed commands has no tokens to relax; set act=generate and choice_loss=False")
+    if cfg["act"] == "choose" and not cfg["choice_loss"]:
+        raise ConfigError("mode=reward_model with act=choose relaxes the choice among listed commands and anchors it "
+                          "with choice_loss's cross-entropy: set choice_loss=True (or act=generate)")
     if cfg["teacher_help"]:
         raise ConfigError("mode=reward_model learns from rewards only, and teacher help's labels would go unused: "
                           "set teacher_help=False (or use mode=expert_iteration for teacher help)")

@@ -398,7 +398,7 @@ def learning_loop(cfg, state, policy, stop):
     torch.manual_seed(cfg["seed"])
     optimizer = make_optimizer(policy, learning.learning_rate)
     learner = start_learner(policy, cfg["reward_model"], cfg["seed"], os.path.join(out_dir, "reward_model.pt"),
-                            resuming) if cfg["mode"] == "reward_model" else None
+                            resuming, cfg["act"] == "choose") if cfg["mode"] == "reward_model" else None
     if resuming:
         progress = resume_progress(state, optimizer, learning, os.path.join(out_dir, "policy.pt"))
         for path in (metrics_path, os.path.join(out_dir, "episodes.jsonl")):

@@ -4,6 +4,7 @@ beat the score-function gradient at equal episodes?
 
     OMP_NUM_THREADS=1 nice -n 10 python experiments/rl_reward_model.py config/rl_reward_model_arith.py
     OMP_NUM_THREADS=1 nice -n 10 python experiments/rl_reward_model.py config/rl_reward_model_rooms.py
+    OMP_NUM_THREADS=1 nice -n 10 python experiments/rl_reward_model.py config/rl_reward_model_textworld.py
     python experiments/rl_reward_model.py --replot=experiments/results/rl_reward_model_arith.json
 
 One command makes everything: an imitation policy (world.py's imitation, kept short so there is room to

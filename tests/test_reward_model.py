@@ -9,7 +9,7 @@ import tasks
 import world
 from configurator import ConfigError
 from runtime import read_jsonl
-from test_policy import tiny_policy
+from test_policy import ListedArith, tiny_policy
 from test_world import save_tiny_policy, tiny_run_config
 
 STATE = "task arith\nobs Compute 2*3. Tools: calc.\n"
@@ -83,7 +83,7 @@ def test_transitions_carry_the_return_from_each_action_on():
 
 @pytest.mark.parametrize("overrides, message", [
     ({"mode": "reward_model", "teacher_help": True}, "teacher_help=False"),
-    ({"mode": "reward_model", "teacher_help": False, "act": "choose"}, "act=generate"),
+    ({"mode": "reward_model", "teacher_help": False, "act": "choose"}, "set choice_loss=True"),
     ({"mode": "reinforce", "reward_model": {"n_layer": 1}}, "for mode=reward_model"),
     ({"mode": "reward_model", "teacher_help": False, "reward_model": {"n_layers": 1}}, "did you mean 'n_layer'"),
     ({"mode": "reward_model", "teacher_help": False, "reward_model": {"fit_steps": 0}}, "positive number"),
@@ -183,3 +183,75 @@ def test_a_reward_model_saved_before_the_anchor_resumes_without_one():
     with pytest.raises(SystemExit, match="same reward_model options"):
         rm.RewardLearner(policy, rm.learning_options({"n_embd": 16, "n_head": 2, "anchor": 1.0}),
                          seed=0).load_state_dict(state, "old.pt")
+
+
+# ----------------------------------------------------------------------------- act=choose: the relaxed choice
+
+class ConstantScore(torch.nn.Module):
+    """A reward model that scores every text the same: the choice it is shown cannot matter."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.body = inner, inner.body
+
+    def forward(self, tokens, lengths):
+        return torch.full((tokens.size(0),), 0.5) + 0 * self.inner(tokens, lengths)
+
+
+def listed_state():
+    env = ListedArith()
+    transcript = tasks.play_episode(env, tasks.teacher_act(env), 0)["transcript"]
+    return transcript[:transcript.index("act ")], env.admissible_actions(), env
+
+
+def test_act_choose_moves_the_policy_toward_the_command_the_reward_model_scores_best():
+    state, listed, env = listed_state()
+    policy = tiny_policy()
+    reward_model = tiny_reward_model(policy)  # taught: the answer is worth 1, the calls 0
+    fit = torch.optim.AdamW(reward_model.parameters(), lr=3e-3)
+    items = [{"text": f"{state}act {c}\n", "return": float(c.startswith("ANSWER"))} for c in listed]
+    for _ in range(80):
+        rm.fit_reward_model(reward_model, fit, items, policy.tokenizer, 192)
+    optimizer = torch.optim.SGD(policy.model.parameters(), lr=0.5)
+    generator = torch.Generator().manual_seed(0)
+
+    def answer_probability():
+        with torch.no_grad():
+            return torch.softmax(policy.command_scores(state, listed) / 0.3, 0)[listed.index(f"ANSWER {env.answer}")]
+    before = answer_probability()
+    for _ in range(10):
+        optimizer.zero_grad(set_to_none=True)
+        rm.choice_policy_backward(policy, reward_model, [(state, listed)] * 4, 0.3, generator)
+        optimizer.step()
+    assert answer_probability() > before + 0.1
+
+
+def test_act_choose_gets_no_gradient_from_a_reward_model_that_scores_all_commands_alike():
+    state, listed, _ = listed_state()
+    policy = tiny_policy()
+    policy.model.zero_grad(set_to_none=True)
+    loss = rm.choice_policy_backward(policy, ConstantScore(tiny_reward_model(policy)), [(state, listed)] * 2, 1.0,
+                                     torch.Generator().manual_seed(0))
+    assert loss == pytest.approx(-0.5)  # forward: the chosen command's score
+    assert all(p.grad is None or p.grad.abs().max().item() < 1e-6 for p in policy.model.parameters())
+
+
+def test_act_choose_learner_anchors_with_the_choice_loss():
+    """With act=choose the stored transitions keep their listed commands, and a step's loss is the relaxed
+    choice's term plus anchor x choice_loss's cross-entropy on replayed successes."""
+    env = ListedArith()
+    episodes = [tasks.play_episode(env, tasks.teacher_act(env), seed) for seed in (5, 6)]
+    replay = policies.ReplayBuffer(16, 8, 0.5)
+    for e in episodes:
+        replay.add(policies.episode_item(e, 0), random.Random(0))
+    assert [t["choices"] for t in rm.transitions(episodes[0])] == episodes[0]["choices"]
+    results = {}
+    for anchor in (0.0, 20.0):
+        policy = tiny_policy()
+        learning = rm.learning_options({"n_layer": 1, "n_head": 2, "n_embd": 16, "fit_steps": 1, "fit_batch_size": 2,
+                                        "policy_batch_size": 2, "warmup_episodes": 0, "anchor": anchor})
+        learner = rm.RewardLearner(policy, learning, seed=0, choose=True)
+        optimizer = torch.optim.SGD(policy.model.parameters(), lr=0.05)
+        results[anchor] = learner.learn(policy, optimizer, episodes, replay, 1, 4, grad_clip=0.0)
+    assert results[20.0]["anchor_loss"] > 0
+    assert results[20.0]["loss"] == pytest.approx(results[0.0]["loss"] + 20.0 * results[20.0]["anchor_loss"], rel=1e-4)
