@@ -40,6 +40,9 @@ class Adversarial:
     adv_weight: float = 1.0     # the REINFORCE term's weight (0: the generator learns only the language-model loss)
     lm_weight: float = 1.0      # the anchor: the language-model loss on a real batch
     temperature: float = 1.0    # the generator samples at this temperature
+    d_warmup: int = 0           # discriminator steps before the first round (0: none); why: started as a copy of
+                                # the generator with a zero head, it stayed at chance through 120 alternating steps
+                                # (EXPERIMENTS.md), so its rewards were ~0 and the generator's REINFORCE term did nothing
 
     def __post_init__(self):
         if not 0 < self.prompt < self.length:
@@ -47,6 +50,8 @@ class Adversarial:
         for name in ("batch_size", "d_steps", "g_steps", "d_lr", "g_lr", "temperature"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.d_warmup < 0:
+            raise ValueError(f"d_warmup must be >= 0, got {self.d_warmup!r}")
         if self.adv_weight < 0 or self.lm_weight < 0:
             raise ValueError(f"adv_weight and lm_weight must be >= 0, got {self.adv_weight}, {self.lm_weight}")
 
@@ -129,20 +134,29 @@ def generator_step(model, optimizer, disc, prompts, lm_batch, settings, seed):
     return {"reward": reward.mean().item(), "pg": pg.item(), "lm": lm.item()}
 
 
+def fake_windows(model, meta, settings, generator, seed):
+    """batch_size of the generator's continuations of real training prompts (B, length)."""
+    device = next(model.parameters()).device
+    prompts = real_windows(meta, settings.batch_size, settings.length, generator, device)[:, :settings.prompt]
+    return samples(model, prompts, settings.length, settings.temperature, seed)
+
+
+def discriminator_steps(model, disc, d_opt, meta, settings, generator, seed, steps):
+    """`steps` discriminator steps on fresh real and sampled windows; returns [(loss, accuracy)]."""
+    device = next(model.parameters()).device
+    return [discriminator_step(disc, d_opt, real_windows(meta, settings.batch_size, settings.length, generator, device),
+                               fake_windows(model, meta, settings, generator, seed + k)) for k in range(steps)]
+
+
 def adversarial_round(model, disc, g_opt, d_opt, meta, settings, generator, seed):
     """One round: the discriminator's accuracy on fresh windows (before it learns this round), its steps,
     then the generator's. generator: a torch.Generator for the data windows; seed: the sampling seeds'
     base. Reads the training split only. Returns the round's numbers."""
     device = next(model.parameters()).device
     B, L, P = settings.batch_size, settings.length, settings.prompt
-
-    def fake_batch(k):
-        prompts = real_windows(meta, B, L, generator, device)[:, :P]
-        return samples(model, prompts, L, settings.temperature, seed * 1000 + k)
-
-    row = {"accuracy": accuracy(disc, real_windows(meta, B, L, generator, device), fake_batch(0))}
-    d = [discriminator_step(disc, d_opt, real_windows(meta, B, L, generator, device), fake_batch(1 + k))
-         for k in range(settings.d_steps)]
+    row = {"accuracy": accuracy(disc, real_windows(meta, B, L, generator, device),
+                                fake_windows(model, meta, settings, generator, seed * 1000))}
+    d = discriminator_steps(model, disc, d_opt, meta, settings, generator, seed * 1000 + 1, settings.d_steps)
     row |= {"d_loss": sum(x[0] for x in d) / len(d), "d_train_accuracy": sum(x[1] for x in d) / len(d)}
     g = []
     for k in range(settings.g_steps):

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from adversarial import (Adversarial, Discriminator, adversarial_round, distinct_n, ngrams, overlap,  # noqa: E402
-                         real_windows, samples)
+from adversarial import (Adversarial, Discriminator, accuracy, adversarial_round, discriminator_steps,  # noqa: E402
+                         distinct_n, fake_windows, ngrams, overlap, real_windows, samples)
 from checkpoint import load_checkpoint, load_model, read_json, write_json_atomic  # noqa: E402
 from configurator import ConfigError, configure, print_config  # noqa: E402
 from data import open_dataset  # noqa: E402
@@ -92,8 +92,18 @@ def run_arm(path, meta, tokenizer, settings, cfg, seed, val_grams, stop):
     g_opt = torch.optim.AdamW(model.parameters(), lr=settings.g_lr, betas=(0.9, 0.99), weight_decay=0.0)
     d_opt = torch.optim.AdamW(disc.parameters(), lr=settings.d_lr, betas=(0.9, 0.99), weight_decay=0.0)
     data = torch.Generator().manual_seed(seed)
-    rows = [{"round": 0, **evaluate(model, {}, meta, tokenizer, settings, cfg["measure_samples"], cfg["eval_iters"],
-                                    val_grams, seed)}]
+    warmup = {}
+    if settings.d_warmup:  # the discriminator learns to separate before the generator is rewarded by it
+        device = next(model.parameters()).device
+        d = discriminator_steps(model, disc, d_opt, meta, settings, data, seed * 100003, settings.d_warmup)
+        warmup = {"warmup_d_loss": sum(x[0] for x in d[-10:]) / len(d[-10:]),
+                  "accuracy": accuracy(disc, real_windows(meta, 4 * settings.batch_size, settings.length, data, device),
+                                       torch.cat([fake_windows(model, meta, settings, data, seed * 100003 - 1 - k)
+                                                  for k in range(4)]))}
+        print(f"seed {seed}: after {settings.d_warmup} discriminator steps, loss {warmup['warmup_d_loss']:.4f}, "
+              f"accuracy on fresh windows {warmup['accuracy']:.2f}", flush=True)
+    rows = [{"round": 0, **evaluate(model, warmup, meta, tokenizer, settings, cfg["measure_samples"],
+                                    cfg["eval_iters"], val_grams, seed)}]
     start = time.perf_counter()
     for r in range(1, cfg["rounds"] + 1):
         if stop.requested:

@@ -64,6 +64,29 @@ def test_a_round_runs_learns_and_reads_only_the_training_split(tmp_path, monkeyp
     assert disc.head.weight.abs().sum() > 0
 
 
+def test_discriminator_warmup_trains_the_discriminator_alone_on_training_windows(tmp_path, monkeypatch):
+    meta = tiny_dataset(tmp_path)
+    seen = []
+    real_get_batch = adversarial.get_batch
+
+    def watched(meta, split, *args, **kwargs):
+        seen.append(split)
+        return real_get_batch(meta, split, *args, **kwargs)
+    monkeypatch.setattr(adversarial, "get_batch", watched)
+    generator = tiny_generator()
+    disc = Discriminator.from_generator(generator)
+    before = [p.detach().clone() for p in generator.parameters()]
+    d_opt = torch.optim.AdamW(disc.parameters(), lr=SETTINGS.d_lr)
+    steps = adversarial.discriminator_steps(generator, disc, d_opt, meta, SETTINGS, torch.Generator().manual_seed(0),
+                                            0, 3)
+    assert len(steps) == 3 and all(0 <= accuracy <= 1 for _, accuracy in steps)
+    assert seen and set(seen) == {"train"}
+    assert all(torch.equal(a, b) for a, b in zip(before, generator.parameters()))  # the generator is untouched
+    assert disc.head.weight.abs().sum() > 0
+    with pytest.raises(ValueError, match="d_warmup"):
+        Adversarial(d_warmup=-1)
+
+
 def test_without_the_adversarial_term_the_generator_gets_the_lm_gradient_only(tmp_path):
     """adv_weight=0 (the control arm): the step equals a plain LM step, whatever the discriminator says."""
     meta = tiny_dataset(tmp_path)
