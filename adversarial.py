@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import get_batch
+from model import GPT
 
 TRAIN = "train"  # the only split the discriminator (and the generator's updates) ever read
 
@@ -40,6 +41,7 @@ class Adversarial:
     adv_weight: float = 1.0     # the REINFORCE term's weight (0: the generator learns only the language-model loss)
     lm_weight: float = 1.0      # the anchor: the language-model loss on a real batch
     temperature: float = 1.0    # the generator samples at this temperature
+    d_init: str = "copy"        # the discriminator's body: a copy of the generator, or "fresh" (new weights, same shape)
     d_warmup: int = 0           # discriminator steps before the first round (0: none); why: started as a copy of
                                 # the generator with a zero head, it stayed at chance through 120 alternating steps
                                 # (EXPERIMENTS.md), so its rewards were ~0 and the generator's REINFORCE term did nothing
@@ -50,6 +52,8 @@ class Adversarial:
         for name in ("batch_size", "d_steps", "g_steps", "d_lr", "g_lr", "temperature"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.d_init not in ("copy", "fresh"):
+            raise ValueError(f"d_init must be copy or fresh, got {self.d_init!r}")
         if self.d_warmup < 0:
             raise ValueError(f"d_warmup must be >= 0, got {self.d_warmup!r}")
         if self.adv_weight < 0 or self.lm_weight < 0:
@@ -68,8 +72,15 @@ class Discriminator(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     @classmethod
-    def from_generator(cls, generator):
-        return cls(copy.deepcopy(generator))
+    def from_generator(cls, generator, init="copy"):
+        """init="fresh": new weights of the generator's shape. Why: a calibrated generator's own samples look
+        typical to it, so a copy may start from features that do not tell them from real text."""
+        if init == "copy":
+            return cls(copy.deepcopy(generator))
+        if type(generator) is not GPT:
+            raise ValueError(f"d_init=fresh builds a plain GPT of the generator's shape; this generator is a "
+                             f"{type(generator).__name__}: use d_init=copy")
+        return cls(GPT(generator.config).to(next(generator.parameters()).device))
 
     def forward(self, idx):
         h = self.body.hidden(idx)  # (B, T, C)

@@ -88,7 +88,7 @@ def run_arm(path, meta, tokenizer, settings, cfg, seed, val_grams, stop):
     the round where a stop request came, if one did)."""
     torch.manual_seed(seed)
     model = load_model(load_checkpoint(path)).train()
-    disc = Discriminator.from_generator(model)
+    disc = Discriminator.from_generator(model, settings.d_init)
     g_opt = torch.optim.AdamW(model.parameters(), lr=settings.g_lr, betas=(0.9, 0.99), weight_decay=0.0)
     d_opt = torch.optim.AdamW(disc.parameters(), lr=settings.d_lr, betas=(0.9, 0.99), weight_decay=0.0)
     data = torch.Generator().manual_seed(seed)

@@ -85,6 +85,11 @@ def test_discriminator_warmup_trains_the_discriminator_alone_on_training_windows
     assert disc.head.weight.abs().sum() > 0
     with pytest.raises(ValueError, match="d_warmup"):
         Adversarial(d_warmup=-1)
+    with pytest.raises(ValueError, match="d_init"):
+        Adversarial(d_init="random")
+    fresh = Discriminator.from_generator(generator, "fresh")
+    assert all(a.shape == b.shape for a, b in zip(fresh.body.parameters(), generator.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(fresh.body.parameters(), generator.parameters()))
 
 
 def test_without_the_adversarial_term_the_generator_gets_the_lm_gradient_only(tmp_path):
