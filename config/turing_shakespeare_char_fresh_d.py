@@ -1,17 +1,9 @@
-# issue 33, item 3, fourth try: config/turing_shakespeare_char_warm_d.py's warm-up left the discriminator at chance
-# (BCE 0.6946 after 300 steps). A likely reason: a copy of the generator starts from features under which the
-# generator's own samples look typical. Here the discriminator has new weights of the same shape (d_init=fresh),
-# with the same 300-step warm-up and rounds; both arms, one seed.
-#   OMP_NUM_THREADS=1 nice -n 10 python experiments/turing.py config/turing_shakespeare_char_fresh_d.py
-out = "out/turing"
+# issue 33, item 3, fourth try, read after config/turing_shakespeare_char_strong_d.py and _warm_d.py: the warm-up
+# left the discriminator at chance (BCE 0.6946 after 300 steps). A guess: a copy of the generator starts from features
+# under which the generator's own samples look typical. Here the discriminator has new weights of the same shape
+# (d_init=fresh), with the same warm-up and rounds; both arms, one seed.
+#   OMP_NUM_THREADS=1 nice -n 10 python experiments/turing.py config/turing_shakespeare_char_strong_d.py \
+#       config/turing_shakespeare_char_warm_d.py config/turing_shakespeare_char_fresh_d.py
 results = "experiments/results/turing_shakespeare_char_fresh_d.json"
-generator_config = "config/cpu_quick.py"
-generator_iters = 600
-arms = ["adversarial", "lm_only"]
-seeds = [1337]
-rounds = 30
-eval_every = 10
-eval_iters = 10
-measure_samples = 64
 settings = {"length": 64, "prompt": 16, "batch_size": 16, "d_steps": 4, "g_steps": 1, "d_lr": 1e-3, "g_lr": 1e-4,
             "adv_weight": 1.0, "lm_weight": 1.0, "d_warmup": 300, "d_init": "fresh"}
